@@ -1,0 +1,3 @@
+from mftune.models.llama import LlamaConfig, LlamaForCausalLM
+
+__all__ = ["LlamaConfig", "LlamaForCausalLM"]

@@ -1,0 +1,1 @@
+"""Parallelism applied to a plain model (tensor/sequence parallel, FSDP2): see the multi-rank issue."""
