@@ -1,0 +1,139 @@
+"""Complete mftune checkpoints: one safetensors file, MindFormers names, configs in the header.
+
+A complete file may hold, besides model tensors, optimizer moments (``adam_m.<name>``,
+``adam_v.<name>``) and MindFormers' scalar counters (``epoch_num``, ``step_num``, ``global_step``,
+``loss_scale``, ``global_batch_size``). Loading into a model takes only the model's tensors.
+Writes are atomic (temporary file + ``os.replace``), so a crash never leaves a half file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+logger = logging.getLogger("mftune")
+
+OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")
+SCALAR_KEYS = ("epoch_num", "step_num", "global_step", "loss_scale", "global_batch_size",
+               "consumed_samples")
+LORA_MARK = "mindpet_delta_lora"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file, the tensor and the fix."""
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` to ``path`` as safetensors; readers never see a partial file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        save_file(contiguous, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_complete(path: str, tensors: dict[str, torch.Tensor], *, model_config: dict[str, Any],
+                  extra_metadata: dict[str, Any] | None = None) -> None:
+    """Save a complete checkpoint whose header carries ``model_config`` (with its pet_config)."""
+    metadata = {"format": "pt", "mftune_model_config": json.dumps(model_config, default=str)}
+    for key, value in (extra_metadata or {}).items():
+        metadata[f"mftune_{key}"] = json.dumps(value, default=str)
+    atomic_save(tensors, path, metadata)
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    """The ``mftune_*`` header entries of a checkpoint, JSON-decoded, without the prefix."""
+    with _open(path) as f:
+        raw = f.metadata() or {}
+    out = {}
+    for key, value in raw.items():
+        if key.startswith("mftune_"):
+            try:
+                out[key[len("mftune_"):]] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key[len("mftune_"):]] = value
+    return out
+
+
+def fingerprint(path: str) -> str:
+    """A cheap identity of a safetensors file: sha256 of its size and JSON header (names, shapes, offsets)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = f.read(n)
+    return hashlib.sha256(str(os.path.getsize(path)).encode() + header).hexdigest()[:16]
+
+
+def load_tensors(path: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Read tensors (all, or ``names``) one at a time from a safetensors file."""
+    with _open(path) as f:
+        keys = list(f.keys()) if names is None else names
+        return {k: f.get_tensor(k) for k in keys}
+
+
+def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
+    """Load a complete mftune safetensors file into ``model`` in place.
+
+    Every base (non-LoRA) parameter of the model must be in the file with the same shape;
+    LoRA tensors missing from the file keep their fresh initialisation. Optimizer moments and
+    counters in the file are skipped here (resume restores them). Tensors are read one at a time
+    and cast to the parameter's dtype. Returns a report: loaded, fresh_lora, unused keys.
+    """
+    if os.path.isdir(path):
+        raise CheckpointError(
+            f"load_checkpoint={path} is a directory: this version loads one complete mftune "
+            f".safetensors file. Pass the file (e.g. {path}/rank_0/<name>.safetensors).")
+    state = model.state_dict()
+    with _open(path) as f:
+        file_keys = set(f.keys())
+        missing = [k for k in state if k not in file_keys and LORA_MARK not in k]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise CheckpointError(
+                f"checkpoint {path} lacks base weights of this model: {shown}. Check that the "
+                f"checkpoint was saved from a model with the same model_config (a LoRA-only "
+                f"checkpoint needs its base checkpoint too).")
+        loaded, fresh = [], []
+        for name, target in state.items():
+            if name not in file_keys:
+                fresh.append(name)
+                continue
+            src = f.get_slice(name)
+            shape = tuple(src.get_shape())
+            if shape != tuple(target.shape):
+                raise CheckpointError(
+                    f"checkpoint {path}: tensor {name} has shape {list(shape)} but the model "
+                    f"expects {list(target.shape)}. Use a model_config matching the checkpoint.")
+            with torch.no_grad():
+                target.copy_(f.get_tensor(name).to(target.dtype))
+            loaded.append(name)
+    unused = sorted(k for k in file_keys - set(state)
+                    if not k.startswith(OPTIMIZER_PREFIXES) and k not in SCALAR_KEYS)
+    if unused:
+        logger.warning("Checkpoint %s has %d tensors this model does not use (e.g. %s)",
+                       path, len(unused), unused[0])
+    logger.info("Loaded %d tensors from %s%s", len(loaded), path,
+                f"; {len(fresh)} LoRA tensors start fresh" if fresh else "")
+    return {"loaded": loaded, "fresh_lora": fresh, "unused": unused}
+
+
+def _open(path: str):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist. Check load_checkpoint.")
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as exc:  # safetensors raises its own error types for foreign/truncated files
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable safetensors file ({exc}). mftune reads "
+            f".safetensors files written by mftune or scripts/convert_weight.py.") from None

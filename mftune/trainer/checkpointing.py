@@ -1,0 +1,121 @@
+"""CheckpointMonitor: MindFormers' checkpoint names, meta.json and retention (reference §8.2).
+
+Files: ``<root>/checkpoint/rank_<r>/<prefix>_rank_<r>-<epoch>_<step>.safetensors`` with ``epoch``
+the 1-based epoch and ``step`` the step within it (MindSpore's non-sink naming), and
+``meta.json`` (``last_epoch``, ``last_step``, ``last_ckpt_file``) replaced atomically after the
+file is complete. A training checkpoint holds the trainable parameters, their AdamW moments
+(``adam_m.<name>``, ``adam_v.<name>``) and MindFormers' counters; frozen weights only with
+``save_network_params`` (written to ``checkpoint_network/``).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import time
+
+import torch
+from torch import nn
+
+from mftune.checkpoint.io import save_complete
+
+logger = logging.getLogger("mftune")
+
+
+class CheckpointMonitor:
+    def __init__(self, root: str, prefix: str, *, rank: int = 0, save_checkpoint_steps: int = 1,
+                 keep_checkpoint_max: int = 5, save_network_params: bool = False,
+                 save_trainable_params: bool = False):
+        self.rank = rank
+        self.dir = os.path.join(root, "checkpoint", f"rank_{rank}")
+        self.network_dir = os.path.join(root, "checkpoint_network", f"rank_{rank}")
+        self.trainable_dir = os.path.join(root, "checkpoint_trainable", f"rank_{rank}")
+        self.every, self.keep = save_checkpoint_steps, keep_checkpoint_max
+        self.save_network_params = save_network_params
+        self.save_trainable_params = save_trainable_params
+        self.prefix = self._free_prefix(f"{prefix}_rank_{rank}")
+        self.written: list[str] = []
+        self.last_step = 0
+
+    def _free_prefix(self, prefix: str) -> str:
+        """MindSpore's rule: if files with this prefix exist, use ``<prefix>_1``, ``_2``... so that
+        an earlier run's checkpoints are never overwritten or pruned."""
+        candidate, n = prefix, 0
+        while glob.glob(os.path.join(glob.escape(self.dir), f"{glob.escape(candidate)}-*.safetensors")):
+            n += 1
+            candidate = f"{prefix}_{n}"
+        if n:
+            logger.info("Checkpoints with prefix %s exist in %s; this run uses prefix %s",
+                        prefix, self.dir, candidate)
+        return candidate
+
+    def due(self, global_step: int) -> bool:
+        return global_step % self.every == 0
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch: int,
+             step_in_epoch: int, global_step: int, loss_scale: float, global_batch_size: int,
+             model_config: dict, extra_metadata: dict) -> str:
+        start = time.time()
+        logger.info("......Saving ckpt......")
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        tensors: dict[str, torch.Tensor] = {n: p.detach() for n, p in trainable.items()}
+        state = optimizer.state
+        for name, param in trainable.items():
+            if param in state and "exp_avg" in state[param]:
+                tensors[f"adam_m.{name}"] = state[param]["exp_avg"].float()
+                tensors[f"adam_v.{name}"] = state[param]["exp_avg_sq"].float()
+        counters = {"epoch_num": epoch, "step_num": step_in_epoch, "global_step": global_step,
+                    "global_batch_size": global_batch_size,
+                    "consumed_samples": global_step * global_batch_size}
+        tensors.update({k: torch.tensor(v, dtype=torch.int64) for k, v in counters.items()})
+        tensors["loss_scale"] = torch.tensor(loss_scale, dtype=torch.float32)
+        name = f"{self.prefix}-{epoch}_{step_in_epoch}.safetensors"
+        path = os.path.join(self.dir, name)
+        save_complete(path, tensors, model_config=model_config, extra_metadata=extra_metadata)
+        self._write_meta(epoch, step_in_epoch, name)
+        self.written.append(path)
+        self._prune()
+        if self.save_network_params:
+            net = os.path.join(self.network_dir, f"{self.prefix}-network.safetensors")
+            save_complete(net, dict(model.state_dict()), model_config=model_config,
+                          extra_metadata=extra_metadata)
+        if self.save_trainable_params:
+            tr = os.path.join(self.trainable_dir, f"{self.prefix}-trainable_params.safetensors")
+            save_complete(tr, {n: p.detach() for n, p in trainable.items()},
+                          model_config=model_config, extra_metadata=extra_metadata)
+        self.last_step = global_step
+        logger.info("global_batch_size: %d", global_batch_size)
+        logger.info("epoch_num: %d", epoch)
+        logger.info("step_num: %d", step_in_epoch)
+        logger.info("global_step: %d", global_step)
+        logger.info("Finish saving ckpt of epoch %d step %d using %.3f seconds (%s)",
+                    epoch, step_in_epoch, time.time() - start, path)
+        return path
+
+    def _write_meta(self, epoch: int, step: int, name: str) -> None:
+        meta = os.path.join(self.dir, "meta.json")
+        tmp = f"{meta}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"last_epoch": epoch, "last_step": step, "last_ckpt_file": name}, f)
+        os.replace(tmp, meta)
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep_checkpoint_max`` files written by this run."""
+        while len(self.written) > self.keep:
+            old = self.written.pop(0)
+            if os.path.exists(old):
+                os.remove(old)
+                logger.info("Removed old checkpoint %s (keep_checkpoint_max=%d)", old, self.keep)
+
+
+def checkpoint_files(directory: str) -> list[str]:
+    """Checkpoint files of a rank folder, oldest first by (epoch, step) in their names."""
+    pattern = re.compile(r"-(\d+)_(\d+)\.safetensors$")
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(directory), "*.safetensors")):
+        m = pattern.search(path)
+        if m:
+            found.append(((int(m.group(1)), int(m.group(2))), path))
+    return [p for _, p in sorted(found)]

@@ -1,0 +1,235 @@
+"""``run_finetune.py``'s body: one ``main()`` that reads top to bottom (STYLE #5).
+
+config -> model -> PET -> load -> data -> optimizer -> loop -> save. run_mode ``train`` trains
+every parameter (pet_config is not applied); ``finetune`` applies pet_config when present
+(LoRA: only adapters train) and is a full-parameter fine-tune otherwise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+from mftune.checkpoint.io import CheckpointError, fingerprint, load_checkpoint
+from mftune.config import ConfigError, MFConfig, save_config
+from mftune.data.loader import TrainData
+from mftune.log import setup_logging
+from mftune.models.llama import LlamaConfig, LlamaForCausalLM
+from mftune.trainer.checkpointing import CheckpointMonitor
+from mftune.trainer.monitor import LossMonitor, StepStats, plot_loss_curve
+from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
+
+logger = logging.getLogger("mftune")
+
+
+class UserError(Exception):
+    """A mistake in the user's input, reported as one message without a traceback (exit 2)."""
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point of run_finetune.py: parse, run, and turn user mistakes into exit status 2."""
+    from mftune.cli import format_errors, parse_cli
+
+    try:
+        cfg = parse_cli(argv)
+        return main(cfg)
+    except ConfigError as exc:
+        print(format_errors(exc.errors), file=sys.stderr)
+        return 2
+    except (UserError, CheckpointError) as exc:
+        print(f"mftune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(cfg: MFConfig) -> int:
+    if cfg.use_parallel:
+        raise UserError("use_parallel=True (multi-rank training) is not available in this version. "
+                        "Run on one process with --use_parallel False.")
+    if cfg.run_mode not in ("train", "finetune"):
+        raise UserError(f"run_mode={cfg.run_mode} is not available yet: this version trains "
+                        f"(run_mode train or finetune).")
+    output_dir = os.path.abspath(cfg.output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    setup_logging(output_dir)
+    save_config(cfg, os.path.join(output_dir, "resolved_config.yaml"))
+    _seed_everything(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # Model, then PET (finetune only), then the base weights.
+    model_config = LlamaConfig.from_dict(cfg.model.model_config)
+    pet_config = model_config.pet_config if cfg.run_mode == "finetune" else None
+    if cfg.run_mode == "train" and model_config.pet_config:
+        logger.info("run_mode train trains all parameters: pet_config is not applied "
+                    "(use --run_mode finetune for LoRA)")
+    with device:
+        model = LlamaForCausalLM(model_config)
+    if pet_config:
+        from mftune.pet import get_pet_model
+        get_pet_model(model, pet_config)
+    base_info = {}
+    if cfg.load_checkpoint:
+        load_checkpoint(model, cfg.load_checkpoint)
+        base_info = {"path": os.path.abspath(cfg.load_checkpoint),
+                     "fingerprint": fingerprint(cfg.load_checkpoint)}
+    elif cfg.run_mode == "finetune":
+        logger.warning("load_checkpoint is empty: fine-tuning from randomly initialised weights")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    n_all = sum(p.numel() for p in model.parameters())
+    logger.info("trainable params: %s || all params: %s || trainable%%: %.4f",
+                f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
+
+    # Data.
+    runner = cfg.runner_config
+    loader_cfg = cfg.train_dataset.data_loader
+    try:
+        data = TrainData(loader_cfg.dataset_dir, micro_batch_size=runner.batch_size,
+                         grad_accum=runner.gradient_accumulation_steps, shuffle=loader_cfg.shuffle,
+                         seed=cfg.seed, drop_remainder=cfg.train_dataset.drop_remainder,
+                         num_samples=loader_cfg.num_samples)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if data.record_length != model_config.seq_length + 1:
+        raise UserError(
+            f"model.model_config.seq_length={model_config.seq_length} but the records in "
+            f"{loader_cfg.dataset_dir} hold {data.record_length} tokens (seq_length "
+            f"{data.record_length - 1} + 1). Set seq_length to {data.record_length - 1} or "
+            f"re-run scripts/llama_preprocess.py with --seq_length {model_config.seq_length}.")
+    logger.info("Dataset %s: %d records, global batch %d, %d steps per epoch, %d epochs",
+                loader_cfg.dataset_dir, data.num_records, data.global_batch_size,
+                data.steps_per_epoch, runner.epochs)
+
+    # Optimizer, schedule, loss scale, callbacks.
+    schedule = build_schedule(cfg.lr_schedule, cfg.optimizer, data.steps_per_epoch, runner.epochs)
+    optimizer = build_optimizer(model, cfg.optimizer, schedule(0))
+    scaler = LossScaler(cfg.runner_wrapper)
+    metrics_path = _fresh_metrics_file(output_dir)
+    loss_cb = cfg.callback("MFLossMonitor")
+    monitor = LossMonitor(metrics_path, epochs=runner.epochs, steps_per_epoch=data.steps_per_epoch,
+                          world_size=1, device=device, sink_mode=runner.sink_mode,
+                          per_print_times=loss_cb.per_print_times if loss_cb else 1)
+    ckpt_cb = cfg.callback("CheckpointMonitor")
+    saver = None
+    if ckpt_cb:
+        saver = CheckpointMonitor(ckpt_cb.directory or output_dir, ckpt_cb.prefix,
+                                  save_checkpoint_steps=ckpt_cb.save_checkpoint_steps,
+                                  keep_checkpoint_max=ckpt_cb.keep_checkpoint_max,
+                                  save_network_params=ckpt_cb.save_network_params,
+                                  save_trainable_params=ckpt_cb.save_trainable_params)
+    ckpt_metadata = {"run_mode": cfg.run_mode, "pet_config": pet_config,
+                     "base_checkpoint": base_info}
+
+    def save(epoch: int, step_in_epoch: int, global_step: int) -> None:
+        saver.save(model, optimizer, epoch=epoch, step_in_epoch=step_in_epoch,
+                   global_step=global_step, loss_scale=scaler.scale,
+                   global_batch_size=data.global_batch_size,
+                   model_config=_saved_model_config(model_config, pet_config),
+                   extra_metadata=ckpt_metadata)
+
+    # The loop.
+    model.train()
+    global_step, progress = 0, _progress_bar(runner.epochs * data.steps_per_epoch)
+    for epoch in range(1, runner.epochs + 1):
+        for step_in_epoch, micro_batches in enumerate(data.epoch(epoch - 1), start=1):
+            start = time.perf_counter()
+            stats = _train_step(model, optimizer, scaler, trainable, micro_batches,
+                                schedule(global_step), cfg, device)
+            global_step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            monitor(StepStats(step=global_step, epoch=epoch, step_in_epoch=step_in_epoch,
+                              step_seconds=time.perf_counter() - start,
+                              tokens=data.global_batch_size * (data.record_length - 1),
+                              samples=data.global_batch_size, **stats))
+            if progress is not None:
+                progress.update(1)
+            if saver and saver.due(global_step):
+                save(epoch, step_in_epoch, global_step)
+    if progress is not None:
+        progress.close()
+    if saver and saver.last_step != global_step and global_step:
+        save(runner.epochs, data.steps_per_epoch, global_step)
+    _report(output_dir, metrics_path, saver)
+    return 0
+
+
+def _train_step(model, optimizer, scaler, trainable, micro_batches, lr, cfg, device) -> dict:
+    """One optimizer step over the micro-batches of a global batch.
+
+    The loss is the mean over every supervised token of the global batch (token-weighted), so the
+    result does not depend on how the batch is split into micro-batches or ranks.
+    """
+    ignore = model.config.ignore_token_id
+    n_tokens = sum(int((mb["labels"][:, 1:] != ignore).sum()) for mb in micro_batches)
+    denom = max(n_tokens, 1)
+    total = 0.0
+    for mb in micro_batches:
+        loss_sum, _ = model(mb["input_ids"].to(device), mb["labels"].to(device), reduction="sum")
+        (loss_sum * (scaler.scale / denom)).backward()
+        total += float(loss_sum.detach())
+    scaler.unscale_(trainable)
+    wrapper = cfg.runner_wrapper
+    max_norm = wrapper.max_grad_norm if wrapper.use_clip_grad else math.inf
+    norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+    overflow = not math.isfinite(norm)
+    if not overflow:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_scale = scaler.scale
+    scaler.update(overflow)
+    return {"loss": total / denom, "lr": lr, "global_norm": norm, "overflow": overflow,
+            "loss_scale": loss_scale}
+
+
+def _saved_model_config(model_config: LlamaConfig, pet_config: dict | None) -> dict:
+    d = model_config.to_dict()
+    d["pet_config"] = pet_config
+    return d
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _fresh_metrics_file(output_dir: str) -> str:
+    """metrics.jsonl of this run; an earlier run's file is kept under a timestamped name."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        kept = os.path.join(output_dir, f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        os.replace(path, kept)
+        logger.info("Kept the previous run's metrics as %s", kept)
+    return path
+
+
+def _progress_bar(total: int):
+    """A tqdm bar when stderr is a terminal (logs keep going to stdout)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, leave=False)
+
+
+def _report(output_dir: str, metrics_path: str, saver: CheckpointMonitor | None) -> None:
+    png = plot_loss_curve(metrics_path, os.path.join(output_dir, "loss_curve.png"))
+    lines = [f"Training finished. Outputs in {output_dir}:",
+             f"  logs:        {os.path.join(output_dir, 'log', 'rank_0', 'info.log')}",
+             f"  metrics:     {metrics_path}"]
+    if saver:
+        lines.append(f"  checkpoints: {saver.dir}"
+                     + (f" (last: {os.path.basename(saver.written[-1])})" if saver.written else ""))
+    if png:
+        lines.append(f"  loss curve:  {png}")
+    lines.append(f"  config:      {os.path.join(output_dir, 'resolved_config.yaml')}")
+    logger.info("\n".join(lines))
+    with open(os.path.join(output_dir, "run_summary.json"), "w") as f:
+        json.dump({"metrics": metrics_path, "loss_curve": png,
+                   "checkpoint": saver.written[-1] if saver and saver.written else None}, f, indent=1)
