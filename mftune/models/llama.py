@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -119,3 +122,279 @@ class LlamaConfig:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model. Parameter names are MindFormers' (reference/mindformers.md §5); the layout is
+# Hugging Face's (rotate-half RoPE, Linear weights [out, in]), so HF -> mftune is a pure rename.
+# ----------------------------------------------------------------------------------------------
+
+RopeMethod = Literal["None", "PI", "NTK"]
+
+
+def rope_method(config: LlamaConfig) -> RopeMethod:
+    """Normalise ``extend_method`` (None | "None" | "PI" | "NTK"); anything else is a ValueError."""
+    method = "None" if config.extend_method is None else str(config.extend_method)
+    if method.lower() == "none":
+        return "None"
+    if method.upper() in ("PI", "NTK"):
+        return method.upper()  # type: ignore[return-value]
+    raise ValueError(f"extend_method={config.extend_method!r} is invalid: expected None, 'PI' or 'NTK'.")
+
+
+def rope_cos_sin(config: LlamaConfig, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """RoPE tables for positions 0..seq_len-1, each ``(seq_len, head_dim)`` float32, HF layout cat(freqs, freqs).
+
+    "PI" divides positions by ``scaling_factor``; "NTK" raises the base to
+    ``theta * scaling_factor ** (head_dim / (head_dim - 2))`` (MindFormers' static NTK; HF's dynamic
+    NTK reaches this base only at one sequence length). Always computed in float32, outside autocast.
+    """
+    dim, base, method = config.head_dim, float(config.theta), rope_method(config)
+    if method == "NTK":
+        base = base * config.scaling_factor ** (dim / (dim - 2))
+    with torch.autocast(device_type=device.type, enabled=False):
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))  # (dim/2,)
+        pos = torch.arange(seq_len, dtype=torch.float32, device=device)  # (seqlen,)
+        if method == "PI":
+            pos = pos / config.scaling_factor
+        freqs = torch.outer(pos, inv_freq)  # (seqlen, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (seqlen, dim)
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype) -> Tensor:
+    """Rotate ``x`` (bs, seqlen, n_heads, head_dim) in ``dtype`` and return it in its own dtype.
+
+    Autocast is off here: its ``cat`` promotion rejects a float16 tensor under bfloat16 autocast.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xr = x.to(dtype)
+        cos, sin = cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]  # (seqlen, 1, head_dim)
+        return (xr * cos + rotate_half(xr) * sin).to(x.dtype)
+
+
+class LlamaRMSNorm(nn.Module):
+    """RMSNorm computed in ``compute_type`` (upcast, normalise, scale by weight), returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float, compute_type: torch.dtype, param_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps, self.compute_type = eps, compute_type
+        self.weight = nn.Parameter(torch.ones(dim, dtype=param_dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.to(self.compute_type)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * self.weight.to(self.compute_type)).to(x.dtype)
+
+
+class LlamaEmbedding(nn.Module):
+    """Token embedding whose parameter is MindFormers' ``embedding_weight`` ``[vocab, hidden]``."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, param_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embedding_weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=param_dtype))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return F.embedding(input_ids, self.embedding_weight)  # (bs, seqlen, hidden)
+
+
+class LLamaAttention(nn.Module):
+    """Causal self-attention with RoPE and grouped-query attention (``n_kv_heads`` <= ``num_heads``).
+
+    Head counts are taken from the projection outputs (``view(..., -1, head_dim)``), so a
+    tensor-parallel plan that shards wq/wk/wv on their output dim gives each rank its local heads.
+    Softmax: SDPA accumulates it in float32 for half inputs (fused kernels, and the math kernel since
+    torch 2.5), which is what ``softmax_compute_type: float32`` asks for; a float16 softmax is never used.
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        pdt, hd = to_dtype(config.param_init_type), config.head_dim
+        self.head_dim = hd
+        self.use_flash_attention = config.use_flash_attention
+        self.rotary_dtype = to_dtype(config.rotary_dtype)
+        self.wq = nn.Linear(config.hidden_size, config.num_heads * hd, bias=False, dtype=pdt)
+        self.wk = nn.Linear(config.hidden_size, config.n_kv_heads * hd, bias=False, dtype=pdt)
+        self.wv = nn.Linear(config.hidden_size, config.n_kv_heads * hd, bias=False, dtype=pdt)
+        self.wo = nn.Linear(config.num_heads * hd, config.hidden_size, bias=False, dtype=pdt)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        bs, seqlen, _ = x.shape
+        xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_heads, head_dim)
+        xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
+        xv = self.wv(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
+        # Rotate in rotary_dtype (MindFormers casts q/k to it and back); float32 when compute is float32.
+        rot = self.rotary_dtype if xq.dtype != torch.float32 else torch.float32
+        xq, xk = apply_rotary_emb(xq, cos, sin, rot), apply_rotary_emb(xk, cos, sin, rot)
+        q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bs, heads, seqlen, head_dim)
+        backend = nullcontext() if self.use_flash_attention else sdpa_kernel(SDPBackend.MATH)
+        with backend:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+            )  # (bs, n_heads, seqlen, head_dim)
+        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))  # (bs, seqlen, hidden)
+
+
+class LlamaFeedForward(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``; w1 = gate, w3 = up, w2 = down; inner size ``ffn_hidden_size``."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        pdt, dim, inner = to_dtype(config.param_init_type), config.hidden_size, config.ffn_hidden_size
+        self.w1 = nn.Linear(dim, inner, bias=False, dtype=pdt)
+        self.w2 = nn.Linear(inner, dim, bias=False, dtype=pdt)
+        self.w3 = nn.Linear(dim, inner, bias=False, dtype=pdt)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (bs, seqlen, hidden)
+
+
+class LLamaDecodeLayer(nn.Module):
+    """Pre-norm block: ``h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h))``."""
+
+    def __init__(self, config: LlamaConfig, layer_id: int) -> None:
+        super().__init__()
+        pdt, ln = to_dtype(config.param_init_type), to_dtype(config.layernorm_compute_type)
+        self.layer_id = layer_id
+        self.attention_norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, ln, pdt)
+        self.attention = LLamaAttention(config)
+        self.ffn_norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, ln, pdt)
+        self.feed_forward = LlamaFeedForward(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))  # (bs, seqlen, hidden)
+
+
+class LlamaModel(nn.Module):
+    """Embedding, ``num_layers`` decoder layers, final norm. Returns hidden states (bs, seqlen, hidden).
+
+    The residual stream is carried in ``compute_dtype`` (the embedding output is cast to it, as in
+    MindFormers), so under bf16 autocast activations are bf16 while parameters stay in param_init_type.
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        pdt, ln = to_dtype(config.param_init_type), to_dtype(config.layernorm_compute_type)
+        self.config = config
+        self.tok_embeddings = LlamaEmbedding(config.vocab_size, config.hidden_size, pdt)
+        self.layers = nn.ModuleList(LLamaDecodeLayer(config, i) for i in range(config.num_layers))
+        self.norm_out = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, ln, pdt)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        cos, sin = rope_cos_sin(self.config, tokens.shape[1], tokens.device)  # (seqlen, head_dim) each
+        h = self.tok_embeddings(tokens).to(to_dtype(self.config.compute_dtype))  # (bs, seqlen, hidden)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.norm_out(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama2 decoder with an LM head; parameter names are MindFormers' (``state_dict`` holds no buffers).
+
+    Invariants: every Linear is a plain ``nn.Linear`` (PET swaps them by attribute name, TP plans
+    apply to them); RoPE tables are computed in ``forward`` from positions, so the model has no
+    buffers and works after ``meta`` build + ``to_empty`` + ``init_weights``. With
+    ``tie_word_embeddings`` ``lm_head.weight`` *is* ``model.tok_embeddings.embedding_weight`` (one
+    Parameter, both keys appear in ``state_dict``). Parameters are in ``param_init_type``; when
+    ``compute_dtype`` is not float32 the forward runs under ``torch.autocast(compute_dtype)``; logits and
+    the loss are always float32.
+    """
+
+    def __init__(self, config: LlamaConfig | dict[str, Any]) -> None:
+        super().__init__()
+        self.config = LlamaConfig.from_dict(config) if isinstance(config, dict) else config
+        _check_config(self.config)
+        cfg = self.config
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=to_dtype(cfg.param_init_type))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter in place under the current torch RNG.
+
+        Linear and embedding weights ~ N(0, initializer_range), norm weights = 1; re-ties lm_head to
+        the embedding when ``tie_word_embeddings`` (``to_empty`` unties shared Parameters). Other
+        submodules that define ``init_weights()`` (e.g. PET layers swapped in) are delegated to.
+        """
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.tok_embeddings.embedding_weight
+        std = self.config.initializer_range
+        for module in self.modules():
+            if module is self:
+                continue
+            if isinstance(module, LlamaEmbedding):
+                nn.init.normal_(module.embedding_weight, mean=0.0, std=std)
+            elif isinstance(module, LlamaRMSNorm):
+                nn.init.ones_(module.weight)
+            elif hasattr(module, "init_weights"):
+                module.init_weights()
+            elif isinstance(module, nn.Linear) and not (self.config.tie_word_embeddings and module is self.lm_head):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def forward(
+        self, input_ids: Tensor, labels: Tensor | None = None, reduction: Literal["mean", "sum"] = "mean"
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits, or the next-token loss.
+
+        - ``labels is None``: ``input_ids`` (bs, seqlen) -> float32 logits (bs, seqlen, vocab).
+        - ``labels`` given: ``input_ids`` and ``labels`` are records of seq_length+1 tokens; the model
+          reads ``input_ids[:, :-1]`` and predicts ``labels[:, 1:]``. The float32 cross-entropy is
+          summed over targets != ``ignore_token_id``; ``reduction="mean"`` returns sum / count (0 with a
+          grad_fn, never NaN, when every target is ignored); ``reduction="sum"`` returns
+          ``(sum_loss, num_tokens)`` for token-weighted averaging across micro-batches and ranks.
+
+        MindFormers additionally masks positions whose *input* token equals ``pad_token_id``; mftune
+        masks by label only, because its preprocessing already labels padding ``ignore_token_id``.
+        """
+        cfg = self.config
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={reduction!r} is invalid: expected 'mean' or 'sum'.")
+        tokens = input_ids if labels is None else input_ids[:, :-1]
+        compute = to_dtype(cfg.compute_dtype)
+        amp = (
+            torch.autocast(device_type=input_ids.device.type, dtype=compute)
+            if compute != torch.float32 else nullcontext()
+        )
+        with amp:
+            logits = self.lm_head(self.model(tokens)).float()  # (bs, seqlen, vocab)
+        if labels is None:
+            return logits
+        targets = labels[:, 1:]  # (bs, seqlen)
+        loss_sum = F.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=cfg.ignore_token_id, reduction="sum"
+        )
+        num_tokens = (targets != cfg.ignore_token_id).sum()
+        if reduction == "sum":
+            return loss_sum, num_tokens
+        return loss_sum / num_tokens.clamp(min=1)
+
+
+def _check_config(cfg: LlamaConfig) -> None:
+    """Checks the dataclass cannot express; every problem is reported in one ValueError."""
+    errors = []
+    for key in ("compute_dtype", "layernorm_compute_type", "softmax_compute_type", "rotary_dtype", "param_init_type"):
+        try:
+            to_dtype(getattr(cfg, key))
+        except ValueError as e:
+            errors.append(f"{key}: {e}")
+    try:
+        rope_method(cfg)
+    except ValueError as e:
+        errors.append(str(e))
+    if cfg.hidden_size % cfg.num_heads or cfg.head_dim % 2:
+        errors.append(f"hidden_size={cfg.hidden_size} is invalid: hidden_size / num_heads ({cfg.num_heads}) "
+                      "must be an even integer (the RoPE head_dim).")
+    if cfg.num_heads % cfg.n_kv_heads:
+        errors.append(f"n_kv_heads={cfg.n_kv_heads} is invalid: it must divide num_heads={cfg.num_heads}.")
+    if not errors and to_dtype(cfg.compute_dtype) == torch.float32 and to_dtype(cfg.param_init_type) != torch.float32:
+        errors.append(f"compute_dtype={cfg.compute_dtype!r} is invalid with param_init_type={cfg.param_init_type!r}: "
+                      "float32 compute needs float32 parameters. Set compute_dtype to the parameter dtype.")
+    if errors:
+        raise ValueError("invalid model_config:\n  " + "\n  ".join(errors))

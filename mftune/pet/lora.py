@@ -1,0 +1,269 @@
+"""LoRA for mftune models: swap ``nn.Linear`` -> ``LoRALinear`` in place, freeze, merge.
+
+MindFormers/MindPet semantics (reference/mindformers.md §6.3-§6.5):
+- targets: recursion over child modules by *local* attribute name under the backbone
+  (``model.model`` for Llama, so ``lm_head`` is never a target); ``re.match(target_modules, name)``;
+- layer: ``y = x W^T + b + dropout(x) A^T B^T * lora_alpha / lora_rank``, A ``[r, in]``
+  kaiming-uniform(a=sqrt(5)), B ``[out, r]`` zeros, parameters ``mindpet_delta_lora_a/b``;
+- freezing: everything but ``*mindpet_delta_lora*``, then ``freeze_include`` / ``freeze_exclude``.
+The layer follows torchtune's ``modules/peft/lora.py``: the base weight Parameter is reused, so
+its name (``...attention.wq.weight``) and any checkpoint loading it are unchanged.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mftune.pet.config import LoraConfig
+
+logger = logging.getLogger("mftune")
+
+LORA_MARK = "mindpet_delta_lora"  # every adapter parameter name contains it (MindPet convention)
+BACKBONE_ATTRS = ("backbone", "model", "transformer", "llm_model")  # MindFormers LoraModel.add_adapter order
+
+
+class LoRALinear(nn.Module):
+    """An ``nn.Linear`` plus a low-rank update; MindPet ``LoRADense`` in PyTorch.
+
+    Invariants: ``weight``/``bias`` are the *same* Parameter objects as the wrapped Linear's
+    (no copy, names unchanged); ``mindpet_delta_lora_a`` is ``[rank, in]`` and
+    ``mindpet_delta_lora_b`` is ``[out, rank]`` (PEFT's ``lora_A``/``lora_B`` orientation), on the
+    base weight's device (meta included). ``merged`` says whether ``W`` already holds ``B A * scaling``;
+    forward then adds nothing. Deliberately not an ``nn.Linear`` subclass: code that shards or
+    re-initialises every ``nn.Linear`` must not treat A/B as if they were the weight.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 param_init_type: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
+                 base_init_std: float | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        self.compute_dtype = compute_dtype
+        self.base_init_std = base_init_std  # how init_weights() re-draws W; None = nn.Linear's default init
+        self.merged = False
+        self.weight = base.weight  # same Parameter object: keeps its name, its data and requires_grad
+        self.register_parameter("bias", base.bias)
+        dtype = param_init_type or base.weight.dtype
+        device = base.weight.device
+        self.mindpet_delta_lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
+        self.mindpet_delta_lora_b = nn.Parameter(torch.empty(self.out_features, rank, device=device, dtype=dtype))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A: kaiming-uniform(a=sqrt(5)) (MindPet HeUniform(sqrt(5)), PEFT, torch Linear default); B: zeros."""
+        nn.init.kaiming_uniform_(self.mindpet_delta_lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.mindpet_delta_lora_b)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Re-draw W (and b) as the model would (``N(0, base_init_std)``, else ``nn.Linear``'s init), then A/B.
+
+        ``LlamaForCausalLM.init_weights`` delegates to this for swapped layers (after meta build + ``to_empty``).
+        """
+        if self.base_init_std is not None:
+            nn.init.normal_(self.weight, mean=0.0, std=self.base_init_std)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+        else:
+            nn.Linear.reset_parameters(self)  # uses only self.weight, self.bias, in_features
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def delta_weight(self) -> torch.Tensor:
+        """``B @ A * scaling`` in float32, shape ``[out, in]``."""
+        return lora_delta_weight(self.mindpet_delta_lora_a, self.mindpet_delta_lora_b, self.scaling)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W += B A * scaling`` (float32 arithmetic, cast back to W's dtype). Merging twice is a no-op."""
+        if self.merged:
+            logger.warning("LoRA layer is already merged; merge() ignored")
+            return
+        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """``W -= B A * scaling``; exact up to rounding in W's dtype. Unmerging an unmerged layer is a no-op."""
+        if not self.merged:
+            logger.warning("LoRA layer is not merged; unmerge() ignored")
+            return
+        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compute_dtype is None:
+            return self._forward(x, None)
+        # pet_config.compute_dtype: MindPet casts x, W, b, A, B to it and the result back to x's dtype.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._forward(x.to(self.compute_dtype), self.compute_dtype).to(x.dtype)
+
+    def _forward(self, x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        lora_a, lora_b = self.mindpet_delta_lora_a, self.mindpet_delta_lora_b
+        if dtype is not None:
+            weight, lora_a, lora_b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        out = F.linear(x, weight, bias)  # (..., out)
+        if self.merged:
+            return out
+        h = self.lora_dropout(x)
+        if h.dtype != lora_a.dtype and not torch.is_autocast_enabled(h.device.type):
+            h = h.to(lora_a.dtype)  # e.g. bf16 activations, fp32 adapters, no autocast (as PEFT does)
+        delta = F.linear(F.linear(h, lora_a), lora_b)  # (..., r) -> (..., out)
+        return out + (delta * self.scaling).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}")
+
+
+def lora_delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``B [out, r] @ A [r, in] * scaling`` in float32 (the merge arithmetic of transform_ckpt_lora and PEFT)."""
+    return (lora_b.float() @ lora_a.float()) * scaling
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def get_pet_model(model: nn.Module, pet_config: dict | LoraConfig) -> nn.Module:
+    """Apply the PET method of ``pet_config`` to ``model`` in place and return it.
+
+    LoRA only (other MindFormers ``pet_type`` values are rejected by ``LoraConfig.from_dict``).
+    Swaps matching ``nn.Linear`` children for ``LoRALinear``, then freezes everything but the
+    adapters (plus ``freeze_include``/``freeze_exclude``). Works on a meta-device model; call
+    ``init_lora_weights`` after ``to_empty`` to give the adapters their initial values.
+    """
+    config = pet_config if isinstance(pet_config, LoraConfig) else LoraConfig.from_dict(dict(pet_config))
+    if lora_layers(model):
+        raise ValueError("LoRA is already applied to this model (it has LoRALinear layers); apply get_pet_model once")
+    root, root_name = _backbone(model)
+    targets = [re.compile(p) for p in config.target_patterns]
+    excludes = [re.compile(p) for p in config.exclude_patterns]
+    init_std = getattr(getattr(model, "config", None), "initializer_range", None)
+    swapped = _swap(root, root_name, config, targets, excludes, init_std)
+    if not swapped:
+        raise ValueError(_no_match_message(root, root_name, config))
+    freeze_lora(model, config.freeze_include, config.freeze_exclude)
+    logger.info("LoRA: replaced %d Linear layers (target_modules=%r, exclude_layers=%r, rank %d, alpha %g, "
+                "scaling %g, dropout %g): %s%s", len(swapped), config.target_modules, config.exclude_layers,
+                config.lora_rank, config.lora_alpha, config.scaling, config.lora_dropout,
+                ", ".join(swapped[:4]), ", ..." if len(swapped) > 4 else "")
+    logger.info(trainable_summary(model))
+    return model
+
+
+def _backbone(model: nn.Module) -> tuple[nn.Module, str]:
+    """The first of backbone/model/transformer/llm_model (MindFormers' order); the model itself if none."""
+    for attr in BACKBONE_ATTRS:
+        child = getattr(model, attr, None)
+        if isinstance(child, nn.Module):
+            return child, attr
+    return model, ""
+
+
+def _swap(module: nn.Module, prefix: str, config: LoraConfig,
+          targets: list[re.Pattern], excludes: list[re.Pattern], init_std: float | None) -> list[str]:
+    """MindFormers ``recursive_replace_dense_cell``: returns the dotted names of the swapped layers."""
+    swapped = []
+    for name, child in list(module.named_children()):
+        full = f"{prefix}.{name}" if prefix else name
+        if child is None or any(p.match(name) for p in excludes):
+            continue
+        if any(p.match(name) for p in targets):
+            if isinstance(child, nn.Linear):  # a matching non-Linear is skipped and not recursed into
+                setattr(module, name, LoRALinear(child, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                                                 config.param_dtype, config.compute_torch_dtype, init_std))
+                swapped.append(full)
+        else:
+            swapped += _swap(child, full, config, targets, excludes, init_std)
+    return swapped
+
+
+def _no_match_message(root: nn.Module, root_name: str, config: LoraConfig) -> str:
+    linears = [n for n, m in root.named_modules() if isinstance(m, nn.Linear)]
+    local = sorted({n.rsplit(".", 1)[-1] for n in linears})
+    where = f"under '{root_name}'" if root_name else "in the model"
+    example = f" (e.g. {root_name + '.' if root_name else ''}{linears[0]})" if linears else ""
+    return (f"pet_config.target_modules={config.target_modules!r} (exclude_layers={config.exclude_layers!r}) "
+            f"matched no nn.Linear {where}. Patterns are re.match'ed against each module's local attribute "
+            f"name{example}; the Linear layers there are named: {', '.join(local) or 'none'} "
+            f"({len(linears)} layers). Use e.g. '.*wq|.*wk|.*wv|.*wo'.")
+
+
+def freeze_lora(model: nn.Module, freeze_include: list[str] | str | None = None,
+                freeze_exclude: list[str] | str | None = None) -> None:
+    """MindPet ``freeze_delta(model, 'lora', include, exclude)``.
+
+    All parameters frozen except ``*mindpet_delta_lora*``; then a parameter whose full name matches a
+    ``freeze_include`` pattern (fnmatch) and no ``freeze_exclude`` pattern is frozen, one matching only
+    ``freeze_exclude`` is made trainable, one matching both is left as it is.
+    """
+    include = [freeze_include] if isinstance(freeze_include, str) else list(freeze_include or [])
+    exclude = [freeze_exclude] if isinstance(freeze_exclude, str) else list(freeze_exclude or [])
+    for name, param in model.named_parameters():
+        param.requires_grad_(LORA_MARK in name)
+        inc = any(fnmatch.fnmatchcase(name, p) for p in include)
+        exc = any(fnmatch.fnmatchcase(name, p) for p in exclude)
+        if inc and not exc:
+            param.requires_grad_(False)
+        elif exc and not inc:
+            param.requires_grad_(True)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, all)`` as PEFT's ``get_nb_trainable_parameters`` (shared parameters counted once)."""
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """PEFT's ``print_trainable_parameters`` line, e.g.
+    ``trainable params: 16,777,216 || all params: 6,755,192,832 || trainable%: 0.2484``."""
+    trainable, total = count_parameters(model)
+    percent = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every LoRA layer into its base weight (reversible with ``unmerge_lora``)."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors only, mftune names (``model.layers.0.attention.wq.mindpet_delta_lora_a``)."""
+    return {k: v for k, v in model.state_dict().items() if LORA_MARK in k}
+
+
+@torch.no_grad()
+def init_lora_weights(model: nn.Module) -> nn.Module:
+    """Re-initialise every adapter (A kaiming-uniform, B zeros): after ``to_empty`` of a meta-built model."""
+    for _, layer in lora_layers(model):
+        layer.reset_lora_parameters()
+    return model
