@@ -21,12 +21,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mftune.data.sample import SAMPLE_PATH  # noqa: E402
-from mftune.data.tokenizer import train_sentencepiece  # noqa: E402
+from mftune.data.sample import DEMO_VOCAB_SIZE, SAMPLE_ALPACA_PATH, train_sample_tokenizer  # noqa: E402
 from mftune.trainer.monitor import plot_loss_curve  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "llama2", "lora_llama2_demo.yaml")
-VOCAB_SIZE = 1000  # must equal model.model_config.vocab_size in CONFIG
+VOCAB_SIZE = DEMO_VOCAB_SIZE  # must equal model.model_config.vocab_size in CONFIG
 SEQ_LENGTH = 96  # must equal model.model_config.seq_length in CONFIG
 
 
@@ -51,12 +50,11 @@ def main() -> int:
 
     conv = os.path.join(data_dir, "alpaca-data-conversation.json")
     run("1/5 convert alpaca data", [os.path.join(ROOT, "scripts", "alpaca_converter.py"),
-                                    "--data_path", SAMPLE_PATH, "--output_path", conv])
+                                    "--data_path", SAMPLE_ALPACA_PATH, "--output_path", conv])
 
     print("\n==> 2/5 train a sentencepiece tokenizer", flush=True)
-    with open(conv) as f:
-        texts = [turn["value"] for rec in json.load(f) for turn in rec["conversations"]]
-    tokenizer = train_sentencepiece(texts, os.path.join(out, "tokenizer", "tokenizer"), VOCAB_SIZE)
+    # Trained on the Vicuna-templated text, so the system prompt costs few tokens.
+    tokenizer = train_sample_tokenizer(os.path.join(out, "tokenizer", "tokenizer"), VOCAB_SIZE)
     print(f"    tokenizer: {tokenizer}")
 
     dataset = os.path.join(data_dir, f"alpaca-demo{SEQ_LENGTH}.mindrecord")
