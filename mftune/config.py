@@ -2,11 +2,26 @@
 
 Schema: reference/mindformers.md §1.1 and §1.5. Every key of the MindFormers LoRA YAML is a
 field here; keys with no effect in mftune are listed in ``IGNORED_KEYS`` and reported once.
+
+``load_config(path, overrides)`` reads the YAML with OmegaConf (anchors, ``1e-5`` floats),
+merges its ``base_config`` files under it, applies dotted overrides, then
+``mftune.config_validate`` turns the raw mapping into an ``MFConfig``, collecting every problem
+into one ``ConfigError``. OmegaConf's structured merge is not used for the schema: it stops at
+the first error and cannot type ``float | dict`` (``runner_wrapper.scale_sense``).
+The command line is ``mftune.cli``; every key is described in docs/config.md.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import yaml
+
+logger = logging.getLogger("mftune")
 
 RunMode = Literal["train", "finetune", "eval", "predict"]
 
@@ -158,6 +173,7 @@ class ParallelSettings:
     search_mode: str = "sharding_propagation"  # accepted, unused
     enable_parallel_optimizer: bool = False  # shard weights, grads and optimizer state over data parallel
     strategy_ckpt_save_file: str = "./ckpt_strategy.ckpt"  # accepted; strategy goes to output_dir/strategy
+    strategy_ckpt_load_file: str = ""  # set by --strategy_load_checkpoint; accepted, unused
     strategy_ckpt_config: dict[str, Any] = field(default_factory=dict)  # accepted
     parallel_optimizer_config: dict[str, Any] = field(default_factory=dict)  # accepted
 
@@ -180,6 +196,7 @@ class MFConfig:
     eval_step_interval: int = -1
     eval_epoch_interval: int = 50
     predict_batch_size: int | None = None
+    input_data: str | list[str] | None = None  # predict input, set by --predict_data (MindFormers' name)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     runner_config: RunnerConfig = field(default_factory=RunnerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -222,3 +239,197 @@ class MFConfig:
     def callback(self, type_: str) -> CallbackConfig | None:
         """The first callback of this type, or None."""
         return next((c for c in self.callbacks if c.type == type_), None)
+
+
+# --------------------------------------------------------------------------------------------
+# Accepted for MindFormers compatibility, no effect here. A dotted pattern matches that key and
+# everything under it; "*" matches one segment (a key or a list index) with fnmatch rules.
+# The ones present in a config are logged once per load: "Ignored on this backend (no effect): ...".
+IGNORED_KEYS: tuple[str, ...] = (
+    "context",  # MindSpore context: graph mode, device memory, graph dumps (Ascend)
+    "trainer.model_name",  # MindFormers picks Trainer defaults by name; mftune reads the YAML only
+    "remote_save_url",  # OBS upload on ModelArts/AICC
+    "auto_tune", "filepath_prefix", "autotune_per_step",  # MindSpore dataset autotune
+    "profile", "profile_start_step", "profile_stop_step", "init_start_profile",
+    "profile_communication", "profile_memory",  # MindSpore profiler
+    "layer_scale", "layer_decay", "lr_scale_factor",  # not read by MindFormers' LLM trainer either
+    "metric",  # metric registry (PerplexityMetric, EmF1Metric)
+    "micro_batch_interleave_num",  # only 1 is accepted (checked)
+    "transform_process_num",  # resharding reads byte ranges on every rank: no transform workers
+    "parallel.parallel_mode", "parallel.gradients_mean", "parallel.enable_alltoall",
+    "parallel.full_batch", "parallel.search_mode", "parallel.strategy_ckpt_save_file",
+    "parallel.strategy_ckpt_load_file", "parallel.strategy_ckpt_config",
+    "parallel.parallel_optimizer_config",
+    "parallel_config.micro_batch_num", "parallel_config.vocab_emb_dp",
+    "parallel_config.gradient_aggregation_group",
+    "recompute_config.select_recompute", "recompute_config.parallel_optimizer_comm_recompute",
+    "recompute_config.mp_comm_recompute", "recompute_config.recompute_slice_activation",
+    "runner_config.sink_size",  # one batch per step; see docs/config.md "Sink mode"
+    "*_dataset.num_parallel_workers", "*_dataset.python_multiprocessing", "*_dataset.numa_enable",
+    "*_dataset.prefetch_size", "*_dataset.repeat", "*_dataset.seed",
+    "processor.return_tensors",
+    "*callbacks.*.save_checkpoint_seconds", "*callbacks.*.keep_checkpoint_per_n_minutes",
+    "*callbacks.*.integrated_save", "*callbacks.*.async_save",
+    "model.model_config.qkv_concat", "model.model_config.offset",
+    "model.model_config.block_size", "model.model_config.num_blocks", "model.model_config.is_dynamic",
+    "model.model_config.checkpoint_name_or_path",  # weights come from load_checkpoint
+)
+
+# MindFormers callbacks accepted and ignored as a whole (their keys are not checked).
+IGNORED_CALLBACK_TYPES: tuple[str, ...] = (
+    "ObsMonitor", "SummaryMonitor", "ProfileMonitor", "EvalCallBack", "TrainingStateMonitor",
+    "ColdHotExpertMonitor",
+)
+
+# Callbacks the trainer runs, with the keys each one takes (CallbackConfig holds their union).
+CALLBACK_KEYS: dict[str, tuple[str, ...]] = {
+    "MFLossMonitor": ("type", "per_print_times"),
+    "CheckpointMonitor": ("type", "prefix", "directory", "save_checkpoint_steps", "save_checkpoint_seconds",
+                          "keep_checkpoint_max", "keep_checkpoint_per_n_minutes", "integrated_save",
+                          "save_network_params", "save_trainable_params", "async_save"),
+}
+CALLBACK_ALIASES = {"CheckpointMointor": "CheckpointMonitor"}  # the class name in MindFormers v1.1.0
+
+
+class ConfigError(Exception):
+    """Every problem found in a configuration; each one ``"<key>=<value> is invalid: <why>. <fix>"``."""
+
+    def __init__(self, errors: list[str], path: str | None = None):
+        self.errors = list(errors)
+        self.path = path
+        super().__init__(format_errors(self.errors, path))
+
+
+def format_errors(errors: list[str], path: str | None = None) -> str:
+    """``mftune: N configuration error(s) in FILE:`` then one ``  - message`` line per error."""
+    where = f" in {path}" if path else ""
+    return "\n".join([f"mftune: {len(errors)} configuration error(s){where}:"]
+                     + [f"  - {e}" for e in errors])
+
+
+def load_config(path: str, overrides: dict[str, Any] | None = None, *,
+                check_files: bool = True) -> MFConfig:
+    """Read ``path`` (and its ``base_config`` files), apply ``overrides``, validate, return the config.
+
+    ``overrides`` maps dotted keys (``"runner_config.epochs"``, ``"callbacks.1.prefix"``) to
+    values and is applied in insertion order on top of the YAML (``mftune.cli`` builds it in
+    MindFormers' precedence order). Every intermediate key must exist in the schema.
+    ``check_files=False`` skips the existence checks (``load_checkpoint``, dataset directories,
+    ``vocab_file``), e.g. to validate a shipped YAML without data. Missing keys, and keys set to
+    null, take the dataclass defaults. Raises ConfigError listing every problem found.
+    """
+    from mftune import config_validate as cv
+
+    raw = read_yaml(path)
+    errors: list[str] = []
+    for key, value in (overrides or {}).items():
+        cv.apply_override(raw, key, value, errors)
+    ignored = cv.ignored_keys_present(raw)
+    cfg = cv.build_config(raw, errors)
+    cv.check_values(cfg, errors)
+    if check_files:
+        cv.check_files(cfg, errors)
+    if errors:
+        raise ConfigError(errors, path)
+    cv.finalize(cfg)
+    if ignored:
+        logger.info("Ignored on this backend (no effect): %s", cv.compact(ignored))
+    return cfg
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """The YAML at ``path`` as a plain dict, its ``base_config`` files merged underneath.
+
+    ``base_config`` is a path or a list of paths relative to the file that names it; bases are
+    merged in order, then the file itself on top, recursively (mappings merge key by key, any
+    other value replaces). A file that (indirectly) includes itself is an error.
+    """
+    return _read_yaml(path, ())
+
+
+def _read_yaml(path: str, stack: tuple[str, ...]) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    real = os.path.realpath(path)
+    if real in stack:
+        chain = " -> ".join([*stack, real])
+        raise ConfigError([f"base_config={path!r} is invalid: it includes itself ({chain}). "
+                           f"Remove the cycle from the base_config chain."], stack[0])
+    if not os.path.isfile(path):
+        key = "base_config" if stack else "config"
+        raise ConfigError([f"{key}={path!r} is invalid: no such file. "
+                           f"Pass the path of an existing YAML file."], stack[0] if stack else path)
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as exc:  # YAML syntax, duplicate keys, bad interpolation: all user errors
+        why = " ".join(str(exc).split())
+        raise ConfigError([f"config={path!r} is invalid: it could not be read ({why}). "
+                           f"Fix the YAML syntax."], path) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"config={path!r} is invalid: the top level is not a mapping. "
+                           f"Write one 'key: value' per line."], path)
+    bases = data.pop("base_config", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError([f"base_config={bases!r} is invalid: expected a path or a list of paths. "
+                           f"Write e.g. base_config: ../base.yaml"], path)
+    merged: dict[str, Any] = {}
+    for base in bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        merged = merge_dicts(merged, _read_yaml(base_path, (*stack, real)))
+    return merge_dicts(merged, data)
+
+
+def merge_dicts(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: mappings merge recursively, any other value (lists too) replaces."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_to_dict(cfg: MFConfig) -> dict[str, Any]:
+    """The resolved config as plain data (what ``save_config`` writes; ``load_config`` reads it back).
+
+    Each callback keeps only the keys of its type (CALLBACK_KEYS; just ``type`` for ignored ones).
+    """
+    out = dataclasses.asdict(cfg)
+    for list_key in ("callbacks", "eval_callbacks"):
+        out[list_key] = [{k: v for k, v in cb.items() if k in CALLBACK_KEYS.get(cb["type"], ("type",))}
+                         for cb in out[list_key]]
+    return out
+
+
+def save_config(cfg: MFConfig, path: str) -> None:
+    """Write the resolved config as YAML (atomically: a temporary file renamed into place)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("# Resolved mftune configuration (YAML + command line). Reload it with --config.\n")
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def global_batch_size(cfg: MFConfig) -> int:
+    """Sequences per optimizer step: batch_size x data_parallel x micro_batch_interleave_num x GA.
+
+    MindFormers' rule for full_batch with pipeline_stage 1 (reference/mindformers.md §1.5).
+    ``runner_config.batch_size`` stays per data-parallel rank and per micro-step here (MindFormers
+    rewrites it to the global value); ``data_parallel`` is 1 when ``use_parallel`` is False.
+    """
+    rc, pc = cfg.runner_config, cfg.parallel_config
+    return rc.batch_size * pc.data_parallel * cfg.micro_batch_interleave_num * rc.gradient_accumulation_steps

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mftune.data.sample import DEMO_VOCAB_SIZE, SAMPLE_ALPACA_PATH, train_sample_tokenizer  # noqa: E402
-from mftune.trainer.monitor import plot_loss_curve  # noqa: E402
+from mftune.trainer.monitor import plot_loss_curve, read_losses  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "llama2", "lora_llama2_demo.yaml")
 VOCAB_SIZE = DEMO_VOCAB_SIZE  # must equal model.model_config.vocab_size in CONFIG
@@ -91,30 +91,16 @@ def main() -> int:
 
 
 def _losses(path: str) -> list[float]:
-    with open(path) as f:
-        return [json.loads(line)["loss"] for line in f if line.strip()]
+    return [loss for _, loss in read_losses(path)]
 
 
 def _plot_both(train_metrics: str, lora_metrics: str, png: str) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return plot_loss_curve(lora_metrics, png)  # logs the install hint
-    train, lora = _losses(train_metrics), _losses(lora_metrics)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(range(1, len(train) + 1), train, label="base model (run_mode train)")
-    ax.plot(range(len(train) + 1, len(train) + len(lora) + 1), lora, label="LoRA (run_mode finetune)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("mftune demo: Llama2-shaped tiny model on bundled alpaca-format data")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    """Both stages on one axis: the LoRA steps continue after the base model's."""
+    train, lora = read_losses(train_metrics), read_losses(lora_metrics)
+    offset = train[-1][0] if train else 0
+    return plot_loss_curve(png, {"base model (run_mode train)": train,
+                                 "LoRA (run_mode finetune)": [(s + offset, l) for s, l in lora]},
+                           title="mftune demo: a tiny Llama2 on the bundled alpaca-format data")
 
 
 if __name__ == "__main__":

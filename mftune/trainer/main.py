@@ -22,7 +22,7 @@ from mftune.data.loader import TrainData
 from mftune.log import setup_logging
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM
 from mftune.trainer.checkpointing import CheckpointMonitor
-from mftune.trainer.monitor import LossMonitor, StepStats, plot_loss_curve
+from mftune.trainer.monitor import LossMonitor, StepStats, plot_loss_curve, read_losses
 from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
 
 logger = logging.getLogger("mftune")
@@ -36,11 +36,12 @@ def cli(argv: list[str] | None = None) -> int:
     """Entry point of run_finetune.py: parse, run, and turn user mistakes into exit status 2."""
     from mftune.cli import format_errors, parse_cli
 
+    setup_logging()  # so that what the config loader logs (ignored keys) is shown
     try:
         cfg = parse_cli(argv)
         return main(cfg)
     except ConfigError as exc:
-        print(format_errors(exc.errors), file=sys.stderr)
+        print(format_errors(exc.errors, exc.path), file=sys.stderr)
         return 2
     except (UserError, CheckpointError) as exc:
         print(f"mftune: error: {exc}", file=sys.stderr)
@@ -219,7 +220,8 @@ def _progress_bar(total: int):
 
 
 def _report(output_dir: str, metrics_path: str, saver: CheckpointMonitor | None) -> None:
-    png = plot_loss_curve(metrics_path, os.path.join(output_dir, "loss_curve.png"))
+    png = plot_loss_curve(os.path.join(output_dir, "loss_curve.png"),
+                          {"loss": read_losses(metrics_path)}) if os.path.exists(metrics_path) else None
     lines = [f"Training finished. Outputs in {output_dir}:",
              f"  logs:        {os.path.join(output_dir, 'log', 'rank_0', 'info.log')}",
              f"  metrics:     {metrics_path}"]

@@ -94,8 +94,18 @@ class LossMonitor:
         return record
 
 
-def plot_loss_curve(metrics_path: str, png_path: str, title: str = "training loss") -> str | None:
-    """Draw loss against step from metrics.jsonl into a PNG; None (with a hint) without matplotlib."""
+def read_losses(metrics_path: str) -> list[tuple[int, float]]:
+    """(step, loss) pairs of a metrics.jsonl file."""
+    with open(metrics_path) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, filter(str.strip, f))]
+
+
+def plot_loss_curve(png_path: str, curves: dict[str, list[tuple[int, float]]],
+                    title: str = "training loss") -> str | None:
+    """Draw each named (step, loss) curve, raw and as a moving average, into a PNG.
+
+    Returns the path, or None (with an install hint in the log) when matplotlib is missing.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -103,15 +113,20 @@ def plot_loss_curve(metrics_path: str, png_path: str, title: str = "training los
     except ImportError:
         logger.info("Loss curve not drawn: matplotlib is missing (pip install 'mftune[plot]')")
         return None
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, points in curves.items():
+        if not points:
+            continue
+        steps, losses = zip(*points)
+        line, = ax.plot(steps, losses, lw=0.8, alpha=0.35)
+        window = max(1, len(losses) // 10)
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, lw=2, color=line.get_color(), label=f"{label} (moving average)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
+    ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
