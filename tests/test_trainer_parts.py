@@ -108,7 +108,7 @@ def test_checkpoint_monitor_names_meta_retention_and_prefix(tmp_path):
     opt = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
-    mon = CheckpointMonitor(str(tmp_path), "llama", save_checkpoint_steps=2, keep_checkpoint_max=2)
+    mon = CheckpointMonitor(str(tmp_path), "llama", keep_checkpoint_max=2)
     for step in (2, 4, 6):
         mon.save(model, opt, epoch=1, step_in_epoch=step, global_step=step, loss_scale=1.0,
                  global_batch_size=8, model_config={"hidden_size": 4}, extra_metadata={"run_mode": "train"})

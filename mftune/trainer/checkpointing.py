@@ -25,14 +25,13 @@ logger = logging.getLogger("mftune")
 
 
 class CheckpointMonitor:
-    def __init__(self, root: str, prefix: str, *, rank: int = 0, save_checkpoint_steps: int = 1,
-                 keep_checkpoint_max: int = 5, save_network_params: bool = False,
+    def __init__(self, root: str, prefix: str, *, rank: int = 0, keep_checkpoint_max: int = 5, save_network_params: bool = False,
                  save_trainable_params: bool = False):
         self.rank = rank
         self.dir = os.path.join(root, "checkpoint", f"rank_{rank}")
         self.network_dir = os.path.join(root, "checkpoint_network", f"rank_{rank}")
         self.trainable_dir = os.path.join(root, "checkpoint_trainable", f"rank_{rank}")
-        self.every, self.keep = save_checkpoint_steps, keep_checkpoint_max
+        self.keep = keep_checkpoint_max
         self.save_network_params = save_network_params
         self.save_trainable_params = save_trainable_params
         self.prefix = self._free_prefix(f"{prefix}_rank_{rank}")
@@ -50,9 +49,6 @@ class CheckpointMonitor:
             logger.info("Checkpoints with prefix %s exist in %s; this run uses prefix %s",
                         prefix, self.dir, candidate)
         return candidate
-
-    def due(self, global_step: int) -> bool:
-        return global_step % self.every == 0
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch: int,
              step_in_epoch: int, global_step: int, loss_scale: float, global_batch_size: int,

@@ -6,6 +6,8 @@ every parameter (pet_config is not applied); ``finetune`` applies pet_config whe
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -21,6 +23,7 @@ from mftune.config import ConfigError, MFConfig, save_config
 from mftune.data.loader import TrainData
 from mftune.log import setup_logging
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM
+from mftune.pet import get_pet_model, trainable_summary
 from mftune.trainer.checkpointing import CheckpointMonitor
 from mftune.trainer.monitor import LossMonitor, StepStats, plot_loss_curve, read_losses
 from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
@@ -49,12 +52,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 def main(cfg: MFConfig) -> int:
-    if cfg.use_parallel:
-        raise UserError("use_parallel=True (multi-rank training) is not available in this version. "
-                        "Run on one process with --use_parallel False.")
-    if cfg.run_mode not in ("train", "finetune"):
-        raise UserError(f"run_mode={cfg.run_mode} is not available yet: this version trains "
-                        f"(run_mode train or finetune).")
+    _check_supported(cfg)
     output_dir = os.path.abspath(cfg.output_dir)
     os.makedirs(output_dir, exist_ok=True)
     setup_logging(output_dir)
@@ -62,7 +60,51 @@ def main(cfg: MFConfig) -> int:
     _seed_everything(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    # Model, then PET (finetune only), then the base weights.
+    model, pet_config, base_info = build_model(cfg, device)
+    data = build_data(cfg, model.config)
+    runner = cfg.runner_config
+    schedule = build_schedule(cfg.lr_schedule, cfg.optimizer, data.steps_per_epoch, runner.epochs)
+    optimizer = build_optimizer(model, cfg.optimizer, schedule(0))
+    scaler = LossScaler(cfg.runner_wrapper)
+    metrics_path = _fresh_metrics_file(output_dir)
+    loss_cb = cfg.callback("MFLossMonitor")
+    monitor = LossMonitor(metrics_path, epochs=runner.epochs, steps_per_epoch=data.steps_per_epoch,
+                          world_size=1, device=device, sink_mode=runner.sink_mode,
+                          per_print_times=loss_cb.per_print_times if loss_cb else 1)
+    ckpt_cb = cfg.callback("CheckpointMonitor")
+    saver = None
+    if ckpt_cb:
+        saver = CheckpointMonitor(ckpt_cb.directory or output_dir, ckpt_cb.prefix,
+                                  keep_checkpoint_max=ckpt_cb.keep_checkpoint_max,
+                                  save_network_params=ckpt_cb.save_network_params,
+                                  save_trainable_params=ckpt_cb.save_trainable_params)
+    save = functools.partial(
+        _save, saver, model, optimizer, scaler, data.global_batch_size,
+        model_config=_saved_model_config(model.config, pet_config),
+        extra_metadata={"run_mode": cfg.run_mode, "pet_config": pet_config,
+                        "base_checkpoint": base_info})
+
+    with _progress_bar(runner.epochs * data.steps_per_epoch) as progress:
+        global_step = train_loop(model, optimizer, schedule, scaler, data, cfg, device,
+                                 monitor, progress, save if saver else None)
+    if saver and saver.last_step != global_step and global_step:
+        save(epoch=runner.epochs, step_in_epoch=data.steps_per_epoch, global_step=global_step)
+    _report(output_dir, metrics_path, saver)
+    return 0
+
+
+def _check_supported(cfg: MFConfig) -> None:
+    if cfg.use_parallel:
+        raise UserError("use_parallel=True (multi-rank training) is not available in this version. "
+                        "Run on one process with --use_parallel False.")
+    if cfg.run_mode not in ("train", "finetune"):
+        raise UserError(f"run_mode={cfg.run_mode} is not available yet: this version trains "
+                        f"(run_mode train or finetune).")
+
+
+def build_model(cfg: MFConfig, device: torch.device) -> tuple[LlamaForCausalLM, dict | None, dict]:
+    """Model, then PET (finetune only), then the base weights. Returns the model, the applied
+    pet_config (None for full-parameter training) and the loaded checkpoint's path/fingerprint."""
     model_config = LlamaConfig.from_dict(cfg.model.model_config)
     pet_config = model_config.pet_config if cfg.run_mode == "finetune" else None
     if cfg.run_mode == "train" and model_config.pet_config:
@@ -71,7 +113,6 @@ def main(cfg: MFConfig) -> int:
     with device:
         model = LlamaForCausalLM(model_config)
     if pet_config:
-        from mftune.pet import get_pet_model
         get_pet_model(model, pet_config)
     base_info = {}
     if cfg.load_checkpoint:
@@ -80,15 +121,14 @@ def main(cfg: MFConfig) -> int:
                      "fingerprint": fingerprint(cfg.load_checkpoint)}
     elif cfg.run_mode == "finetune":
         logger.warning("load_checkpoint is empty: fine-tuning from randomly initialised weights")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in trainable)
-    n_all = sum(p.numel() for p in model.parameters())
-    logger.info("trainable params: %s || all params: %s || trainable%%: %.4f",
-                f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
+    if not pet_config:  # get_pet_model logs it for PET runs
+        logger.info(trainable_summary(model))
+    return model, pet_config, base_info
 
-    # Data.
-    runner = cfg.runner_config
-    loader_cfg = cfg.train_dataset.data_loader
+
+def build_data(cfg: MFConfig, model_config: LlamaConfig) -> TrainData:
+    """The training records, checked against the model's seq_length."""
+    runner, loader_cfg = cfg.runner_config, cfg.train_dataset.data_loader
     try:
         data = TrainData(loader_cfg.dataset_dir, micro_batch_size=runner.batch_size,
                          grad_accum=runner.gradient_accumulation_steps, shuffle=loader_cfg.shuffle,
@@ -105,59 +145,33 @@ def main(cfg: MFConfig) -> int:
     logger.info("Dataset %s: %d records, global batch %d, %d steps per epoch, %d epochs",
                 loader_cfg.dataset_dir, data.num_records, data.global_batch_size,
                 data.steps_per_epoch, runner.epochs)
+    return data
 
-    # Optimizer, schedule, loss scale, callbacks.
-    schedule = build_schedule(cfg.lr_schedule, cfg.optimizer, data.steps_per_epoch, runner.epochs)
-    optimizer = build_optimizer(model, cfg.optimizer, schedule(0))
-    scaler = LossScaler(cfg.runner_wrapper)
-    metrics_path = _fresh_metrics_file(output_dir)
-    loss_cb = cfg.callback("MFLossMonitor")
-    monitor = LossMonitor(metrics_path, epochs=runner.epochs, steps_per_epoch=data.steps_per_epoch,
-                          world_size=1, device=device, sink_mode=runner.sink_mode,
-                          per_print_times=loss_cb.per_print_times if loss_cb else 1)
-    ckpt_cb = cfg.callback("CheckpointMonitor")
-    saver = None
-    if ckpt_cb:
-        saver = CheckpointMonitor(ckpt_cb.directory or output_dir, ckpt_cb.prefix,
-                                  save_checkpoint_steps=ckpt_cb.save_checkpoint_steps,
-                                  keep_checkpoint_max=ckpt_cb.keep_checkpoint_max,
-                                  save_network_params=ckpt_cb.save_network_params,
-                                  save_trainable_params=ckpt_cb.save_trainable_params)
-    ckpt_metadata = {"run_mode": cfg.run_mode, "pet_config": pet_config,
-                     "base_checkpoint": base_info}
 
-    def save(epoch: int, step_in_epoch: int, global_step: int) -> None:
-        saver.save(model, optimizer, epoch=epoch, step_in_epoch=step_in_epoch,
-                   global_step=global_step, loss_scale=scaler.scale,
-                   global_batch_size=data.global_batch_size,
-                   model_config=_saved_model_config(model_config, pet_config),
-                   extra_metadata=ckpt_metadata)
-
-    # The loop.
+def train_loop(model, optimizer, schedule, scaler, data, cfg, device, monitor, progress,
+               save) -> int:
+    """All epochs; returns the number of optimizer steps taken. ``save`` (or None) is called
+    every ``save_checkpoint_steps``."""
     model.train()
-    global_step, progress = 0, _progress_bar(runner.epochs * data.steps_per_epoch)
-    for epoch in range(1, runner.epochs + 1):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ckpt_cb = cfg.callback("CheckpointMonitor")
+    global_step = 0
+    for epoch in range(1, cfg.runner_config.epochs + 1):
         for step_in_epoch, micro_batches in enumerate(data.epoch(epoch - 1), start=1):
             start = time.perf_counter()
             stats = _train_step(model, optimizer, scaler, trainable, micro_batches,
                                 schedule(global_step), cfg, device)
-            global_step += 1
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            global_step += 1
             monitor(StepStats(step=global_step, epoch=epoch, step_in_epoch=step_in_epoch,
                               step_seconds=time.perf_counter() - start,
                               tokens=data.global_batch_size * (data.record_length - 1),
                               samples=data.global_batch_size, **stats))
-            if progress is not None:
-                progress.update(1)
-            if saver and saver.due(global_step):
-                save(epoch, step_in_epoch, global_step)
-    if progress is not None:
-        progress.close()
-    if saver and saver.last_step != global_step and global_step:
-        save(runner.epochs, data.steps_per_epoch, global_step)
-    _report(output_dir, metrics_path, saver)
-    return 0
+            progress.update(1)
+            if save and global_step % ckpt_cb.save_checkpoint_steps == 0:
+                save(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step)
+    return global_step
 
 
 def _train_step(model, optimizer, scaler, trainable, micro_batches, lr, cfg, device) -> dict:
@@ -190,6 +204,13 @@ def _train_step(model, optimizer, scaler, trainable, micro_batches, lr, cfg, dev
             "loss_scale": loss_scale}
 
 
+def _save(saver, model, optimizer, scaler, global_batch_size, *, epoch, step_in_epoch, global_step,
+          model_config, extra_metadata) -> None:
+    saver.save(model, optimizer, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
+               loss_scale=scaler.scale, global_batch_size=global_batch_size,
+               model_config=model_config, extra_metadata=extra_metadata)
+
+
 def _saved_model_config(model_config: LlamaConfig, pet_config: dict | None) -> dict:
     d = model_config.to_dict()
     d["pet_config"] = pet_config
@@ -211,12 +232,22 @@ def _fresh_metrics_file(output_dir: str) -> str:
     return path
 
 
+@contextlib.contextmanager
 def _progress_bar(total: int):
-    """A tqdm bar when stderr is a terminal (logs keep going to stdout)."""
+    """A tqdm bar when stderr is a terminal, with log lines printed above it; otherwise a no-op."""
     if not sys.stderr.isatty():
-        return None
+        yield _NoBar()
+        return
     from tqdm import tqdm
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, leave=False)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with logging_redirect_tqdm(loggers=[logger]), tqdm(total=total, desc="train", unit="step",
+                                                          dynamic_ncols=True) as bar:
+        yield bar
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
 
 
 def _report(output_dir: str, metrics_path: str, saver: CheckpointMonitor | None) -> None:
