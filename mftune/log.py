@@ -10,12 +10,27 @@ FORMAT = "%(asctime)s - mftune[%(filename)s:%(lineno)d] - %(levelname)s - %(mess
 logger = logging.getLogger("mftune")
 
 
+class _Early(logging.Handler):
+    """Keeps what is logged before the output directory is known (config loading), so that
+    ``info.log`` gets it too."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def setup_logging(output_dir: str | None = None, rank: int = 0) -> logging.Logger:
     """Configure the ``mftune`` logger once per process (idempotent); rank > 0 logs warnings only."""
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    early: list[logging.LogRecord] = []
     for handler in list(logger.handlers):
         if getattr(handler, "_mftune", False):
+            if isinstance(handler, _Early):
+                early = handler.records
             logger.removeHandler(handler)
             handler.close()
     stream = logging.StreamHandler(sys.stdout)
@@ -24,9 +39,16 @@ def setup_logging(output_dir: str | None = None, rank: int = 0) -> logging.Logge
     if output_dir:
         log_dir = os.path.join(output_dir, "log", f"rank_{rank}")
         os.makedirs(log_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(log_dir, "info.log")))
+        file_handler = logging.FileHandler(os.path.join(log_dir, "info.log"))
+        file_handler.setFormatter(logging.Formatter(FORMAT))
+        for record in early:
+            file_handler.handle(record)
+        handlers.append(file_handler)
+    else:
+        handlers.append(_Early())
     for handler in handlers:
-        handler.setFormatter(logging.Formatter(FORMAT))
+        if not handler.formatter:
+            handler.setFormatter(logging.Formatter(FORMAT))
         handler._mftune = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     return logger

@@ -4,6 +4,7 @@ The config is reference/mindformers.md §1.1 (configs/llama2/lora_llama2_7b.yaml
 model sizes, seq_length, dataset and output paths changed, as the foundation issue requires.
 """
 import json
+import math
 import os
 import re
 import subprocess
@@ -147,10 +148,39 @@ def test_gradient_accumulation_equals_one_big_batch(workdir):
     (["--load_checkpoint", "/nonexistent/base.safetensors"], "/nonexistent/base.safetensors"),
     (["--model.model_config.seq_length", "64"], "seq_length=64"),
     (["--use_parallel", "maybe"], "use_parallel"),
+    (["--resume_training", "True"], "resume_training=True: not available in this version"),
+    (["--only_save_strategy", "True", "--auto_trans_ckpt", "True"], "auto_trans_ckpt=True, only_save_strategy=True"),
+    (["--model.model_config.pet_config.target_modules", ".*q_proj"], "q_proj"),
+    (["--options", "model.model_config.pet_config.freeze_include=['*']"], "no trainable parameters"),
 ])
 def test_user_mistakes_exit_2_without_traceback(workdir, args, expect):
+    """Each mistake must fail fast with exit status 2, no traceback, and name the key or file."""
     _, config, _ = workdir
     r = run(["run_finetune.py", "--config", str(config), "--run_mode", "finetune",
              "--use_parallel", "False", *args])
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stderr and expect in r.stderr, r.stderr
+
+
+def test_half_precision_weights_train_with_fp32_masters(workdir, tmp_path):
+    """param_init_type float16 (lora_llama2_13b.yaml's setting): frozen weights stay fp16, the
+    adapters train in fp32 (FP32StateAdamWeightDecay); every logged loss is finite."""
+    _, config, _ = workdir
+    r = run(["run_finetune.py", "--config", str(config), "--run_mode", "finetune", "--use_parallel", "False",
+             "--output_dir", str(tmp_path), "--epochs", "1", "--train_dataset.data_loader.num_samples", "16",
+             "--model.model_config.param_init_type", "float16", "--model.model_config.compute_dtype", "float16"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    losses = [m["loss"] for m in _metrics(tmp_path)]
+    assert len(losses) == 8 and all(map(math.isfinite, losses))
+    tensors = load_tensors(str(tmp_path / "checkpoint/rank_0/llama_7b_lora_rank_0-1_8.safetensors"))
+    assert tensors["model.layers.0.attention.wq.mindpet_delta_lora_a"].dtype == torch.float32
+    assert all(torch.isfinite(t.float()).all() for t in tensors.values())
+
+
+def test_diverging_run_stops_with_a_message(workdir, tmp_path):
+    _, config, _ = workdir
+    r = run(["run_finetune.py", "--config", str(config), "--run_mode", "train", "--use_parallel", "False",
+             "--output_dir", str(tmp_path), "--epochs", "1", "--lr_schedule.learning_rate", "1e30",
+             "--lr_schedule.warmup_ratio", "0"])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "not finite for 5 consecutive steps" in r.stderr

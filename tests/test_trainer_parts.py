@@ -40,7 +40,8 @@ def test_cosine_schedule_values():
 
 
 def test_linear_and_constant_schedules():
-    lin = build_schedule(LRScheduleConfig(type="LinearWithWarmUpLR", learning_rate=1.0, lr_end=0.0,
+    # MindFormers' LinearWithWarmUpLR: learning_rate * max(0, (total - step) / linear_steps); lr_end unused.
+    lin = build_schedule(LRScheduleConfig(type="LinearWithWarmUpLR", learning_rate=1.0, lr_end=0.5,
                                           warmup_steps=0, total_steps=100), OptimizerConfig(), 1, 1)
     assert lin(0) == 1.0 and lin(25) == pytest.approx(0.75) and lin(100) == pytest.approx(0.0)
     const = build_schedule(LRScheduleConfig(type="ConstantWarmUpLR", learning_rate=0.3,

@@ -82,22 +82,39 @@ def load_tensors(path: str, names: list[str] | None = None) -> dict[str, torch.T
         return {k: f.get_tensor(k) for k in keys}
 
 
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with tied tensors (e.g. ``tie_word_embeddings``) kept once, under
+    their first name; safetensors refuses to write shared storage twice."""
+    out, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = _storage_key(tensor)
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor
+    return out
+
+
 def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     """Load a complete mftune safetensors file into ``model`` in place.
 
-    Every base (non-LoRA) parameter of the model must be in the file with the same shape;
-    LoRA tensors missing from the file keep their fresh initialisation. Optimizer moments and
-    counters in the file are skipped here (resume restores them). Tensors are read one at a time
-    and cast to the parameter's dtype. Returns a report: loaded, fresh_lora, unused keys.
+    Every base (non-LoRA) parameter of the model must be in the file with the same shape (a tied
+    weight under either of its names); LoRA tensors missing from the file keep their fresh
+    initialisation. Optimizer moments and counters in the file are skipped here (resume restores
+    them). Tensors are read one at a time and cast to the parameter's dtype. Returns a report:
+    loaded, fresh_lora, unused keys.
     """
     if os.path.isdir(path):
         raise CheckpointError(
             f"load_checkpoint={path} is a directory: this version loads one complete mftune "
             f".safetensors file. Pass the file (e.g. {path}/rank_0/<name>.safetensors).")
+    groups: dict[tuple, list[str]] = {}  # tied names share one group
     state = model.state_dict()
+    for name, tensor in state.items():
+        groups.setdefault(_storage_key(tensor), []).append(name)
     with _open(path) as f:
         file_keys = set(f.keys())
-        missing = [k for k in state if k not in file_keys and LORA_MARK not in k]
+        missing = [names[0] for names in groups.values()
+                   if not file_keys.intersection(names) and LORA_MARK not in names[0]]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise CheckpointError(
@@ -105,19 +122,20 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
                 f"checkpoint was saved from a model with the same model_config (a LoRA-only "
                 f"checkpoint needs its base checkpoint too).")
         loaded, fresh = [], []
-        for name, target in state.items():
-            if name not in file_keys:
-                fresh.append(name)
+        for names in groups.values():
+            target = state[names[0]]
+            source = next((n for n in names if n in file_keys), None)
+            if source is None:
+                fresh.extend(names)
                 continue
-            src = f.get_slice(name)
-            shape = tuple(src.get_shape())
+            shape = tuple(f.get_slice(source).get_shape())
             if shape != tuple(target.shape):
                 raise CheckpointError(
-                    f"checkpoint {path}: tensor {name} has shape {list(shape)} but the model "
+                    f"checkpoint {path}: tensor {source} has shape {list(shape)} but the model "
                     f"expects {list(target.shape)}. Use a model_config matching the checkpoint.")
             with torch.no_grad():
-                target.copy_(f.get_tensor(name).to(target.dtype))
-            loaded.append(name)
+                target.copy_(f.get_tensor(source).to(target.dtype))
+            loaded.append(source)
     unused = sorted(k for k in file_keys - set(state)
                     if not k.startswith(OPTIMIZER_PREFIXES) and k not in SCALAR_KEYS)
     if unused:
@@ -126,6 +144,10 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     logger.info("Loaded %d tensors from %s%s", len(loaded), path,
                 f"; {len(fresh)} LoRA tensors start fresh" if fresh else "")
     return {"loaded": loaded, "fresh_lora": fresh, "unused": unused}
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
 
 
 def _open(path: str):

@@ -19,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-from mftune.checkpoint.io import save_complete
+from mftune.checkpoint.io import save_complete, unique_state_dict
 
 logger = logging.getLogger("mftune")
 
@@ -75,7 +75,7 @@ class CheckpointMonitor:
         self._prune()
         if self.save_network_params:
             net = os.path.join(self.network_dir, f"{self.prefix}-network.safetensors")
-            save_complete(net, dict(model.state_dict()), model_config=model_config,
+            save_complete(net, unique_state_dict(model), model_config=model_config,
                           extra_metadata=extra_metadata)
         if self.save_trainable_params:
             tr = os.path.join(self.trainable_dir, f"{self.prefix}-trainable_params.safetensors")

@@ -23,7 +23,8 @@ from mftune.config import ConfigError, MFConfig, save_config
 from mftune.data.loader import TrainData
 from mftune.log import setup_logging
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM
-from mftune.pet import get_pet_model, trainable_summary
+from mftune.parallel.recompute import apply_recompute
+from mftune.pet import get_pet_model, init_lora_weights, trainable_summary
 from mftune.trainer.checkpointing import CheckpointMonitor
 from mftune.trainer.monitor import LossMonitor, StepStats, plot_loss_curve, read_losses
 from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
@@ -31,8 +32,15 @@ from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
 logger = logging.getLogger("mftune")
 
 
+MAX_NONFINITE_STEPS = 5  # consecutive skipped steps (static loss scale) before training stops
+
+
 class UserError(Exception):
     """A mistake in the user's input, reported as one message without a traceback (exit 2)."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss diverged); reported without a traceback (exit 1)."""
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -49,6 +57,10 @@ def cli(argv: list[str] | None = None) -> int:
     except (UserError, CheckpointError) as exc:
         print(f"mftune: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:
+        logger.error("%s", exc)
+        print(f"mftune: training stopped: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(cfg: MFConfig) -> int:
@@ -64,7 +76,10 @@ def main(cfg: MFConfig) -> int:
     data = build_data(cfg, model.config)
     runner = cfg.runner_config
     schedule = build_schedule(cfg.lr_schedule, cfg.optimizer, data.steps_per_epoch, runner.epochs)
-    optimizer = build_optimizer(model, cfg.optimizer, schedule(0))
+    try:
+        optimizer = build_optimizer(model, cfg.optimizer, schedule(0))
+    except ValueError as exc:  # nothing left to train (freeze_include)
+        raise UserError(str(exc)) from None
     scaler = LossScaler(cfg.runner_wrapper)
     metrics_path = _fresh_metrics_file(output_dir)
     loss_cb = cfg.callback("MFLossMonitor")
@@ -94,33 +109,64 @@ def main(cfg: MFConfig) -> int:
 
 
 def _check_supported(cfg: MFConfig) -> None:
-    if cfg.use_parallel:
-        raise UserError("use_parallel=True (multi-rank training) is not available in this version. "
-                        "Run on one process with --use_parallel False.")
-    if cfg.run_mode not in ("train", "finetune"):
-        raise UserError(f"run_mode={cfg.run_mode} is not available yet: this version trains "
-                        f"(run_mode train or finetune).")
+    """Refuse, before any heavy work, what this version cannot do yet (later issues add it)."""
+    later = {
+        "use_parallel": cfg.use_parallel is True,
+        "run_mode": cfg.run_mode not in ("train", "finetune"),
+        "resume_training": bool(cfg.resume_training),
+        "auto_trans_ckpt": cfg.auto_trans_ckpt is True,
+        "only_save_strategy": cfg.only_save_strategy is True,
+        "src_strategy_path_or_dir": bool(cfg.src_strategy_path_or_dir),
+        "do_eval": cfg.do_eval is True,
+    }
+    refused = [f"{key}={getattr(cfg, key)!r}" for key, bad in later.items() if bad]
+    if refused:
+        raise UserError(
+            f"{', '.join(refused)}: not available in this version, which trains on one process "
+            f"(run_mode train or finetune, --use_parallel False) from a complete mftune checkpoint. "
+            f"Remove the setting{'s' if len(refused) > 1 else ''} to run.")
+    for key, on in (("parallel.enable_parallel_optimizer", cfg.parallel.enable_parallel_optimizer),
+                    ("parallel_config.use_seq_parallel", cfg.parallel_config.use_seq_parallel)):
+        if on:
+            logger.warning("%s=True has no effect on one process (use_parallel False)", key)
 
 
 def build_model(cfg: MFConfig, device: torch.device) -> tuple[LlamaForCausalLM, dict | None, dict]:
-    """Model, then PET (finetune only), then the base weights. Returns the model, the applied
+    """Build on the meta device, apply PET (finetune only), materialise, then fill the weights
+    from the checkpoint (or initialise them). Trainable parameters are then kept in float32
+    (master weights); frozen ones stay in param_init_type. Returns the model, the applied
     pet_config (None for full-parameter training) and the loaded checkpoint's path/fingerprint."""
     model_config = LlamaConfig.from_dict(cfg.model.model_config)
     pet_config = model_config.pet_config if cfg.run_mode == "finetune" else None
     if cfg.run_mode == "train" and model_config.pet_config:
         logger.info("run_mode train trains all parameters: pet_config is not applied "
                     "(use --run_mode finetune for LoRA)")
-    with device:
-        model = LlamaForCausalLM(model_config)
-    if pet_config:
-        get_pet_model(model, pet_config)
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(model_config)
+        if pet_config:
+            get_pet_model(model, pet_config)
+    except ValueError as exc:  # e.g. target_modules matches no layer
+        raise UserError(str(exc)) from None
+    model.to_empty(device=device)
     base_info = {}
     if cfg.load_checkpoint:
-        load_checkpoint(model, cfg.load_checkpoint)
+        if model_config.tie_word_embeddings:  # to_empty gives the tied weights separate storage
+            model.lm_head.weight = model.model.tok_embeddings.embedding_weight
+        init_lora_weights(model)
+        load_checkpoint(model, cfg.load_checkpoint)  # every base tensor must be in the file
         base_info = {"path": os.path.abspath(cfg.load_checkpoint),
                      "fingerprint": fingerprint(cfg.load_checkpoint)}
-    elif cfg.run_mode == "finetune":
-        logger.warning("load_checkpoint is empty: fine-tuning from randomly initialised weights")
+    else:
+        model.init_weights()
+        if cfg.run_mode == "finetune":
+            logger.warning("load_checkpoint is empty: fine-tuning from randomly initialised weights")
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    if cfg.recompute_config.recompute or cfg.recompute_config.select_recompute:
+        logger.info("Recompute: activation checkpointing of %d decoder layers",
+                    apply_recompute(model.model.layers))
     if not pet_config:  # get_pet_model logs it for PET runs
         logger.info(trainable_summary(model))
     return model, pet_config, base_info
@@ -155,7 +201,7 @@ def train_loop(model, optimizer, schedule, scaler, data, cfg, device, monitor, p
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     ckpt_cb = cfg.callback("CheckpointMonitor")
-    global_step = 0
+    global_step = nonfinite = 0
     for epoch in range(1, cfg.runner_config.epochs + 1):
         for step_in_epoch, micro_batches in enumerate(data.epoch(epoch - 1), start=1):
             start = time.perf_counter()
@@ -169,6 +215,13 @@ def train_loop(model, optimizer, schedule, scaler, data, cfg, device, monitor, p
                               tokens=data.global_batch_size * (data.record_length - 1),
                               samples=data.global_batch_size, **stats))
             progress.update(1)
+            nonfinite = nonfinite + 1 if stats["overflow"] and not scaler.dynamic else 0
+            if nonfinite >= MAX_NONFINITE_STEPS:
+                raise TrainingError(
+                    f"the loss or gradients were not finite for {nonfinite} consecutive steps "
+                    f"(last: step {global_step}, loss {stats['loss']}); the updates were skipped. "
+                    f"Lower the learning rate, use compute_dtype bfloat16 instead of float16, or use "
+                    f"a DynamicLossScaleUpdateCell scale_sense.")
             if save and global_step % ckpt_cb.save_checkpoint_steps == 0:
                 save(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step)
     return global_step

@@ -9,13 +9,13 @@ from torch import nn
 
 from mftune.config import LRScheduleConfig, OptimizerConfig, RunnerWrapperConfig
 
-# YAML `type:` -> what it means here. All are AdamW; moments are kept in fp32 because the
-# optimizer only ever sees fp32 parameters (param_init_type float32; see docs/config.md).
-OPTIMIZERS = {"AdamW": "adamw", "FP32StateAdamWeightDecay": "adamw", "AdamWeightDecay": "adamw"}
-
-
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; 1-D parameters and biases get no weight decay."""
+    """AdamW over the trainable parameters; 1-D parameters and biases get no weight decay.
+
+    Every optimizer ``type`` the config accepts (AdamW, FP32StateAdamWeightDecay,
+    AdamWeightDecay) is this AdamW. Trainable parameters are float32 (the trainer keeps fp32
+    master weights), so the moments are float32 too, as FP32StateAdamWeightDecay requires.
+    """
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -35,8 +35,8 @@ class LRSchedule:
     """Learning rate as a function of the optimizer step (0-based), as MindFormers' schedules.
 
     warmup: linear from ``warmup_lr_init`` to ``learning_rate`` over ``warmup_steps``; then
-    cosine (``num_cycles`` 0.5 = one half-cosine down to ``lr_end``), linear down to ``lr_end``,
-    or constant.
+    cosine (``num_cycles`` 0.5 = one half-cosine down to ``lr_end`` over ``decay_steps``), linear
+    down to 0 (MindFormers' LinearWithWarmUpLR ignores lr_end), or constant.
     """
 
     kind: str
@@ -46,18 +46,19 @@ class LRSchedule:
     warmup_lr_init: float = 0.0
     lr_end: float = 0.0
     num_cycles: float = 0.5
+    decay_steps: int | None = None  # cosine only; None = total_steps - warmup_steps
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.warmup_lr_init + (self.learning_rate - self.warmup_lr_init) * step / self.warmup_steps
         if self.kind in ("constant", "ConstantWarmUpLR"):
             return self.learning_rate
-        decay_steps = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         if self.kind == "LinearWithWarmUpLR":
-            factor = 1.0 - progress
-        else:  # CosineWithWarmUpLR
-            factor = 0.5 * (1.0 + math.cos(math.pi * 2.0 * self.num_cycles * progress))
+            linear_steps = max(1, self.total_steps - self.warmup_steps)
+            return self.learning_rate * max(0.0, 1.0 - (step - self.warmup_steps) / linear_steps)
+        decay_steps = self.decay_steps or max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        factor = 0.5 * (1.0 + math.cos(math.pi * 2.0 * self.num_cycles * progress))
         return self.lr_end + (self.learning_rate - self.lr_end) * max(0.0, factor)
 
 
@@ -69,7 +70,7 @@ def build_schedule(cfg: LRScheduleConfig | None, optimizer_cfg: OptimizerConfig,
     total = cfg.total_steps if cfg.total_steps and cfg.total_steps > 0 else steps_per_epoch * epochs
     warmup = int(total * cfg.warmup_ratio) if cfg.warmup_ratio is not None else cfg.warmup_steps
     return LRSchedule(cfg.type, cfg.learning_rate, total, warmup, cfg.warmup_lr_init,
-                      cfg.lr_end, cfg.num_cycles)
+                      cfg.lr_end, cfg.num_cycles, getattr(cfg, "decay_steps", None))
 
 
 class LossScaler:
