@@ -9,22 +9,22 @@ working directory first, then in the repository root (the directory of run_finet
 MindFormers looks only next to run_mindformer.py. ``parse_cli`` raises ConfigError for every
 mistake it finds (bad str2bool values, unpaired or unknown dotted overrides, and everything
 ``load_config`` reports); argparse itself exits with status 2 on malformed usage such as
-``--epochs two``. Callers print ``format_errors(exc.errors, exc.path)`` and exit 2 (``main_guard``).
+``--epochs two``. Callers print ``format_errors(exc.errors, exc.path)`` and exit 2, as
+``check_main`` here and ``mftune.trainer.main.cli`` do.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from mftune.config import ConfigError, MFConfig, config_to_dict, format_errors, load_config
 
-__all__ = ["build_parser", "parse_cli", "parse_value", "format_errors", "main_guard", "check_main",
-           "resolve_config_path", "ConfigError"]
+__all__ = ["build_parser", "parse_cli", "parse_value", "format_errors", "check_main", "resolve_config_path",
+           "ConfigError"]
 
 logger = logging.getLogger("mftune")
 
@@ -68,24 +68,24 @@ BOOL_FLAGS = ("do_eval", "use_parallel", "auto_trans_ckpt", "only_save_strategy"
 _HELP = {
     "config": "YAML config file (looked up in the working directory, then the repository root)",
     "mode": "context.mode (MindSpore graph 0 / pynative 1): accepted, ignored",
-    "device_id": "context.device_id: accepted, ignored (torchrun sets the device)",
+    "device_id": "context.device_id: accepted, ignored (pick the GPU with CUDA_VISIBLE_DEVICES)",
     "device_target": "context.device_target: accepted, ignored",
-    "run_mode": "train | finetune | eval | predict",
-    "do_eval": "evaluate during training (true/false)",
+    "run_mode": "train | finetune (eval, predict: not available in this version)",
+    "do_eval": "evaluate during training (true/false; true: not available in this version)",
     "train_dataset_dir": "train_dataset.data_loader.dataset_dir (prefix --train_dataset also works)",
     "eval_dataset_dir": "eval_dataset.data_loader.dataset_dir",
     "predict_data": "predict input: one text (literal \\n becomes a newline) or several texts",
     "predict_batch_size": "predict_batch_size",
-    "load_checkpoint": "base weights or checkpoint to load (file or directory)",
-    "src_strategy_path_or_dir": "strategy of a distributed load_checkpoint (file or directory)",
-    "auto_trans_ckpt": "reshard load_checkpoint to this run's layout (true/false)",
+    "load_checkpoint": "weights to start from: a complete mftune .safetensors file",
+    "src_strategy_path_or_dir": "strategy of a distributed load_checkpoint (not available in this version)",
+    "auto_trans_ckpt": "reshard load_checkpoint (true/false; true: not available in this version)",
     "transform_process_num": "accepted, ignored (resharding needs no worker pool)",
-    "only_save_strategy": "write the strategy files and exit (true/false)",
-    "resume_training": "true/false, or the checkpoint file name to resume from",
+    "only_save_strategy": "write the strategy files and exit (true/false; true: not available in this version)",
+    "resume_training": "true/false, or a checkpoint file name (resuming: not available in this version)",
     "strategy_load_checkpoint": "parallel.strategy_ckpt_load_file: accepted, ignored",
     "remote_save_url": "ModelArts OBS url: accepted, ignored",
     "seed": "global random seed",
-    "use_parallel": "run distributed (true/false)",
+    "use_parallel": "run distributed (true/false; true: not available in this version)",
     "profile": "MindSpore profiler: accepted, ignored",
     "options": "KEY=VALUE overrides with dotted keys; lists as a,b or [a,b]",
     "epochs": "runner_config.epochs",
@@ -286,21 +286,11 @@ def parse_cli(argv: list[str] | None = None, *, check_files: bool = True) -> MFC
     return cfg
 
 
-def main_guard(fn: Callable[..., int]) -> Callable[..., int]:
-    """Wrap an entry point: a ConfigError becomes its message on stderr and return value 2 (no traceback)."""
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> int:
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as exc:
-            print(format_errors(exc.errors, exc.path), file=sys.stderr)
-            return 2
-    return wrapper
-
-
-@main_guard
 def check_main(argv: list[str] | None = None) -> int:
-    """``python -m mftune.cli --config FILE [flags]``: validate, print the resolved config as YAML."""
+    """``python -m mftune.cli --config FILE [flags]``: validate, print the resolved config as YAML.
+
+    Returns 0, or 2 after printing the configuration errors (no traceback).
+    """
     import yaml
 
     if not logger.handlers:
@@ -308,7 +298,11 @@ def check_main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    cfg = parse_cli(argv)
+    try:
+        cfg = parse_cli(argv)
+    except ConfigError as exc:
+        print(format_errors(exc.errors, exc.path), file=sys.stderr)
+        return 2
     sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
     return 0
 

@@ -5,9 +5,10 @@ field here; keys with no effect in mftune are listed in ``IGNORED_KEYS`` and rep
 
 ``load_config(path, overrides)`` reads the YAML with OmegaConf (anchors, ``1e-5`` floats),
 merges its ``base_config`` files under it, applies dotted overrides, then
-``mftune.config_validate`` turns the raw mapping into an ``MFConfig``, collecting every problem
-into one ``ConfigError``. OmegaConf's structured merge is not used for the schema: it stops at
-the first error and cannot type ``float | dict`` (``runner_wrapper.scale_sense``).
+``mftune.config_validate`` turns the raw mapping into an ``MFConfig`` and ``mftune.config_checks``
+checks its values, collecting every problem into one ``ConfigError``. OmegaConf's structured
+merge is not used for the schema: it stops at the first error and cannot type ``float | dict``
+(``runner_wrapper.scale_sense``).
 The command line is ``mftune.cli``; every key is described in docs/config.md.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ class RunnerConfig:
 
 @dataclass
 class OptimizerConfig:
-    type: str = "AdamW"  # AdamW | FP32StateAdamWeightDecay (both AdamW, moments in fp32)
+    type: str = "AdamW"  # AdamW | FP32StateAdamWeightDecay | AdamWeightDecay (all AdamW; fp32 moments)
     betas: list[float] | None = None  # [beta1, beta2]; overrides beta1/beta2 when given
     beta1: float = 0.9
     beta2: float = 0.999
@@ -56,12 +57,13 @@ class OptimizerConfig:
 class LRScheduleConfig:
     type: str = "CosineWithWarmUpLR"  # CosineWithWarmUpLR | LinearWithWarmUpLR | ConstantWarmUpLR | constant
     learning_rate: float = 1e-5  # peak learning rate
-    lr_end: float = 0.0  # final learning rate (cosine, linear)
+    lr_end: float = 0.0  # final learning rate of the cosine (LinearWithWarmUpLR decays to 0)
     warmup_ratio: float | None = None  # warmup_steps = int(total_steps * warmup_ratio)
     warmup_steps: int = 0  # used when warmup_ratio is None
     warmup_lr_init: float = 0.0  # learning rate at step 0 of the warmup
     total_steps: int = -1  # -1: epochs x optimizer steps per epoch
     num_cycles: float = 0.5  # cosine cycles (0.5 = decay once to lr_end)
+    decay_steps: int | None = None  # cosine decay length; None = total_steps - warmup_steps
 
 
 @dataclass
@@ -75,7 +77,7 @@ class DataLoaderConfig:
 @dataclass
 class DatasetConfig:
     data_loader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
-    input_columns: list[str] = field(default_factory=lambda: ["input_ids", "labels"])
+    input_columns: list[str] = field(default_factory=lambda: ["input_ids", "labels"])  # see docs/config.md
     num_parallel_workers: int = 8  # accepted; the loader runs in-process
     python_multiprocessing: bool = False  # accepted, unused
     drop_remainder: bool = True  # drop the last incomplete global batch
@@ -97,7 +99,7 @@ class ParallelConfig:
     data_parallel: int = 1
     model_parallel: int = 1
     pipeline_stage: int = 1
-    use_seq_parallel: bool = False
+    use_seq_parallel: bool = False  # accepted with a warning: only matters with use_parallel
     micro_batch_num: int = 1  # only meaningful with pipeline_stage > 1
     vocab_emb_dp: bool = True
     gradient_aggregation_group: int = 4  # accepted, unused
@@ -106,8 +108,8 @@ class ParallelConfig:
 
 @dataclass
 class RecomputeConfig:
-    recompute: bool = False  # activation checkpointing per decoder layer
-    select_recompute: bool = False
+    recompute: bool = False  # activation checkpointing of every decoder layer
+    select_recompute: bool = False  # treated as recompute (no per-operator selection)
     parallel_optimizer_comm_recompute: bool = False  # accepted, unused
     mp_comm_recompute: bool = True  # accepted, unused
     recompute_slice_activation: bool = True  # accepted, unused
@@ -171,8 +173,8 @@ class ParallelSettings:
     enable_alltoall: bool = False  # accepted, unused
     full_batch: bool = True  # accepted; see docs/config.md for the global-batch rule
     search_mode: str = "sharding_propagation"  # accepted, unused
-    enable_parallel_optimizer: bool = False  # shard weights, grads and optimizer state over data parallel
-    strategy_ckpt_save_file: str = "./ckpt_strategy.ckpt"  # accepted; strategy goes to output_dir/strategy
+    enable_parallel_optimizer: bool = False  # accepted with a warning: only matters with use_parallel
+    strategy_ckpt_save_file: str = "./ckpt_strategy.ckpt"  # accepted, unused
     strategy_ckpt_load_file: str = ""  # set by --strategy_load_checkpoint; accepted, unused
     strategy_ckpt_config: dict[str, Any] = field(default_factory=dict)  # accepted
     parallel_optimizer_config: dict[str, Any] = field(default_factory=dict)  # accepted
@@ -184,17 +186,18 @@ class MFConfig:
 
     seed: int = 0
     output_dir: str = "./output"
-    load_checkpoint: str = ""  # complete mftune safetensors file (more formats in later issues)
-    src_strategy_path_or_dir: str = ""
-    auto_trans_ckpt: bool = False
-    only_save_strategy: bool = False
-    resume_training: bool | str = False
+    load_checkpoint: str = ""  # complete mftune .safetensors file (more formats in later issues)
+    # "later": the trainer of this version exits 2 when it is set (docs/config.md).
+    src_strategy_path_or_dir: str = ""  # later: strategy of a distributed load_checkpoint
+    auto_trans_ckpt: bool = False  # later: reshard load_checkpoint
+    only_save_strategy: bool = False  # later: write strategy files and exit
+    resume_training: bool | str = False  # later: True, or a checkpoint file name
     transform_process_num: int = 1
-    run_mode: RunMode = "finetune"
-    use_parallel: bool = False
-    do_eval: bool = False
-    eval_step_interval: int = -1
-    eval_epoch_interval: int = 50
+    run_mode: RunMode = "finetune"  # eval, predict: later
+    use_parallel: bool = False  # True: later (multi-rank)
+    do_eval: bool = False  # True: later
+    eval_step_interval: int = -1  # read with do_eval
+    eval_epoch_interval: int = 50  # read with do_eval
     predict_batch_size: int | None = None
     input_data: str | list[str] | None = None  # predict input, set by --predict_data (MindFormers' name)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -231,11 +234,6 @@ class MFConfig:
     lr_scale_factor: int = 256
     remote_save_url: str = ""
 
-    @property
-    def pet_config(self) -> dict[str, Any] | None:
-        """``model.model_config.pet_config`` (None for full-parameter training)."""
-        return self.model.model_config.get("pet_config")
-
     def callback(self, type_: str) -> CallbackConfig | None:
         """The first callback of this type, or None."""
         return next((c for c in self.callbacks if c.type == type_), None)
@@ -262,7 +260,7 @@ IGNORED_KEYS: tuple[str, ...] = (
     "parallel.parallel_optimizer_config",
     "parallel_config.micro_batch_num", "parallel_config.vocab_emb_dp",
     "parallel_config.gradient_aggregation_group",
-    "recompute_config.select_recompute", "recompute_config.parallel_optimizer_comm_recompute",
+    "recompute_config.parallel_optimizer_comm_recompute",
     "recompute_config.mp_comm_recompute", "recompute_config.recompute_slice_activation",
     "runner_config.sink_size",  # one batch per step; see docs/config.md "Sink mode"
     "*_dataset.num_parallel_workers", "*_dataset.python_multiprocessing", "*_dataset.numa_enable",
@@ -318,22 +316,23 @@ def load_config(path: str, overrides: dict[str, Any] | None = None, *,
     ``vocab_file``), e.g. to validate a shipped YAML without data. Missing keys, and keys set to
     null, take the dataclass defaults. Raises ConfigError listing every problem found.
     """
+    from mftune import config_checks as cc
     from mftune import config_validate as cv
 
     raw = read_yaml(path)
     errors: list[str] = []
     for key, value in (overrides or {}).items():
         cv.apply_override(raw, key, value, errors)
-    ignored = cv.ignored_keys_present(raw)
+    ignored = cc.ignored_keys_present(raw)
     cfg = cv.build_config(raw, errors)
-    cv.check_values(cfg, errors)
+    cc.check_values(cfg, errors)
     if check_files:
-        cv.check_files(cfg, errors)
+        cc.check_files(cfg, errors)
     if errors:
         raise ConfigError(errors, path)
-    cv.finalize(cfg)
+    cc.finalize(cfg)
     if ignored:
-        logger.info("Ignored on this backend (no effect): %s", cv.compact(ignored))
+        logger.info("Ignored on this backend (no effect): %s", cc.compact(ignored))
     return cfg
 
 
@@ -423,13 +422,3 @@ def save_config(cfg: MFConfig, path: str) -> None:
             os.remove(tmp)
         raise
 
-
-def global_batch_size(cfg: MFConfig) -> int:
-    """Sequences per optimizer step: batch_size x data_parallel x micro_batch_interleave_num x GA.
-
-    MindFormers' rule for full_batch with pipeline_stage 1 (reference/mindformers.md §1.5).
-    ``runner_config.batch_size`` stays per data-parallel rank and per micro-step here (MindFormers
-    rewrites it to the global value); ``data_parallel`` is 1 when ``use_parallel`` is False.
-    """
-    rc, pc = cfg.runner_config, cfg.parallel_config
-    return rc.batch_size * pc.data_parallel * cfg.micro_batch_interleave_num * rc.gradient_accumulation_steps

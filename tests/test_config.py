@@ -24,7 +24,6 @@ from mftune.config import (
     MFConfig,
     config_to_dict,
     format_errors,
-    global_batch_size,
     load_config,
     read_yaml,
     save_config,
@@ -76,10 +75,9 @@ def test_lora_7b_loads_with_the_listing_values():
     assert cfg.runner_wrapper.scale_sense == 1.0 and cfg.runner_wrapper.max_grad_norm == 1.0
     mc = cfg.model.model_config
     assert (mc["seq_length"], mc["hidden_size"], mc["num_layers"], mc["compute_dtype"]) == (4096, 4096, 32, "bfloat16")
-    assert cfg.pet_config == {"pet_type": "lora", "lora_rank": 16, "lora_alpha": 16, "lora_dropout": 0.05,
-                              "target_modules": ".*wq|.*wk|.*wv|.*wo"}
+    assert mc["pet_config"] == {"pet_type": "lora", "lora_rank": 16, "lora_alpha": 16, "lora_dropout": 0.05,
+                                "target_modules": ".*wq|.*wk|.*wv|.*wo"}
     assert cfg.context["max_device_memory"] == "59GB"
-    assert global_batch_size(cfg) == 16  # §1.5 worked example: 2 x 8 x 1 x 1
 
 
 def _listing_from_reference() -> dict:
@@ -99,12 +97,13 @@ def test_lora_7b_is_the_reference_listing_key_for_key():
 def test_lora_13b_and_full_finetune_7b_load():
     cfg13 = load_config(LORA_13B, check_files=False)
     assert cfg13.run_mode == "train" and cfg13.model.model_config["hidden_size"] == 5120
-    assert cfg13.pet_config["lora_rank"] == 8 and cfg13.pet_config["target_modules"] == ".*wq|.*wv"
+    pet13 = cfg13.model.model_config["pet_config"]
+    assert pet13["lora_rank"] == 8 and pet13["target_modules"] == ".*wq|.*wv"
     assert cfg13.runner_wrapper.scale_sense == {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 4294967296,
                                                 "scale_factor": 2, "scale_window": 1000}
     assert cfg13.recompute_config.recompute is True and cfg13.optimizer.beta2 == 0.95
     full = load_config(FULL_7B, check_files=False)
-    assert full.pet_config is None and full.run_mode == "finetune"  # full fine-tune: no pet_config
+    assert "pet_config" not in full.model.model_config and full.run_mode == "finetune"  # full fine-tune
     assert full.optimizer.learning_rate == 1e-6 and full.train_dataset.batch_size == 1
     assert full.parallel.strategy_ckpt_save_file == "./ckpt_strategy.ckpt"
 
@@ -416,7 +415,6 @@ def test_every_kind_of_bad_value_is_reported_at_once(tmp_path):
         "model.model_config.rms_norm_eps=0.0 is invalid",
         "model.model_config.hidden_size=100 is invalid: it is not divisible by num_heads=3",
         "model.model_config.num_heads=3 is invalid: it is not divisible by n_kv_heads=2",
-        "model.model_config.compute_dtype='fp16' is invalid: unknown dtype",
         "model.model_config.param_init_type='float64' is invalid: unknown dtype",
         "model.model_config.rotary_dtype='bfloat61' is invalid: unknown dtype (did you mean 'bfloat16'?)",
         "model.model_config.hiden_size=5 is invalid: 'model.model_config' has no key 'hiden_size' "
@@ -428,6 +426,7 @@ def test_every_kind_of_bad_value_is_reported_at_once(tmp_path):
     assert "did you mean 'lora_rank'" in text.lower()
     assert "callbacks[1].prefx='a' is invalid: CheckpointMonitor (callbacks[1]) has no key 'prefx' " \
            "(did you mean 'prefix'?). Rename or remove it." in text
+    assert "compute_dtype" not in text  # fp16 is the model's alias of float16 (models.llama.DTYPES)
     assert len(errors) == len(expected), text
 
 
@@ -493,13 +492,80 @@ def test_checkpoint_mointor_typo_is_accepted_with_a_warning(tmp_path, caplog):
 def test_run_mode_finetune_without_pet_config_is_a_full_finetune(tmp_path):
     path = write(tmp_path, "full.yaml", "run_mode: finetune\nmodel: {model_config: {num_layers: 2}}\n")
     cfg = load_config(path, check_files=False)
-    assert cfg.pet_config is None and cfg.run_mode == "finetune"
+    assert cfg.model.model_config.get("pet_config") is None and cfg.run_mode == "finetune"
 
 
 def test_pet_config_must_be_a_mapping(tmp_path):
     path = child_of_7b(tmp_path, "model: {model_config: {pet_config: lora}}\n")
     errors = errors_of(load_config, path, check_files=False)
     assert len(errors) == 1 and errors[0].startswith("model.model_config.pet_config='lora' is invalid")
+
+
+# ------------------------------------------------------------------------- model rules, dtypes, decay_steps
+
+def test_odd_head_dim_is_a_config_error_worded_as_the_model_says(tmp_path):
+    """RoPE rotates channel pairs, so hidden_size / num_heads must be even (models.llama.model_config_errors)."""
+    from mftune.models.llama import LlamaForCausalLM
+
+    errors = errors_of(load_config, child_of_7b(tmp_path, "model: {model_config: {hidden_size: 20, num_heads: 4}}\n"),
+                       check_files=False)
+    message = ("hidden_size=20 is invalid: head_dim = hidden_size / num_heads = 5 is odd (RoPE rotates pairs of "
+               "channels). Use num_heads x an even head_dim (e.g. 24), or change num_heads.")
+    assert errors == [f"model.model_config.{message}"]
+    with pytest.raises(ValueError) as info:  # the model raises the same text (without the key prefix)
+        LlamaForCausalLM(dict(hidden_size=20, num_heads=4, num_layers=1, vocab_size=8))
+    assert message in str(info.value)
+
+
+def test_float32_compute_with_half_params_is_a_config_error(tmp_path):
+    path = child_of_7b(tmp_path, "model: {model_config: {compute_dtype: float32, param_init_type: bf16}}\n")
+    assert errors_of(load_config, path, check_files=False) == [
+        "model.model_config.compute_dtype='float32' is invalid: float32 compute needs float32 parameters "
+        "(param_init_type='bf16'): without autocast, bfloat16 weights would meet float32 activations. "
+        "Set compute_dtype: bfloat16 (the forward then runs under autocast), or param_init_type: float32."]
+    ok = child_of_7b(tmp_path, "model: {model_config: {compute_dtype: fp32, param_init_type: FP32}}\n", "ok.yaml")
+    assert load_config(ok, check_files=False).model.model_config["compute_dtype"] == "fp32"
+
+
+def test_decay_steps_is_optional_and_at_least_1():
+    assert load_config(LORA_7B, check_files=False).lr_schedule.decay_steps is None  # = total - warmup
+    assert parse(["--config", LORA_7B, "--lr_schedule.decay_steps", "500"]).lr_schedule.decay_steps == 500
+    assert errors_of(parse, ["--config", LORA_7B, "--lr_schedule.decay_steps", "0"]) == [
+        "lr_schedule.decay_steps=0 is invalid: must be >= 1 when set. Use e.g. decay_steps: 1000, "
+        "or remove it (cosine decay over total_steps - warmup_steps)."]
+
+
+def test_model_rules_are_reported_with_every_other_error(tmp_path):
+    path = child_of_7b(tmp_path, """
+        runner_config: {epochs: 0}
+        lr_schedule: {decay_steps: 0}
+        model:
+          model_config: {hidden_size: 20, num_heads: 4, compute_dtype: fp32, param_init_type: fp16, rotary_dtype: fp8}
+    """)
+    errors = errors_of(cli.parse_cli, ["--config", path, "--use_parallel", "maybe"])  # file checks included
+    assert [e.split("=")[0] for e in errors] == [
+        "--use_parallel", "runner_config.epochs", "lr_schedule.decay_steps", "model.model_config.hidden_size",
+        "model.model_config.rotary_dtype", "model.model_config.compute_dtype", "train_dataset.data_loader.dataset_dir"]
+    assert errors[4] == ("model.model_config.rotary_dtype='fp8' is invalid: unknown dtype. "
+                         "Use float32, float16 or bfloat16 (or fp32, fp16, bf16).")
+    for e in errors:
+        assert re.match(r"^[-\w.\[\]]+=.+ is invalid: .+\. .+", e), e
+
+
+def test_config_model_and_pet_config_accept_the_same_dtype_names():
+    """One table (models.llama.DTYPES, any case): what LlamaConfig accepts, validation accepts."""
+    from mftune.models.llama import DTYPES, LlamaConfig, model_config_errors
+
+    for name in [*DTYPES, "BF16", "Float32", "float64", "fp8"]:
+        known = name.lower() in DTYPES
+        argv = ["--config", LORA_7B, "--model.model_config.rotary_dtype", name,
+                "--model.model_config.pet_config.compute_dtype", name]
+        if known:
+            parse(argv)
+        else:
+            keys = {e.split("=")[0] for e in errors_of(parse, argv)}
+            assert keys == {"model.model_config.rotary_dtype", "model.model_config.pet_config.compute_dtype"}
+        assert (model_config_errors(LlamaConfig(rotary_dtype=name)) == []) is known, name
 
 
 # ------------------------------------------------------------------------- ignored keys, saving
@@ -557,14 +623,11 @@ def test_bad_yaml_exits_2_without_traceback(tmp_path):
     assert "Ignored on this backend" in ok.stderr
 
 
-def test_main_guard_and_format_errors(capsys):
-    @cli.main_guard
-    def entry() -> int:
-        raise ConfigError(["a=1 is invalid: x. y", "b=2 is invalid: z. w"], "f.yaml")
-
-    assert entry() == 2
-    assert capsys.readouterr().err == "mftune: 2 configuration error(s) in f.yaml:\n  - a=1 is invalid: x. y\n" \
-                                      "  - b=2 is invalid: z. w\n"
+def test_format_errors():
+    errors = ["a=1 is invalid: x. y", "b=2 is invalid: z. w"]
+    assert format_errors(errors, "f.yaml") == "mftune: 2 configuration error(s) in f.yaml:\n" \
+                                              "  - a=1 is invalid: x. y\n  - b=2 is invalid: z. w"
+    assert str(ConfigError(errors, "f.yaml")) == format_errors(errors, "f.yaml")
     assert format_errors(["e"]) == "mftune: 1 configuration error(s):\n  - e"
 
 

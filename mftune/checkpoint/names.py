@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from mftune.models.llama import DTYPES
+
 # Names outside the decoder layers.
 HF_TO_MFTUNE_TOP: dict[str, str] = {
     "model.embed_tokens.weight": "model.tok_embeddings.embedding_weight",
@@ -83,8 +85,8 @@ HF_TO_MODEL_CONFIG: dict[str, str] = {
     "initializer_range": "initializer_range",
 }
 
-_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-                "bfloat16": "bfloat16", "bf16": "bfloat16"}
+# Accepted dtype name -> its long name ("bf16" -> "bfloat16"), from the model's table (one source).
+_DTYPE_NAMES = {name: str(dtype).removeprefix("torch.") for name, dtype in DTYPES.items()}
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float | None, dict[str, Any] | None]:

@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+# Every dtype string mftune accepts (any case): the one table that the model, config validation
+# (mftune.config_checks), pet_config (mftune.pet.config) and the HF config translation
+# (mftune.checkpoint.names) read. MindFormers' long names plus MindPet's short ones.
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "fp16": torch.float16,
@@ -376,25 +379,68 @@ class LlamaForCausalLM(nn.Module):
         return loss_sum / num_tokens.clamp(min=1)
 
 
-def _check_config(cfg: LlamaConfig) -> None:
-    """Checks the dataclass cannot express; every problem is reported in one ValueError."""
-    errors = []
+def model_config_errors(cfg: LlamaConfig) -> list[str]:
+    """Every value problem of ``cfg``, each ``"<key>=<value> is invalid: <why>. <fix>"`` (keys of model_config).
+
+    The single list of model checks: config validation prefixes ``model.model_config.`` and reports
+    these with the rest of the config; ``LlamaForCausalLM`` raises them (``_check_config``). A rule
+    that reads several keys runs only when each of them is valid on its own.
+    """
+    errors: list[str] = []
+
+    def bad(key: str, why: str, fix: str) -> None:
+        errors.append(f"{key}={getattr(cfg, key)!r} is invalid: {why}. {fix}")
+
+    for key, fix in (("seq_length", "Use e.g. seq_length: 4096 (records hold seq_length + 1 tokens)."),
+                     ("vocab_size", "Use the tokenizer's size, e.g. vocab_size: 32000."),
+                     ("num_layers", "Use e.g. num_layers: 32."), ("num_heads", "Use e.g. num_heads: 32."),
+                     ("hidden_size", "Use e.g. hidden_size: 4096."), ("n_kv_heads", "Use e.g. n_kv_heads: 8.")):
+        value = getattr(cfg, key)
+        if not (isinstance(value, int) and value > 0) and not (key == "n_kv_heads" and value == cfg.num_heads):
+            bad(key, "must be a positive int", fix)  # n_kv_heads = num_heads: num_heads' error says it
+    if not (isinstance(cfg.rms_norm_eps, (int, float)) and cfg.rms_norm_eps > 0):
+        bad("rms_norm_eps", "must be > 0", "Use rms_norm_eps: 1.0e-5.")
+    heads, kv, hidden = cfg.num_heads, cfg.n_kv_heads, cfg.hidden_size
+    if all(isinstance(v, int) and v > 0 for v in (heads, kv, hidden)):
+        if hidden % heads:
+            even = heads * max(2, hidden // heads // 2 * 2)
+            bad("hidden_size", f"it is not divisible by num_heads={heads}",
+                f"Use num_heads x an even head_dim (e.g. {even}), or change num_heads.")
+        elif hidden // heads % 2:
+            bad("hidden_size", f"head_dim = hidden_size / num_heads = {hidden // heads} is odd "
+                "(RoPE rotates pairs of channels)",
+                f"Use num_heads x an even head_dim (e.g. {heads * (hidden // heads + 1)}), or change num_heads.")
+        if heads % kv:
+            bad("num_heads", f"it is not divisible by n_kv_heads={kv} (grouped-query attention)",
+                "Use n_kv_heads dividing num_heads (n_kv_heads = num_heads disables GQA).")
+    dtypes: dict[str, torch.dtype] = {}
     for key in ("compute_dtype", "layernorm_compute_type", "softmax_compute_type", "rotary_dtype", "param_init_type"):
+        name = getattr(cfg, key)
         try:
-            to_dtype(getattr(cfg, key))
-        except ValueError as e:
-            errors.append(f"{key}: {e}")
+            dtype = to_dtype(name)
+        except ValueError:
+            dtype = None
+        if dtype in DTYPES.values():
+            dtypes[key] = dtype
+        else:
+            close = difflib.get_close_matches(str(name).lower(), list(DTYPES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            bad(key, f"unknown dtype{hint}", "Use float32, float16 or bfloat16 (or fp32, fp16, bf16).")
     try:
         rope_method(cfg)
-    except ValueError as e:
-        errors.append(str(e))
-    if cfg.hidden_size % cfg.num_heads or cfg.head_dim % 2:
-        errors.append(f"hidden_size={cfg.hidden_size} is invalid: hidden_size / num_heads ({cfg.num_heads}) "
-                      "must be an even integer (the RoPE head_dim).")
-    if cfg.num_heads % cfg.n_kv_heads:
-        errors.append(f"n_kv_heads={cfg.n_kv_heads} is invalid: it must divide num_heads={cfg.num_heads}.")
-    if not errors and to_dtype(cfg.compute_dtype) == torch.float32 and to_dtype(cfg.param_init_type) != torch.float32:
-        errors.append(f"compute_dtype={cfg.compute_dtype!r} is invalid with param_init_type={cfg.param_init_type!r}: "
-                      "float32 compute needs float32 parameters. Set compute_dtype to the parameter dtype.")
+    except ValueError:
+        bad("extend_method", "unknown RoPE extension", "Use None, PI or NTK.")
+    compute, params = dtypes.get("compute_dtype"), dtypes.get("param_init_type")
+    if compute == torch.float32 and params not in (None, torch.float32):
+        half = str(params).removeprefix("torch.")
+        bad("compute_dtype", f"float32 compute needs float32 parameters (param_init_type={cfg.param_init_type!r}): "
+            f"without autocast, {half} weights would meet float32 activations",
+            f"Set compute_dtype: {half} (the forward then runs under autocast), or param_init_type: float32.")
+    return errors
+
+
+def _check_config(cfg: LlamaConfig) -> None:
+    """Raise every ``model_config_errors(cfg)`` message in one ValueError (nothing when valid)."""
+    errors = model_config_errors(cfg)
     if errors:
         raise ValueError("invalid model_config:\n  " + "\n  ".join(errors))

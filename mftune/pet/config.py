@@ -17,18 +17,17 @@ from typing import Any
 
 import torch
 
+from mftune.models.llama import DTYPES
+
 DEFAULT_KEY_PREFIX = "model.model_config.pet_config"
 
 # PET methods MindFormers knows (PetType enum, PetModel mapping) that mftune does not implement.
 UNSUPPORTED_PET_TYPES = ("prefixtuning", "ptuning2", "slora", "adapter", "low_rank_adapter")
 SUPPORTED_PET_TYPES = ("lora",)
 
-# MindFormers dtype strings accepted for param_init_type / compute_dtype (MindPet: fp16, fp32, bf16).
-PET_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
+# dtype strings accepted for param_init_type / compute_dtype (MindPet: fp16, fp32, bf16): the model's
+# table, so that pet_config, model_config and config validation accept the same names.
+PET_DTYPES: dict[str, torch.dtype] = DTYPES
 
 EXAMPLE_TARGETS = ".*wq|.*wk|.*wv|.*wo"
 
