@@ -364,8 +364,9 @@ def _read_yaml(path: str, stack: tuple[str, ...]) -> dict[str, Any]:
         why = " ".join(str(exc).split())
         raise ConfigError([f"config={path!r} is invalid: it could not be read ({why}). "
                            f"Fix the YAML syntax."], path) from None
-    if data is None:
-        data = {}
+    if not data:
+        raise ConfigError([f"config={path!r} is invalid: the file is empty. Start from "
+                           f"configs/llama2/lora_llama2_7b.yaml (or use base_config: it)."], path)
     if not isinstance(data, dict):
         raise ConfigError([f"config={path!r} is invalid: the top level is not a mapping. "
                            f"Write one 'key: value' per line."], path)
@@ -416,6 +417,9 @@ def save_config(cfg: MFConfig, path: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("# Resolved mftune configuration (YAML + command line). Reload it with --config.\n")
             yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, allow_unicode=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a config is not a secret
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

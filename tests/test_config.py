@@ -657,3 +657,10 @@ def test_docs_describe_every_key():
     walk(DatasetConfig)
     missing = sorted(n for n in names if n not in words)
     assert not missing, f"keys missing from docs/config.md: {missing}"
+
+
+def test_empty_yaml_is_an_error_not_the_7b_defaults(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="the file is empty"):
+        load_config(str(empty), check_files=False)

@@ -148,6 +148,7 @@ def test_gradient_accumulation_equals_one_big_batch(workdir):
     (["--load_checkpoint", "/nonexistent/base.safetensors"], "/nonexistent/base.safetensors"),
     (["--model.model_config.seq_length", "64"], "seq_length=64"),
     (["--use_parallel", "maybe"], "use_parallel"),
+    (["--model.model_config.vocab_size", "300"], "vocab_size=300"),
     (["--resume_training", "True"], "resume_training=True: not available in this version"),
     (["--only_save_strategy", "True", "--auto_trans_ckpt", "True"], "auto_trans_ckpt=True, only_save_strategy=True"),
     (["--model.model_config.pet_config.target_modules", ".*q_proj"], "q_proj"),

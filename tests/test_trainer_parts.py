@@ -156,3 +156,11 @@ def test_load_checkpoint_checks_shapes_and_missing_tensors(tmp_path):
         load_checkpoint(fresh, str(tmp_path / "junk.safetensors"))
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(fresh, str(tmp_path / "missing.safetensors"))
+
+
+def test_cosine_decay_steps_then_lr_end():
+    # MindFormers' CosineWithWarmUpLR decay_steps: the cosine reaches lr_end after warmup + decay_steps.
+    cfg = LRScheduleConfig(type="CosineWithWarmUpLR", learning_rate=1.0, lr_end=0.0, warmup_steps=0,
+                           total_steps=100, decay_steps=20)
+    s = build_schedule(cfg, OptimizerConfig(), 1, 1)
+    assert s(10) == pytest.approx(0.5) and s(20) == pytest.approx(0.0, abs=1e-12) and s(50) == 0.0

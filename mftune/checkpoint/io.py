@@ -27,6 +27,10 @@ SCALAR_KEYS = ("epoch_num", "step_num", "global_step", "loss_scale", "global_bat
 LORA_MARK = "mindpet_delta_lora"
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: the message names the file, the tensor and the fix."""
 
@@ -38,6 +42,7 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
         save_file(contiguous, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -158,4 +163,4 @@ def _open(path: str):
     except Exception as exc:  # safetensors raises its own error types for foreign/truncated files
         raise CheckpointError(
             f"checkpoint {path} is not a readable safetensors file ({exc}). mftune reads "
-            f".safetensors files written by mftune or scripts/convert_weight.py.") from None
+            f".safetensors files written by mftune (run_finetune.py checkpoints).") from None

@@ -144,7 +144,7 @@ def model_config_to_hf_config(mc: dict[str, Any]) -> dict[str, Any]:
     ``intermediate_size`` is the resolved FFN size (the Llama2 rule unless given); ``torch_dtype`` is
     ``param_init_type``. ``extend_method: NTK`` is a ValueError: HF only has *dynamic* NTK, which differs.
     """
-    from mftune.models.llama import LlamaConfig, rope_method  # lazy: keep this module import-light
+    from mftune.models.llama import LlamaConfig, rope_method
 
     cfg = LlamaConfig.from_dict(mc)
     method = rope_method(cfg)

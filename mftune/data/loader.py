@@ -56,6 +56,8 @@ class TrainData:
         self.record_length = _record_length(ds, read, dataset_dir)
         n = len(ds) if num_samples is None else min(num_samples, len(ds))
         self.num_records = n
+        ids = pc.min_max(pc.list_flatten(ds.data.column("input_ids"))).as_py() if n else {}
+        self.token_id_range = (ids.get("min") or 0, ids.get("max") or 0)  # over all records
         # Formatting to torch happens on access; rows are read per micro-batch, never all at once.
         self._ds = ds.with_format("torch", columns=read)
 

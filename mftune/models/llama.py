@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch

@@ -188,6 +188,12 @@ def build_data(cfg: MFConfig, model_config: LlamaConfig) -> TrainData:
             f"{loader_cfg.dataset_dir} hold {data.record_length} tokens (seq_length "
             f"{data.record_length - 1} + 1). Set seq_length to {data.record_length - 1} or "
             f"re-run scripts/llama_preprocess.py with --seq_length {model_config.seq_length}.")
+    low, high = data.token_id_range
+    if low < 0 or high >= model_config.vocab_size:
+        raise UserError(
+            f"model.model_config.vocab_size={model_config.vocab_size} but {loader_cfg.dataset_dir} "
+            f"holds token ids in [{low}, {high}]. Set vocab_size to the tokenizer's vocabulary size "
+            f"(at least {high + 1}) or re-tokenize with the model's tokenizer.")
     logger.info("Dataset %s: %d records, global batch %d, %d steps per epoch, %d epochs",
                 loader_cfg.dataset_dir, data.num_records, data.global_batch_size,
                 data.steps_per_epoch, runner.epochs)

@@ -70,7 +70,7 @@ def build_schedule(cfg: LRScheduleConfig | None, optimizer_cfg: OptimizerConfig,
     total = cfg.total_steps if cfg.total_steps and cfg.total_steps > 0 else steps_per_epoch * epochs
     warmup = int(total * cfg.warmup_ratio) if cfg.warmup_ratio is not None else cfg.warmup_steps
     return LRSchedule(cfg.type, cfg.learning_rate, total, warmup, cfg.warmup_lr_init,
-                      cfg.lr_end, cfg.num_cycles, getattr(cfg, "decay_steps", None))
+                      cfg.lr_end, cfg.num_cycles, cfg.decay_steps)
 
 
 class LossScaler:
