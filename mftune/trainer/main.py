@@ -242,11 +242,11 @@ def _train_step(model, optimizer, scaler, trainable, micro_batches, lr, cfg, dev
     ignore = model.config.ignore_token_id
     n_tokens = sum(int((mb["labels"][:, 1:] != ignore).sum()) for mb in micro_batches)
     denom = max(n_tokens, 1)
-    total = 0.0
+    total = torch.zeros((), device=device)
     for mb in micro_batches:
         loss_sum, _ = model(mb["input_ids"].to(device), mb["labels"].to(device), reduction="sum")
         (loss_sum * (scaler.scale / denom)).backward()
-        total += float(loss_sum.detach())
+        total += loss_sum.detach()  # no host sync per micro-batch
     scaler.unscale_(trainable)
     wrapper = cfg.runner_wrapper
     max_norm = wrapper.max_grad_norm if wrapper.use_clip_grad else math.inf
@@ -259,7 +259,7 @@ def _train_step(model, optimizer, scaler, trainable, micro_batches, lr, cfg, dev
     optimizer.zero_grad(set_to_none=True)
     loss_scale = scaler.scale
     scaler.update(overflow)
-    return {"loss": total / denom, "lr": lr, "global_norm": norm, "overflow": overflow,
+    return {"loss": float(total) / denom, "lr": lr, "global_norm": norm, "overflow": overflow,
             "loss_scale": loss_scale}
 
 
