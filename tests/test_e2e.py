@@ -185,3 +185,33 @@ def test_diverging_run_stops_with_a_message(workdir, tmp_path):
              "--lr_schedule.warmup_ratio", "0"])
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "not finite for 5 consecutive steps" in r.stderr
+
+
+def test_progress_bar_on_a_terminal(workdir, tmp_path):
+    """On a terminal (a pty with a window size) a tqdm bar counts the steps; logs still print."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    _, config, _ = workdir
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
+    proc = subprocess.Popen([sys.executable, "run_finetune.py", "--config", str(config), "--run_mode", "train",
+                             "--use_parallel", "False", "--output_dir", str(tmp_path), "--epochs", "1",
+                             "--train_dataset.data_loader.num_samples", "16"],
+                            cwd=ROOT, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert proc.wait() == 0, out[-2000:]
+    text = out.decode(errors="replace")
+    assert re.search(r"train: +100%\|.*\| 8/8 ", text), text[-2000:]
+    assert "{ Epoch:[  1/  1], step:[    8/    8]" in text
