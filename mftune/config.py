@@ -63,7 +63,7 @@ class LRScheduleConfig:
     warmup_lr_init: float = 0.0  # learning rate at step 0 of the warmup
     total_steps: int = -1  # -1: epochs x optimizer steps per epoch
     num_cycles: float = 0.5  # cosine cycles (0.5 = decay once to lr_end)
-    decay_steps: int | None = None  # cosine decay length; None = total_steps - warmup_steps
+    decay_steps: int | None = None  # cosine: lr_end from this step on; None = never early
 
 
 @dataclass

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         data = read_json_records(args.data_path)
         records, summary = convert_alpaca(data, on_error=args.on_error, file=args.data_path)
         write_json_atomic(records, args.output_path)
-    except DataError as e:
+    except (DataError, OSError) as e:  # OSError: an output path that cannot be written
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     for e in summary.errors[:MAX_REPORTED]:

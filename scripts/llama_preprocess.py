@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except DataError as e:
+    except (DataError, OSError) as e:  # OSError: an output path that cannot be written
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
 

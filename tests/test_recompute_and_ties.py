@@ -9,19 +9,24 @@ TINY = {"seq_length": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "v
         "multiple_of": 16, "compute_dtype": "float32", "rotary_dtype": "float32"}
 
 
-def _grads(recompute: bool) -> dict[str, torch.Tensor]:
+def _grads(recompute: bool) -> tuple[dict[str, torch.Tensor], int]:
     torch.manual_seed(0)
     model = LlamaForCausalLM(TINY)
+    calls = []
+    for layer in model.model.layers:
+        layer.attention.register_forward_hook(lambda *_: calls.append(1))
     if recompute:
         assert apply_recompute(model.model.layers) == 2
     ids = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(1))
     model(ids, ids).backward()
-    return {n: p.grad for n, p in model.named_parameters()}
+    return {n: p.grad for n, p in model.named_parameters()}, len(calls)
 
 
 def test_recompute_changes_nothing_but_memory():
-    # Reference: the same model without activation checkpointing, same weights and batch.
-    plain, recomputed = _grads(False), _grads(True)
+    # Reference: the same model without activation checkpointing, same weights and batch. With
+    # recompute each layer runs its forward again in backward: 2 layers x 2 attention calls.
+    (plain, plain_calls), (recomputed, calls) = _grads(False), _grads(True)
+    assert (plain_calls, calls) == (2, 4)
     assert plain.keys() == recomputed.keys()
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], rtol=0, atol=0)

@@ -111,7 +111,8 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     if os.path.isdir(path):
         raise CheckpointError(
             f"load_checkpoint={path} is a directory: this version loads one complete mftune "
-            f".safetensors file. Pass the file (e.g. {path}/rank_0/<name>.safetensors).")
+            f".safetensors file. Pass one file, e.g. the last_ckpt_file named in a checkpoint "
+            f"folder's meta.json.")
     groups: dict[tuple, list[str]] = {}  # tied names share one group
     state = model.state_dict()
     for name, tensor in state.items():

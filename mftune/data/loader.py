@@ -23,6 +23,7 @@ import os
 from collections.abc import Iterator
 
 import datasets
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -56,8 +57,9 @@ class TrainData:
         self.record_length = _record_length(ds, read, dataset_dir)
         n = len(ds) if num_samples is None else min(num_samples, len(ds))
         self.num_records = n
-        ids = pc.min_max(pc.list_flatten(ds.data.column("input_ids"))).as_py() if n else {}
-        self.token_id_range = (ids.get("min") or 0, ids.get("max") or 0)  # over all records
+        if self.record_length < 2:
+            raise ValueError(f"dataset_dir={dataset_dir!r} has records of {self.record_length} tokens; "
+                             "records hold seq_length + 1 >= 2 tokens. Re-run scripts/llama_preprocess.py.")
         # Formatting to torch happens on access; rows are read per micro-batch, never all at once.
         self._ds = ds.with_format("torch", columns=read)
 
@@ -70,6 +72,17 @@ class TrainData:
                 f"of {G} = micro_batch_size {micro_batch_size} x dp_size {dp_size} x grad_accum {grad_accum}. "
                 "Lower batch_size or gradient_accumulation_steps, add data, or disable drop_remainder.")
         self.steps_per_epoch = n // G if drop_remainder else -(-n // G)
+
+    def value_range(self, column: str, exclude: int | None = None) -> tuple[int, int] | None:
+        """(min, max) of the token values of ``column`` over all records, ignoring ``exclude``;
+        None when there is no such value or column. Read from Arrow, without copying rows."""
+        if column not in self._ds.column_names:
+            return None
+        values = pc.list_flatten(self._ds.data.column(column))
+        if exclude is not None:
+            values = pc.filter(values, pc.not_equal(values, exclude))
+        mm = pc.min_max(values).as_py()
+        return None if mm["min"] is None else (mm["min"], mm["max"])
 
     def order(self, epoch: int) -> torch.Tensor:
         """The epoch's record order (int64 positions into the first num_records records)."""
@@ -130,6 +143,12 @@ def _record_length(ds: datasets.Dataset, columns: list[str], dataset_dir: str) -
                              f"(type {col.type}).") from None
         mm = pc.min_max(lens).as_py()
         lengths.update({mm["min"], mm["max"]})
+        if col.null_count:
+            raise ValueError(f"dataset_dir={dataset_dir!r}: column {c!r} has {col.null_count} empty (null) "
+                             "records. Re-run scripts/llama_preprocess.py.")
+        if not pa.types.is_integer(col.type.value_type):
+            raise ValueError(f"dataset_dir={dataset_dir!r}: column {c!r} holds {col.type.value_type}, not token "
+                             "ids (a list of ints per record). Re-run scripts/llama_preprocess.py.")
     if len(lengths) > 1:
         raise ValueError(f"dataset_dir={dataset_dir!r} has records of different lengths {sorted(lengths)} in "
                          f"{columns}; every record must be seq_length + 1 tokens. Re-run scripts/llama_preprocess.py.")

@@ -119,7 +119,7 @@ class LlamaConfig:
     @property
     def ffn_hidden_size(self) -> int:
         """Llama2's FFN size rule (Meta ``FeedForward``), unless ``intermediate_size`` is given."""
-        if self.intermediate_size:
+        if self.intermediate_size is not None:
             return self.intermediate_size
         hidden = int(2 * (4 * self.hidden_size) / 3)
         if self.ffn_dim_multiplier is not None:
@@ -400,6 +400,17 @@ def model_config_errors(cfg: LlamaConfig) -> list[str]:
             bad(key, "must be a positive int", fix)  # n_kv_heads = num_heads: num_heads' error says it
     if not (isinstance(cfg.rms_norm_eps, (int, float)) and cfg.rms_norm_eps > 0):
         bad("rms_norm_eps", "must be > 0", "Use rms_norm_eps: 1.0e-5.")
+    for key, fix in (("theta", "Use theta: 10000.0 (Llama2's RoPE base)."),
+                     ("scaling_factor", "Use scaling_factor: 1.0 (no position interpolation).")):
+        if not (isinstance(getattr(cfg, key), (int, float)) and getattr(cfg, key) > 0):
+            bad(key, "must be > 0", fix)
+    if not (isinstance(cfg.initializer_range, (int, float)) and cfg.initializer_range >= 0):
+        bad("initializer_range", "must be >= 0 (it is a standard deviation)", "Use initializer_range: 0.02.")
+    if not (isinstance(cfg.multiple_of, int) and cfg.multiple_of >= 1):
+        bad("multiple_of", "must be an int >= 1", "Use multiple_of: 256.")
+    if cfg.intermediate_size is not None and not (isinstance(cfg.intermediate_size, int)
+                                                  and cfg.intermediate_size >= 1):
+        bad("intermediate_size", "must be an int >= 1 when set", "Remove it to use the Llama2 FFN rule.")
     heads, kv, hidden = cfg.num_heads, cfg.n_kv_heads, cfg.hidden_size
     if all(isinstance(v, int) and v > 0 for v in (heads, kv, hidden)):
         if hidden % heads:

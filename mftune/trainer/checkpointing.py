@@ -34,6 +34,7 @@ class CheckpointMonitor:
         self.keep = keep_checkpoint_max
         self.save_network_params = save_network_params
         self.save_trainable_params = save_trainable_params
+        os.makedirs(self.dir, exist_ok=True)
         self.prefix = self._free_prefix(f"{prefix}_rank_{rank}")
         self.written: list[str] = []
         self.last_step = 0

@@ -66,14 +66,19 @@ def cli(argv: list[str] | None = None) -> int:
 def main(cfg: MFConfig) -> int:
     _check_supported(cfg)
     output_dir = os.path.abspath(cfg.output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    setup_logging(output_dir)
-    save_config(cfg, os.path.join(output_dir, "resolved_config.yaml"))
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        setup_logging(output_dir)
+        save_config(cfg, os.path.join(output_dir, "resolved_config.yaml"))
+    except OSError as exc:
+        raise UserError(f"output_dir={cfg.output_dir} cannot be written ({exc}). "
+                        f"Pass a writable directory with --output_dir.") from None
     _seed_everything(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    model, pet_config, base_info = build_model(cfg, device)
-    data = build_data(cfg, model.config)
+    model_config = LlamaConfig.from_dict(cfg.model.model_config)
+    data = build_data(cfg, model_config)  # cheap checks first: no model is built for bad data
+    model, pet_config, base_info = build_model(cfg, model_config, device)
     runner = cfg.runner_config
     schedule = build_schedule(cfg.lr_schedule, cfg.optimizer, data.steps_per_epoch, runner.epochs)
     try:
@@ -89,10 +94,14 @@ def main(cfg: MFConfig) -> int:
     ckpt_cb = cfg.callback("CheckpointMonitor")
     saver = None
     if ckpt_cb:
-        saver = CheckpointMonitor(ckpt_cb.directory or output_dir, ckpt_cb.prefix,
-                                  keep_checkpoint_max=ckpt_cb.keep_checkpoint_max,
-                                  save_network_params=ckpt_cb.save_network_params,
-                                  save_trainable_params=ckpt_cb.save_trainable_params)
+        try:  # creates the folder now, so a bad path fails before training, not at the first save
+            saver = CheckpointMonitor(ckpt_cb.directory or output_dir, ckpt_cb.prefix,
+                                      keep_checkpoint_max=ckpt_cb.keep_checkpoint_max,
+                                      save_network_params=ckpt_cb.save_network_params,
+                                      save_trainable_params=ckpt_cb.save_trainable_params)
+        except OSError as exc:
+            raise UserError(f"CheckpointMonitor directory={ckpt_cb.directory or output_dir} cannot be "
+                            f"written ({exc}). Use a writable directory.") from None
     save = functools.partial(
         _save, saver, model, optimizer, scaler, data.global_batch_size,
         model_config=_saved_model_config(model.config, pet_config),
@@ -118,12 +127,14 @@ def _check_supported(cfg: MFConfig) -> None:
         "only_save_strategy": cfg.only_save_strategy is True,
         "src_strategy_path_or_dir": bool(cfg.src_strategy_path_or_dir),
         "do_eval": cfg.do_eval is True,
+        "load_checkpoint": bool(cfg.load_checkpoint) and os.path.isdir(cfg.load_checkpoint),
     }
     refused = [f"{key}={getattr(cfg, key)!r}" for key, bad in later.items() if bad]
     if refused:
         raise UserError(
             f"{', '.join(refused)}: not available in this version, which trains on one process "
-            f"(run_mode train or finetune, --use_parallel False) from a complete mftune checkpoint. "
+            f"(run_mode train or finetune, --use_parallel False) from a complete mftune checkpoint "
+            f"file. "
             f"Remove the setting{'s' if len(refused) > 1 else ''} to run.")
     for key, on in (("parallel.enable_parallel_optimizer", cfg.parallel.enable_parallel_optimizer),
                     ("parallel_config.use_seq_parallel", cfg.parallel_config.use_seq_parallel)):
@@ -131,12 +142,12 @@ def _check_supported(cfg: MFConfig) -> None:
             logger.warning("%s=True has no effect on one process (use_parallel False)", key)
 
 
-def build_model(cfg: MFConfig, device: torch.device) -> tuple[LlamaForCausalLM, dict | None, dict]:
+def build_model(cfg: MFConfig, model_config: LlamaConfig,
+                device: torch.device) -> tuple[LlamaForCausalLM, dict | None, dict]:
     """Build on the meta device, apply PET (finetune only), materialise, then fill the weights
     from the checkpoint (or initialise them). Trainable parameters are then kept in float32
     (master weights); frozen ones stay in param_init_type. Returns the model, the applied
     pet_config (None for full-parameter training) and the loaded checkpoint's path/fingerprint."""
-    model_config = LlamaConfig.from_dict(cfg.model.model_config)
     pet_config = model_config.pet_config if cfg.run_mode == "finetune" else None
     if cfg.run_mode == "train" and model_config.pet_config:
         logger.info("run_mode train trains all parameters: pet_config is not applied "
@@ -188,12 +199,16 @@ def build_data(cfg: MFConfig, model_config: LlamaConfig) -> TrainData:
             f"{loader_cfg.dataset_dir} hold {data.record_length} tokens (seq_length "
             f"{data.record_length - 1} + 1). Set seq_length to {data.record_length - 1} or "
             f"re-run scripts/llama_preprocess.py with --seq_length {model_config.seq_length}.")
-    low, high = data.token_id_range
-    if low < 0 or high >= model_config.vocab_size:
-        raise UserError(
-            f"model.model_config.vocab_size={model_config.vocab_size} but {loader_cfg.dataset_dir} "
-            f"holds token ids in [{low}, {high}]. Set vocab_size to the tokenizer's vocabulary size "
-            f"(at least {high + 1}) or re-tokenize with the model's tokenizer.")
+    vocab, ignore = model_config.vocab_size, model_config.ignore_token_id
+    for column, exclude in (("input_ids", None), ("labels", ignore)):
+        found = data.value_range(column, exclude)
+        if found and (found[0] < 0 or found[1] >= vocab):
+            raise UserError(
+                f"model.model_config.vocab_size={vocab} but the {column} in {loader_cfg.dataset_dir} "
+                f"hold values in [{found[0]}, {found[1]}]"
+                + (f" besides ignore_token_id={ignore}" if exclude is not None else "") +
+                f". Set vocab_size to the tokenizer's vocabulary size (at least {found[1] + 1}), "
+                f"ignore_token_id to the label of masked positions, or re-tokenize.")
     logger.info("Dataset %s: %d records, global batch %d, %d steps per epoch, %d epochs",
                 loader_cfg.dataset_dir, data.num_records, data.global_batch_size,
                 data.steps_per_epoch, runner.epochs)
@@ -221,7 +236,8 @@ def train_loop(model, optimizer, schedule, scaler, data, cfg, device, monitor, p
                               tokens=data.global_batch_size * (data.record_length - 1),
                               samples=data.global_batch_size, **stats))
             progress.update(1)
-            nonfinite = nonfinite + 1 if stats["overflow"] and not scaler.dynamic else 0
+            stuck = not scaler.dynamic or scaler.scale <= 1.0  # a dynamic scale cannot go lower
+            nonfinite = nonfinite + 1 if stats["overflow"] and stuck else 0
             if nonfinite >= MAX_NONFINITE_STEPS:
                 raise TrainingError(
                     f"the loss or gradients were not finite for {nonfinite} consecutive steps "
@@ -230,6 +246,10 @@ def train_loop(model, optimizer, schedule, scaler, data, cfg, device, monitor, p
                     f"a DynamicLossScaleUpdateCell scale_sense.")
             if save and global_step % ckpt_cb.save_checkpoint_steps == 0:
                 save(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step)
+    if nonfinite:
+        raise TrainingError(f"the last {nonfinite} step(s) had a non-finite loss or gradients and were "
+                            f"skipped; no final checkpoint was written. Check the model_config values, "
+                            f"lower the learning rate, or use compute_dtype bfloat16.")
     return global_step
 
 

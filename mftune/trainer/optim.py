@@ -35,8 +35,9 @@ class LRSchedule:
     """Learning rate as a function of the optimizer step (0-based), as MindFormers' schedules.
 
     warmup: linear from ``warmup_lr_init`` to ``learning_rate`` over ``warmup_steps``; then
-    cosine (``num_cycles`` 0.5 = one half-cosine down to ``lr_end`` over ``decay_steps``), linear
-    down to 0 (MindFormers' LinearWithWarmUpLR ignores lr_end), or constant.
+    cosine over ``total_steps - warmup_steps`` (``num_cycles`` 0.5 = one half-cosine down to
+    ``lr_end``; from step ``decay_steps`` on, ``lr_end``), linear down to 0 (MindFormers'
+    LinearWithWarmUpLR ignores lr_end), or constant.
     """
 
     kind: str
@@ -46,7 +47,7 @@ class LRSchedule:
     warmup_lr_init: float = 0.0
     lr_end: float = 0.0
     num_cycles: float = 0.5
-    decay_steps: int | None = None  # cosine only; None = total_steps - warmup_steps
+    decay_steps: int | None = None  # cosine only: lr_end from this step on; None = total_steps
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -56,8 +57,9 @@ class LRSchedule:
         if self.kind == "LinearWithWarmUpLR":
             linear_steps = max(1, self.total_steps - self.warmup_steps)
             return self.learning_rate * max(0.0, 1.0 - (step - self.warmup_steps) / linear_steps)
-        decay_steps = self.decay_steps or max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        if self.decay_steps is not None and step >= self.decay_steps:
+            return self.lr_end
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         factor = 0.5 * (1.0 + math.cos(math.pi * 2.0 * self.num_cycles * progress))
         return self.lr_end + (self.learning_rate - self.lr_end) * max(0.0, factor)
 
