@@ -6,7 +6,6 @@ transformers LlamaForCausalLM; expected config values from transformers' own Lla
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mftune.checkpoint.names import (
     hf_config_to_model_config,

@@ -25,7 +25,6 @@ from mftune.data.conversation import alpaca_prompt, vicuna_prompt
 from mftune.data.tokenizer import train_sentencepiece
 
 SAMPLE_ALPACA_PATH = str(Path(__file__).with_name("sample_alpaca.json"))
-SAMPLE_PATH = SAMPLE_ALPACA_PATH
 DEMO_VOCAB_SIZE = 1000  # longest templated record: 97 tokens = seq_length 96 + 1
 DEFAULT_NUM_RECORDS = 2000
 DEFAULT_SEED = 1234

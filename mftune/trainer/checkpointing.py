@@ -13,7 +13,6 @@ import glob
 import json
 import logging
 import os
-import re
 import time
 
 import torch
@@ -106,13 +105,3 @@ class CheckpointMonitor:
                 os.remove(old)
                 logger.info("Removed old checkpoint %s (keep_checkpoint_max=%d)", old, self.keep)
 
-
-def checkpoint_files(directory: str) -> list[str]:
-    """Checkpoint files of a rank folder, oldest first by (epoch, step) in their names."""
-    pattern = re.compile(r"-(\d+)_(\d+)\.safetensors$")
-    found = []
-    for path in glob.glob(os.path.join(glob.escape(directory), "*.safetensors")):
-        m = pattern.search(path)
-        if m:
-            found.append(((int(m.group(1)), int(m.group(2))), path))
-    return [p for _, p in sorted(found)]
