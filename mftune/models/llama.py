@@ -318,6 +318,12 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=to_dtype(cfg.param_init_type))
         self.init_weights()
 
+    def tie_weights(self) -> None:
+        """With ``tie_word_embeddings``, make ``lm_head.weight`` the embedding's Parameter again
+        (``to_empty`` gives shared Parameters separate storage)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.tok_embeddings.embedding_weight
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter in place under the current torch RNG.
@@ -326,8 +332,7 @@ class LlamaForCausalLM(nn.Module):
         the embedding when ``tie_word_embeddings`` (``to_empty`` unties shared Parameters). Other
         submodules that define ``init_weights()`` (e.g. PET layers swapped in) are delegated to.
         """
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.tok_embeddings.embedding_weight
+        self.tie_weights()
         std = self.config.initializer_range
         for module in self.modules():
             if module is self:

@@ -162,8 +162,7 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig,
     model.to_empty(device=device)
     base_info = {}
     if cfg.load_checkpoint:
-        if model_config.tie_word_embeddings:  # to_empty gives the tied weights separate storage
-            model.lm_head.weight = model.model.tok_embeddings.embedding_weight
+        model.tie_weights()
         init_lora_weights(model)
         load_checkpoint(model, cfg.load_checkpoint)  # every base tensor must be in the file
         base_info = {"path": os.path.abspath(cfg.load_checkpoint),
