@@ -258,7 +258,7 @@ IGNORED_KEYS: tuple[str, ...] = (
     "parallel.full_batch", "parallel.search_mode", "parallel.strategy_ckpt_save_file",
     "parallel.strategy_ckpt_load_file", "parallel.strategy_ckpt_config",
     "parallel.parallel_optimizer_config",
-    "parallel_config.micro_batch_num", "parallel_config.vocab_emb_dp",
+    "parallel_config.micro_batch_num",
     "parallel_config.gradient_aggregation_group",
     "recompute_config.parallel_optimizer_comm_recompute",
     "recompute_config.mp_comm_recompute", "recompute_config.recompute_slice_activation",

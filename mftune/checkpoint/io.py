@@ -19,6 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from mftune.parallel.layout import local, local_block
+
 logger = logging.getLogger("mftune")
 
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")
@@ -89,13 +91,14 @@ def load_tensors(path: str, names: list[str] | None = None) -> dict[str, torch.T
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with tied tensors (e.g. ``tie_word_embeddings``) kept once, under
-    their first name; safetensors refuses to write shared storage twice."""
+    their first name; safetensors refuses to write shared storage twice. Sharded tensors give
+    this rank's block."""
     out, seen = {}, set()
     for name, tensor in model.state_dict().items():
         key = _storage_key(tensor)
         if key not in seen:
             seen.add(key)
-            out[name] = tensor
+            out[name] = local(tensor)
     return out
 
 
@@ -105,8 +108,9 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     Every base (non-LoRA) parameter of the model must be in the file with the same shape (a tied
     weight under either of its names); LoRA tensors missing from the file keep their fresh
     initialisation. Optimizer moments and counters in the file are skipped here (resume restores
-    them). Tensors are read one at a time and cast to the parameter's dtype. Returns a report:
-    loaded, fresh_lora, unused keys.
+    them). Tensors are read one at a time and cast to the parameter's dtype; a sharded parameter
+    (DTensor, FSDP2) reads only the block this rank holds. Returns a report: loaded, fresh_lora,
+    unused keys.
     """
     if os.path.isdir(path):
         raise CheckpointError(
@@ -127,21 +131,27 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
                 f"checkpoint {path} lacks base weights of this model: {shown}. Check that the "
                 f"checkpoint was saved from a model with the same model_config (a LoRA-only "
                 f"checkpoint needs its base checkpoint too).")
-        loaded, fresh = [], []
+        shapes = {}
         for names in groups.values():
-            target = state[names[0]]
             source = next((n for n in names if n in file_keys), None)
-            if source is None:
-                fresh.extend(names)
-                continue
-            shape = tuple(f.get_slice(source).get_shape())
-            if shape != tuple(target.shape):
-                raise CheckpointError(
-                    f"checkpoint {path}: tensor {source} has shape {list(shape)} but the model "
-                    f"expects {list(target.shape)}. Use a model_config matching the checkpoint.")
-            with torch.no_grad():
-                target.copy_(f.get_tensor(source).to(target.dtype))
-            loaded.append(source)
+            if source is not None:
+                shapes[source] = tuple(f.get_slice(source).get_shape())
+    loaded, fresh = [], []
+    for names in groups.values():
+        target = state[names[0]]
+        source = next((n for n in names if n in file_keys), None)
+        if source is None:
+            fresh.extend(names)
+            continue
+        if shapes[source] != tuple(target.shape):
+            raise CheckpointError(
+                f"checkpoint {path}: tensor {source} has shape {list(shapes[source])} but the model "
+                f"expects {list(target.shape)}. Use a model_config matching the checkpoint.")
+        # Only this rank's block is read; the file is re-opened per tensor so that its memory
+        # map (and the pages it touched) is released after each one.
+        with safe_open(path, framework="pt") as f, torch.no_grad():
+            local(target).copy_(f.get_slice(source)[local_block(target)].to(target.dtype))
+        loaded.append(source)
     unused = sorted(k for k in file_keys - set(state)
                     if not k.startswith(OPTIMIZER_PREFIXES) and k not in SCALAR_KEYS)
     if unused:
@@ -153,6 +163,7 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
+    t = local(t)
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -133,6 +135,14 @@ class LlamaConfig:
 # ----------------------------------------------------------------------------------------------
 
 RopeMethod = Literal["None", "PI", "NTK"]
+
+
+Fill = Callable[[Tensor, Callable[[Tensor], Any]], None]
+
+
+def fill_in_place(param: Tensor, init: Callable[[Tensor], Any]) -> None:
+    """Default ``fill`` of ``init_weights``: apply the in-place initialiser to the parameter itself."""
+    init(param)
 
 
 def rope_method(config: LlamaConfig) -> RopeMethod:
@@ -325,26 +335,29 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.tok_embeddings.embedding_weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, fill: Fill | None = None) -> None:
         """(Re)initialise every parameter in place under the current torch RNG.
 
         Linear and embedding weights ~ N(0, initializer_range), norm weights = 1; re-ties lm_head to
         the embedding when ``tie_word_embeddings`` (``to_empty`` unties shared Parameters). Other
-        submodules that define ``init_weights()`` (e.g. PET layers swapped in) are delegated to.
+        submodules that define ``init_weights(fill)`` (e.g. PET layers swapped in) are delegated to.
+        ``fill(param, init)`` applies an in-place ``init`` to a parameter (default: directly);
+        sharded models pass one that draws the full tensor and keeps the local part.
         """
+        fill = fill or fill_in_place
         self.tie_weights()
-        std = self.config.initializer_range
+        normal = functools.partial(nn.init.normal_, mean=0.0, std=self.config.initializer_range)
         for module in self.modules():
             if module is self:
                 continue
             if isinstance(module, LlamaEmbedding):
-                nn.init.normal_(module.embedding_weight, mean=0.0, std=std)
+                fill(module.embedding_weight, normal)
             elif isinstance(module, LlamaRMSNorm):
-                nn.init.ones_(module.weight)
+                fill(module.weight, nn.init.ones_)
             elif hasattr(module, "init_weights"):
-                module.init_weights()
+                module.init_weights(fill)
             elif isinstance(module, nn.Linear) and not (self.config.tie_word_embeddings and module is self.lm_head):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                fill(module.weight, normal)
 
     def forward(
         self, input_ids: Tensor, labels: Tensor | None = None, reduction: Literal["mean", "sum"] = "mean"

@@ -12,6 +12,7 @@ its name (``...attention.wq.weight``) and any checkpoint loading it are unchange
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import math
 import re
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mftune.models.llama import Fill, fill_in_place
 from mftune.pet.config import LoraConfig
 
 logger = logging.getLogger("mftune")
@@ -62,25 +64,31 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
 
-    def reset_lora_parameters(self) -> None:
+    def reset_lora_parameters(self, fill: Fill | None = None) -> None:
         """A: kaiming-uniform(a=sqrt(5)) (MindPet HeUniform(sqrt(5)), PEFT, torch Linear default); B: zeros."""
-        nn.init.kaiming_uniform_(self.mindpet_delta_lora_a, a=math.sqrt(5))
-        nn.init.zeros_(self.mindpet_delta_lora_b)
+        fill = fill or fill_in_place
+        fill(self.mindpet_delta_lora_a, functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)))
+        fill(self.mindpet_delta_lora_b, nn.init.zeros_)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, fill: Fill | None = None) -> None:
         """Re-draw W (and b) as the model would (``N(0, base_init_std)``, else ``nn.Linear``'s init), then A/B.
 
-        ``LlamaForCausalLM.init_weights`` delegates to this for swapped layers (after meta build + ``to_empty``).
+        ``LlamaForCausalLM.init_weights`` delegates to this for swapped layers (after meta build + ``to_empty``);
+        ``fill`` as there.
         """
+        fill = fill or fill_in_place
         if self.base_init_std is not None:
-            nn.init.normal_(self.weight, mean=0.0, std=self.base_init_std)
+            fill(self.weight, functools.partial(nn.init.normal_, mean=0.0, std=self.base_init_std))
             if self.bias is not None:
-                nn.init.zeros_(self.bias)
-        else:
-            nn.Linear.reset_parameters(self)  # uses only self.weight, self.bias, in_features
+                fill(self.bias, nn.init.zeros_)
+        else:  # nn.Linear.reset_parameters, drawn in the same order
+            fill(self.weight, functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+                fill(self.bias, functools.partial(nn.init.uniform_, a=-bound, b=bound))
         self.merged = False
-        self.reset_lora_parameters()
+        self.reset_lora_parameters(fill)
 
     def delta_weight(self) -> torch.Tensor:
         """``B @ A * scaling`` in float32, shape ``[out, in]``."""
@@ -262,8 +270,9 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def init_lora_weights(model: nn.Module) -> nn.Module:
-    """Re-initialise every adapter (A kaiming-uniform, B zeros): after ``to_empty`` of a meta-built model."""
+def init_lora_weights(model: nn.Module, fill: Fill | None = None) -> nn.Module:
+    """Re-initialise every adapter (A kaiming-uniform, B zeros): after ``to_empty`` of a meta-built
+    model. ``fill`` as in ``LlamaForCausalLM.init_weights``."""
     for _, layer in lora_layers(model):
-        layer.reset_lora_parameters()
+        layer.reset_lora_parameters(fill)
     return model

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mftune.checkpoint.io import save_complete, unique_state_dict
+from mftune.parallel.layout import local
 
 logger = logging.getLogger("mftune")
 
@@ -56,12 +57,13 @@ class CheckpointMonitor:
         start = time.time()
         logger.info("......Saving ckpt......")
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        tensors: dict[str, torch.Tensor] = {n: p.detach() for n, p in trainable.items()}
+        # Each rank writes the block it holds (a DTensor's local shard; replicated tensors in full).
+        tensors: dict[str, torch.Tensor] = {n: local(p.detach()) for n, p in trainable.items()}
         state = optimizer.state
         for name, param in trainable.items():
             if param in state and "exp_avg" in state[param]:
-                tensors[f"adam_m.{name}"] = state[param]["exp_avg"].float()
-                tensors[f"adam_v.{name}"] = state[param]["exp_avg_sq"].float()
+                tensors[f"adam_m.{name}"] = local(state[param]["exp_avg"]).float()
+                tensors[f"adam_v.{name}"] = local(state[param]["exp_avg_sq"]).float()
         counters = {"epoch_num": epoch, "step_num": step_in_epoch, "global_step": global_step,
                     "global_batch_size": global_batch_size,
                     "consumed_samples": global_step * global_batch_size}
@@ -79,7 +81,7 @@ class CheckpointMonitor:
                           extra_metadata=extra_metadata)
         if self.save_trainable_params:
             tr = os.path.join(self.trainable_dir, f"{self.prefix}-trainable_params.safetensors")
-            save_complete(tr, {n: p.detach() for n, p in trainable.items()},
+            save_complete(tr, {n: local(p.detach()) for n, p in trainable.items()},
                           model_config=model_config, extra_metadata=extra_metadata)
         self.last_step = global_step
         logger.info("global_batch_size: %d", global_batch_size)

@@ -17,12 +17,18 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor.parallel import loss_parallel
 
 from mftune.checkpoint.io import CheckpointError, fingerprint, load_checkpoint
 from mftune.config import ConfigError, MFConfig, save_config
 from mftune.data.loader import TrainData
 from mftune.log import setup_logging
-from mftune.models.llama import LlamaConfig, LlamaForCausalLM
+from mftune.models.llama import LlamaConfig, LlamaForCausalLM, to_dtype
+from mftune.parallel import parallelize
+from mftune.parallel.data_parallel import all_reduce_grads, clip_grad_norm_, settle_grads
+from mftune.parallel.layout import fill_from_full, local
+from mftune.parallel.mesh import Dist, env_world, init_distributed, layout_errors, shutdown
 from mftune.parallel.recompute import apply_recompute
 from mftune.pet import get_pet_model, init_lora_weights, trainable_summary
 from mftune.trainer.checkpointing import CheckpointMonitor
@@ -65,20 +71,30 @@ def cli(argv: list[str] | None = None) -> int:
 
 def main(cfg: MFConfig) -> int:
     _check_supported(cfg)
+    model_config = LlamaConfig.from_dict(cfg.model.model_config)
+    world = _check_launch(cfg, model_config)  # before any heavy work or collective
+    dist_info = init_distributed(cfg.parallel_config) if world else Dist(device=_default_device())
+    try:
+        return _run(cfg, model_config, dist_info)
+    finally:
+        shutdown()
+
+
+def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: Dist) -> int:
     output_dir = os.path.abspath(cfg.output_dir)
     try:
         os.makedirs(output_dir, exist_ok=True)
-        setup_logging(output_dir)
-        save_config(cfg, os.path.join(output_dir, "resolved_config.yaml"))
+        setup_logging(output_dir, dist_info.rank)
+        if dist_info.is_main:
+            save_config(cfg, os.path.join(output_dir, "resolved_config.yaml"))
     except OSError as exc:
         raise UserError(f"output_dir={cfg.output_dir} cannot be written ({exc}). "
                         f"Pass a writable directory with --output_dir.") from None
-    _seed_everything(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _seed_everything(cfg.seed)  # the same seed on every rank: replicated values stay identical
+    device = dist_info.device
 
-    model_config = LlamaConfig.from_dict(cfg.model.model_config)
-    data = build_data(cfg, model_config)  # cheap checks first: no model is built for bad data
-    model, pet_config, base_info = build_model(cfg, model_config, device)
+    data = build_data(cfg, model_config, dist_info)  # cheap checks first: no model is built for bad data
+    model, pet_config, base_info = build_model(cfg, model_config, dist_info)
     runner = cfg.runner_config
     schedule = build_schedule(cfg.lr_schedule, cfg.optimizer, data.steps_per_epoch, runner.epochs)
     try:
@@ -86,16 +102,16 @@ def main(cfg: MFConfig) -> int:
     except ValueError as exc:  # nothing left to train (freeze_include)
         raise UserError(str(exc)) from None
     scaler = LossScaler(cfg.runner_wrapper)
-    metrics_path = _fresh_metrics_file(output_dir)
+    metrics_path = _fresh_metrics_file(output_dir) if dist_info.is_main else None
     loss_cb = cfg.callback("MFLossMonitor")
     monitor = LossMonitor(metrics_path, epochs=runner.epochs, steps_per_epoch=data.steps_per_epoch,
-                          world_size=1, device=device, sink_mode=runner.sink_mode,
+                          world_size=dist_info.world_size, device=device, sink_mode=runner.sink_mode,
                           per_print_times=loss_cb.per_print_times if loss_cb else 1)
     ckpt_cb = cfg.callback("CheckpointMonitor")
     saver = None
     if ckpt_cb:
         try:  # creates the folder now, so a bad path fails before training, not at the first save
-            saver = CheckpointMonitor(ckpt_cb.directory or output_dir, ckpt_cb.prefix,
+            saver = CheckpointMonitor(ckpt_cb.directory or output_dir, ckpt_cb.prefix, rank=dist_info.rank,
                                       keep_checkpoint_max=ckpt_cb.keep_checkpoint_max,
                                       save_network_params=ckpt_cb.save_network_params,
                                       save_trainable_params=ckpt_cb.save_trainable_params)
@@ -108,19 +124,44 @@ def main(cfg: MFConfig) -> int:
         extra_metadata={"run_mode": cfg.run_mode, "pet_config": pet_config,
                         "base_checkpoint": base_info})
 
-    with _progress_bar(runner.epochs * data.steps_per_epoch) as progress:
-        global_step = train_loop(model, optimizer, schedule, scaler, data, cfg, device,
-                                 monitor, progress, save if saver else None)
+    step = functools.partial(_train_step, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg,
+                             dist_info=dist_info)
+    total_steps = runner.epochs * data.steps_per_epoch
+    with _progress_bar(total_steps if dist_info.is_main else 0) as progress:
+        global_step = train_loop(step, schedule, data, cfg, device, monitor, progress, scaler,
+                                 save if saver else None)
     if saver and saver.last_step != global_step and global_step:
         save(epoch=runner.epochs, step_in_epoch=data.steps_per_epoch, global_step=global_step)
-    _report(output_dir, metrics_path, saver)
+    if dist_info.is_main:
+        _report(output_dir, metrics_path, saver)
     return 0
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_launch(cfg: MFConfig, model_config: LlamaConfig) -> tuple[int, int, int] | None:
+    """torchrun's (rank, world_size, local_rank) for a parallel run, None for one process; every
+    layout problem is reported at once, before the process group or the model exist."""
+    world = env_world()
+    if not cfg.use_parallel:
+        if world and world[1] > 1:
+            raise UserError(
+                f"use_parallel=False is invalid here: the launcher started {world[1]} processes, which "
+                f"would each train the whole model separately. Pass --use_parallel True (and set "
+                f"parallel_config so that data_parallel x model_parallel = {world[1]}), or run "
+                f"python run_finetune.py ... without the launcher.")
+        return None
+    errors = layout_errors(cfg.parallel_config, model_config, world[1] if world else None)
+    if errors:
+        raise ConfigError(errors)
+    return world
 
 
 def _check_supported(cfg: MFConfig) -> None:
     """Refuse, before any heavy work, what this version cannot do yet (later issues add it)."""
     later = {
-        "use_parallel": cfg.use_parallel is True,
         "run_mode": cfg.run_mode not in ("train", "finetune"),
         "resume_training": bool(cfg.resume_training),
         "auto_trans_ckpt": cfg.auto_trans_ckpt is True,
@@ -132,22 +173,22 @@ def _check_supported(cfg: MFConfig) -> None:
     refused = [f"{key}={getattr(cfg, key)!r}" for key, bad in later.items() if bad]
     if refused:
         raise UserError(
-            f"{', '.join(refused)}: not available in this version, which trains on one process "
-            f"(run_mode train or finetune, --use_parallel False) from a complete mftune checkpoint "
-            f"file. "
+            f"{', '.join(refused)}: not available in this version, which trains (run_mode train "
+            f"or finetune) from a complete mftune checkpoint file. "
             f"Remove the setting{'s' if len(refused) > 1 else ''} to run.")
     for key, on in (("parallel.enable_parallel_optimizer", cfg.parallel.enable_parallel_optimizer),
                     ("parallel_config.use_seq_parallel", cfg.parallel_config.use_seq_parallel)):
-        if on:
+        if on and not cfg.use_parallel:
             logger.warning("%s=True has no effect on one process (use_parallel False)", key)
 
 
 def build_model(cfg: MFConfig, model_config: LlamaConfig,
-                device: torch.device) -> tuple[LlamaForCausalLM, dict | None, dict]:
-    """Build on the meta device, apply PET (finetune only), materialise, then fill the weights
-    from the checkpoint (or initialise them). Trainable parameters are then kept in float32
-    (master weights); frozen ones stay in param_init_type. Returns the model, the applied
-    pet_config (None for full-parameter training) and the loaded checkpoint's path/fingerprint."""
+                dist_info: Dist) -> tuple[LlamaForCausalLM, dict | None, dict]:
+    """Build on the meta device, apply PET (finetune only), parallelize, materialise, then fill the
+    weights from the checkpoint (each rank reads only its block) or initialise them (drawn as one
+    process would). Trainable parameters are float32 (master weights); frozen ones stay in
+    param_init_type. Returns the model, the applied pet_config (None for full-parameter training)
+    and the loaded checkpoint's path/fingerprint."""
     pet_config = model_config.pet_config if cfg.run_mode == "finetune" else None
     if cfg.run_mode == "train" and model_config.pet_config:
         logger.info("run_mode train trains all parameters: pet_config is not applied "
@@ -159,35 +200,43 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig,
             get_pet_model(model, pet_config)
     except ValueError as exc:  # e.g. target_modules matches no layer
         raise UserError(str(exc)) from None
-    model.to_empty(device=device)
+    for param in model.parameters():  # on meta: free, and before FSDP2 records dtypes
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    recompute = cfg.recompute_config.recompute or cfg.recompute_config.select_recompute
+    if dist_info.mesh is not None:
+        parallelize(model, dist_info, vocab_emb_dp=cfg.parallel_config.vocab_emb_dp,
+                    use_seq_parallel=cfg.parallel_config.use_seq_parallel,
+                    parallel_optimizer=cfg.parallel.enable_parallel_optimizer, recompute=recompute,
+                    compute_dtype=to_dtype(model_config.compute_dtype))
+    elif recompute:
+        logger.info("Recompute: activation checkpointing of %d decoder layers",
+                    apply_recompute(model.model.layers))
+    model.to_empty(device=dist_info.device)
     base_info = {}
     if cfg.load_checkpoint:
         model.tie_weights()
-        init_lora_weights(model)
+        init_lora_weights(model, fill_from_full)
         load_checkpoint(model, cfg.load_checkpoint)  # every base tensor must be in the file
         base_info = {"path": os.path.abspath(cfg.load_checkpoint),
                      "fingerprint": fingerprint(cfg.load_checkpoint)}
     else:
-        model.init_weights()
+        model.init_weights(fill_from_full)
         if cfg.run_mode == "finetune":
             logger.warning("load_checkpoint is empty: fine-tuning from randomly initialised weights")
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-    if cfg.recompute_config.recompute or cfg.recompute_config.select_recompute:
-        logger.info("Recompute: activation checkpointing of %d decoder layers",
-                    apply_recompute(model.model.layers))
     if not pet_config:  # get_pet_model logs it for PET runs
         logger.info(trainable_summary(model))
     return model, pet_config, base_info
 
 
-def build_data(cfg: MFConfig, model_config: LlamaConfig) -> TrainData:
-    """The training records, checked against the model's seq_length."""
+def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: Dist) -> TrainData:
+    """This data-parallel rank's part of every global batch (batch_size x data_parallel x
+    gradient_accumulation_steps sequences), checked against the model's seq_length."""
     runner, loader_cfg = cfg.runner_config, cfg.train_dataset.data_loader
     try:
         data = TrainData(loader_cfg.dataset_dir, micro_batch_size=runner.batch_size,
-                         grad_accum=runner.gradient_accumulation_steps, shuffle=loader_cfg.shuffle,
+                         grad_accum=runner.gradient_accumulation_steps, dp_rank=dist_info.dp_rank,
+                         dp_size=dist_info.dp_size, shuffle=loader_cfg.shuffle,
                          seed=cfg.seed, drop_remainder=cfg.train_dataset.drop_remainder,
                          num_samples=loader_cfg.num_samples)
     except ValueError as exc:
@@ -214,19 +263,15 @@ def build_data(cfg: MFConfig, model_config: LlamaConfig) -> TrainData:
     return data
 
 
-def train_loop(model, optimizer, schedule, scaler, data, cfg, device, monitor, progress,
-               save) -> int:
-    """All epochs; returns the number of optimizer steps taken. ``save`` (or None) is called
-    every ``save_checkpoint_steps``."""
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+def train_loop(step, schedule, data, cfg, device, monitor, progress, scaler, save) -> int:
+    """All epochs; returns the number of optimizer steps taken. ``step(micro_batches, lr)`` runs one
+    optimizer step; ``save`` (or None) is called every ``save_checkpoint_steps``."""
     ckpt_cb = cfg.callback("CheckpointMonitor")
     global_step = nonfinite = 0
     for epoch in range(1, cfg.runner_config.epochs + 1):
         for step_in_epoch, micro_batches in enumerate(data.epoch(epoch - 1), start=1):
             start = time.perf_counter()
-            stats = _train_step(model, optimizer, scaler, trainable, micro_batches,
-                                schedule(global_step), cfg, device)
+            stats = step(micro_batches, schedule(global_step))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             global_step += 1
@@ -252,24 +297,41 @@ def train_loop(model, optimizer, schedule, scaler, data, cfg, device, monitor, p
     return global_step
 
 
-def _train_step(model, optimizer, scaler, trainable, micro_batches, lr, cfg, device) -> dict:
-    """One optimizer step over the micro-batches of a global batch.
+def _train_step(micro_batches, lr, *, model, optimizer, scaler, cfg, dist_info: Dist) -> dict:
+    """One optimizer step over this rank's micro-batches of a global batch.
 
-    The loss is the mean over every supervised token of the global batch (token-weighted), so the
-    result does not depend on how the batch is split into micro-batches or ranks.
+    The loss is the mean over every supervised token of the global batch (token-weighted, counted
+    over all data-parallel ranks), and gradients are summed over data parallel, so the result does
+    not depend on how the batch is split into micro-batches or ranks. Every rank computes the same
+    global norm, so all agree on clipping and on skipping a non-finite step.
     """
-    ignore = model.config.ignore_token_id
-    n_tokens = sum(int((mb["labels"][:, 1:] != ignore).sum()) for mb in micro_batches)
-    denom = max(n_tokens, 1)
+    device, ignore = dist_info.device, model.config.ignore_token_id
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    dp_group = dist_info.mesh.get_group("dp") if dist_info.dp_size > 1 else None
+    fsdp = hasattr(model, "set_requires_gradient_sync")
+    n_tokens = torch.tensor(sum(int((mb["labels"][:, 1:] != ignore).sum()) for mb in micro_batches),
+                            dtype=torch.float64, device=device)
+    if dp_group is not None:
+        dist.all_reduce(n_tokens, group=dp_group)
+    denom = max(float(n_tokens), 1.0)
+    vocab_sharded = dist_info.tp_size > 1 and not cfg.parallel_config.vocab_emb_dp
     total = torch.zeros((), device=device)
-    for mb in micro_batches:
-        loss_sum, _ = model(mb["input_ids"].to(device), mb["labels"].to(device), reduction="sum")
-        (loss_sum * (scaler.scale / denom)).backward()
+    for k, mb in enumerate(micro_batches):
+        if fsdp:  # reduce-scatter once, after the last micro-batch
+            model.set_requires_gradient_sync(k == len(micro_batches) - 1)
+        with loss_parallel() if vocab_sharded else contextlib.nullcontext():
+            loss_sum, _ = model(mb["input_ids"].to(device), mb["labels"].to(device), reduction="sum")
+            loss_sum = local(loss_sum)  # a replicated DTensor under loss_parallel
+            (loss_sum * (scaler.scale / denom)).backward()
         total += loss_sum.detach()  # no host sync per micro-batch
+    if dp_group is not None:
+        if not fsdp:
+            all_reduce_grads(trainable, dp_group)
+        dist.all_reduce(total, group=dp_group)
+    settle_grads(trainable)
     scaler.unscale_(trainable)
     wrapper = cfg.runner_wrapper
-    max_norm = wrapper.max_grad_norm if wrapper.use_clip_grad else math.inf
-    norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+    norm = clip_grad_norm_(trainable, wrapper.max_grad_norm if wrapper.use_clip_grad else math.inf)
     overflow = not math.isfinite(norm)
     if not overflow:
         for group in optimizer.param_groups:

@@ -46,7 +46,7 @@ class LossMonitor:
     Line 2: ``  12.5% |█████     ...| 10.12345 samples/s/p  0:01:23 }``.
     """
 
-    def __init__(self, metrics_path: str, *, epochs: int, steps_per_epoch: int, world_size: int,
+    def __init__(self, metrics_path: str | None, *, epochs: int, steps_per_epoch: int, world_size: int,
                  device: torch.device, per_print_times: int = 1, sink_mode: bool = True,
                  initial_step: int = 0):
         self.metrics_path = metrics_path
@@ -57,7 +57,8 @@ class LossMonitor:
         self.initial_step = initial_step
         self._epoch_losses: list[float] = []
         self._epoch = 0
-        os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
+        if metrics_path:  # None: log only (ranks > 0 of a parallel run)
+            os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
 
     def __call__(self, s: StepStats) -> dict | None:
         if s.epoch != self._epoch:
@@ -89,8 +90,9 @@ class LossMonitor:
             "step_time_ms": s.step_seconds * 1000, "global_norm": s.global_norm,
             "overflow": s.overflow, "loss_scale": s.loss_scale, "peak_mem_mb": peak,
         }
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.metrics_path:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         return record
 
 

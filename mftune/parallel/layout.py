@@ -1,0 +1,63 @@
+"""Which part of a global tensor this rank holds, and how to fill it without the whole model.
+
+A parameter is either a plain tensor (every rank holds all of it) or a ``DTensor`` placed by
+``mftune.parallel`` (tensor parallel ``Shard``/``Replicate`` on the ``tp`` mesh dim, then FSDP2's
+``Shard(0)`` of that local piece on the ``dp`` dim). Either way the rank's local tensor is one
+rectangular block of the global tensor, which is what lets every rank read only its own bytes
+of a checkpoint (``local_block``) and draw random initial values identical to a one-process
+run (``fill_from_full``: draw the full tensor on the CPU, keep the block; one tensor at a time).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds (``to_local()`` of a DTensor; the tensor itself otherwise)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_block(t: torch.Tensor) -> tuple[slice, ...]:
+    """The index block (one slice per dim) of the global tensor that ``local(t)`` holds.
+
+    Shards are applied from the last mesh dim to the first: tensor parallel (inner ``tp`` dim)
+    splits the global tensor, FSDP2 (outer ``dp`` dim, possibly shown as ``_StridedShard``) splits
+    what tensor parallel left. Both split like ``torch.chunk`` (ceil-sized pieces, the last ones
+    shorter or empty). The result is checked against the local shape.
+    """
+    ranges = [(0, n) for n in t.shape]
+    if isinstance(t, DTensor):
+        mesh, coords = t.device_mesh, t.device_mesh.get_coordinate()
+        for mesh_dim in reversed(range(mesh.ndim)):
+            placement = t.placements[mesh_dim]
+            if not placement.is_shard():
+                continue
+            dim, parts, index = placement.dim % t.ndim, mesh.size(mesh_dim), coords[mesh_dim]
+            lo, hi = ranges[dim]
+            size = -(-(hi - lo) // parts)
+            ranges[dim] = (min(lo + index * size, hi), min(lo + (index + 1) * size, hi))
+        shape = tuple(hi - lo for lo, hi in ranges)
+        if shape != tuple(t.to_local().shape):
+            raise RuntimeError(f"unsupported layout {t.placements} on mesh {mesh}: computed local shape "
+                               f"{shape}, holds {tuple(t.to_local().shape)}")
+    return tuple(slice(lo, hi) for lo, hi in ranges)
+
+
+@torch.no_grad()
+def fill_from_full(param: torch.Tensor, init: Callable[[torch.Tensor], object]) -> None:
+    """Initialise ``param`` as ``init`` would initialise the full tensor on the CPU.
+
+    The full tensor is drawn on the CPU under the global CPU generator, so a model initialised on
+    N ranks (same seed) or on a GPU gets the same values as a one-process CPU run; only one full
+    tensor exists at a time.
+    """
+    target = local(param)
+    if not isinstance(param, DTensor) and target.device.type == "cpu":
+        init(target)
+        return
+    full = torch.empty(param.shape, dtype=param.dtype, device="cpu")
+    init(full)
+    target.copy_(full[local_block(param)])

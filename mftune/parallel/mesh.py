@@ -1,0 +1,106 @@
+"""Process group and DeviceMesh from torchrun's environment and ``parallel_config``.
+
+``use_parallel: True`` runs under ``scripts/launcher.sh`` (torchrun): RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT come from the environment, the backend is NCCL on CUDA and
+gloo on CPU, and ``MFTUNE_CLUSTER_TIME_OUT`` (the launcher's CLUSTER_TIME_OUT, seconds) is the
+process-group timeout. The mesh is 2-D ``(dp, tp)``: ``data_parallel`` x ``model_parallel``;
+tensor-parallel groups are consecutive ranks (fast links within a node), as in MindFormers.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+DEFAULT_TIMEOUT_S = 7200  # msrun_launcher.sh's CLUSTER_TIME_OUT
+
+
+@dataclass
+class Dist:
+    """This process's place in the job (one process: rank 0 of 1, no mesh)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mesh: DeviceMesh | None = None  # dims ("dp", "tp")
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) from torchrun's environment, or None outside torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+
+
+def layout_errors(parallel_config, model_config, world_size: int | None) -> list[str]:
+    """Every reason this (data_parallel, model_parallel) layout cannot run this model, as
+    ``"<key>=<value> is invalid: <why>. <fix>"`` lines (empty when it can)."""
+    dp, mp = parallel_config.data_parallel, parallel_config.model_parallel
+    errors = []
+    if world_size is None:
+        errors.append("use_parallel=True is invalid: the process was not started by torchrun (RANK and "
+                      "WORLD_SIZE are not set). Start it with bash scripts/launcher.sh \"run_finetune.py "
+                      "...\" N, or pass --use_parallel False for one process.")
+    elif dp * mp != world_size:
+        errors.append(f"parallel_config.data_parallel x model_parallel={dp}x{mp}={dp * mp} is invalid: the "
+                      f"job has {world_size} processes. Set data_parallel x model_parallel = {world_size} "
+                      f"(e.g. data_parallel: {world_size // mp if world_size % mp == 0 else world_size}"
+                      f"{', model_parallel: ' + str(mp) if world_size % mp == 0 else ', model_parallel: 1'}).")
+    if mp > 1:
+        m = model_config
+        rules = [("model.model_config.num_heads", m.num_heads, "attention heads are split over model_parallel"),
+                 ("model.model_config.n_kv_heads", m.n_kv_heads, "key/value heads are split over model_parallel"),
+                 ("FFN hidden size (from intermediate_size / ffn_dim_multiplier / multiple_of)",
+                  m.ffn_hidden_size, "w1/w3 outputs and w2 inputs are split over model_parallel")]
+        if not parallel_config.vocab_emb_dp:
+            rules.append(("model.model_config.vocab_size", m.vocab_size,
+                          "vocab_emb_dp False splits the embedding and lm_head over the vocabulary"))
+        if parallel_config.use_seq_parallel:
+            rules.append(("model.model_config.seq_length", m.seq_length,
+                          "use_seq_parallel splits activations over the sequence"))
+        for key, value, why in rules:
+            if value % mp:
+                errors.append(f"{key}={value} is invalid: {why}, and it is not divisible by "
+                              f"parallel_config.model_parallel={mp}. Use a model_parallel that divides "
+                              f"{value}" + (" (or vocab_emb_dp: True)" if "vocab" in key else "")
+                              + (" (or use_seq_parallel: False)" if "seq_length" in key else "") + ".")
+        if m.tie_word_embeddings:
+            errors.append("model.model_config.tie_word_embeddings=True is invalid with model_parallel > 1: "
+                          "tied embeddings are not tensor-parallel yet. Use model_parallel: 1.")
+    return errors
+
+
+def init_distributed(parallel_config) -> Dist:
+    """Join the process group and build the (dp, tp) mesh. Call after ``layout_errors`` is empty."""
+    rank, world_size, local_rank = env_world()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    timeout = datetime.timedelta(seconds=int(os.environ.get("MFTUNE_CLUSTER_TIME_OUT", DEFAULT_TIMEOUT_S)))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout,
+                                device_id=device if device.type == "cuda" else None)
+    dp, mp = parallel_config.data_parallel, parallel_config.model_parallel
+    mesh = init_device_mesh(device.type, (dp, mp), mesh_dim_names=("dp", "tp"))
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device, mesh=mesh,
+                dp_rank=mesh.get_local_rank("dp"), dp_size=dp, tp_size=mp)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

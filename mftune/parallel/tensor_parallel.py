@@ -1,0 +1,125 @@
+"""Tensor and sequence parallelism of a plain ``LlamaForCausalLM`` (Megatron layout, with DTensor).
+
+Per decoder layer: wq/wk/wv and w1/w3 are column-parallel (weight ``Shard(0)``: each rank computes
+its own heads / FFN columns), wo and w2 row-parallel (weight ``Shard(1)``; the partial sums are
+all-reduced, or reduce-scattered over the sequence with sequence parallel). A LoRA layer's factors
+follow its base layer (STYLE #2): column-parallel base -> A ``[r, in]`` replicated, B ``[out, r]``
+``Shard(0)``; row-parallel base -> A ``Shard(1)``, B replicated. Replicated factors get identical
+values on every rank (same init and same all-reduced gradients).
+
+``vocab_emb_dp: False`` shards the embedding and lm_head over the vocabulary; the logits stay
+sharded (a DTensor) and the loss is computed under ``loss_parallel()`` without gathering them.
+``vocab_emb_dp: True`` (MindFormers' default) keeps both replicated, as MindFormers does.
+
+``use_seq_parallel: True`` keeps the residual stream split over the sequence (``Shard(1)``) between
+the attention/FFN blocks: the norms run on sequence shards, the blocks all-gather their input and
+reduce-scatter their output. Every parameter becomes a DTensor on the ``tp`` mesh (replicated ones
+too), so FSDP2 and the optimizer see one kind of parameter.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
+from torch.distributed.tensor.parallel.style import ParallelStyle
+
+from mftune.pet.lora import LoRALinear
+
+LORA_A, LORA_B = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
+
+
+class PlaceParams(ParallelStyle):
+    """Place a module's own parameters, convert its first input to ``desired_input`` and its output
+    to ``output`` (a local tensor unless ``use_local_output=False``).
+
+    What torch's Colwise/RowwiseParallel do for ``nn.Linear``, for modules they do not know:
+    ``LoRALinear`` (several parameters with different placements), ``LlamaEmbedding`` (parameter
+    ``embedding_weight``) and replicated layers.
+    """
+
+    def __init__(self, params: dict[str, Placement], *, input: Placement = Replicate(),
+                 desired_input: Placement = Replicate(), output: Placement = Replicate(),
+                 use_local_output: bool = True):
+        super().__init__()
+        self.params, self.input, self.desired_input = params, input, desired_input
+        self.output, self.use_local_output = output, use_local_output
+
+    def _partition(self, name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        for pname, placement in self.params.items():
+            param = getattr(module, pname, None)
+            if param is None or isinstance(param, DTensor):
+                continue
+            dparam = nn.Parameter(distribute_tensor(param.data, mesh, [placement]),
+                                  requires_grad=param.requires_grad)
+            module.register_parameter(pname, dparam)
+
+    def _prepare_input(self, module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, (self.input,), run_check=False)
+        if x.placements != (self.desired_input,):
+            x = x.redistribute(placements=(self.desired_input,))
+        return (x, *inputs[1:])
+
+    def _prepare_output(self, module: nn.Module, out: DTensor, mesh: DeviceMesh):
+        if out.placements != (self.output,):
+            out = out.redistribute(placements=(self.output,))
+        return out.to_local() if self.use_local_output else out
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, device_mesh,
+                                 lambda name, mod, mesh: self._partition(name, mod, mesh) if mod is module else None,
+                                 self._prepare_input, self._prepare_output)
+
+
+def colwise(module: nn.Module) -> ParallelStyle:
+    """Column parallel: replicated input, output sharded on its last dim (local)."""
+    if isinstance(module, LoRALinear):
+        return PlaceParams({"weight": Shard(0), "bias": Shard(0), LORA_A: Replicate(), LORA_B: Shard(0)},
+                           output=Shard(-1))
+    return ColwiseParallel()
+
+
+def rowwise(module: nn.Module, output: Placement) -> ParallelStyle:
+    """Row parallel: input sharded on its last dim, partial sums reduced to ``output`` (local)."""
+    if isinstance(module, LoRALinear):
+        return PlaceParams({"weight": Shard(1), "bias": Replicate(), LORA_A: Shard(1), LORA_B: Replicate()},
+                           input=Shard(-1), desired_input=Shard(-1), output=output)
+    return RowwiseParallel(output_layouts=output)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel: bool,
+                          seq_parallel: bool) -> None:
+    """Shard ``model`` (a ``LlamaForCausalLM``, LoRA applied or not, on any device incl. meta) in place."""
+    stream = Shard(1) if seq_parallel else Replicate()  # layout of the residual stream between blocks
+
+    def norm() -> ParallelStyle:
+        return SequenceParallel() if seq_parallel else PlaceParams({"weight": Replicate()})
+
+    def gather_input(n_extra: int) -> ParallelStyle:  # all-gather the sequence once per block
+        return PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * n_extra,
+                                  desired_input_layouts=(Replicate(),) + (None,) * n_extra,
+                                  use_local_output=True)
+
+    top = {"model.tok_embeddings": PlaceParams({"embedding_weight": Shard(0) if vocab_parallel else Replicate()},
+                                               output=stream),
+           "model.norm_out": norm()}
+    if vocab_parallel:  # logits stay a vocab-sharded DTensor for loss_parallel()
+        top["lm_head"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
+    else:
+        top["lm_head"] = PlaceParams({"weight": Replicate()}, input=stream, desired_input=Replicate())
+    parallelize_module(model, tp_mesh, top)
+
+    for layer in model.model.layers:
+        attn, ffn = layer.attention, layer.feed_forward
+        plan = {"attention_norm": norm(), "ffn_norm": norm(),
+                "attention.wq": colwise(attn.wq), "attention.wk": colwise(attn.wk),
+                "attention.wv": colwise(attn.wv), "attention.wo": rowwise(attn.wo, stream),
+                "feed_forward.w1": colwise(ffn.w1), "feed_forward.w3": colwise(ffn.w3),
+                "feed_forward.w2": rowwise(ffn.w2, stream)}
+        if seq_parallel:
+            plan["attention"] = gather_input(2)  # forward(x, cos, sin)
+            plan["feed_forward"] = gather_input(0)
+        parallelize_module(layer, tp_mesh, plan)
