@@ -5,8 +5,10 @@ where it is tested. The four positional forms and their defaults are msrun_launc
 The launcher validates them, prints msrun's "Running Command:" and "Please check log files in"
 lines, then starts
 
-    python -m torch.distributed.run --nnodes N --nproc-per-node LOCAL_WORKER --node-rank R
+    python -m mftune.launch --torchrun --nnodes N --nproc-per-node LOCAL_WORKER --node-rank R
         --master-addr ADDR --master-port PORT -m mftune.launch --worker LOG_DIR script args...
+
+(``--torchrun`` is ``python -m torch.distributed.run`` without its traceback dump on failure)
 
 with MFTUNE_CLUSTER_TIME_OUT exported (seconds; the trainer's process-group timeout). torchrun sets
 RANK/WORLD_SIZE, so msrun's RANK_ID/RANK_SIZE are not needed. Each worker (``--worker``) points fds
@@ -164,8 +166,9 @@ def parse_args(argv: Sequence[str]) -> LaunchArgs:
 
 
 def build_command(args: LaunchArgs) -> list[str]:
-    """The torchrun argv. LOG_DIR is made absolute so workers agree on it whatever their cwd."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(args.nnodes),
+    """The torchrun argv (run through ``--torchrun``, see ``run_torchrun``). LOG_DIR is made
+    absolute so workers agree on it whatever their cwd."""
+    return [sys.executable, "-m", "mftune.launch", "--torchrun", "--nnodes", str(args.nnodes),
             "--nproc-per-node", str(args.local_worker), "--node-rank", str(args.node_rank),
             "--master-addr", args.master_addr, "--master-port", str(args.master_port),
             "-m", "mftune.launch", "--worker", os.path.abspath(args.log_dir),
@@ -269,9 +272,33 @@ def run_worker(log_dir: str, script: str, script_args: Sequence[str], rank: str)
     return code
 
 
+def run_torchrun(torchrun_args: Sequence[str]) -> int:
+    """torchrun (``torch.distributed.run``) with its arguments, minus its failure dump.
+
+    torchrun's own ``main`` prints a Python traceback and a table of every rank on any failure;
+    the failing rank has already written its message and log tail to the console (``run_worker``),
+    so this prints one line naming the first failed rank instead.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args as torchrun_parse_args
+    from torch.distributed.run import run
+
+    try:
+        run(torchrun_parse_args(list(torchrun_args)))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        print(f"mftune launcher: the job failed; first failure: rank {rank} (exit {failure.exitcode})",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of launcher.sh (launcher mode) and of torchrun's workers (``--worker``)."""
+    """Entry point of launcher.sh (launcher mode), of torchrun (``--torchrun``) and of its
+    workers (``--worker``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--torchrun"]:
+        return run_torchrun(argv[1:])
     if argv[:1] == ["--worker"]:
         if len(argv) < 3 or "RANK" not in os.environ:
             print("error: --worker LOG_DIR script [args...] is run by torchrun (RANK must be set); "

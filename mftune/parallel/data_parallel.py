@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from mftune.parallel.layout import local
+from mftune.parallel.layout import is_split, local
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, compute_dtype: torch.dtype) -> None:
@@ -38,6 +38,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, compute_dtype: torch.dtype
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)  # sum over dp (see the module docstring)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
 
 
 def all_reduce_grads(params: list[nn.Parameter], dp_group: dist.ProcessGroup) -> None:
@@ -80,7 +81,7 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
             continue
         key: tuple = ()
         if isinstance(g, DTensor):
-            key = (g.device_mesh, tuple(i for i, pl in enumerate(g.placements) if pl.is_shard()))
+            key = (g.device_mesh, tuple(i for i, pl in enumerate(g.placements) if is_split(pl)))
         sq = local(g).detach().float().pow(2).sum()
         device = sq.device
         buckets.setdefault(key, []).append(sq)

@@ -12,12 +12,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Placement
+
+try:  # FSDP2 over tensor parallel marks its dp split as _StridedShard, which is not a Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:  # pragma: no cover - older torch
+    _StridedShard = ()
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """The tensor this rank holds (``to_local()`` of a DTensor; the tensor itself otherwise)."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def is_split(placement: Placement) -> bool:
+    """Whether ``placement`` splits the tensor over its mesh dim (``Shard`` or FSDP2's ``_StridedShard``)."""
+    return placement.is_shard() or isinstance(placement, _StridedShard)
 
 
 def local_block(t: torch.Tensor) -> tuple[slice, ...]:
@@ -33,7 +43,7 @@ def local_block(t: torch.Tensor) -> tuple[slice, ...]:
         mesh, coords = t.device_mesh, t.device_mesh.get_coordinate()
         for mesh_dim in reversed(range(mesh.ndim)):
             placement = t.placements[mesh_dim]
-            if not placement.is_shard():
+            if not is_split(placement):
                 continue
             dim, parts, index = placement.dim % t.ndim, mesh.size(mesh_dim), coords[mesh_dim]
             lo, hi = ranges[dim]

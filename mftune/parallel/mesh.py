@@ -55,10 +55,11 @@ def layout_errors(parallel_config, model_config, world_size: int | None) -> list
                       "WORLD_SIZE are not set). Start it with bash scripts/launcher.sh \"run_finetune.py "
                       "...\" N, or pass --use_parallel False for one process.")
     elif dp * mp != world_size:
+        fit = (world_size // mp, mp) if world_size % mp == 0 else (world_size, 1)
         errors.append(f"parallel_config.data_parallel x model_parallel={dp}x{mp}={dp * mp} is invalid: the "
-                      f"job has {world_size} processes. Set data_parallel x model_parallel = {world_size} "
-                      f"(e.g. data_parallel: {world_size // mp if world_size % mp == 0 else world_size}"
-                      f"{', model_parallel: ' + str(mp) if world_size % mp == 0 else ', model_parallel: 1'}).")
+                      f"launcher started {world_size} processes. Set them so that the product is "
+                      f"{world_size} (e.g. --parallel_config.data_parallel {fit[0]} "
+                      f"--parallel_config.model_parallel {fit[1]}), or start {dp * mp} processes.")
     if mp > 1:
         m = model_config
         rules = [("model.model_config.num_heads", m.num_heads, "attention heads are split over model_parallel"),

@@ -1,0 +1,178 @@
+"""Multi-rank training (torchrun + gloo on CPU) against one process, and the layout checks.
+
+Expected numbers come from a one-process run of the same config, global batch and seed
+(bench/parallel_parity.py has the setup and the tolerance's justification; it runs every layout,
+this file a representative subset: 8 ranks single-node, 8 ranks as two 4-rank "nodes", and a
+full-parameter run).
+"""
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import parallel_parity as pp  # noqa: E402
+
+from mftune.config import ParallelConfig  # noqa: E402
+from mftune.models.llama import LlamaConfig  # noqa: E402
+from mftune.parallel.data_parallel import clip_grad_norm_  # noqa: E402
+from mftune.parallel.mesh import layout_errors  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    """Config, data and base checkpoint, plus the one-process reference runs (LoRA and full)."""
+    d = str(tmp_path_factory.mktemp("parity"))
+    config = pp.make_workdir(d)
+    refs = {}
+    for run_mode in ("finetune", "train"):
+        out = os.path.join(d, f"{run_mode}-single")
+        r = pp.run_single(config, run_mode, out)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        refs[run_mode] = (pp.losses(out), pp.losses(out, "global_norm"))
+    return d, config, refs
+
+
+def _check_parity(refs, run_mode, out, r):
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ref_loss, ref_norm = refs[run_mode]
+    assert len(ref_loss) == pp.STEPS
+    assert pp.compare(ref_loss, pp.losses(out)) <= pp.RTOL, (ref_loss, pp.losses(out))
+    assert pp.compare(ref_norm, pp.losses(out, "global_norm")) <= pp.RTOL
+
+
+def test_8_ranks_dp2_mp4_match_one_process_and_log_per_rank(parity):
+    d, config, refs = parity
+    out = os.path.join(d, "2x4")
+    r = pp.run_layout(config, "finetune", out, 2, 4, pp.ALL_OFF)
+    _check_parity(refs, "finetune", out, r)
+    assert "Running Command:" in r.stdout and "Please check log files in" in r.stdout
+    logs = os.path.join(out, "msrun_log")
+    assert sorted(os.listdir(logs)) == [f"worker_{i}.log" for i in range(8)]
+    with open(os.path.join(logs, "worker_0.log")) as f:
+        rank0 = f.read()
+    assert rank0.count("{ Epoch:[  1/  1], step:[") == pp.STEPS  # MFLossMonitor lines on rank 0
+    assert "model_parallel=4" in rank0
+    # every rank saved its own shards (step 4 and the final step 6), with meta.json last
+    for rank in range(8):
+        ckpt_dir = os.path.join(out, "checkpoint", f"rank_{rank}")
+        with open(os.path.join(ckpt_dir, "meta.json")) as f:
+            assert json.load(f)["last_step"] == pp.STEPS
+        assert len(glob.glob(os.path.join(ckpt_dir, f"*_rank_{rank}-1_*.safetensors"))) == 2
+
+
+def test_two_node_form_with_every_option_matches_one_process(parity):
+    """Two launcher calls (NODE_RANK 0 and 1, 4 ranks each) on this machine; (dp, mp) = (4, 2)
+    with FSDP2, sequence parallel, vocab-parallel embedding/lm_head and recompute."""
+    d, config, refs = parity
+    out = os.path.join(d, "4x2-2nodes")
+    r = pp.run_layout(config, "finetune", out, 4, 2, pp.ALL_ON, nodes=2)
+    _check_parity(refs, "finetune", out, r)
+    assert "Please run this script on other nodes with different node_rank" in r.stdout
+    assert sorted(os.listdir(os.path.join(out, "msrun_log"))) == [f"worker_{i}.log" for i in range(8)]
+
+
+def test_full_parameter_training_dp2_mp2_matches_one_process(parity):
+    """run_mode train: embedding, norms, lm_head and every Linear train, so their sharded and
+    replicated gradients (vocab-parallel, sequence-parallel norms) are all compared."""
+    d, config, refs = parity
+    out = os.path.join(d, "train-2x2")
+    world_order = " ".join(pp._args(config, "train", out, 2, 2, pp.ALL_ON))
+    r = subprocess.run(["bash", "scripts/launcher.sh", world_order, "4", str(pp.free_port()),
+                        os.path.join(out, "msrun_log"), "True", "600"], cwd=ROOT, capture_output=True, text=True)
+    _check_parity(refs, "train", out, r)
+
+
+def test_use_parallel_without_launcher_is_a_clear_error(parity):
+    _, config, _ = parity
+    r = subprocess.run([sys.executable, "run_finetune.py", "--config", config, "--run_mode", "finetune",
+                        "--use_parallel", "True"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "use_parallel=True is invalid" in r.stderr and "scripts/launcher.sh" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_launcher_with_use_parallel_false_is_refused(parity):
+    _, config, _ = parity
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")
+    r = subprocess.run([sys.executable, "run_finetune.py", "--config", config, "--run_mode", "finetune",
+                        "--use_parallel", "False"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "--use_parallel True" in r.stderr
+
+
+def _model(**kw) -> LlamaConfig:
+    base = dict(pp.MODEL)
+    base.update(kw)
+    return LlamaConfig.from_dict(base)
+
+
+@pytest.mark.parametrize("layout, model, world, expect", [
+    ((4, 2), {}, 8, []),
+    ((4, 4), {}, 8, ["data_parallel x model_parallel=4x4=16 is invalid"]),
+    ((1, 3), {}, 3, ["num_heads=8", "n_kv_heads=8", "FFN hidden size", "vocab_size=1000"]),
+    ((1, 8), {"num_heads": 8, "n_kv_heads": 2}, 8, ["n_kv_heads=2 is invalid"]),
+    ((2, 4), {"vocab_size": 1002}, 8, ["vocab_size=1002 is invalid"]),
+    ((2, 4), {"tie_word_embeddings": True}, 8, ["tie_word_embeddings=True is invalid"]),
+    ((8, 1), {"vocab_size": 1002, "n_kv_heads": 2}, 8, []),  # no tensor parallel: no rule
+])
+def test_layout_errors_name_the_key_and_the_fix(layout, model, world, expect):
+    pc = ParallelConfig(data_parallel=layout[0], model_parallel=layout[1], vocab_emb_dp=False)
+    errors = layout_errors(pc, _model(**model), world)
+    assert len(errors) == len(expect), errors
+    for error, want in zip(errors, expect):
+        assert want in error and ("Use" in error or "Set" in error), error
+
+
+def test_sequence_parallel_needs_divisible_seq_length():
+    pc = ParallelConfig(data_parallel=1, model_parallel=8, use_seq_parallel=True)
+    errors = layout_errors(pc, _model(seq_length=100), 8)
+    assert len(errors) == 1 and "seq_length=100" in errors[0] and "use_seq_parallel: False" in errors[0]
+
+
+def test_clip_grad_norm_matches_torch_on_plain_tensors():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 3
+    ref = [p.grad.clone() for p in params]
+    torch_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, g in zip(torch_params, ref):
+        p.grad = g.clone()
+    torch_norm = torch.nn.utils.clip_grad_norm_(torch_params, 1.0)
+    norm = clip_grad_norm_(params, 1.0)
+    assert norm > 1.0 and math.isclose(norm, float(torch_norm), rel_tol=1e-6)
+    for p, q in zip(params, torch_params):
+        torch.testing.assert_close(p.grad, q.grad)
+    for p in params:
+        p.grad[0, 0] = float("nan")
+    assert not math.isfinite(clip_grad_norm_(params, 1.0))
+
+
+FP16 = {"model.model_config.compute_dtype": "float16", "model.model_config.param_init_type": "float16",
+        "runner_wrapper.scale_sense.type": "DynamicLossScaleUpdateCell",
+        "runner_wrapper.scale_sense.loss_scale_value": 1024, "runner_wrapper.scale_sense.scale_factor": 2,
+        "runner_wrapper.scale_sense.scale_window": 2}
+
+
+def test_fp16_with_dynamic_loss_scale_on_2_fsdp_ranks(parity):
+    """float16 compute, fp32 masters, DynamicLossScaleUpdateCell: the loss scale doubles every
+    scale_window clean steps on every rank as in one process, and the losses agree to fp16
+    rounding (1e-3: half-precision matmuls summed in a different order)."""
+    d, config, _ = parity
+    single, multi = os.path.join(d, "fp16-single"), os.path.join(d, "fp16-2x1")
+    args = pp._args(config, "finetune", single, 1, 1, FP16)
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    options = dict(FP16, **{"parallel.enable_parallel_optimizer": True})
+    order = " ".join(pp._args(config, "finetune", multi, 2, 1, options))
+    r = subprocess.run(["bash", "scripts/launcher.sh", order, "2", str(pp.free_port()),
+                        os.path.join(multi, "msrun_log"), "True", "600"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert pp.losses(multi, "loss_scale") == pp.losses(single, "loss_scale") == [1024, 1024, 2048, 2048, 4096, 4096]
+    assert pp.compare(pp.losses(single), pp.losses(multi)) < 1e-3
