@@ -1,17 +1,18 @@
 """Peak host memory (RSS) per rank while loading a Llama2-7B-shaped checkpoint on 8 CPU ranks.
 
     python bench/load_memory.py --make-checkpoint /tmp/mftune-rss/llama2_7b_bf16.safetensors
-    python bench/load_memory.py --checkpoint /tmp/mftune-rss/llama2_7b_bf16.safetensors
+    python bench/load_memory.py --checkpoint /tmp/mftune-rss/llama2_7b_bf16.safetensors  # the YAML's layout
+    python bench/load_memory.py --checkpoint /tmp/mftune-rss/llama2_7b_bf16.safetensors --vocab-emb-dp False
     python bench/load_memory.py --make-checkpoint /tmp/mftune-rss/l2.safetensors --layers 2   # smoke
     python bench/load_memory.py --checkpoint /tmp/mftune-rss/l2.safetensors --layers 2
 
 ``--make-checkpoint`` writes a complete mftune checkpoint (safetensors, MindFormers names, the
 model_config in the header as ``mftune.checkpoint.io.save_complete`` puts it) with the shapes of
 ``configs/llama2/lora_llama2_7b.yaml``'s model_config, param_init_type bfloat16, and random bf16
-values. The file is written by hand, streaming: header first, then one tensor at a time, so the
-writer holds at most one tensor (the 262 MB embedding) instead of the 13.5 GB model.
+values. The file is written by hand, streaming: header first, then the tensors' bytes generated and
+written 64 MB at a time, so the writer holds ~0.1 GB besides torch instead of the 13.5 GB model.
 
-The default mode re-launches itself under torchrun (``--nproc`` ranks, gloo on CPU). Every rank
+The default mode re-launches itself under torchrun (``--ranks`` ranks, gloo on CPU). Every rank
 runs the trainer's real path, ``mftune.trainer.main.build_model``: meta build -> LoRA (the 7B
 YAML's pet_config) -> tensor parallel (data_parallel 1, model_parallel 8) -> ``to_empty`` ->
 ``load_checkpoint`` (each rank reads only its block, tensor by tensor). Each rank reports its
@@ -42,7 +43,7 @@ sys.path.insert(0, ROOT)
 CONFIG = os.path.join(ROOT, "configs", "llama2", "lora_llama2_7b.yaml")
 GB = 1e9
 CHUNK_ELEMENTS = 32 * 2 ** 20  # the checkpoint writer generates and writes 64 MB at a time
-PER_RANK_OVERHEAD_GUESS = 0.6 * GB  # private memory of a rank besides its share (python, torch, gloo, transients)
+PER_RANK_OVERHEAD_GUESS = 0.6 * GB  # a rank's memory besides its share (python, torch, gloo, transients)
 
 
 def _mem() -> dict[str, int]:
@@ -227,28 +228,34 @@ def launch(args) -> int:
     logging.getLogger("mftune").setLevel(logging.WARNING)
     path = os.path.abspath(args.checkpoint)
     meta = read_metadata(path).get("model_config") or {}
-    if meta.get("num_layers") != args.layers:
+    if not isinstance(meta.get("num_layers"), int) or meta["num_layers"] < args.layers:
         print(f"{path} holds a model with num_layers={meta.get('num_layers')}; pass --layers "
-              f"{meta.get('num_layers')} (or make a checkpoint with --layers {args.layers})", file=sys.stderr)
+              f"{meta.get('num_layers')} or less (or make a checkpoint with --layers {args.layers})",
+              file=sys.stderr)
         return 2
+    if meta["num_layers"] > args.layers:  # the first layers only; load_checkpoint warns about the rest
+        print(f"note: loading the first {args.layers} of the checkpoint's {meta['num_layers']} layers")
     model_config = LlamaConfig.from_dict(load_cfg(args, path).model.model_config)
     share = estimate_share(args, model_config)
     need = args.ranks * (share + PER_RANK_OVERHEAD_GUESS) + 0.3 * GB  # + torchrun itself
     avail = _mem_available()
-    print(f"estimate: {args.ranks} ranks x ({share / GB:.2f} GB share + {PER_RANK_OVERHEAD_GUESS / GB:.1f} GB) "
-          f"+ torchrun = {need / GB:.1f} GB; MemAvailable {avail / GB:.1f} GB", flush=True)
+    print(f"estimate: {args.ranks} ranks x ({share / GB:.2f} GB share + "
+          f"{PER_RANK_OVERHEAD_GUESS / GB:.1f} GB) + torchrun = {need / GB:.1f} GB; "
+          f"MemAvailable {avail / GB:.1f} GB", flush=True)
     if need > avail and not args.force:
         print(f"refused: the {args.ranks} ranks would not fit in the available memory "
               f"({need / GB:.1f} GB needed, {avail / GB:.1f} GB available). Free memory, use "
-              f"--vocab-emb-dp False (vocab-parallel embedding/lm_head), or pass --force.", file=sys.stderr)
+              f"--vocab-emb-dp False (vocab-parallel embedding/lm_head), or pass --force.",
+              file=sys.stderr)
         return 3
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(args.ranks),
-            "--master-addr", "127.0.0.1", "--master-port", str(port), os.path.abspath(__file__),
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+            "--nproc-per-node", str(args.ranks), "--master-addr", "127.0.0.1", "--master-port", str(port),
+            os.path.abspath(__file__),
             "--checkpoint", path, "--ranks", str(args.ranks), "--layers", str(args.layers),
             "--vocab-emb-dp", str(args.vocab_emb_dp)]
     if args.json:
@@ -330,7 +337,6 @@ def worker(args) -> int:
     t_proc = time.perf_counter()
     import logging
 
-    import torch
     import torch.distributed as dist
 
     from mftune.models.llama import LlamaConfig
@@ -358,15 +364,17 @@ def worker(args) -> int:
     sampler.join()
     after = _mem()
     ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    share = share_lora = 0
+    share = share_lora = full = 0
     dtypes = {}
     for name, p in model.named_parameters():
         t = local(p)
         size = t.numel() * t.element_size()
         share += size
+        full += p.numel() * t.element_size()  # the whole (global) tensor
         if "lora" in name:
             share_lora += size
-        dtypes[str(t.dtype).replace("torch.", "")] = dtypes.get(str(t.dtype).replace("torch.", ""), 0) + size
+        dtype = str(t.dtype).replace("torch.", "")
+        dtypes[dtype] = dtypes.get(dtype, 0) + size
     tp_rank = dist_info.mesh.get_local_rank("tp")
     try:
         checked = verify_slices(model, os.path.abspath(args.checkpoint), tp_rank, dist_info.tp_size,
@@ -374,7 +382,8 @@ def worker(args) -> int:
         verified = f"ok ({len(checked)} tensors)"
     except AssertionError as exc:
         verified = f"FAILED: {exc}"
-    row = {"rank": dist_info.rank, "share": share, "share_lora": share_lora, "dtypes": dtypes,
+    row = {"rank": dist_info.rank, "share": share, "full_model": full, "share_lora": share_lora,
+           "dtypes": dtypes,
            "baseline_rss": base["VmRSS"], "baseline_hwm": base["VmHWM"],
            "baseline_anon": base["RssAnon"], "baseline_file": base["RssFile"],
            "peak": after["VmHWM"], "ru_maxrss": ru_maxrss, "rss_after": after["VmRSS"],
@@ -394,26 +403,29 @@ def report(rows: list[dict], args, cfg) -> None:
     ckpt = os.path.getsize(os.path.abspath(args.checkpoint))
     g = lambda b: f"{b / GB:6.2f}"  # noqa: E731
     pc = cfg.parallel_config
-    print(f"\nLoad of {args.checkpoint} ({ckpt / GB:.2f} GB, {args.layers} layers) on {len(rows)} CPU ranks: "
-          f"data_parallel {pc.data_parallel}, model_parallel {pc.model_parallel}, vocab_emb_dp "
+    print(f"\nLoad of {args.checkpoint} ({ckpt / GB:.2f} GB, {args.layers} layers) on {len(rows)} CPU "
+          f"ranks: data_parallel {pc.data_parallel}, model_parallel {pc.model_parallel}, vocab_emb_dp "
           f"{pc.vocab_emb_dp}, LoRA {cfg.model.model_config['pet_config']['target_modules']} rank "
           f"{cfg.model.model_config['pet_config']['lora_rank']}, bf16 base weights, fp32 LoRA")
     print("GB = 1e9 bytes. share = bytes of the rank's local parameters; peak = VmHWM (= ru_maxrss); "
           "baseline = RSS after import torch + process group, before the model; "
           "extra = peak - share - baseline")
-    print(f"{'rank':>4} {'share':>6} {'base':>6} {'peak':>6} {'peak/share':>10} {'peak-share':>10} {'extra':>6} "
-          f"{'ru_maxrss':>9} {'rss_now':>7} {'anon_max':>8} {'file_max':>8} {'load_s':>6}  slices")
+    print(f"{'rank':>4} {'share':>6} {'base':>6} {'peak':>6} {'peak/share':>10} {'peak-share':>10} "
+          f"{'extra':>6} {'ru_maxrss':>9} {'rss_now':>7} {'anon_max':>8} {'file_max':>8} "
+          f"{'load_s':>6}  slices")
     for r in rows:
         print(f"{r['rank']:>4} {g(r['share'])} {g(r['baseline_rss'])} {g(r['peak'])} "
               f"{r['peak'] / r['share']:>10.2f} {g(r['peak'] - r['share']):>10} "
-              f"{g(r['peak'] - r['share'] - r['baseline_rss'])} {g(r['ru_maxrss']):>9} {g(r['rss_after']):>7} "
-              f"{g(r['max_anon_sampled']):>8} {g(r['max_file_sampled']):>8} {r['load_s']:>6.1f}  {r['verified']}")
+              f"{g(r['peak'] - r['share'] - r['baseline_rss'])} {g(r['ru_maxrss']):>9} "
+              f"{g(r['rss_after']):>7} {g(r['max_anon_sampled']):>8} {g(r['max_file_sampled']):>8} "
+              f"{r['load_s']:>6.1f}  {r['verified']}")
     worst = max(rows, key=lambda r: r["peak"] - 1.5 * r["share"] - r["baseline_rss"])
     overhead = max(r["peak"] - r["share"] for r in rows)
     base = max(r["baseline_rss"] for r in rows)
     print(f"\nbaseline RSS (fixed overhead: python + torch + mftune imports + gloo): "
           f"{min(r['baseline_rss'] for r in rows) / GB:.2f}-{base / GB:.2f} GB "
-          f"(anon {rows[0]['baseline_anon'] / GB:.2f}, file-backed {rows[0]['baseline_file'] / GB:.2f} on rank 0)")
+          f"(anon {rows[0]['baseline_anon'] / GB:.2f}, file-backed {rows[0]['baseline_file'] / GB:.2f} "
+          f"on rank 0)")
     print(f"max overhead peak - share: {overhead / GB:.2f} GB; LoRA part of the share: "
           f"{rows[0]['share_lora'] / GB:.3f} GB; dtypes (rank 0): "
           + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in rows[0]["dtypes"].items()))
@@ -422,11 +434,15 @@ def report(rows: list[dict], args, cfg) -> None:
           f"{worst['rank']}: peak {worst['peak'] / GB:.2f} GB vs 1.5 x {worst['share'] / GB:.2f} + "
           f"{worst['baseline_rss'] / GB:.2f} = {(1.5 * worst['share'] + worst['baseline_rss']) / GB:.2f} GB)")
     mean_peak = sum(r["peak"] for r in rows) / len(rows)
+    naive = rows[0]["full_model"]  # every parameter whole: base bf16 + LoRA fp32
     print(f"naive per-rank load (safetensors.torch.load_file / from_pretrained: the whole model in every "
-          f"process) holds >= {ckpt / GB:.2f} GB per rank, {len(rows) * ckpt / GB:.1f} GB for {len(rows)} ranks; "
-          f"ours: mean peak {mean_peak / GB:.2f} GB per rank = {mean_peak / ckpt:.3f} x that "
-          f"({sum(r['peak'] for r in rows) / GB:.1f} GB summed peaks)")
-    print("slices verified" if all(r["verified"].startswith("ok") for r in rows) else "slice verification FAILED")
+          f"process) holds >= {naive / GB:.2f} GB of parameters per rank "
+          f"({len(rows) * naive / GB:.1f} GB for {len(rows)} ranks) plus the same baseline; ours: mean peak "
+          f"{mean_peak / GB:.2f} GB per rank = "
+          f"{mean_peak / naive:.3f} x the naive parameters alone, {mean_peak / (naive + base):.3f} x naive + "
+          f"baseline ({sum(r['peak'] for r in rows) / GB:.1f} GB summed peaks)")
+    verified = all(r["verified"].startswith("ok") for r in rows)
+    print("slices verified" if verified else "slice verification FAILED")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"checkpoint_bytes": ckpt, "rows": rows}, f, indent=1)

@@ -6,7 +6,8 @@ Builds a tiny Llama2 (8 heads, 8 kv heads, FFN 176, vocab 1000, seq 96: every si
 a random base checkpoint and a random token dataset, then runs run_finetune.py once in one process
 and, through ``scripts/launcher.sh``, on 8 CPU ranks (gloo) for (8,1), (4,2), (2,4), (1,8), each
 with everything off and with enable_parallel_optimizer + use_seq_parallel + vocab-parallel
-embedding/lm_head (vocab_emb_dp False) + recompute on, for LoRA (finetune) and full-parameter
+embedding/lm_head (vocab_emb_dp False) + recompute + 2 gradient-accumulation steps (where the
+batch allows) on, for LoRA (finetune) and full-parameter
 (train) runs. The global batch (8 sequences) and the seed are the same everywhere, so the
 metrics.jsonl losses and gradient norms must agree; the tolerance is ``RTOL``.
 
@@ -97,9 +98,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _args(config: str, run_mode: str, out: str, dp: int, mp: int, options: dict) -> list[str]:
+def _args(config: str, run_mode: str, out: str, dp: int, mp: int, options: dict,
+          grad_accum: int = 1) -> list[str]:
+    """run_finetune.py's arguments for a global batch of GLOBAL_BATCH = batch_size x dp x grad_accum."""
     args = ["run_finetune.py", "--config", config, "--run_mode", run_mode, "--output_dir", out,
-            "--batch_size", str(GLOBAL_BATCH // dp)]
+            "--batch_size", str(GLOBAL_BATCH // (dp * grad_accum)),
+            "--gradient_accumulation_steps", str(grad_accum)]
     if dp * mp > 1:
         args += ["--use_parallel", "True", "--parallel_config.data_parallel", str(dp),
                  "--parallel_config.model_parallel", str(mp)]
@@ -116,10 +120,10 @@ def run_single(config: str, run_mode: str, out: str) -> subprocess.CompletedProc
 
 
 def run_layout(config: str, run_mode: str, out: str, dp: int, mp: int, options: dict,
-               nodes: int = 1) -> subprocess.CompletedProcess:
-    """8 ranks through scripts/launcher.sh; ``nodes=2`` runs the multi-node form twice on this
-    machine (NODE_RANK 0 and 1, world/2 ranks each) and returns node 0's result."""
-    order = " ".join(_args(config, run_mode, out, dp, mp, options))
+               nodes: int = 1, grad_accum: int = 1) -> subprocess.CompletedProcess:
+    """dp x mp ranks through scripts/launcher.sh; ``nodes=2`` runs the multi-node form twice on
+    this machine (NODE_RANK 0 and 1, world/2 ranks each) and returns both nodes' output."""
+    order = " ".join(_args(config, run_mode, out, dp, mp, options, grad_accum))
     world, port, logs = dp * mp, str(free_port()), os.path.join(out, "msrun_log")
     if nodes == 1:
         return subprocess.run(["bash", "scripts/launcher.sh", order, str(world), port, logs, "True", "600"],
@@ -171,7 +175,8 @@ def main() -> int:
                     continue
                 out = os.path.join(d, f"{run_mode}-{dp}x{mp}-{name.replace(' ', '_')}")
                 start = time.time()
-                r = run_layout(config, run_mode, out, dp, mp, options)
+                grad_accum = 2 if options is ALL_ON and GLOBAL_BATCH // dp >= 2 else 1
+                r = run_layout(config, run_mode, out, dp, mp, options, grad_accum=grad_accum)
                 diff = compare(ref, losses(out)) if r.returncode == 0 else float("inf")
                 norm_diff = compare(ref_norm, losses(out, "global_norm")) if r.returncode == 0 else float("inf")
                 ok = max(diff, norm_diff) <= RTOL

@@ -19,8 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import parallel_parity as pp  # noqa: E402
 
+from mftune.checkpoint.io import CheckpointError, load_checkpoint, load_tensors, read_metadata  # noqa: E402
 from mftune.config import ParallelConfig  # noqa: E402
-from mftune.models.llama import LlamaConfig  # noqa: E402
+from mftune.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from mftune.parallel.data_parallel import clip_grad_norm_  # noqa: E402
 from mftune.parallel.mesh import layout_errors  # noqa: E402
 
@@ -49,8 +50,8 @@ def _check_parity(refs, run_mode, out, r):
 
 def test_8_ranks_dp2_mp4_match_one_process_and_log_per_rank(parity):
     d, config, refs = parity
-    out = os.path.join(d, "2x4")
-    r = pp.run_layout(config, "finetune", out, 2, 4, pp.ALL_OFF)
+    out = os.path.join(d, "2x4")  # gradients all-reduced (no FSDP2), 2 accumulation steps
+    r = pp.run_layout(config, "finetune", out, 2, 4, pp.ALL_OFF, grad_accum=2)
     _check_parity(refs, "finetune", out, r)
     assert "Running Command:" in r.stdout and "Please check log files in" in r.stdout
     logs = os.path.join(out, "msrun_log")
@@ -59,20 +60,53 @@ def test_8_ranks_dp2_mp4_match_one_process_and_log_per_rank(parity):
         rank0 = f.read()
     assert rank0.count("{ Epoch:[  1/  1], step:[") == pp.STEPS  # MFLossMonitor lines on rank 0
     assert "model_parallel=4" in rank0
-    # every rank saved its own shards (step 4 and the final step 6), with meta.json last
+    # every rank saved its own shards (step 4 and the final step 6), with meta.json last, and
+    # says which block of each sharded tensor it holds
+    finals = []
     for rank in range(8):
         ckpt_dir = os.path.join(out, "checkpoint", f"rank_{rank}")
         with open(os.path.join(ckpt_dir, "meta.json")) as f:
-            assert json.load(f)["last_step"] == pp.STEPS
+            meta = json.load(f)
+        assert meta["last_step"] == pp.STEPS
         assert len(glob.glob(os.path.join(ckpt_dir, f"*_rank_{rank}-1_*.safetensors"))) == 2
+        finals.append(os.path.join(ckpt_dir, meta["last_ckpt_file"]))
+    _check_shards(finals, tp=4)
+
+
+def _check_shards(files, tp):
+    """Reassemble the adapters of data-parallel rank 0's tensor-parallel group (ranks 0..tp-1):
+    the blocks tile each global tensor, replicated factors (wq's A, wo's B) are identical on every
+    rank, and every data-parallel replica holds the same values."""
+    a, b = "model.layers.0.attention.wq.mindpet_delta_lora_a", "model.layers.0.attention.wq.mindpet_delta_lora_b"
+    wo_a, wo_b = (n.replace(".wq.", ".wo.") for n in (a, b))
+    tensors = [load_tensors(f) for f in files]
+    shards = [read_metadata(f)["shards"] for f in files]
+    assert [s["rank"] for s in shards] == list(range(len(files)))
+    for name, split_dim in ((b, 0), (wo_a, 1), (f"adam_m.{b}", 0)):
+        info = shards[0]["tensors"][name]
+        full = torch.zeros(info["global_shape"])
+        for rank in range(tp):
+            block = tuple(slice(lo, hi) for lo, hi in shards[rank]["tensors"][name]["block"])
+            full[block] = tensors[rank][name]
+        assert full.shape[split_dim] == sum(t[name].shape[split_dim] for t in tensors[:tp])
+        assert torch.count_nonzero(full) > 0.9 * full.numel()  # every block was trained and filled
+    for name in (a, wo_b, f"adam_v.{a}"):
+        assert name not in shards[0]["tensors"]  # replicated: held whole
+        for rank in range(1, len(files)):
+            torch.testing.assert_close(tensors[rank][name], tensors[0][name], rtol=0, atol=0)
+    for rank in range(tp, len(files)):  # the next data-parallel replica
+        torch.testing.assert_close(tensors[rank][b], tensors[rank - tp][b], rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="one rank's shards"):
+        load_checkpoint(LlamaForCausalLM(dict(pp.MODEL)), files[0])
 
 
 def test_two_node_form_with_every_option_matches_one_process(parity):
     """Two launcher calls (NODE_RANK 0 and 1, 4 ranks each) on this machine; (dp, mp) = (4, 2)
-    with FSDP2, sequence parallel, vocab-parallel embedding/lm_head and recompute."""
+    with FSDP2, sequence parallel, vocab-parallel embedding/lm_head, recompute and 2
+    gradient-accumulation steps (batch_size 1 x dp 4 x 2 = the reference's 8)."""
     d, config, refs = parity
     out = os.path.join(d, "4x2-2nodes")
-    r = pp.run_layout(config, "finetune", out, 4, 2, pp.ALL_ON, nodes=2)
+    r = pp.run_layout(config, "finetune", out, 4, 2, pp.ALL_ON, nodes=2, grad_accum=2)
     _check_parity(refs, "finetune", out, r)
     assert "Please run this script on other nodes with different node_rank" in r.stdout
     assert sorted(os.listdir(os.path.join(out, "msrun_log"))) == [f"worker_{i}.log" for i in range(8)]
@@ -123,7 +157,7 @@ def _model(**kw) -> LlamaConfig:
 ])
 def test_layout_errors_name_the_key_and_the_fix(layout, model, world, expect):
     pc = ParallelConfig(data_parallel=layout[0], model_parallel=layout[1], vocab_emb_dp=False)
-    errors = layout_errors(pc, _model(**model), world)
+    errors = layout_errors(pc, _model(**model), (0, world, 0))
     assert len(errors) == len(expect), errors
     for error, want in zip(errors, expect):
         assert want in error and ("Use" in error or "Set" in error), error
@@ -131,7 +165,7 @@ def test_layout_errors_name_the_key_and_the_fix(layout, model, world, expect):
 
 def test_sequence_parallel_needs_divisible_seq_length():
     pc = ParallelConfig(data_parallel=1, model_parallel=8, use_seq_parallel=True)
-    errors = layout_errors(pc, _model(seq_length=100), 8)
+    errors = layout_errors(pc, _model(seq_length=100), (0, 8, 0))
     assert len(errors) == 1 and "seq_length=100" in errors[0] and "use_seq_parallel: False" in errors[0]
 
 

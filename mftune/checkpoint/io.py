@@ -117,6 +117,12 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
             f"load_checkpoint={path} is a directory: this version loads one complete mftune "
             f".safetensors file. Pass one file, e.g. the last_ckpt_file named in a checkpoint "
             f"folder's meta.json.")
+    if "shards" in read_metadata(path):
+        raise CheckpointError(
+            f"checkpoint {path} holds one rank's shards of a distributed checkpoint (saved with "
+            f"model_parallel or FSDP2); this version loads complete files only. Load the complete "
+            f"base checkpoint the run started from (its path is in the file's base_checkpoint "
+            f"metadata).")
     groups: dict[tuple, list[str]] = {}  # tied names share one group
     state = model.state_dict()
     for name, tensor in state.items():

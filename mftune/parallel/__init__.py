@@ -13,30 +13,30 @@ import torch
 from torch import nn
 
 from mftune.parallel.data_parallel import apply_fsdp
-from mftune.parallel.mesh import Dist
+from mftune.parallel.mesh import ParallelContext
 from mftune.parallel.recompute import apply_recompute
 from mftune.parallel.tensor_parallel import apply_tensor_parallel
 
 logger = logging.getLogger("mftune")
 
 
-def parallelize(model: nn.Module, dist: Dist, *, vocab_emb_dp: bool, use_seq_parallel: bool,
+def parallelize(model: nn.Module, ctx: ParallelContext, *, vocab_emb_dp: bool, use_seq_parallel: bool,
                 parallel_optimizer: bool, recompute: bool, compute_dtype: torch.dtype) -> None:
-    """Apply the layout of ``dist.mesh`` (dims ``dp``, ``tp``) to ``model`` in place."""
-    if dist.tp_size > 1:
+    """Apply the layout of ``ctx.mesh`` (dims ``dp``, ``tp``) to ``model`` in place."""
+    if ctx.tp_size > 1:
         frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-        apply_tensor_parallel(model, dist.mesh["tp"], vocab_parallel=not vocab_emb_dp,
+        apply_tensor_parallel(model, ctx.mesh["tp"], vocab_parallel=not vocab_emb_dp,
                               seq_parallel=use_seq_parallel)
         for name, p in model.named_parameters():  # torch's SequenceParallel re-creates norm
             p.requires_grad_(name not in frozen)  # weights as trainable Parameters
     if recompute:
         logger.info("Recompute: activation checkpointing of %d decoder layers",
                     apply_recompute(model.model.layers))
-    fsdp = parallel_optimizer and dist.dp_size > 1
+    fsdp = parallel_optimizer and ctx.dp_size > 1
     if fsdp:
-        apply_fsdp(model, dist.mesh["dp"], compute_dtype)
+        apply_fsdp(model, ctx.mesh["dp"], compute_dtype)
     logger.info("Parallel layout: data_parallel=%d (%s), model_parallel=%d (%s%s)",
-                dist.dp_size, "FSDP2: weights, gradients and optimizer state sharded" if fsdp
-                else "replicas, gradient all-reduce", dist.tp_size,
+                ctx.dp_size, "FSDP2: weights, gradients and optimizer state sharded" if fsdp
+                else "replicas, gradient all-reduce", ctx.tp_size,
                 "vocab-parallel embedding/lm_head" if not vocab_emb_dp else "replicated embedding/lm_head",
-                ", sequence parallel" if use_seq_parallel and dist.tp_size > 1 else "")
+                ", sequence parallel" if use_seq_parallel and ctx.tp_size > 1 else "")

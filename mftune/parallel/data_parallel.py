@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from mftune.parallel.layout import is_split, local
@@ -31,12 +31,15 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, compute_dtype: torch.dtype
     Parameters are all-gathered in ``compute_dtype`` (so fp32 adapters and bf16 frozen weights can
     share a layer); gradients are reduce-scattered in float32.
     """
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # cast_forward_inputs=False: autocast casts what it must; FSDP2 would otherwise round the
+    # float32 RoPE tables passed to every layer to compute_dtype, unlike one process.
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
     for layer in model.model.layers:
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
     for module in model.modules():
-        if hasattr(module, "set_gradient_divide_factor"):
+        if isinstance(module, FSDPModule):  # torch >= 2.8 (setup.cfg)
             module.set_gradient_divide_factor(1.0)  # sum over dp (see the module docstring)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
 

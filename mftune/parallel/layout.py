@@ -56,6 +56,18 @@ def local_block(t: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(lo, hi) for lo, hi in ranges)
 
 
+def shard_layout(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """``{name: {"global_shape", "block"}}`` for the tensors of which this rank holds only a part
+    (empty when every tensor is held whole): what a per-rank checkpoint file records so that its
+    shards can be put back together."""
+    out = {}
+    for name, t in tensors.items():
+        block = [[s.start, s.stop] for s in local_block(t)]
+        if any(hi - lo != n for (lo, hi), n in zip(block, t.shape)):
+            out[name] = {"global_shape": list(t.shape), "block": block}
+    return out
+
+
 @torch.no_grad()
 def fill_from_full(param: torch.Tensor, init: Callable[[torch.Tensor], object]) -> None:
     """Initialise ``param`` as ``init`` would initialise the full tensor on the CPU.

@@ -16,11 +16,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from mftune.config import ParallelConfig
+from mftune.models.llama import LlamaConfig
+
 DEFAULT_TIMEOUT_S = 7200  # msrun_launcher.sh's CLUSTER_TIME_OUT
 
 
 @dataclass
-class Dist:
+class ParallelContext:
     """This process's place in the job (one process: rank 0 of 1, no mesh)."""
 
     rank: int = 0
@@ -45,11 +48,18 @@ def env_world() -> tuple[int, int, int] | None:
             int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
 
 
-def layout_errors(parallel_config, model_config, world_size: int | None) -> list[str]:
+def layout_errors(parallel_config: ParallelConfig, model_config: LlamaConfig,
+                  world: tuple[int, int, int] | None) -> list[str]:
     """Every reason this (data_parallel, model_parallel) layout cannot run this model, as
-    ``"<key>=<value> is invalid: <why>. <fix>"`` lines (empty when it can)."""
+    ``"<key>=<value> is invalid: <why>. <fix>"`` lines (empty when it can). ``world`` is
+    ``env_world()``: None outside torchrun."""
     dp, mp = parallel_config.data_parallel, parallel_config.model_parallel
+    world_size = world[1] if world else None
     errors = []
+    if world and torch.cuda.is_available() and world[2] >= torch.cuda.device_count():
+        errors.append(f"LOCAL_RANK={world[2]} is invalid: this node has {torch.cuda.device_count()} GPUs. "
+                      f"Start at most {torch.cuda.device_count()} workers per node (the launcher's "
+                      f"WORKER_NUM, or LOCAL_WORKER in the multi-node form).")
     if world_size is None:
         errors.append("use_parallel=True is invalid: the process was not started by torchrun (RANK and "
                       "WORLD_SIZE are not set). Start it with bash scripts/launcher.sh \"run_finetune.py "
@@ -84,7 +94,7 @@ def layout_errors(parallel_config, model_config, world_size: int | None) -> list
     return errors
 
 
-def init_distributed(parallel_config) -> Dist:
+def init_distributed(parallel_config) -> ParallelContext:
     """Join the process group and build the (dp, tp) mesh. Call after ``layout_errors`` is empty."""
     rank, world_size, local_rank = env_world()
     if torch.cuda.is_available():
@@ -98,8 +108,23 @@ def init_distributed(parallel_config) -> Dist:
                                 device_id=device if device.type == "cuda" else None)
     dp, mp = parallel_config.data_parallel, parallel_config.model_parallel
     mesh = init_device_mesh(device.type, (dp, mp), mesh_dim_names=("dp", "tp"))
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device, mesh=mesh,
+    return ParallelContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, mesh=mesh,
                 dp_rank=mesh.get_local_rank("dp"), dp_size=dp, tp_size=mp)
+
+
+def seed_ranks(seed: int, ctx: ParallelContext) -> None:
+    """Seed what happens after initialisation (dropout): ``seed + dp_rank``, so data-parallel ranks
+    draw independent masks for their different samples while the ranks of a tensor-parallel group
+    draw the same ones (a replicated LoRA input must be dropped identically on each of them).
+
+    On CUDA with tensor parallel, DTensor's RNG tracker is created here, once, without the state
+    broadcast it would otherwise run lazily in the middle of the first forward (which activation
+    checkpointing's recompute would not replay).
+    """
+    torch.manual_seed(seed + ctx.dp_rank)
+    if ctx.tp_size > 1 and ctx.device.type == "cuda":
+        from torch.distributed.tensor._random import manual_seed  # torchtitan's set_determinism does this
+        manual_seed(seed + ctx.dp_rank, ctx.mesh["tp"])
 
 
 def shutdown() -> None:

@@ -58,20 +58,27 @@ class PlaceParams(ParallelStyle):
     def _prepare_input(self, module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
         x = inputs[0]
         if not isinstance(x, DTensor):
-            x = DTensor.from_local(x, mesh, (self.input,), run_check=False)
-        if x.placements != (self.desired_input,):
-            x = x.redistribute(placements=(self.desired_input,))
+            x = DTensor.from_local(x, mesh, (_dim(self.input, x.ndim),), run_check=False)
+        desired = _dim(self.desired_input, x.ndim)
+        if x.placements != (desired,):
+            x = x.redistribute(placements=(desired,))
         return (x, *inputs[1:])
 
     def _prepare_output(self, module: nn.Module, out: DTensor, mesh: DeviceMesh):
-        if out.placements != (self.output,):
-            out = out.redistribute(placements=(self.output,))
+        output = _dim(self.output, out.ndim)
+        if out.placements != (output,):
+            out = out.redistribute(placements=(output,))
         return out.to_local() if self.use_local_output else out
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         return distribute_module(module, device_mesh,
                                  lambda name, mod, mesh: self._partition(name, mod, mesh) if mod is module else None,
                                  self._prepare_input, self._prepare_output)
+
+
+def _dim(placement: Placement, ndim: int) -> Placement:
+    """``Shard(-1)`` -> ``Shard(ndim - 1)``: DTensor reports non-negative dims."""
+    return Shard(placement.dim % ndim) if placement.is_shard() and placement.dim < 0 else placement
 
 
 def colwise(module: nn.Module) -> ParallelStyle:

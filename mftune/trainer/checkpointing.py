@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mftune.checkpoint.io import save_complete, unique_state_dict
-from mftune.parallel.layout import local
+from mftune.parallel.layout import local, shard_layout
 
 logger = logging.getLogger("mftune")
 
@@ -57,13 +57,20 @@ class CheckpointMonitor:
         start = time.time()
         logger.info("......Saving ckpt......")
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        # Each rank writes the block it holds (a DTensor's local shard; replicated tensors in full).
+        # Each rank writes the block it holds (a DTensor's local shard; replicated tensors in full)
+        # and, when some tensor is only a part, which part (global shape and index block).
+        sharded = shard_layout(trainable)
         tensors: dict[str, torch.Tensor] = {n: local(p.detach()) for n, p in trainable.items()}
         state = optimizer.state
         for name, param in trainable.items():
             if param in state and "exp_avg" in state[param]:
                 tensors[f"adam_m.{name}"] = local(state[param]["exp_avg"]).float()
                 tensors[f"adam_v.{name}"] = local(state[param]["exp_avg_sq"]).float()
+                if name in sharded:
+                    sharded[f"adam_m.{name}"] = sharded[f"adam_v.{name}"] = sharded[name]
+        base_metadata = extra_metadata
+        if sharded:
+            extra_metadata = {**extra_metadata, "shards": {"rank": self.rank, "tensors": sharded}}
         counters = {"epoch_num": epoch, "step_num": step_in_epoch, "global_step": global_step,
                     "global_batch_size": global_batch_size,
                     "consumed_samples": global_step * global_batch_size}
@@ -77,8 +84,10 @@ class CheckpointMonitor:
         self._prune()
         if self.save_network_params:
             net = os.path.join(self.network_dir, f"{self.prefix}-network.safetensors")
+            net_sharded = shard_layout(model.state_dict())
             save_complete(net, unique_state_dict(model), model_config=model_config,
-                          extra_metadata=extra_metadata)
+                          extra_metadata={**base_metadata, "shards": {"rank": self.rank, "tensors": net_sharded}}
+                          if net_sharded else base_metadata)
         if self.save_trainable_params:
             tr = os.path.join(self.trainable_dir, f"{self.prefix}-trainable_params.safetensors")
             save_complete(tr, {n: local(p.detach()) for n, p in trainable.items()},

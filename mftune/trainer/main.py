@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
@@ -28,11 +27,12 @@ from mftune.models.llama import LlamaConfig, LlamaForCausalLM, to_dtype
 from mftune.parallel import parallelize
 from mftune.parallel.data_parallel import all_reduce_grads, clip_grad_norm_, settle_grads
 from mftune.parallel.layout import fill_from_full, local
-from mftune.parallel.mesh import Dist, env_world, init_distributed, layout_errors, shutdown
+from mftune.parallel.mesh import (ParallelContext, env_world, init_distributed, layout_errors, seed_ranks,
+                                  shutdown)
 from mftune.parallel.recompute import apply_recompute
 from mftune.pet import get_pet_model, init_lora_weights, trainable_summary
 from mftune.trainer.checkpointing import CheckpointMonitor
-from mftune.trainer.monitor import LossMonitor, StepStats, plot_loss_curve, read_losses
+from mftune.trainer.monitor import LossMonitor, StepStats, fresh_metrics_file, progress_bar, report
 from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
 
 logger = logging.getLogger("mftune")
@@ -73,14 +73,14 @@ def main(cfg: MFConfig) -> int:
     _check_supported(cfg)
     model_config = LlamaConfig.from_dict(cfg.model.model_config)
     world = _check_launch(cfg, model_config)  # before any heavy work or collective
-    dist_info = init_distributed(cfg.parallel_config) if world else Dist(device=_default_device())
+    dist_info = init_distributed(cfg.parallel_config) if world else ParallelContext(device=_default_device())
     try:
         return _run(cfg, model_config, dist_info)
     finally:
         shutdown()
 
 
-def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: Dist) -> int:
+def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -> int:
     output_dir = os.path.abspath(cfg.output_dir)
     try:
         os.makedirs(output_dir, exist_ok=True)
@@ -95,6 +95,7 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: Dist) -> int:
 
     data = build_data(cfg, model_config, dist_info)  # cheap checks first: no model is built for bad data
     model, pet_config, base_info = build_model(cfg, model_config, dist_info)
+    seed_ranks(cfg.seed, dist_info)  # dropout: independent per data-parallel rank
     runner = cfg.runner_config
     schedule = build_schedule(cfg.lr_schedule, cfg.optimizer, data.steps_per_epoch, runner.epochs)
     try:
@@ -102,7 +103,7 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: Dist) -> int:
     except ValueError as exc:  # nothing left to train (freeze_include)
         raise UserError(str(exc)) from None
     scaler = LossScaler(cfg.runner_wrapper)
-    metrics_path = _fresh_metrics_file(output_dir) if dist_info.is_main else None
+    metrics_path = fresh_metrics_file(output_dir) if dist_info.is_main else None
     loss_cb = cfg.callback("MFLossMonitor")
     monitor = LossMonitor(metrics_path, epochs=runner.epochs, steps_per_epoch=data.steps_per_epoch,
                           world_size=dist_info.world_size, device=device, sink_mode=runner.sink_mode,
@@ -127,13 +128,13 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: Dist) -> int:
     step = functools.partial(_train_step, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg,
                              dist_info=dist_info)
     total_steps = runner.epochs * data.steps_per_epoch
-    with _progress_bar(total_steps if dist_info.is_main else 0) as progress:
+    with progress_bar(total_steps if dist_info.is_main else 0) as progress:
         global_step = train_loop(step, schedule, data, cfg, device, monitor, progress, scaler,
                                  save if saver else None)
     if saver and saver.last_step != global_step and global_step:
         save(epoch=runner.epochs, step_in_epoch=data.steps_per_epoch, global_step=global_step)
     if dist_info.is_main:
-        _report(output_dir, metrics_path, saver)
+        report(output_dir, metrics_path, saver)
     return 0
 
 
@@ -153,7 +154,7 @@ def _check_launch(cfg: MFConfig, model_config: LlamaConfig) -> tuple[int, int, i
                 f"parallel_config so that data_parallel x model_parallel = {world[1]}), or run "
                 f"python run_finetune.py ... without the launcher.")
         return None
-    errors = layout_errors(cfg.parallel_config, model_config, world[1] if world else None)
+    errors = layout_errors(cfg.parallel_config, model_config, world)
     if errors:
         raise ConfigError(errors)
     return world
@@ -183,7 +184,7 @@ def _check_supported(cfg: MFConfig) -> None:
 
 
 def build_model(cfg: MFConfig, model_config: LlamaConfig,
-                dist_info: Dist) -> tuple[LlamaForCausalLM, dict | None, dict]:
+                dist_info: ParallelContext) -> tuple[LlamaForCausalLM, dict | None, dict]:
     """Build on the meta device, apply PET (finetune only), parallelize, materialise, then fill the
     weights from the checkpoint (each rank reads only its block) or initialise them (drawn as one
     process would). Trainable parameters are float32 (master weights); frozen ones stay in
@@ -229,7 +230,7 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig,
     return model, pet_config, base_info
 
 
-def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: Dist) -> TrainData:
+def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -> TrainData:
     """This data-parallel rank's part of every global batch (batch_size x data_parallel x
     gradient_accumulation_steps sequences), checked against the model's seq_length."""
     runner, loader_cfg = cfg.runner_config, cfg.train_dataset.data_loader
@@ -297,7 +298,7 @@ def train_loop(step, schedule, data, cfg, device, monitor, progress, scaler, sav
     return global_step
 
 
-def _train_step(micro_batches, lr, *, model, optimizer, scaler, cfg, dist_info: Dist) -> dict:
+def _train_step(micro_batches, lr, *, model, optimizer, scaler, cfg, dist_info: ParallelContext) -> dict:
     """One optimizer step over this rank's micro-batches of a global batch.
 
     The loss is the mean over every supervised token of the global batch (token-weighted, counted
@@ -360,49 +361,3 @@ def _saved_model_config(model_config: LlamaConfig, pet_config: dict | None) -> d
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _fresh_metrics_file(output_dir: str) -> str:
-    """metrics.jsonl of this run; an earlier run's file is kept under a timestamped name."""
-    path = os.path.join(output_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        kept = os.path.join(output_dir, f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-        os.replace(path, kept)
-        logger.info("Kept the previous run's metrics as %s", kept)
-    return path
-
-
-@contextlib.contextmanager
-def _progress_bar(total: int):
-    """A tqdm bar when stderr is a terminal, with log lines printed above it; otherwise a no-op."""
-    if not sys.stderr.isatty():
-        yield _NoBar()
-        return
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-    with logging_redirect_tqdm(loggers=[logger]), tqdm(total=total, desc="train", unit="step",
-                                                          dynamic_ncols=True) as bar:
-        yield bar
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-
-def _report(output_dir: str, metrics_path: str, saver: CheckpointMonitor | None) -> None:
-    png = plot_loss_curve(os.path.join(output_dir, "loss_curve.png"),
-                          {"loss": read_losses(metrics_path)}) if os.path.exists(metrics_path) else None
-    lines = [f"Training finished. Outputs in {output_dir}:",
-             f"  logs:        {os.path.join(output_dir, 'log', 'rank_0', 'info.log')}",
-             f"  metrics:     {metrics_path}"]
-    if saver:
-        lines.append(f"  checkpoints: {saver.dir}"
-                     + (f" (last: {os.path.basename(saver.written[-1])})" if saver.written else ""))
-    if png:
-        lines.append(f"  loss curve:  {png}")
-    lines.append(f"  config:      {os.path.join(output_dir, 'resolved_config.yaml')}")
-    logger.info("\n".join(lines))
-    with open(os.path.join(output_dir, "run_summary.json"), "w") as f:
-        json.dump({"metrics": metrics_path, "loss_curve": png,
-                   "checkpoint": saver.written[-1] if saver and saver.written else None}, f, indent=1)

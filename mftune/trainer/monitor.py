@@ -1,11 +1,15 @@
-"""MFLossMonitor: MindFormers' two log lines per step (reference §8.1), metrics.jsonl, loss curve."""
+"""MFLossMonitor: MindFormers' two log lines per step (reference §8.1), metrics.jsonl, loss curve,
+the progress bar and the end-of-run report."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import os
 import resource
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -134,3 +138,49 @@ def plot_loss_curve(png_path: str, curves: dict[str, list[tuple[int, float]]],
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+def fresh_metrics_file(output_dir: str) -> str:
+    """metrics.jsonl of this run; an earlier run's file is kept under a timestamped name."""
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        kept = os.path.join(output_dir, f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        os.replace(path, kept)
+        logger.info("Kept the previous run's metrics as %s", kept)
+    return path
+
+
+@contextlib.contextmanager
+def progress_bar(total: int):
+    """A tqdm bar when stderr is a terminal, with log lines printed above it; otherwise a no-op."""
+    if not sys.stderr.isatty():
+        yield _NoBar()
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with logging_redirect_tqdm(loggers=[logger]), tqdm(total=total, desc="train", unit="step",
+                                                          dynamic_ncols=True) as bar:
+        yield bar
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def report(output_dir: str, metrics_path: str, saver) -> None:
+    png = plot_loss_curve(os.path.join(output_dir, "loss_curve.png"),
+                          {"loss": read_losses(metrics_path)}) if os.path.exists(metrics_path) else None
+    lines = [f"Training finished. Outputs in {output_dir}:",
+             f"  logs:        {os.path.join(output_dir, 'log', 'rank_0', 'info.log')}",
+             f"  metrics:     {metrics_path}"]
+    if saver:
+        lines.append(f"  checkpoints: {saver.dir}"
+                     + (f" (last: {os.path.basename(saver.written[-1])})" if saver.written else ""))
+    if png:
+        lines.append(f"  loss curve:  {png}")
+    lines.append(f"  config:      {os.path.join(output_dir, 'resolved_config.yaml')}")
+    logger.info("\n".join(lines))
+    with open(os.path.join(output_dir, "run_summary.json"), "w") as f:
+        json.dump({"metrics": metrics_path, "loss_curve": png,
+                   "checkpoint": saver.written[-1] if saver and saver.written else None}, f, indent=1)
