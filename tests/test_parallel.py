@@ -210,3 +210,26 @@ def test_fp16_with_dynamic_loss_scale_on_2_fsdp_ranks(parity):
     assert r.returncode == 0, r.stdout[-3000:]
     assert pp.losses(multi, "loss_scale") == pp.losses(single, "loss_scale") == [1024, 1024, 2048, 2048, 4096, 4096]
     assert pp.compare(pp.losses(single), pp.losses(multi)) < 1e-3
+
+
+def test_fsdp2_in_bf16_computes_what_one_process_computes(tmp_path):
+    """One FSDP2 rank (gloo, in this process) against the plain model under bf16 autocast: the
+    same loss bit for bit. FSDP2 gathers weights in bf16, which autocast would round them to
+    anyway; it must not also round the float32 RoPE tables passed into every layer."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mftune.parallel.data_parallel import apply_fsdp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        cfg = dict(pp.MODEL, compute_dtype="bfloat16", rotary_dtype="float32", seq_length=64)
+        torch.manual_seed(0)
+        plain = LlamaForCausalLM(cfg)
+        sharded = LlamaForCausalLM(cfg)
+        sharded.load_state_dict(plain.state_dict())
+        apply_fsdp(sharded, init_device_mesh("cpu", (1,), mesh_dim_names=("dp",)), torch.bfloat16)
+        ids = torch.randint(0, 1000, (2, 65), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(plain(ids, ids), sharded(ids, ids))
+    finally:
+        dist.destroy_process_group()

@@ -125,6 +125,7 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
         extra_metadata={"run_mode": cfg.run_mode, "pet_config": pet_config,
                         "base_checkpoint": base_info})
 
+    model.train()
     step = functools.partial(_train_step, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg,
                              dist_info=dist_info)
     total_steps = runner.epochs * data.steps_per_epoch
