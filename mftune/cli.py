@@ -76,7 +76,7 @@ _HELP = {
     "eval_dataset_dir": "eval_dataset.data_loader.dataset_dir",
     "predict_data": "predict input: one text (literal \\n becomes a newline) or several texts",
     "predict_batch_size": "predict_batch_size",
-    "load_checkpoint": "weights to start from: a complete mftune .safetensors file",
+    "load_checkpoint": "weights to start from: a .safetensors file, a directory of them, a Hugging Face or PEFT directory, or a distributed (rank_*/) checkpoint",
     "src_strategy_path_or_dir": "strategy of a distributed load_checkpoint (not available in this version)",
     "auto_trans_ckpt": "reshard load_checkpoint (true/false; true: not available in this version)",
     "transform_process_num": "accepted, ignored (resharding needs no worker pool)",

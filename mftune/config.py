@@ -186,7 +186,7 @@ class MFConfig:
 
     seed: int = 0
     output_dir: str = "./output"
-    load_checkpoint: str = ""  # complete mftune .safetensors file (more formats in later issues)
+    load_checkpoint: str = ""  # complete file, directory of files, HF dir, PEFT adapter dir, or rank_*/ dir
     # "later": the trainer of this version exits 2 when it is set (docs/config.md).
     src_strategy_path_or_dir: str = ""  # later: strategy of a distributed load_checkpoint
     auto_trans_ckpt: bool = False  # later: reshard load_checkpoint

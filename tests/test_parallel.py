@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import parallel_parity as pp  # noqa: E402
 
 from mftune.checkpoint.io import CheckpointError, load_checkpoint, load_tensors, read_metadata  # noqa: E402
+from mftune.checkpoint.sources import open_checkpoint  # noqa: E402
 from mftune.config import ParallelConfig  # noqa: E402
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from mftune.parallel.data_parallel import clip_grad_norm_  # noqa: E402
@@ -81,6 +82,7 @@ def _check_shards(files, tp):
     wo_a, wo_b = (n.replace(".wq.", ".wo.") for n in (a, b))
     tensors = [load_tensors(f) for f in files]
     shards = [read_metadata(f)["shards"] for f in files]
+    entries = open_checkpoint(os.path.dirname(os.path.dirname(files[0])))  # the rank_*/ directory
     assert [s["rank"] for s in shards] == list(range(len(files)))
     for name, split_dim in ((b, 0), (wo_a, 1), (f"adam_m.{b}", 0)):
         info = shards[0]["tensors"][name]
@@ -90,6 +92,7 @@ def _check_shards(files, tp):
             full[block] = tensors[rank][name]
         assert full.shape[split_dim] == sum(t[name].shape[split_dim] for t in tensors[:tp])
         assert torch.count_nonzero(full) > 0.9 * full.numel()  # every block was trained and filled
+        assert torch.equal(entries[name].read(tuple(slice(0, n) for n in full.shape)), full)
     for name in (a, wo_b, f"adam_v.{a}"):
         assert name not in shards[0]["tensors"]  # replicated: held whole
         for rank in range(1, len(files)):

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from mftune.checkpoint.sources import CheckpointError, open_checkpoint
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")
@@ -33,8 +34,6 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: the message names the file, the tensor and the fix."""
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
@@ -75,11 +74,18 @@ def read_metadata(path: str) -> dict[str, Any]:
 
 
 def fingerprint(path: str) -> str:
-    """A cheap identity of a safetensors file: sha256 of its size and JSON header (names, shapes, offsets)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = f.read(n)
-    return hashlib.sha256(str(os.path.getsize(path)).encode() + header).hexdigest()[:16]
+    """A cheap identity of a checkpoint: sha256 of each file's name and size and, for safetensors,
+    its JSON header (names, shapes, offsets); a directory hashes its files in name order."""
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{os.path.relpath(file, path)}:{os.path.getsize(file)}".encode())
+        if file.endswith(".safetensors"):
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                digest.update(f.read(n))
+    return digest.hexdigest()[:16]
 
 
 def load_tensors(path: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -103,62 +109,46 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
-    """Load a complete mftune safetensors file into ``model`` in place.
+    """Load ``path`` into ``model`` in place: a complete mftune file, a directory of complete files
+    (loaded together), a Hugging Face directory, a PEFT adapter directory or a distributed
+    checkpoint directory (``mftune.checkpoint.sources``).
 
-    Every base (non-LoRA) parameter of the model must be in the file with the same shape (a tied
-    weight under either of its names); LoRA tensors missing from the file keep their fresh
-    initialisation. Optimizer moments and counters in the file are skipped here (resume restores
-    them). Tensors are read one at a time and cast to the parameter's dtype; a sharded parameter
+    Every base (non-LoRA) parameter of the model must be provided with the same shape (a tied
+    weight under either of its names); LoRA tensors missing from the checkpoint keep their fresh
+    initialisation. Optimizer moments and counters are skipped here (resume restores them).
+    Tensors are read one at a time and cast to the parameter's dtype; a sharded parameter
     (DTensor, FSDP2) reads only the block this rank holds. Returns a report: loaded, fresh_lora,
     unused keys.
     """
-    if os.path.isdir(path):
-        raise CheckpointError(
-            f"load_checkpoint={path} is a directory: this version loads one complete mftune "
-            f".safetensors file. Pass one file, e.g. the last_ckpt_file named in a checkpoint "
-            f"folder's meta.json.")
-    if "shards" in read_metadata(path):
-        raise CheckpointError(
-            f"checkpoint {path} holds one rank's shards of a distributed checkpoint (saved with "
-            f"model_parallel or FSDP2); this version loads complete files only. Load the complete "
-            f"base checkpoint the run started from (its path is in the file's base_checkpoint "
-            f"metadata).")
+    entries = open_checkpoint(path)
     groups: dict[tuple, list[str]] = {}  # tied names share one group
     state = model.state_dict()
     for name, tensor in state.items():
         groups.setdefault(_storage_key(tensor), []).append(name)
-    with _open(path) as f:
-        file_keys = set(f.keys())
-        missing = [names[0] for names in groups.values()
-                   if not file_keys.intersection(names) and LORA_MARK not in names[0]]
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise CheckpointError(
-                f"checkpoint {path} lacks base weights of this model: {shown}. Check that the "
-                f"checkpoint was saved from a model with the same model_config (a LoRA-only "
-                f"checkpoint needs its base checkpoint too).")
-        shapes = {}
-        for names in groups.values():
-            source = next((n for n in names if n in file_keys), None)
-            if source is not None:
-                shapes[source] = tuple(f.get_slice(source).get_shape())
+    missing = [names[0] for names in groups.values()
+               if not entries.keys() & set(names) and LORA_MARK not in names[0]]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(
+            f"checkpoint {path} lacks base weights of this model: {shown}. Check that the "
+            f"checkpoint was saved from a model with the same model_config; a LoRA-only checkpoint "
+            f"needs its base: put both files in one directory and pass the directory.")
     loaded, fresh = [], []
     for names in groups.values():
         target = state[names[0]]
-        source = next((n for n in names if n in file_keys), None)
+        source = next((n for n in names if n in entries), None)
         if source is None:
             fresh.extend(names)
             continue
-        if shapes[source] != tuple(target.shape):
+        entry = entries[source]
+        if entry.shape != tuple(target.shape):
             raise CheckpointError(
-                f"checkpoint {path}: tensor {source} has shape {list(shapes[source])} but the model "
-                f"expects {list(target.shape)}. Use a model_config matching the checkpoint.")
-        # Only this rank's block is read; the file is re-opened per tensor so that its memory
-        # map (and the pages it touched) is released after each one.
-        with safe_open(path, framework="pt") as f, torch.no_grad():
-            local(target).copy_(f.get_slice(source)[local_block(target)].to(target.dtype))
+                f"checkpoint {entry.origin}: tensor {source} has shape {list(entry.shape)} but the "
+                f"model expects {list(target.shape)}. Use a model_config matching the checkpoint.")
+        with torch.no_grad():  # only this rank's block is read
+            local(target).copy_(entry.read(local_block(target)).to(target.dtype))
         loaded.append(source)
-    unused = sorted(k for k in file_keys - set(state)
+    unused = sorted(k for k in entries.keys() - set(state)
                     if not k.startswith(OPTIMIZER_PREFIXES) and k not in SCALAR_KEYS)
     if unused:
         logger.warning("Checkpoint %s has %d tensors this model does not use (e.g. %s)",

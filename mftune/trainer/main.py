@@ -170,13 +170,12 @@ def _check_supported(cfg: MFConfig) -> None:
         "only_save_strategy": cfg.only_save_strategy is True,
         "src_strategy_path_or_dir": bool(cfg.src_strategy_path_or_dir),
         "do_eval": cfg.do_eval is True,
-        "load_checkpoint": bool(cfg.load_checkpoint) and os.path.isdir(cfg.load_checkpoint),
     }
     refused = [f"{key}={getattr(cfg, key)!r}" for key, bad in later.items() if bad]
     if refused:
         raise UserError(
             f"{', '.join(refused)}: not available in this version, which trains (run_mode train "
-            f"or finetune) from a complete mftune checkpoint file. "
+            f"or finetune) without resuming or resharding. "
             f"Remove the setting{'s' if len(refused) > 1 else ''} to run.")
     for key, on in (("parallel.enable_parallel_optimizer", cfg.parallel.enable_parallel_optimizer),
                     ("parallel_config.use_seq_parallel", cfg.parallel_config.use_seq_parallel)):

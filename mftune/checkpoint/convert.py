@@ -1,0 +1,401 @@
+"""Hugging Face Llama directory <-> complete mftune safetensors file, one tensor at a time.
+
+Names and config.json keys translate through ``mftune.checkpoint.names`` (the one table, STYLE #6);
+this module only moves bytes. Invariants:
+- Peak memory is about one tensor (one shard for a non-mmap-able legacy ``.bin``): dtypes and shapes
+  come from file headers, or from a memory-mapped ``torch.load``, so the output header is written
+  first and the tensors follow one by one (safetensors' ``save_file`` wants the whole dict at once).
+- Everything is checked before a byte is written: unknown names (all of them), missing shard files,
+  missing weights and shapes against the model_config.
+- Outputs go to a temporary name, are fsynced and renamed into place; inputs are never modified.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+
+from mftune.checkpoint.io import LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, CheckpointError, read_metadata
+from mftune.checkpoint.names import (hf_config_to_model_config, hf_to_mftune, is_hf_buffer, mftune_to_hf,
+                                     model_config_to_hf_config)
+from mftune.models.llama import LlamaConfig, LlamaForCausalLM, to_dtype
+
+logger = logging.getLogger("mftune")
+
+Spec = tuple[str, torch.dtype, tuple[int, ...]]  # (name, dtype, shape)
+Progress = Callable[[Iterable, int], Iterable]  # (iterable, total) -> the same items, e.g. tqdm
+
+ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL"}
+_FROM_ST = {v: k for k, v in ST_DTYPES.items()}
+# transformers' weight files, in the order it prefers them.
+HF_WEIGHTS = (("model.safetensors.index.json", "safetensors"), ("model.safetensors", "safetensors"),
+              ("pytorch_model.bin.index.json", "bin"), ("pytorch_model.bin", "bin"))
+_HF_OUTPUT = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+EMBEDDING = "model.tok_embeddings.embedding_weight"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_safetensors_streaming(path: str, specs: Sequence[Spec], tensors: Iterable[tuple[str, torch.Tensor]],
+                                metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file whose header is built from ``specs`` before any tensor is read.
+
+    ``tensors`` yields ``(name, tensor)`` in ``specs`` order (e.g. a generator reading one at a time),
+    each checked against its spec. Layout (safetensors'): 8-byte little-endian header length, JSON header
+    (``__metadata__`` str -> str, then per tensor dtype, shape and ``data_offsets`` into the data section)
+    padded with spaces to a multiple of 8, then the raw bytes. Atomic. Returns the number of data bytes.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in specs:
+        if name in header or dtype not in ST_DTYPES:
+            raise CheckpointError(f"tensor {name} ({dtype}) cannot be written to {path}: duplicate name or dtype.")
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            stream = iter(tensors)
+            for spec in specs:
+                name, tensor = next(stream, (None, None))
+                if tensor is None or (name, tensor.dtype, tuple(tensor.shape)) != tuple(spec):
+                    got = None if tensor is None else (name, tensor.dtype, tuple(tensor.shape))
+                    raise CheckpointError(f"writing {path}: expected tensor {spec}, got {got}.")
+                f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            if next(stream, None) is not None:
+                raise CheckpointError(f"writing {path}: more tensors than the {len(specs)} in its header.")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return offset
+
+
+@dataclass
+class HFSource:
+    """A Hugging Face model directory: config.json and its weight files, in reading order."""
+    directory: str
+    config: dict[str, Any]
+    files: list[str]  # absolute paths
+    kind: str  # "safetensors" | "bin"
+    weight_map: dict[str, str] | None  # tensor name -> file name, from the index
+
+
+def find_hf_source(input_path: str) -> HFSource:
+    """Resolve a HF directory, or a weight/index file inside one (MindFormers users pass a file)."""
+    path = os.path.abspath(input_path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"input_path={input_path} is invalid: it does not exist. Pass a Hugging Face "
+                              f"model directory (config.json + weights) or a weight file inside one.")
+    directory, given = (path, "") if os.path.isdir(path) else os.path.split(path)
+    candidates = [(n, k) for n, k in HF_WEIGHTS if os.path.isfile(os.path.join(directory, n))]
+    if given and given != "config.json":
+        kind = "bin" if re.search(r"\.bin(\.index\.json)?$", given) else \
+            "safetensors" if re.search(r"\.safetensors(\.index\.json)?$", given) else None
+        candidates = [(n, k) for n, k in candidates if k == kind]
+    if not os.path.isfile(os.path.join(directory, "config.json")) or not candidates:
+        raise CheckpointError(
+            f"input_path={input_path} is invalid: {directory} needs config.json and one of "
+            f"{', '.join(n for n, _ in HF_WEIGHTS)}. Pass a directory written by transformers' save_pretrained "
+            f"(or downloaded from the Hub), or a weight file inside it.")
+    try:
+        with open(os.path.join(directory, "config.json")) as f:
+            config = json.load(f)
+        name, kind = candidates[0]
+        weight_map = None
+        if name.endswith(".index.json"):
+            with open(os.path.join(directory, name)) as f:
+                weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"input_path={input_path} is invalid: unreadable JSON in {directory} ({exc}).") from None
+    files = list(dict.fromkeys(weight_map.values())) if weight_map else [name]
+    missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+    if missing:
+        raise CheckpointError(f"{os.path.join(directory, name)} lists shard file(s) that are missing: "
+                              f"{', '.join(missing)}. Download them again or pass a complete directory.")
+    return HFSource(directory, config, [os.path.join(directory, f) for f in files], kind, weight_map)
+
+
+def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:  # legacy (pre-zip) torch.save format cannot be memory-mapped
+        if "mmap" not in str(exc):
+            raise CheckpointError(f"{path} is not a readable PyTorch weight file ({exc}).") from None
+        logger.warning("%s is in torch's legacy format: reading the whole file into memory", path)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses arbitrary pickles
+        raise CheckpointError(f"{path} is not a plain tensor state dict ({str(exc).splitlines()[0]}). "
+                              f"Re-save it with transformers' save_pretrained.") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors. Re-save it with save_pretrained.")
+    return sd
+
+
+def _file_specs(path: str, kind: str) -> list[Spec]:
+    """(name, dtype, shape) of every tensor in one weight file, in reading order, without reading data."""
+    if kind == "bin":
+        return [(k, v.dtype, tuple(v.shape)) for k, v in _load_bin(path).items()]
+    with safe_open(path, framework="pt") as f:
+        return [(k, _FROM_ST[f.get_slice(k).get_dtype()], tuple(f.get_slice(k).get_shape())) for k in f.keys()]
+
+
+def _read_file(path: str, kind: str, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time; a safetensors file is re-opened per tensor so that the
+    pages of its memory map are released as we go."""
+    if kind == "bin":
+        sd = _load_bin(path)  # memory-mapped: a tensor's pages are read when it is written out
+        for k in list(sd):
+            yield k, sd.pop(k)
+        return
+    if names is None:
+        with safe_open(path, framework="pt") as f:
+            names = list(f.keys())
+    for k in names:
+        with safe_open(path, framework="pt") as f:
+            yield k, f.get_tensor(k)
+
+
+def iter_hf_tensors(input_path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of every tensor of a HF directory, across its shards, one at a time."""
+    src = find_hf_source(input_path)
+    for path in src.files:
+        yield from _read_file(path, src.kind)
+
+
+def parse_size(size: int | str) -> int:
+    """``5GB`` -> 5 * 10**9, ``2GiB`` -> 2 * 2**30, ``1000`` -> 1000 (transformers' max_shard_size units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+    value = int(float(m[1]) * _UNITS[(m[2] or "B").upper()]) if m else 0
+    if value < 1:
+        raise CheckpointError(f"max_shard_size={size} is invalid: not a positive size. Use e.g. 5GB, 500MB, 2GiB "
+                              f"or a byte count.")
+    return value
+
+
+def _expected_weights(mc: dict[str, Any], where: str) -> tuple[LlamaConfig, dict[str, tuple[int, ...]]]:
+    """The model's weight names and shapes (tied lm_head left out), from a build on the meta device."""
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig.from_dict(mc))
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: its model config is invalid for mftune: {exc}") from None
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return model.config, shapes
+
+
+def _check_weights(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
+    missing = [n for n in expected if n not in found]
+    wrong = [f"{n} {list(found[n])} (model_config: {list(s)})" for n, s in expected.items()
+             if n in found and found[n] != s]
+    if missing or wrong:
+        raise CheckpointError(
+            f"{where} does not match its model config: "
+            + "; ".join(([f"missing {', '.join(missing)}"] if missing else []) + ([f"shape {', '.join(wrong)}"] if wrong else []))
+            + ". Check that the weights and the config belong to the same model (and that no shard is missing).")
+
+
+def _cast(spec_or_tensor, target: torch.dtype | None):
+    if isinstance(spec_or_tensor, torch.Tensor):
+        t = spec_or_tensor
+        return t.to(target) if target is not None and t.is_floating_point() and t.dtype != target else t
+    name, dtype, shape = spec_or_tensor
+    return (name, target if target is not None and dtype.is_floating_point else dtype, shape)
+
+
+def _long(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def convert_hf_to_mftune(input_path: str, output_path: str, dtype: str | None = None,
+                         progress: Progress | None = None) -> dict[str, Any]:
+    """HF Llama directory (or a weight file in it) -> one complete mftune safetensors file.
+
+    The header carries what ``io.save_complete`` writes (``format``, ``mftune_model_config``) plus
+    ``mftune_source``. ``dtype`` casts floating tensors and sets ``param_init_type``; default: keep.
+    Rotary ``inv_freq`` buffers and, when tied, ``lm_head.weight`` are skipped. Returns a report.
+    """
+    start, src = time.perf_counter(), find_hf_source(input_path)
+    out = os.path.abspath(output_path)
+    if out == os.path.abspath(input_path) or out in src.files or os.path.isdir(out):
+        raise CheckpointError(f"output_path={output_path} is invalid: it is the input or a directory. "
+                              f"Name a new .safetensors file.")
+    try:
+        mc = hf_config_to_model_config(src.config)
+    except ValueError as exc:
+        raise CheckpointError(f"{src.directory}/config.json: {exc}") from None
+    target = to_dtype(dtype) if dtype else None
+    if target is not None:
+        mc["param_init_type"] = _long(target)
+    cfg, expected = _expected_weights(mc, src.directory)
+    specs, skipped, unknown, where = [], set(), [], {}
+    for path in src.files:
+        for name, dt, shape in _file_specs(path, src.kind):
+            where[name] = os.path.basename(path)
+            if is_hf_buffer(name) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                skipped.add(name)
+                continue
+            try:
+                specs.append(_cast((hf_to_mftune(name), dt, shape), target))
+            except KeyError:
+                unknown.append(name)
+    if unknown:
+        raise CheckpointError(f"{src.directory} holds {len(unknown)} tensor(s) that are not Llama weights: "
+                              f"{', '.join(unknown)}. mftune converts Llama checkpoints only (names in "
+                              f"mftune/checkpoint/names.py); remove them or use the model's own converter.")
+    absent = [f"{n} ({f})" for n, f in (src.weight_map or {}).items() if where.get(n) != os.path.basename(f)]
+    if absent:
+        raise CheckpointError(f"{src.directory}: the index lists tensors that are not in their shard file: "
+                              f"{', '.join(absent)}. Download the shards again.")
+    _check_weights({n: s for n, _, s in specs}, expected, src.directory)
+    if skipped:
+        logger.info("Skipped %d tensors that are not separate weights (rotary buffers, tied lm_head): %s",
+                    len(skipped), ", ".join(sorted(skipped)))
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        for path in src.files:
+            for name, tensor in _read_file(path, src.kind):
+                if name not in skipped:
+                    yield hf_to_mftune(name), _cast(tensor, target)
+
+    source = {"format": "huggingface", "path": src.directory, "files": [os.path.basename(f) for f in src.files],
+              "dtype": _long(target) if target else "source"}
+    metadata = {"format": "pt", "mftune_model_config": json.dumps(mc, default=str),
+                "mftune_source": json.dumps(source)}
+    items = (progress or (lambda it, total: it))(stream(), len(specs))
+    size = write_safetensors_streaming(out, specs, items, metadata)
+    return {"output": out, "files": [out], "tensors": len(specs), "bytes": size, "skipped": sorted(skipped),
+            "seconds": time.perf_counter() - start}
+
+
+def _plan_shards(specs: list[Spec], limit: int) -> list[list[Spec]]:
+    """transformers' greedy split: a shard is closed when the next tensor would pass ``limit``."""
+    shards: list[list[Spec]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[2]) * spec[1].itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+def _skip_reason(name: str, tie: bool) -> str | None:
+    if name.startswith(OPTIMIZER_PREFIXES):
+        return "optimizer moments (adam_m.*, adam_v.*)"
+    if name in SCALAR_KEYS:
+        return "training counters (epoch_num, step_num, ...)"
+    if LORA_MARK in name:
+        return ("LoRA adapter tensors (*mindpet_delta_lora*): merge it first with scripts/transform_ckpt_lora.py "
+                "or export it with scripts/export_adapter.py")
+    if tie and name == "lm_head.weight":
+        return "tied lm_head.weight (tie_word_embeddings: transformers re-ties it on load)"
+    return None
+
+
+def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int | str = "5GB",
+                         dtype: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Complete mftune file -> HF directory: config.json, ``model.safetensors`` or shards of at most
+    ``max_shard_size`` named ``model-0000i-of-0000N.safetensors`` plus transformers' index. Tensors
+    that are not base weights are skipped with one log line per kind; stale shards of an earlier
+    save in ``output_dir`` are removed (as transformers does) so the new index is the only one."""
+    start, src, out = time.perf_counter(), os.path.abspath(input_path), os.path.abspath(output_dir)
+    if os.path.isdir(src) or os.path.isfile(out) or out == os.path.dirname(src):
+        raise CheckpointError(f"input_path={input_path}, output_path={output_dir} is invalid: reversed conversion "
+                              f"reads one mftune .safetensors file and writes a new directory next to it.")
+    meta, limit = read_metadata(src), parse_size(max_shard_size)
+    if "model_config" not in meta or "shards" in meta:
+        raise CheckpointError(f"input_path={input_path} is invalid: it is not a complete mftune checkpoint (no "
+                              f"mftune_model_config header, or one rank's shards). Pass a file written by "
+                              f"convert_weight.py or a complete checkpoint of run_finetune.py.")
+    mc = dict(meta["model_config"])
+    cfg, expected = _expected_weights(mc, src)
+    with safe_open(src, framework="pt") as f:
+        header = {k: (_FROM_ST[f.get_slice(k).get_dtype()], tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    if cfg.tie_word_embeddings and EMBEDDING not in header and "lm_head.weight" in header:
+        header[EMBEDDING] = header.pop("lm_head.weight")  # the tied tensor saved under its other name
+        source_of = {EMBEDDING: "lm_head.weight"}
+    else:
+        source_of = {}
+    skipped: dict[str, int] = {}
+    for name in header:
+        reason = _skip_reason(name, cfg.tie_word_embeddings)
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+    unknown = [n for n in header if n not in expected and not _skip_reason(n, cfg.tie_word_embeddings)]
+    if unknown:
+        raise CheckpointError(f"{src} holds {len(unknown)} tensor(s) with unknown names: {', '.join(unknown)}. "
+                              f"mftune converts Llama weights (names in mftune/checkpoint/names.py).")
+    _check_weights({n: header[n][1] for n in expected if n in header}, expected, src)
+    for reason, count in skipped.items():
+        logger.info("Skipped %d %s", count, reason)
+    target = to_dtype(dtype) if dtype else None
+    specs = [_cast((mftune_to_hf(n), header[n][0], header[n][1]), target) for n in expected]
+    try:
+        hf_config = model_config_to_hf_config(mc)
+    except ValueError as exc:
+        raise CheckpointError(f"{src}: {exc}") from None
+    dtypes = {d for _, d, _ in specs}
+    if len(dtypes) == 1:
+        hf_config["torch_dtype"] = _long(dtypes.pop())
+    shards = _plan_shards(specs, limit)
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(src, framework="pt") as f:  # re-opened per tensor: its mapped pages are released
+            return _cast(f.get_tensor(source_of.get(name, name)), target)
+
+    stream = iter((progress or (lambda it, total: it))(((mftune_to_hf(n), read(n)) for n in expected), len(specs)))
+    total = sum(write_safetensors_streaming(os.path.join(out, file), shard, itertools.islice(stream, len(shard)),
+                                            {"format": "pt"}) for file, shard in zip(files, shards))
+    next(stream, None)  # lets a progress bar see the end
+    written = [*files, "config.json"]
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: file for file, shard in zip(files, shards) for name, _, _ in shard}}
+        _write_text(os.path.join(out, "model.safetensors.index.json"), json.dumps(index, indent=2, sort_keys=True))
+        written.append("model.safetensors.index.json")
+    _write_text(os.path.join(out, "config.json"), json.dumps(hf_config, indent=2, sort_keys=True))
+    for stale in sorted(set(os.listdir(out)) - set(written)):
+        if _HF_OUTPUT.match(stale):
+            logger.info("Removed %s, left in %s by an earlier save", stale, out)
+            os.remove(os.path.join(out, stale))
+    return {"output": out, "files": [os.path.join(out, f) for f in written], "tensors": len(specs), "bytes": total,
+            "skipped": skipped, "seconds": time.perf_counter() - start}
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,471 @@
+"""mftune LoRA <-> Hugging Face PEFT adapter directories (reference/peft-lora-formats.md §2).
+
+A PEFT LoRA adapter is a directory with ``adapter_config.json`` and ``adapter_model.safetensors``
+(older: ``adapter_model.bin``) holding, per adapted Linear,
+``base_model.model.<HF module>.lora_A.weight`` ``[r, in]`` and ``....lora_B.weight`` ``[out, r]``:
+no adapter name inside the key (peft strips ``.default`` on save and re-inserts it on load).
+mftune's ``mindpet_delta_lora_a``/``_b`` have the same orientation and the same scaling
+``lora_alpha / r`` (PEFT recomputes it from the config, so nothing is baked into B), and RoPE is
+rotate-half on both sides, so converting is a rename: module paths go through
+``names.mftune_to_hf`` / ``names.hf_to_mftune``; the LoRA parameter names through the table below.
+
+mftune applies LoRA inside ``model.layers`` only, with one rank and one alpha, to the same
+module types in every adapted layer (``target_modules`` matches local names, ``exclude_layers``
+removes whole layers or module types). So an adapter is always a grid (layers x module types);
+PEFT says the same with a list ``target_modules`` of leaf names plus ``layers_to_transform``.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mftune.checkpoint.io import (
+    LORA_MARK,
+    OPTIMIZER_PREFIXES,
+    SCALAR_KEYS,
+    CheckpointError,
+    load_tensors,
+    read_metadata,
+)
+from mftune.checkpoint.names import MFTUNE_TO_HF_LAYER, hf_to_mftune, mftune_to_hf
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM.base_model (LoraModel).model (the HF model)
+
+# mftune LoRA parameter (on the adapted module) -> PEFT parameter (on the same HF module).
+MFTUNE_TO_PEFT_PARAM: dict[str, str] = {
+    "mindpet_delta_lora_a": "lora_A.weight",  # [r, in]
+    "mindpet_delta_lora_b": "lora_B.weight",  # [out, r]
+}
+PEFT_TO_MFTUNE_PARAM: dict[str, str] = {v: k for k, v in MFTUNE_TO_PEFT_PARAM.items()}
+
+# The Linear layers inside a decoder layer, in names-table order (wq wk wv wo w1 w2 w3): the only
+# places mftune's get_pet_model can put LoRA.
+LINEAR_LEAVES: tuple[str, ...] = tuple(
+    k[: -len(".weight")] for k in MFTUNE_TO_HF_LAYER if k.startswith(("attention.w", "feed_forward.w")))
+
+_MODULE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+# adapter_config.json fields mftune's LoRA cannot represent -> why. A field counts when its value is
+# truthy (absent, null, false, {} and [] are all "not used").
+UNSUPPORTED_FIELDS: dict[str, str] = {
+    "use_dora": "DoRA adds a magnitude vector that mftune's LoRA layer does not have",
+    "use_rslora": "rsLoRA scales by lora_alpha/sqrt(r), mftune by lora_alpha/r",
+    "modules_to_save": "fully trained extra modules are not LoRA tensors and mftune cannot load them with an adapter",
+    "lora_bias": "mftune's lora_B has no bias",
+    "fan_in_fan_out": "Llama Linear weights are [out, in]; a transposed (Conv1D) layout does not apply",
+    "rank_pattern": "per-module ranks; mftune has one lora_rank",
+    "alpha_pattern": "per-module alphas; mftune has one lora_alpha",
+    "layer_replication": "mftune does not replicate decoder layers",
+    "trainable_token_indices": "mftune does not train embedding rows",
+    "target_parameters": "LoRA on raw parameters (MoE experts) does not exist in mftune",
+    "megatron_config": "Megatron-parallel LoRA layers are not mftune's",
+    "use_qalora": "QA-LoRA pools the input; mftune's LoRA does not",
+    "alora_invocation_tokens": "activated LoRA is not implemented in mftune",
+    "use_bdlora": "BD-LoRA is not implemented in mftune",
+}
+# init_lora_weights values whose adapter only makes sense on a base the init modified (residual W).
+BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+# ----------------------------------------------------------------------------------------------
+# names
+# ----------------------------------------------------------------------------------------------
+
+def mftune_to_peft_name(name: str) -> str:
+    """``model.layers.0.attention.wq.mindpet_delta_lora_a`` ->
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; KeyError if unknown."""
+    module, _, param = name.rpartition(".")
+    if param not in MFTUNE_TO_PEFT_PARAM or not _is_lora_module(module):
+        raise KeyError(f"mftune_to_peft: {name!r} is not an mftune LoRA tensor of a decoder-layer Linear")
+    hf_module = mftune_to_hf(f"{module}.weight")[: -len(".weight")]
+    return f"{PEFT_PREFIX}{hf_module}.{MFTUNE_TO_PEFT_PARAM[param]}"
+
+
+def peft_to_mftune_name(name: str) -> str:
+    """Inverse of ``mftune_to_peft_name``; KeyError if ``name`` is not a LoRA A/B of a decoder-layer Linear."""
+    for peft_param, param in PEFT_TO_MFTUNE_PARAM.items():
+        if name.startswith(PEFT_PREFIX) and name.endswith(f".{peft_param}"):
+            hf_module = name[len(PEFT_PREFIX): -len(peft_param) - 1]
+            try:
+                module = hf_to_mftune(f"{hf_module}.weight")[: -len(".weight")]
+            except KeyError:
+                break
+            if _is_lora_module(module):
+                return f"{module}.{param}"
+            break
+    raise KeyError(f"peft_to_mftune: {name!r} is not a PEFT LoRA tensor (base_model.model.<module>.lora_A.weight / "
+                   f".lora_B.weight) of a Llama decoder-layer Linear")
+
+
+def _is_lora_module(module: str) -> bool:
+    m = _MODULE.match(module)
+    return bool(m) and m.group(2) in LINEAR_LEAVES
+
+
+def _grid(modules: set[str], where: str) -> tuple[list[int], list[str]]:
+    """mftune module paths -> (layer indices, local leaves like ``attention.wq`` in table order).
+
+    A CheckpointError if the modules are not every combination of the two (mftune cannot express that)."""
+    pairs = set()
+    for module in modules:
+        m = _MODULE.match(module)
+        pairs.add((int(m.group(1)), m.group(2)))
+    layers = sorted({i for i, _ in pairs})
+    leaves = [leaf for leaf in LINEAR_LEAVES if any(leaf == p for _, p in pairs)]
+    missing = [f"model.layers.{i}.{leaf}" for i in layers for leaf in leaves if (i, leaf) not in pairs]
+    if missing:
+        raise CheckpointError(
+            f"{where}: the LoRA modules are not the same in every adapted layer (e.g. no adapter on "
+            f"{missing[0]}), which mftune's pet_config (one target_modules for all layers) cannot express. "
+            f"Use an adapter whose layers all carry the same module types.")
+    return layers, leaves
+
+
+def _pair_and_rank(tensors: dict[str, torch.Tensor], where: str) -> tuple[set[str], int]:
+    """Check every module has A ``[r, in]`` and B ``[out, r]`` with one r; returns (modules, r)."""
+    modules = {k.rpartition(".")[0] for k in tensors}
+    ranks = set()
+    for module in sorted(modules):
+        a, b = (tensors.get(f"{module}.{p}") for p in MFTUNE_TO_PEFT_PARAM)
+        if a is None or b is None:
+            half = "mindpet_delta_lora_b (lora_B)" if b is None else "mindpet_delta_lora_a (lora_A)"
+            raise CheckpointError(f"{where}: LoRA module {module} lacks {half}. Use a complete adapter.")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise CheckpointError(
+                f"{where}: LoRA module {module} has A {list(a.shape)} and B {list(b.shape)}; expected "
+                f"A [r, in] and B [out, r] with the same r (empty or 1-D tensors come from saving a "
+                f"sharded model without gathering). Use an unsharded adapter.")
+        ranks.add(a.shape[0])
+    if len(ranks) > 1:
+        raise CheckpointError(f"{where}: LoRA modules have different ranks {sorted(ranks)}; mftune has one "
+                              f"lora_rank. Use an adapter with a single rank.")
+    return modules, ranks.pop()
+
+
+# ----------------------------------------------------------------------------------------------
+# export: mftune LoRA checkpoint -> PEFT adapter directory
+# ----------------------------------------------------------------------------------------------
+
+def export_peft_adapter(src_checkpoint: str, output_dir: str, *, base_model_name_or_path: str | None = None,
+                        overwrite: bool = False, fallback: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the LoRA adapters of the complete mftune checkpoint ``src_checkpoint`` as a PEFT adapter
+    directory ``output_dir``; return the adapter_config written.
+
+    ``lora_rank``/``lora_alpha``/``lora_dropout`` come from the checkpoint's pet_config header; a key
+    missing there is an error unless ``fallback`` gives it (a fallback that contradicts the header is
+    an error too). ``base_model_name_or_path`` defaults to the header's base checkpoint path.
+    The directory appears complete or not at all (written next to it, then renamed); a non-empty
+    ``output_dir`` is replaced only with ``overwrite``. Errors are CheckpointError (user mistakes).
+    """
+    _check_source(src_checkpoint)
+    meta = read_metadata(src_checkpoint)
+    if "shards" in meta:
+        raise CheckpointError(
+            f"src_checkpoint={src_checkpoint} is invalid: it holds one rank's shards of a distributed "
+            f"checkpoint (tensor/pipeline parallel or FSDP2). Exporting distributed checkpoints comes with "
+            f"the distributed-checkpoint work; for now export a checkpoint of a run with model_parallel 1 "
+            f"and no parallel optimizer.")
+    pet_config = meta.get("pet_config") or (meta.get("model_config") or {}).get("pet_config")
+    if not pet_config:
+        raise CheckpointError(
+            f"src_checkpoint={src_checkpoint} is invalid: its header has no pet_config, so it is not a LoRA "
+            f"checkpoint (run_mode {meta.get('run_mode', 'unknown')}). Export a checkpoint written by "
+            f"run_finetune.py --run_mode finetune with a pet_config.")
+    if str(pet_config.get("pet_type", "lora")).lower() != "lora":
+        raise CheckpointError(f"pet_config.pet_type={pet_config['pet_type']!r} is invalid: only LoRA exports to "
+                              f"PEFT. Export a LoRA checkpoint.")
+    hparams = _lora_hparams(pet_config, fallback or {}, src_checkpoint)
+
+    with safe_open(src_checkpoint, framework="pt") as f:
+        keys = list(f.keys())
+    lora_keys = [k for k in keys if LORA_MARK in k and not k.startswith(OPTIMIZER_PREFIXES)]
+    if not lora_keys:
+        raise CheckpointError(f"src_checkpoint={src_checkpoint} is invalid: it holds no LoRA tensors "
+                              f"(*{LORA_MARK}*). Export the checkpoint of a LoRA run.")
+    trained = _trained_base_tensors(keys, pet_config)
+    if trained:
+        raise CheckpointError(
+            f"src_checkpoint={src_checkpoint} is invalid: besides LoRA it holds trained base tensors "
+            f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}; pet_config.freeze_exclude="
+            f"{pet_config.get('freeze_exclude')!r}), which a PEFT LoRA adapter cannot carry. Export from a run "
+            f"that trains only the adapters.")
+    tensors = load_tensors(src_checkpoint, lora_keys)
+    modules, rank = _pair_and_rank(tensors, src_checkpoint)
+    if rank != hparams["lora_rank"]:
+        raise CheckpointError(f"pet_config.lora_rank={hparams['lora_rank']} is invalid: the LoRA tensors of "
+                              f"{src_checkpoint} have rank {rank}. Check the checkpoint and its header.")
+    try:
+        peft_tensors = {mftune_to_peft_name(k): v.contiguous() for k, v in tensors.items()}
+    except KeyError as exc:
+        raise CheckpointError(f"src_checkpoint={src_checkpoint} is invalid: {exc.args[0]}. mftune exports LoRA on "
+                              f"decoder-layer Linear layers (wq wk wv wo w1 w2 w3) only.") from None
+    layers, leaves = _grid(modules, src_checkpoint)
+    num_layers = (meta.get("model_config") or {}).get("num_layers")
+    if num_layers is None:
+        raise CheckpointError(f"model_config.num_layers=None is invalid: {src_checkpoint}'s header does not "
+                              f"record it. Export a checkpoint written by run_finetune.py.")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = (meta.get("base_checkpoint") or {}).get("path") or ""
+    config = peft_adapter_config(hparams, layers, leaves, num_layers, base_model_name_or_path)
+    _write_adapter_dir(output_dir, config, peft_tensors, overwrite)
+    return config
+
+
+def peft_adapter_config(hparams: dict[str, Any], layers: list[int], leaves: list[str], num_layers: int,
+                        base_model_name_or_path: str) -> dict[str, Any]:
+    """adapter_config.json for a LoRA grid (``leaves`` are mftune local names like ``attention.wq``).
+
+    Only fields peft has read since v0.9 (older versions reject unknown keys; newer ones fill in
+    defaults for absent keys without a warning), every one at its neutral value except the LoRA ones.
+    """
+    hf_leaves = [mftune_to_hf(f"model.layers.0.{leaf}.weight").split(".")[-2] for leaf in leaves]
+    partial = layers != list(range(num_layers))
+    return {
+        "alpha_pattern": {},
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": "layers" if partial else None,
+        "layers_to_transform": layers if partial else None,
+        "lora_alpha": hparams["lora_alpha"],
+        "lora_dropout": hparams["lora_dropout"],
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": hparams["lora_rank"],
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": hf_leaves,
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": False,
+    }
+
+
+def _check_source(path: str) -> None:
+    if os.path.isdir(path):
+        if any(re.fullmatch(r"rank_\d+", d) for d in os.listdir(path)):
+            raise CheckpointError(
+                f"src_checkpoint={path} is invalid: it is a distributed checkpoint directory (rank_*/). "
+                f"Exporting distributed checkpoints comes with the distributed-checkpoint work; for now pass "
+                f"one complete .safetensors file.")
+        hint = ""
+        meta_json = os.path.join(path, "meta.json")
+        if os.path.isfile(meta_json):
+            try:
+                with open(meta_json) as f:
+                    hint = f" (the newest here: {os.path.join(path, json.load(f)['last_ckpt_file'])})"
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        raise CheckpointError(f"src_checkpoint={path} is invalid: it is a directory. Pass one checkpoint "
+                              f"file{hint}.")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"src_checkpoint={path} is invalid: no such file. Pass a .safetensors "
+                              f"checkpoint written by run_finetune.py --run_mode finetune.")
+
+
+def _lora_hparams(pet_config: dict, fallback: dict[str, Any], where: str) -> dict[str, Any]:
+    out = {}
+    for key in ("lora_rank", "lora_alpha", "lora_dropout"):
+        recorded, given = pet_config.get(key), fallback.get(key)
+        if recorded is None and given is None:
+            raise CheckpointError(
+                f"pet_config.{key}=None is invalid: {where}'s header does not record it, and the adapter "
+                f"needs it. Pass --{key} with the value the run used (mftune's default applies when the "
+                f"YAML left it out).")
+        if recorded is not None and given is not None and recorded != given:
+            raise CheckpointError(f"--{key}={given} is invalid: {where} records pet_config.{key}={recorded}. "
+                                  f"Drop --{key}.")
+        out[key] = recorded if recorded is not None else given
+    return out
+
+
+def _trained_base_tensors(keys: list[str], pet_config: dict) -> list[str]:
+    """Non-LoRA model tensors the run trained: they have Adam moments, or freeze_exclude made them
+    trainable (mftune.pet.lora.freeze_lora's rule on names)."""
+    def patterns(key):
+        v = pet_config.get(key) or []
+        return [v] if isinstance(v, str) else list(v)
+
+    include, exclude = patterns("freeze_include"), patterns("freeze_exclude")
+    keyset = set(keys)
+    out = []
+    for k in keys:
+        if LORA_MARK in k or k.startswith(OPTIMIZER_PREFIXES) or k in SCALAR_KEYS:
+            continue
+        by_rule = (any(fnmatch.fnmatchcase(k, p) for p in exclude)
+                   and not any(fnmatch.fnmatchcase(k, p) for p in include))
+        if by_rule or f"adam_m.{k}" in keyset:
+            out.append(k)
+    return sorted(out)
+
+
+def _write_adapter_dir(output_dir: str, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool) -> None:
+    """Write both files into a fresh sibling directory, then rename it to ``output_dir``."""
+    out = os.path.abspath(output_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"output_dir={output_dir} is invalid: it is a file. Pass a directory path.")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise CheckpointError(f"output_dir={output_dir} is invalid: it exists and is not empty. Pass "
+                              f"--overwrite to replace it, or choose another directory.")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    trash = None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)  # as peft writes it
+            f.write("\n")
+        save_file(tensors, os.path.join(tmp, SAFETENSORS_NAME), metadata={"format": "pt"})
+        if os.path.isdir(out) and os.listdir(out):  # overwrite: move the old one aside first
+            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+            os.rename(out, os.path.join(trash, "old"))
+        os.replace(tmp, out)  # also replaces an empty directory
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# import: PEFT adapter directory -> mftune tensors + pet_config
+# ----------------------------------------------------------------------------------------------
+
+def read_peft_adapter(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a PEFT LoRA adapter directory: its tensors under mftune names
+    (``model.layers.{i}.attention.wq.mindpet_delta_lora_a``) and an equivalent mftune pet_config.
+
+    The pet_config's ``target_modules`` is a MindFormers regex over the adapted module types
+    (``.*wq|.*wv``); when the adapter covers only some layers, ``exclude_layers`` is a regex that
+    re.matches every other layer index (``(?!(?:0|2)$)\\d+$``), so it holds for any layer count.
+    Features mftune's LoRA cannot reproduce are a CheckpointError naming each field.
+    """
+    config_path = os.path.join(adapter_dir, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"adapter_dir={adapter_dir} is invalid: it has no {CONFIG_NAME}. Pass a PEFT "
+                              f"adapter directory (save_pretrained output).")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON ({exc}). Re-save the adapter.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} is invalid: expected a JSON object. Re-save the adapter.")
+    errors = adapter_config_errors(config)
+    if errors:
+        raise CheckpointError(f"{len(errors)} problem(s) in {config_path}:\n  " + "\n  ".join(errors))
+
+    raw, weights_path = _read_adapter_weights(adapter_dir)
+    unknown = []
+    tensors = {}
+    for key, value in raw.items():
+        try:
+            tensors[peft_to_mftune_name(key)] = value
+        except KeyError:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(
+            f"{weights_path} is invalid: {len(unknown)} tensors are not LoRA A/B of a decoder-layer Linear "
+            f"(e.g. {unknown[0]}); mftune applies LoRA to wq wk wv wo w1 w2 w3 (HF q/k/v/o_proj, gate/down/"
+            f"up_proj) only. Use an adapter without embedding/lm_head LoRA, biases or DoRA vectors.")
+    if not tensors:
+        raise CheckpointError(f"{weights_path} is invalid: it holds no tensors. Re-save the adapter.")
+    modules, rank = _pair_and_rank(tensors, weights_path)
+    if rank != config["r"]:
+        raise CheckpointError(f"{config_path}: r={config['r']} is invalid: the tensors in {weights_path} have "
+                              f"rank {rank}. Use the adapter's own adapter_config.json.")
+    layers, leaves = _grid(modules, weights_path)
+    wanted = config.get("layers_to_transform")
+    if wanted is not None:
+        wanted = sorted({wanted} if isinstance(wanted, int) else set(wanted))
+        if wanted != layers:
+            raise CheckpointError(f"{config_path}: layers_to_transform={wanted} is invalid: {weights_path} has "
+                                  f"adapters on layers {layers}. Use the adapter's own adapter_config.json.")
+    pet_config: dict[str, Any] = {
+        "pet_type": "lora",
+        "lora_rank": rank,
+        "lora_alpha": config.get("lora_alpha", 8),  # peft's default
+        "lora_dropout": config.get("lora_dropout", 0.0),
+        "target_modules": "|".join(f".*{leaf.split('.')[-1]}" for leaf in leaves),
+    }
+    if wanted is not None or layers != list(range(len(layers))):
+        pet_config["exclude_layers"] = "(?!(?:" + "|".join(map(str, layers)) + r")$)\d+$"
+    return tensors, pet_config
+
+
+def adapter_config_errors(config: dict[str, Any]) -> list[str]:
+    """Every field of a PEFT adapter_config.json that mftune's LoRA cannot reproduce, one message each."""
+    def err(key: str, why: str, fix: str) -> str:
+        return f"{key}={json.dumps(config.get(key))} is invalid: {why}. {fix}"
+
+    if config.get("peft_type") != "LORA":
+        return [err("peft_type", "mftune reads LoRA adapters only", "Use a LoRA adapter (peft_type LORA).")]
+    errors = []
+    r = config.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        errors.append(err("r", "the rank must be a positive integer", "Fix adapter_config.json."))
+    alpha = config.get("lora_alpha", 8)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha == 0 or not math.isfinite(alpha):
+        errors.append(err("lora_alpha", "must be a finite non-zero number", "Fix adapter_config.json."))
+    dropout = config.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        errors.append(err("lora_dropout", "must be a number in [0, 1)", "Fix adapter_config.json."))
+    if config.get("bias", "none") != "none":
+        errors.append(err("bias", "mftune's Llama has no biases to train or load",
+                          'Use an adapter trained with bias "none".'))
+    for key, why in UNSUPPORTED_FIELDS.items():
+        if config.get(key):
+            fix = "Use an adapter trained without it."
+            if key == "use_rslora" and isinstance(r, int) and r > 0 and isinstance(alpha, (int, float)):
+                fix = (f"The same adapter as plain LoRA has lora_alpha={alpha * math.sqrt(r):g} (alpha*sqrt(r)): "
+                       f"set that and use_rslora false.")
+            errors.append(err(key, why, fix))
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
+        errors.append(err("init_lora_weights", "this initialisation modifies the base weights, so the adapter "
+                          "needs that residual base, not the original one",
+                          "Save the adapter with peft's path_initial_model_for_weight_conversion (a plain LoRA "
+                          "for the original base)."))
+    return errors
+
+
+def _read_adapter_weights(adapter_dir: str) -> tuple[dict[str, torch.Tensor], str]:
+    """adapter_model.safetensors first, then adapter_model.bin (torch.load weights_only), as peft does."""
+    path = os.path.join(adapter_dir, SAFETENSORS_NAME)
+    if os.path.isfile(path):
+        try:
+            return load_tensors(path), path
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors' own error types
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc}). Re-save the adapter.") from None
+    path = os.path.join(adapter_dir, BIN_NAME)
+    if os.path.isfile(path):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle/zip errors, or objects weights_only refuses
+            raise CheckpointError(f"{path} cannot be read with torch.load(weights_only=True) ({exc}). "
+                                  f"Re-save the adapter with safetensors.") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path} is invalid: expected a dict of tensors. Re-save the adapter.")
+        return state, path
+    raise CheckpointError(f"adapter_dir={adapter_dir} is invalid: it has neither {SAFETENSORS_NAME} nor "
+                          f"{BIN_NAME}. Pass a complete PEFT adapter directory.")

@@ -1,0 +1,52 @@
+"""mftune LoRA checkpoint -> Hugging Face PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+
+    python scripts/export_adapter.py \\
+        --src_checkpoint output/checkpoint/rank_0/llama_7b_lora_rank_0-2_60.safetensors \\
+        --output_dir llama2_7b_lora_adapter [--base_model_name_or_path meta-llama/Llama-2-7b-hf] [--overwrite]
+
+Load it with ``PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(<converted base>), output_dir)``.
+r, lora_alpha and lora_dropout come from the checkpoint's pet_config header; --lora_rank/--lora_alpha/
+--lora_dropout only fill in a value the header does not record. Distributed (per-rank) checkpoints are
+refused for now. Errors: one line on stderr, exit status 2.
+"""
+import argparse
+import os
+import sys
+
+try:
+    import mftune  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mftune.checkpoint.io import CheckpointError
+from mftune.checkpoint.peft import CONFIG_NAME, SAFETENSORS_NAME, export_peft_adapter
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--src_checkpoint", required=True,
+                        help="a complete mftune LoRA checkpoint (.safetensors written by run_finetune.py --run_mode finetune)")
+    parser.add_argument("--output_dir", required=True, help="the PEFT adapter directory to write")
+    parser.add_argument("--base_model_name_or_path", default=None,
+                        help="written to adapter_config.json (default: the base checkpoint path in the header, else '')")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    for key, kind in (("lora_rank", int), ("lora_alpha", float), ("lora_dropout", float)):
+        parser.add_argument(f"--{key}", type=kind, default=None,
+                            help=f"{key} when the checkpoint's pet_config does not record it")
+    args = parser.parse_args(argv)
+    fallback = {k: getattr(args, k) for k in ("lora_rank", "lora_alpha", "lora_dropout") if getattr(args, k) is not None}
+    try:
+        config = export_peft_adapter(args.src_checkpoint, args.output_dir, overwrite=args.overwrite,
+                                     base_model_name_or_path=args.base_model_name_or_path, fallback=fallback)
+    except (CheckpointError, OSError) as e:  # OSError: an output path that cannot be written
+        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    layers = config["layers_to_transform"]
+    print(f"Wrote {os.path.join(args.output_dir, CONFIG_NAME)} and {SAFETENSORS_NAME}: r={config['r']}, "
+          f"lora_alpha={config['lora_alpha']}, target_modules={config['target_modules']}, "
+          f"layers={'all' if layers is None else layers}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
