@@ -166,3 +166,20 @@ def test_finetune_starts_from_a_hugging_face_directory(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         losses.append(pp.losses(out))
     assert len(losses[0]) == pp.STEPS and losses[0] == losses[1]
+
+
+def test_truncated_rank_file_is_named(tmp_path):
+    """meta.json records the size of the file it marks complete; a file cut short afterwards is
+    an error naming it, not a silent partial load."""
+    from mftune.trainer.checkpointing import CheckpointMonitor
+
+    model = _model(lora=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    mon = CheckpointMonitor(str(tmp_path), "llama")
+    path = mon.save(model, opt, epoch=1, step_in_epoch=1, global_step=1, loss_scale=1.0, global_batch_size=1,
+                    model_config=dict(CFG), extra_metadata={})
+    assert len(open_checkpoint(str(tmp_path / "checkpoint"))) > 0
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+    with pytest.raises(CheckpointError, match="truncated or replaced"):
+        open_checkpoint(str(tmp_path / "checkpoint"))

@@ -116,7 +116,8 @@ def test_checkpoint_monitor_names_meta_retention_and_prefix(tmp_path):
     assert sorted(os.listdir(rank_dir)) == ["llama_rank_0-1_4.safetensors", "llama_rank_0-1_6.safetensors",
                                             "meta.json"]
     assert json.loads((rank_dir / "meta.json").read_text()) == {
-        "last_epoch": 1, "last_step": 6, "last_ckpt_file": "llama_rank_0-1_6.safetensors"}
+        "last_epoch": 1, "last_step": 6, "last_ckpt_file": "llama_rank_0-1_6.safetensors",
+        "file_size": os.path.getsize(rank_dir / "llama_rank_0-1_6.safetensors")}
     path = str(rank_dir / "llama_rank_0-1_6.safetensors")
     from safetensors.torch import load_file
     t = load_file(path)

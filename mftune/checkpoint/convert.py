@@ -155,26 +155,35 @@ def _load_bin(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _st_header(path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """name -> (dtype, shape) from a safetensors header, in data order, without reading tensor data."""
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        header.pop("__metadata__", None)
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        return {k: (_FROM_ST[v["dtype"]], tuple(v["shape"])) for k, v in entries}
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors file mftune can read ({type(exc).__name__}: {exc}). "
+                              f"Check the file (an interrupted download?).") from None
+
+
 def _file_specs(path: str, kind: str) -> list[Spec]:
     """(name, dtype, shape) of every tensor in one weight file, in reading order, without reading data."""
     if kind == "bin":
         return [(k, v.dtype, tuple(v.shape)) for k, v in _load_bin(path).items()]
-    with safe_open(path, framework="pt") as f:
-        return [(k, _FROM_ST[f.get_slice(k).get_dtype()], tuple(f.get_slice(k).get_shape())) for k in f.keys()]
+    return [(k, dt, shape) for k, (dt, shape) in _st_header(path).items()]
 
 
-def _read_file(path: str, kind: str, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time; a safetensors file is re-opened per tensor so that the
-    pages of its memory map are released as we go."""
+def _read_file(path: str, kind: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time, in ``_file_specs`` order. A safetensors file is re-opened per
+    tensor so that the pages of its memory map are released as we go; a .bin is memory-mapped."""
     if kind == "bin":
-        sd = _load_bin(path)  # memory-mapped: a tensor's pages are read when it is written out
+        sd = _load_bin(path)
         for k in list(sd):
             yield k, sd.pop(k)
         return
-    if names is None:
-        with safe_open(path, framework="pt") as f:
-            names = list(f.keys())
-    for k in names:
+    for k in _st_header(path):
         with safe_open(path, framework="pt") as f:
             yield k, f.get_tensor(k)
 
@@ -220,12 +229,9 @@ def _check_weights(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[
             + ". Check that the weights and the config belong to the same model (and that no shard is missing).")
 
 
-def _cast(spec_or_tensor, target: torch.dtype | None):
-    if isinstance(spec_or_tensor, torch.Tensor):
-        t = spec_or_tensor
-        return t.to(target) if target is not None and t.is_floating_point() and t.dtype != target else t
-    name, dtype, shape = spec_or_tensor
-    return (name, target if target is not None and dtype.is_floating_point else dtype, shape)
+def _cast(dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
+    """The output dtype: ``target`` for floating tensors when given, else unchanged."""
+    return target if target is not None and dtype.is_floating_point else dtype
 
 
 def _long(dtype: torch.dtype) -> str:
@@ -261,7 +267,7 @@ def convert_hf_to_mftune(input_path: str, output_path: str, dtype: str | None = 
                 skipped.add(name)
                 continue
             try:
-                specs.append(_cast((hf_to_mftune(name), dt, shape), target))
+                specs.append((hf_to_mftune(name), _cast(dt, target), shape))
             except KeyError:
                 unknown.append(name)
     if unknown:
@@ -281,7 +287,7 @@ def convert_hf_to_mftune(input_path: str, output_path: str, dtype: str | None = 
         for path in src.files:
             for name, tensor in _read_file(path, src.kind):
                 if name not in skipped:
-                    yield hf_to_mftune(name), _cast(tensor, target)
+                    yield hf_to_mftune(name), tensor.to(_cast(tensor.dtype, target))
 
     source = {"format": "huggingface", "path": src.directory, "files": [os.path.basename(f) for f in src.files],
               "dtype": _long(target) if target else "source"}
@@ -337,27 +343,24 @@ def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int |
                               f"convert_weight.py or a complete checkpoint of run_finetune.py.")
     mc = dict(meta["model_config"])
     cfg, expected = _expected_weights(mc, src)
-    with safe_open(src, framework="pt") as f:
-        header = {k: (_FROM_ST[f.get_slice(k).get_dtype()], tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    header, source_of = _st_header(src), {n: n for n in expected}
     if cfg.tie_word_embeddings and EMBEDDING not in header and "lm_head.weight" in header:
-        header[EMBEDDING] = header.pop("lm_head.weight")  # the tied tensor saved under its other name
-        source_of = {EMBEDDING: "lm_head.weight"}
-    else:
-        source_of = {}
-    skipped: dict[str, int] = {}
+        source_of[EMBEDDING] = "lm_head.weight"  # the tied tensor saved under its other name
+    used, skipped, unknown = set(source_of.values()), {}, []
     for name in header:
-        reason = _skip_reason(name, cfg.tie_word_embeddings)
+        reason = None if name in used else _skip_reason(name, cfg.tie_word_embeddings)
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
-    unknown = [n for n in header if n not in expected and not _skip_reason(n, cfg.tie_word_embeddings)]
+        elif name not in used:
+            unknown.append(name)
     if unknown:
         raise CheckpointError(f"{src} holds {len(unknown)} tensor(s) with unknown names: {', '.join(unknown)}. "
                               f"mftune converts Llama weights (names in mftune/checkpoint/names.py).")
-    _check_weights({n: header[n][1] for n in expected if n in header}, expected, src)
+    _check_weights({n: header[s][1] for n, s in source_of.items() if s in header}, expected, src)
     for reason, count in skipped.items():
         logger.info("Skipped %d %s", count, reason)
     target = to_dtype(dtype) if dtype else None
-    specs = [_cast((mftune_to_hf(n), header[n][0], header[n][1]), target) for n in expected]
+    specs = [(mftune_to_hf(n), _cast(header[source_of[n]][0], target), expected[n]) for n in expected]
     try:
         hf_config = model_config_to_hf_config(mc)
     except ValueError as exc:
@@ -371,7 +374,8 @@ def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int |
 
     def read(name: str) -> torch.Tensor:
         with safe_open(src, framework="pt") as f:  # re-opened per tensor: its mapped pages are released
-            return _cast(f.get_tensor(source_of.get(name, name)), target)
+            tensor = f.get_tensor(source_of[name])
+            return tensor.to(_cast(tensor.dtype, target))
 
     stream = iter((progress or (lambda it, total: it))(((mftune_to_hf(n), read(n)) for n in expected), len(specs)))
     total = sum(write_safetensors_streaming(os.path.join(out, file), shard, itertools.islice(stream, len(shard)),

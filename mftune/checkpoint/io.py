@@ -37,17 +37,33 @@ os.umask(_UMASK)
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """Write ``tensors`` to ``path`` as safetensors; readers never see a partial file."""
+    """Write ``tensors`` to ``path`` as safetensors; readers never see a partial file: a temporary
+    name, fsync, rename, fsync of the folder (so a crash leaves the old file or the new one)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
         save_file(contiguous, tmp, metadata=metadata)
         os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        fsync_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def fsync_replace(tmp: str, path: str) -> None:
+    """``os.replace(tmp, path)`` after flushing ``tmp`` to disk, then flush the folder entry."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def save_complete(path: str, tensors: dict[str, torch.Tensor], *, model_config: dict[str, Any],

@@ -171,6 +171,10 @@ def export_peft_adapter(src_checkpoint: str, output_dir: str, *, base_model_name
     ``output_dir`` is replaced only with ``overwrite``. Errors are CheckpointError (user mistakes).
     """
     _check_source(src_checkpoint)
+    out = os.path.abspath(output_dir)
+    if os.path.commonpath([os.path.abspath(src_checkpoint), out]) == out:
+        raise CheckpointError(f"output_dir={output_dir} is invalid: it contains src_checkpoint, which writing the "
+                              f"adapter there would remove. Choose a new directory.")
     meta = read_metadata(src_checkpoint)
     if "shards" in meta:
         raise CheckpointError(
@@ -179,6 +183,9 @@ def export_peft_adapter(src_checkpoint: str, output_dir: str, *, base_model_name
             f"the distributed-checkpoint work; for now export a checkpoint of a run with model_parallel 1 "
             f"and no parallel optimizer.")
     pet_config = meta.get("pet_config") or (meta.get("model_config") or {}).get("pet_config")
+    if pet_config is not None and not isinstance(pet_config, dict):
+        raise CheckpointError(f"pet_config={pet_config!r} is invalid: {src_checkpoint}'s header holds no mapping. "
+                              f"Export a checkpoint written by run_finetune.py --run_mode finetune.")
     if not pet_config:
         raise CheckpointError(
             f"src_checkpoint={src_checkpoint} is invalid: its header has no pet_config, so it is not a LoRA "
@@ -389,8 +396,8 @@ def read_peft_adapter(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[s
     if not tensors:
         raise CheckpointError(f"{weights_path} is invalid: it holds no tensors. Re-save the adapter.")
     modules, rank = _pair_and_rank(tensors, weights_path)
-    if rank != config["r"]:
-        raise CheckpointError(f"{config_path}: r={config['r']} is invalid: the tensors in {weights_path} have "
+    if rank != config.get("r", 8):  # peft's default r
+        raise CheckpointError(f"{config_path}: r={config.get('r', 8)} is invalid: the tensors in {weights_path} have "
                               f"rank {rank}. Use the adapter's own adapter_config.json.")
     layers, leaves = _grid(modules, weights_path)
     wanted = config.get("layers_to_transform")
@@ -455,13 +462,13 @@ def _read_adapter_weights(adapter_dir: str) -> tuple[dict[str, torch.Tensor], st
             return load_tensors(path), path
         except CheckpointError:
             raise
-        except Exception as exc:  # safetensors' own error types
+        except Exception as exc:  # noqa: BLE001  (safetensors' own error types)
             raise CheckpointError(f"{path} is not a readable safetensors file ({exc}). Re-save the adapter.") from None
     path = os.path.join(adapter_dir, BIN_NAME)
     if os.path.isfile(path):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle/zip errors, or objects weights_only refuses
+        except Exception as exc:  # noqa: BLE001  (pickle/zip errors, or objects weights_only refuses)
             raise CheckpointError(f"{path} cannot be read with torch.load(weights_only=True) ({exc}). "
                                   f"Re-save the adapter with safetensors.") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

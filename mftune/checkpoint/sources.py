@@ -156,9 +156,15 @@ def _rank_file(rank_dir: str) -> str:
     meta = os.path.join(rank_dir, "meta.json")
     if os.path.exists(meta):
         with open(meta) as f:
-            name = json.load(f).get("last_ckpt_file")
-        if name and os.path.exists(os.path.join(rank_dir, name)):
-            return os.path.join(rank_dir, name)
+            info = json.load(f)
+        file = os.path.join(rank_dir, info.get("last_ckpt_file") or "")
+        if os.path.isfile(file):
+            size = info.get("file_size")
+            if size is not None and os.path.getsize(file) != size:
+                raise CheckpointError(f"checkpoint {file} has {os.path.getsize(file)} bytes but {meta} "
+                                      f"recorded {size}: it was truncated or replaced. Restore it or "
+                                      f"remove the folder's meta.json to use the newest file.")
+            return file
     files = glob.glob(os.path.join(glob.escape(rank_dir), "*.safetensors"))
     if not files:
         raise CheckpointError(f"distributed checkpoint folder {rank_dir} holds no .safetensors file.")

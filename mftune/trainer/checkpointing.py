@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from mftune.checkpoint.io import save_complete, unique_state_dict
+from mftune.checkpoint.io import fsync_replace, save_complete, unique_state_dict
 from mftune.parallel.layout import local, shard_layout
 
 logger = logging.getLogger("mftune")
@@ -102,11 +102,14 @@ class CheckpointMonitor:
         return path
 
     def _write_meta(self, epoch: int, step: int, name: str) -> None:
+        """meta.json, written last and atomically: the completion mark of ``name``, with its size
+        so that a truncated or replaced file is detected when it is read."""
         meta = os.path.join(self.dir, "meta.json")
         tmp = f"{meta}.tmp.{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump({"last_epoch": epoch, "last_step": step, "last_ckpt_file": name}, f)
-        os.replace(tmp, meta)
+            json.dump({"last_epoch": epoch, "last_step": step, "last_ckpt_file": name,
+                       "file_size": os.path.getsize(os.path.join(self.dir, name))}, f)
+        fsync_replace(tmp, meta)
 
     def _prune(self) -> None:
         """Keep the newest ``keep_checkpoint_max`` files written by this run."""
