@@ -33,8 +33,10 @@ IGNORED = ("n_head", "hidden_size", "layers", "is_pretrain", "telechat_type")  #
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=str, default="llama", help="model family; only llama (llama2) converts")
-    p.add_argument("--input_path", type=str, required=True, help="HF directory (or file in it); --reversed: mftune file")
-    p.add_argument("--output_path", type=str, required=True, help="mftune .safetensors file; --reversed: HF directory")
+    p.add_argument("--input_path", type=str, required=True,
+                   help="Hugging Face directory (or a weight file in it); --reversed: mftune .safetensors file")
+    p.add_argument("--output_path", type=str, required=True,
+                   help="mftune .safetensors file; --reversed: Hugging Face directory")
     p.add_argument("--dtype", type=str, default=None, choices=["fp32", "bf16", "fp16"],
                    help="cast floating tensors (default: keep the source dtype)")
     p.add_argument("--reversed", action="store_true", help="mftune complete file -> Hugging Face directory")

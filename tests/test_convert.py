@@ -212,6 +212,10 @@ def test_script_unknown_tensor_names_exit_2_naming_all(hf_dirs, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.layers.0.self_attn.q_proj.bias" in proc.stderr and "vision_tower.proj.weight" in proc.stderr
     assert "inv_freq" not in proc.stderr and not out.exists()
+    for name in ("model.layers.0.self_attn.q_proj.bias", "vision_tower.proj.weight"):
+        del sd[name]
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    assert convert_hf_to_mftune(str(bad), str(out))["skipped"] == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
 
 
 def test_missing_shard_file_is_named(hf_dirs, tmp_path):
@@ -239,6 +243,8 @@ def test_input_path_may_be_a_file_and_bad_inputs_are_clear(hf_dirs, tmp_path):
         convert_hf_to_mftune(str(tmp_path), ckpt)  # a directory without a model
     with pytest.raises(CheckpointError, match="output_path="):
         convert_hf_to_mftune(directory, os.path.join(directory, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="output_path="):  # the input's own folder: refused
+        convert_mftune_to_hf(ckpt, str(tmp_path))
     with pytest.raises(CheckpointError, match="max_shard_size=5XB is invalid"):
         convert_mftune_to_hf(ckpt, str(tmp_path / "hf"), max_shard_size="5XB")
     assert (parse_size("5GB"), parse_size("2GiB"), parse_size(1000), parse_size("500mb")) == \

@@ -8,6 +8,7 @@ CheckpointMonitor after one AdamW step, as run_finetune.py --run_mode finetune w
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -21,9 +22,23 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mftune.checkpoint.io import CheckpointError, fingerprint, load_tensors, read_metadata, save_complete
-from mftune.checkpoint.names import hf_config_to_model_config, hf_to_mftune, is_hf_buffer
-from mftune.checkpoint.peft import mftune_to_peft_name, peft_to_mftune_name, read_peft_adapter
+from mftune.checkpoint.io import (
+    CheckpointError,
+    fingerprint,
+    load_tensors,
+    read_metadata,
+    save_complete,
+)
+from mftune.checkpoint.names import (
+    hf_config_to_model_config,
+    hf_to_mftune,
+    is_hf_buffer,
+)
+from mftune.checkpoint.peft import (
+    mftune_to_peft_name,
+    peft_to_mftune_name,
+    read_peft_adapter,
+)
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM
 from mftune.pet import LORA_MARK, get_pet_model, lora_layers
 from mftune.trainer.checkpointing import CheckpointMonitor
@@ -32,12 +47,16 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import export_adapter  # noqa: E402
+SCRIPT = os.path.join(ROOT, "scripts", "export_adapter.py")
+# The script's main() in-process for the many error cases (a subprocess costs seconds of imports each).
+_spec = importlib.util.spec_from_file_location("export_adapter", SCRIPT)
+export_adapter = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(export_adapter)
 
 VOCAB = 128
-HF_CONFIG = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+HF_CONFIG = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+             "tie_word_embeddings": False}
 ATTN = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.05,
         "target_modules": ".*wq|.*wk|.*wv|.*wo"}  # configs/llama2/lora_llama2_7b.yaml's, smaller rank
 SUBSET = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 16, "lora_dropout": 0.0,
@@ -132,7 +151,6 @@ def test_exported_adapter_loads_in_peft_with_mftune_logits(base, tmp_path, caplo
         pet_config["lora_rank"], pet_config["lora_alpha"], pet_config["lora_dropout"])
 
     peft_model, messages = _peft_load(base, out, caplog)
-    print("PEFT_MESSAGES", messages)
     assert not [m for m in messages if any(s in m.lower() for s in SUSPICIOUS)], messages
     assert _peft_lora_modules(peft_model) == _expected_peft_modules(model)  # LoRA exactly where mftune had it
     with torch.no_grad():
@@ -146,7 +164,7 @@ def test_exported_adapter_loads_in_peft_with_mftune_logits(base, tmp_path, caplo
 
 def test_adapter_config_and_keys_written(base, tmp_path):
     """The exact file for the attention case, and peft's key format (no adapter name inside keys)."""
-    model, ckpt = _lora_checkpoint(base, ATTN, "run_cfg")
+    _, ckpt = _lora_checkpoint(base, ATTN, "run_cfg")
     out = tmp_path / "adapter"
     assert _export(ckpt, out) == 0
     assert json.loads((out / "adapter_config.json").read_text()) == {
@@ -346,6 +364,8 @@ def test_export_never_overwrites_without_flag(base, tmp_path, capsys):
     (out / "notes.txt").write_text("keep me")
     assert "exists and is not empty. Pass --overwrite" in _export_error(capsys, ckpt, out)
     assert (out / "notes.txt").read_text() == "keep me"
+    assert "it contains src_checkpoint" in _export_error(capsys, ckpt, os.path.dirname(ckpt), "--overwrite")
+    assert os.path.exists(ckpt)
     assert _export(ckpt, out, "--overwrite") == 0
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary directories left behind
@@ -354,10 +374,10 @@ def test_export_never_overwrites_without_flag(base, tmp_path, capsys):
 def test_script_subprocess(base, tmp_path):
     _, ckpt = _lora_checkpoint(base, SUBSET, "run_cli")
     out = tmp_path / "adapter"
-    cmd = [sys.executable, "scripts/export_adapter.py", "--src_checkpoint", ckpt, "--output_dir", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    cmd = [sys.executable, SCRIPT, "--src_checkpoint", ckpt, "--output_dir", str(out)]
+    r = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "r=4, lora_alpha=16, target_modules=['q_proj', 'v_proj'], layers=[0, 2]" in r.stdout
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "export_adapter.py: error: output_dir=" in r.stderr

@@ -2,15 +2,16 @@
 
 Names and config.json keys translate through ``mftune.checkpoint.names`` (the one table, STYLE #6);
 this module only moves bytes. Invariants:
-- Peak memory is about one tensor (one shard for a non-mmap-able legacy ``.bin``): dtypes and shapes
-  come from file headers, or from a memory-mapped ``torch.load``, so the output header is written
-  first and the tensors follow one by one (safetensors' ``save_file`` wants the whole dict at once).
+- Peak memory is about one tensor (one shard for a ``.bin``, which is memory-mapped): dtypes and
+  shapes come from file headers, so the output header is written first and the tensors follow one
+  by one (safetensors' ``save_file`` would want the whole state dict at once).
 - Everything is checked before a byte is written: unknown names (all of them), missing shard files,
-  missing weights and shapes against the model_config.
+  missing weights, shapes against the model config.
 - Outputs go to a temporary name, are fsynced and renamed into place; inputs are never modified.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -33,7 +34,7 @@ from mftune.models.llama import LlamaConfig, LlamaForCausalLM, to_dtype
 logger = logging.getLogger("mftune")
 
 Spec = tuple[str, torch.dtype, tuple[int, ...]]  # (name, dtype, shape)
-Progress = Callable[[Iterable, int], Iterable]  # (iterable, total) -> the same items, e.g. tqdm
+Progress = Callable[[Iterable, int], Iterable]  # (items, total) -> the same items, e.g. tqdm
 
 ST_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -46,7 +47,6 @@ HF_WEIGHTS = (("model.safetensors.index.json", "safetensors"), ("model.safetenso
 _HF_OUTPUT = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-EMBEDDING = "model.tok_embeddings.embedding_weight"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -70,20 +70,28 @@ def write_safetensors_streaming(path: str, specs: Sequence[Spec], tensors: Itera
         offset = end
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    with _atomic_open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        stream = iter(tensors)
+        for spec in specs:
+            name, tensor = next(stream, (None, None))
+            got = None if tensor is None else (name, tensor.dtype, tuple(tensor.shape))
+            if got != tuple(spec):
+                raise CheckpointError(f"writing {path}: expected tensor {spec}, got {got}.")
+            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        if next(stream, None) is not None:
+            raise CheckpointError(f"writing {path}: more tensors than the {len(specs)} in its header.")
+    return offset
+
+
+@contextlib.contextmanager
+def _atomic_open(path: str, mode: str = "w"):
+    """A temporary sibling of ``path``, fsynced and renamed onto it on success, removed on failure."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
-            stream = iter(tensors)
-            for spec in specs:
-                name, tensor = next(stream, (None, None))
-                if tensor is None or (name, tensor.dtype, tuple(tensor.shape)) != tuple(spec):
-                    got = None if tensor is None else (name, tensor.dtype, tuple(tensor.shape))
-                    raise CheckpointError(f"writing {path}: expected tensor {spec}, got {got}.")
-                f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            if next(stream, None) is not None:
-                raise CheckpointError(f"writing {path}: more tensors than the {len(specs)} in its header.")
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -91,7 +99,6 @@ def write_safetensors_streaming(path: str, specs: Sequence[Spec], tensors: Itera
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return offset
 
 
 @dataclass
@@ -112,24 +119,21 @@ def find_hf_source(input_path: str) -> HFSource:
                               f"model directory (config.json + weights) or a weight file inside one.")
     directory, given = (path, "") if os.path.isdir(path) else os.path.split(path)
     candidates = [(n, k) for n, k in HF_WEIGHTS if os.path.isfile(os.path.join(directory, n))]
-    if given and given != "config.json":
-        kind = "bin" if re.search(r"\.bin(\.index\.json)?$", given) else \
-            "safetensors" if re.search(r"\.safetensors(\.index\.json)?$", given) else None
-        candidates = [(n, k) for n, k in candidates if k == kind]
+    if given and given != "config.json":  # a weight file picks its format: .bin or .safetensors
+        kind = re.search(r"\.(bin|safetensors)(\.index\.json)?$", given)
+        candidates = [(n, k) for n, k in candidates if kind and k == kind[1]]
     if not os.path.isfile(os.path.join(directory, "config.json")) or not candidates:
         raise CheckpointError(
             f"input_path={input_path} is invalid: {directory} needs config.json and one of "
             f"{', '.join(n for n, _ in HF_WEIGHTS)}. Pass a directory written by transformers' save_pretrained "
             f"(or downloaded from the Hub), or a weight file inside it.")
+    name, kind = candidates[0]
     try:
         with open(os.path.join(directory, "config.json")) as f:
             config = json.load(f)
-        name, kind = candidates[0]
-        weight_map = None
-        if name.endswith(".index.json"):
-            with open(os.path.join(directory, name)) as f:
-                weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        with open(os.path.join(directory, name)) if name.endswith(".json") else contextlib.nullcontext() as f:
+            weight_map = json.load(f)["weight_map"] if f else None
+    except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"input_path={input_path} is invalid: unreadable JSON in {directory} ({exc}).") from None
     files = list(dict.fromkeys(weight_map.values())) if weight_map else [name]
     missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
@@ -140,15 +144,11 @@ def find_hf_source(input_path: str) -> HFSource:
 
 
 def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    """A ``.bin`` state dict, memory-mapped: a tensor's bytes are read when it is used."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:  # legacy (pre-zip) torch.save format cannot be memory-mapped
-        if "mmap" not in str(exc):
-            raise CheckpointError(f"{path} is not a readable PyTorch weight file ({exc}).") from None
-        logger.warning("%s is in torch's legacy format: reading the whole file into memory", path)
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses arbitrary pickles
-        raise CheckpointError(f"{path} is not a plain tensor state dict ({str(exc).splitlines()[0]}). "
+    except Exception as exc:  # weights_only refuses arbitrary pickles; mmap refuses pre-2020 (non-zip) files
+        raise CheckpointError(f"{path} is not a zip-format tensor state dict ({str(exc).splitlines()[0]}). "
                               f"Re-save it with transformers' save_pretrained.") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors. Re-save it with save_pretrained.")
@@ -170,14 +170,13 @@ def _st_header(path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
 
 def _file_specs(path: str, kind: str) -> list[Spec]:
     """(name, dtype, shape) of every tensor in one weight file, in reading order, without reading data."""
-    if kind == "bin":
-        return [(k, v.dtype, tuple(v.shape)) for k, v in _load_bin(path).items()]
-    return [(k, dt, shape) for k, (dt, shape) in _st_header(path).items()]
+    header = {k: (v.dtype, tuple(v.shape)) for k, v in _load_bin(path).items()} if kind == "bin" else _st_header(path)
+    return [(k, dt, shape) for k, (dt, shape) in header.items()]
 
 
 def _read_file(path: str, kind: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time, in ``_file_specs`` order. A safetensors file is re-opened per
-    tensor so that the pages of its memory map are released as we go; a .bin is memory-mapped."""
+    """(name, tensor) one at a time, in ``_file_specs`` order. A safetensors file is re-opened per
+    tensor so that the pages of its memory map are released as we go."""
     if kind == "bin":
         sd = _load_bin(path)
         for k in list(sd):
@@ -219,14 +218,12 @@ def _expected_weights(mc: dict[str, Any], where: str) -> tuple[LlamaConfig, dict
 
 
 def _check_weights(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
-    missing = [n for n in expected if n not in found]
-    wrong = [f"{n} {list(found[n])} (model_config: {list(s)})" for n, s in expected.items()
-             if n in found and found[n] != s]
-    if missing or wrong:
-        raise CheckpointError(
-            f"{where} does not match its model config: "
-            + "; ".join(([f"missing {', '.join(missing)}"] if missing else []) + ([f"shape {', '.join(wrong)}"] if wrong else []))
-            + ". Check that the weights and the config belong to the same model (and that no shard is missing).")
+    problems = [f"missing {n}" for n in expected if n not in found]
+    problems += [f"{n} has shape {list(found[n])}, the config needs {list(s)}" for n, s in expected.items()
+                 if n in found and found[n] != s]
+    if problems:
+        raise CheckpointError(f"{where} does not match its model config: {'; '.join(problems)}. Check that the "
+                              f"weights and the config belong to the same model (and that no shard is missing).")
 
 
 def _cast(dtype: torch.dtype, target: torch.dtype | None) -> torch.dtype:
@@ -293,8 +290,7 @@ def convert_hf_to_mftune(input_path: str, output_path: str, dtype: str | None = 
               "dtype": _long(target) if target else "source"}
     metadata = {"format": "pt", "mftune_model_config": json.dumps(mc, default=str),
                 "mftune_source": json.dumps(source)}
-    items = (progress or (lambda it, total: it))(stream(), len(specs))
-    size = write_safetensors_streaming(out, specs, items, metadata)
+    size = write_safetensors_streaming(out, specs, (progress or (lambda it, n: it))(stream(), len(specs)), metadata)
     return {"output": out, "files": [out], "tensors": len(specs), "bytes": size, "skipped": sorted(skipped),
             "seconds": time.perf_counter() - start}
 
@@ -314,6 +310,7 @@ def _plan_shards(specs: list[Spec], limit: int) -> list[list[Spec]]:
 
 
 def _skip_reason(name: str, tie: bool) -> str | None:
+    """Why a tensor of a complete mftune file is not written to a HF directory (None: it is not skipped)."""
     if name.startswith(OPTIMIZER_PREFIXES):
         return "optimizer moments (adam_m.*, adam_v.*)"
     if name in SCALAR_KEYS:
@@ -331,7 +328,7 @@ def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int |
     """Complete mftune file -> HF directory: config.json, ``model.safetensors`` or shards of at most
     ``max_shard_size`` named ``model-0000i-of-0000N.safetensors`` plus transformers' index. Tensors
     that are not base weights are skipped with one log line per kind; stale shards of an earlier
-    save in ``output_dir`` are removed (as transformers does) so the new index is the only one."""
+    save in ``output_dir`` are removed (as transformers does) so that the new index is the only one."""
     start, src, out = time.perf_counter(), os.path.abspath(input_path), os.path.abspath(output_dir)
     if os.path.isdir(src) or os.path.isfile(out) or out == os.path.dirname(src):
         raise CheckpointError(f"input_path={input_path}, output_path={output_dir} is invalid: reversed conversion "
@@ -343,30 +340,27 @@ def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int |
                               f"convert_weight.py or a complete checkpoint of run_finetune.py.")
     mc = dict(meta["model_config"])
     cfg, expected = _expected_weights(mc, src)
-    header, source_of = _st_header(src), {n: n for n in expected}
-    if cfg.tie_word_embeddings and EMBEDDING not in header and "lm_head.weight" in header:
-        source_of[EMBEDDING] = "lm_head.weight"  # the tied tensor saved under its other name
-    used, skipped, unknown = set(source_of.values()), {}, []
+    header, skipped, unknown = _st_header(src), {}, []
     for name in header:
-        reason = None if name in used else _skip_reason(name, cfg.tie_word_embeddings)
+        reason = None if name in expected else _skip_reason(name, cfg.tie_word_embeddings)
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
-        elif name not in used:
+        elif name not in expected:
             unknown.append(name)
     if unknown:
         raise CheckpointError(f"{src} holds {len(unknown)} tensor(s) with unknown names: {', '.join(unknown)}. "
                               f"mftune converts Llama weights (names in mftune/checkpoint/names.py).")
-    _check_weights({n: header[s][1] for n, s in source_of.items() if s in header}, expected, src)
+    _check_weights({n: shape for n, (_, shape) in header.items()}, expected, src)
     for reason, count in skipped.items():
         logger.info("Skipped %d %s", count, reason)
     target = to_dtype(dtype) if dtype else None
-    specs = [(mftune_to_hf(n), _cast(header[source_of[n]][0], target), expected[n]) for n in expected]
+    specs = [(mftune_to_hf(n), _cast(header[n][0], target), expected[n]) for n in expected]  # model order
     try:
         hf_config = model_config_to_hf_config(mc)
     except ValueError as exc:
         raise CheckpointError(f"{src}: {exc}") from None
     dtypes = {d for _, d, _ in specs}
-    if len(dtypes) == 1:
+    if len(dtypes) == 1:  # what the files hold, whatever param_init_type says
         hf_config["torch_dtype"] = _long(dtypes.pop())
     shards = _plan_shards(specs, limit)
     files = (["model.safetensors"] if len(shards) == 1 else
@@ -374,20 +368,20 @@ def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int |
 
     def read(name: str) -> torch.Tensor:
         with safe_open(src, framework="pt") as f:  # re-opened per tensor: its mapped pages are released
-            tensor = f.get_tensor(source_of[name])
-            return tensor.to(_cast(tensor.dtype, target))
+            tensor = f.get_tensor(name)
+        return tensor.to(_cast(tensor.dtype, target))
 
-    stream = iter((progress or (lambda it, total: it))(((mftune_to_hf(n), read(n)) for n in expected), len(specs)))
+    stream = iter((progress or (lambda it, n: it))(((mftune_to_hf(n), read(n)) for n in expected), len(specs)))
     total = sum(write_safetensors_streaming(os.path.join(out, file), shard, itertools.islice(stream, len(shard)),
-                                            {"format": "pt"}) for file, shard in zip(files, shards))
+                                            {"format": "pt"}) for file, shard in zip(files, shards, strict=True))
     next(stream, None)  # lets a progress bar see the end
     written = [*files, "config.json"]
     if len(shards) > 1:
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {name: file for file, shard in zip(files, shards) for name, _, _ in shard}}
-        _write_text(os.path.join(out, "model.safetensors.index.json"), json.dumps(index, indent=2, sort_keys=True))
+        weight_map = {name: file for file, shard in zip(files, shards, strict=True) for name, _, _ in shard}
+        _write_json(os.path.join(out, "model.safetensors.index.json"),
+                    {"metadata": {"total_size": total}, "weight_map": weight_map})
         written.append("model.safetensors.index.json")
-    _write_text(os.path.join(out, "config.json"), json.dumps(hf_config, indent=2, sort_keys=True))
+    _write_json(os.path.join(out, "config.json"), hf_config)
     for stale in sorted(set(os.listdir(out)) - set(written)):
         if _HF_OUTPUT.match(stale):
             logger.info("Removed %s, left in %s by an earlier save", stale, out)
@@ -396,10 +390,6 @@ def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int |
             "skipped": skipped, "seconds": time.perf_counter() - start}
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_json(path: str, obj: dict[str, Any]) -> None:
+    with _atomic_open(path) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")

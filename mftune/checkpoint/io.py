@@ -19,14 +19,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mftune.checkpoint.sources import CheckpointError, open_checkpoint
+from mftune.checkpoint.sources import CheckpointError, Entry, open_checkpoint
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")
 
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")
 SCALAR_KEYS = ("epoch_num", "step_num", "global_step", "loss_scale", "global_batch_size",
-               "consumed_samples")
+               "consumed_samples", "optimizer_step", "rng_state", "cuda_rng_state")
 LORA_MARK = "mindpet_delta_lora"
 
 
@@ -136,19 +136,27 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     (DTensor, FSDP2) reads only the block this rank holds. Returns a report: loaded, fresh_lora,
     unused keys.
     """
-    entries = open_checkpoint(path)
+    return load_entries(model, open_checkpoint(path), path)
+
+
+def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
+                 only: set[str] | None = None) -> dict[str, Any]:
+    """``load_checkpoint`` from an opened source; ``only``: load just these names (e.g. the
+    trainable ones of a resume checkpoint, over an already loaded base) and skip the base check."""
     groups: dict[tuple, list[str]] = {}  # tied names share one group
     state = model.state_dict()
     for name, tensor in state.items():
-        groups.setdefault(_storage_key(tensor), []).append(name)
+        if only is None or name in only:
+            groups.setdefault(_storage_key(tensor), []).append(name)
     missing = [names[0] for names in groups.values()
-               if not entries.keys() & set(names) and LORA_MARK not in names[0]]
+               if not entries.keys() & set(names) and (only is not None or LORA_MARK not in names[0])]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(
-            f"checkpoint {path} lacks base weights of this model: {shown}. Check that the "
-            f"checkpoint was saved from a model with the same model_config; a LoRA-only checkpoint "
-            f"needs its base: put both files in one directory and pass the directory.")
+            f"checkpoint {path} lacks {'tensors' if only is not None else 'base weights'} of this model: "
+            f"{shown}. Check that the checkpoint was saved from a model with the same model_config; "
+            f"a LoRA-only checkpoint needs its base: put both files in one directory and pass the "
+            f"directory.")
     loaded, fresh = [], []
     for names in groups.values():
         target = state[names[0]]
@@ -166,7 +174,7 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
         loaded.append(source)
     unused = sorted(k for k in entries.keys() - set(state)
                     if not k.startswith(OPTIMIZER_PREFIXES) and k not in SCALAR_KEYS)
-    if unused:
+    if unused and only is None:
         logger.warning("Checkpoint %s has %d tensors this model does not use (e.g. %s)",
                        path, len(unused), unused[0])
     logger.info("Loaded %d tensors from %s%s", len(loaded), path,

@@ -54,7 +54,7 @@ def open_checkpoint(path: str) -> dict[str, Entry]:
             os.path.exists(os.path.join(path, f)) for f in HF_WEIGHTS):
         return _hf_entries(path)
     if glob.glob(os.path.join(glob.escape(path), "rank_*")):
-        return _distributed_entries(path)
+        return distributed_entries(path)
     files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
     if not files:
         raise CheckpointError(
@@ -151,7 +151,7 @@ def _hf_weight_files(hf_dir: str) -> list[str]:
     raise CheckpointError(f"Hugging Face checkpoint {hf_dir} has no weights ({', '.join(HF_WEIGHTS)}).")
 
 
-def _rank_file(rank_dir: str) -> str:
+def _rank_file(rank_dir: str) -> str:  # noqa: D401
     """The file of one rank: the one its meta.json names (the last complete save), else the newest."""
     meta = os.path.join(rank_dir, "meta.json")
     if os.path.exists(meta):
@@ -171,12 +171,19 @@ def _rank_file(rank_dir: str) -> str:
     return max(files, key=os.path.getmtime)
 
 
-def _distributed_entries(root: str) -> dict[str, Entry]:
-    """Tensors of a rank_{r}/ checkpoint, each assembled from the rank files' pieces."""
+def rank_dirs(root: str) -> list[str]:
+    """``root/rank_0``, ``rank_1``, ... in rank order."""
+    found = glob.glob(os.path.join(glob.escape(root), "rank_*"))
+    return sorted((d for d in found if os.path.basename(d)[5:].isdigit()),
+                  key=lambda d: int(os.path.basename(d)[5:]))
+
+
+def distributed_entries(root: str, files: list[str] | None = None) -> dict[str, Entry]:
+    """Tensors of a rank_{r}/ checkpoint (``files``: one per rank; default: each rank's last
+    complete file), each assembled from the rank files' pieces."""
     pieces: dict[str, list[tuple[str, tuple[tuple[int, int], ...]]]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    for rank_dir in sorted(glob.glob(os.path.join(glob.escape(root), "rank_*"))):
-        file = _rank_file(rank_dir)
+    for file in files or [_rank_file(d) for d in rank_dirs(root)]:
         with _open(file) as f:
             meta = f.metadata() or {}
             held = json.loads(meta["mftune_shards"])["tensors"] if "mftune_shards" in meta else {}

@@ -74,8 +74,13 @@ class CheckpointMonitor:
         counters = {"epoch_num": epoch, "step_num": step_in_epoch, "global_step": global_step,
                     "global_batch_size": global_batch_size,
                     "consumed_samples": global_step * global_batch_size}
+        steps = [state[p]["step"] for p in trainable.values() if p in state and "step" in state[p]]
+        counters["optimizer_step"] = int(steps[0]) if steps else 0  # AdamW's count (skipped steps excluded)
         tensors.update({k: torch.tensor(v, dtype=torch.int64) for k, v in counters.items()})
         tensors["loss_scale"] = torch.tensor(loss_scale, dtype=torch.float32)
+        tensors["rng_state"] = torch.get_rng_state()  # this rank's: dropout continues exactly on resume
+        if torch.cuda.is_available():
+            tensors["cuda_rng_state"] = torch.cuda.get_rng_state()
         name = f"{self.prefix}-{epoch}_{step_in_epoch}.safetensors"
         path = os.path.join(self.dir, name)
         save_complete(path, tensors, model_config=model_config, extra_metadata=extra_metadata)

@@ -34,6 +34,7 @@ from mftune.pet import get_pet_model, init_lora_weights, trainable_summary
 from mftune.trainer.checkpointing import CheckpointMonitor
 from mftune.trainer.monitor import LossMonitor, StepStats, fresh_metrics_file, progress_bar, report
 from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
+from mftune.trainer.resume import ResumePoint, find_resume_point, load_base, restore
 
 logger = logging.getLogger("mftune")
 
@@ -94,7 +95,12 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
     device = dist_info.device
 
     data = build_data(cfg, model_config, dist_info)  # cheap checks first: no model is built for bad data
-    model, pet_config, base_info = build_model(cfg, model_config, dist_info)
+    point = find_resume_point(cfg.load_checkpoint, cfg.resume_training) if cfg.resume_training else None
+    if point and point.global_batch_size != data.global_batch_size:
+        raise UserError(f"resume_training: the checkpoint was saved with a global batch of "
+                        f"{point.global_batch_size} sequences, this run has {data.global_batch_size} "
+                        f"(batch_size x data_parallel x gradient_accumulation_steps). Keep the global batch.")
+    model, pet_config, base_info = build_model(cfg, model_config, dist_info, point)
     seed_ranks(cfg.seed, dist_info)  # dropout: independent per data-parallel rank
     runner = cfg.runner_config
     schedule = build_schedule(cfg.lr_schedule, cfg.optimizer, data.steps_per_epoch, runner.epochs)
@@ -103,6 +109,12 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
     except ValueError as exc:  # nothing left to train (freeze_include)
         raise UserError(str(exc)) from None
     scaler = LossScaler(cfg.runner_wrapper)
+    start = (1, 0, 0)  # epoch, steps done in it, global step
+    if point:
+        restore(model, optimizer, point, dist_info.rank, same_layout=len(point.files) == dist_info.world_size)
+        scaler.scale = point.loss_scale
+        start = (point.epoch, point.step_in_epoch, point.global_step)
+        logger.info("Resuming from %s: epoch %d, step %d (global step %d)", point.files[0], *start)
     metrics_path = fresh_metrics_file(output_dir) if dist_info.is_main else None
     loss_cb = cfg.callback("MFLossMonitor")
     monitor = LossMonitor(metrics_path, epochs=runner.epochs, steps_per_epoch=data.steps_per_epoch,
@@ -131,8 +143,8 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
     total_steps = runner.epochs * data.steps_per_epoch
     with progress_bar(total_steps if dist_info.is_main else 0) as progress:
         global_step = train_loop(step, schedule, data, cfg, device, monitor, progress, scaler,
-                                 save if saver else None)
-    if saver and saver.last_step != global_step and global_step:
+                                 save if saver else None, start)
+    if saver and saver.last_step != global_step and global_step > start[2]:
         save(epoch=runner.epochs, step_in_epoch=data.steps_per_epoch, global_step=global_step)
     if dist_info.is_main:
         report(output_dir, metrics_path, saver)
@@ -165,7 +177,6 @@ def _check_supported(cfg: MFConfig) -> None:
     """Refuse, before any heavy work, what this version cannot do yet (later issues add it)."""
     later = {
         "run_mode": cfg.run_mode not in ("train", "finetune"),
-        "resume_training": bool(cfg.resume_training),
         "auto_trans_ckpt": cfg.auto_trans_ckpt is True,
         "only_save_strategy": cfg.only_save_strategy is True,
         "src_strategy_path_or_dir": bool(cfg.src_strategy_path_or_dir),
@@ -183,8 +194,8 @@ def _check_supported(cfg: MFConfig) -> None:
             logger.warning("%s=True has no effect on one process (use_parallel False)", key)
 
 
-def build_model(cfg: MFConfig, model_config: LlamaConfig,
-                dist_info: ParallelContext) -> tuple[LlamaForCausalLM, dict | None, dict]:
+def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext,
+                point: ResumePoint | None = None) -> tuple[LlamaForCausalLM, dict | None, dict]:
     """Build on the meta device, apply PET (finetune only), parallelize, materialise, then fill the
     weights from the checkpoint (each rank reads only its block) or initialise them (drawn as one
     process would). Trainable parameters are float32 (master weights); frozen ones stay in
@@ -215,7 +226,11 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig,
                     apply_recompute(model.model.layers))
     model.to_empty(device=dist_info.device)
     base_info = {}
-    if cfg.load_checkpoint:
+    if point:  # frozen weights from the run's base; trained ones come with the optimizer state
+        model.tie_weights()
+        init_lora_weights(model, fill_from_full)
+        base_info = load_base(model, point, fallback="") or point.base_checkpoint
+    elif cfg.load_checkpoint:
         model.tie_weights()
         init_lora_weights(model, fill_from_full)
         load_checkpoint(model, cfg.load_checkpoint)  # every base tensor must be in the file
@@ -264,13 +279,18 @@ def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCont
     return data
 
 
-def train_loop(step, schedule, data, cfg, device, monitor, progress, scaler, save) -> int:
-    """All epochs; returns the number of optimizer steps taken. ``step(micro_batches, lr)`` runs one
-    optimizer step; ``save`` (or None) is called every ``save_checkpoint_steps``."""
+def train_loop(step, schedule, data, cfg, device, monitor, progress, scaler, save,
+               start: tuple[int, int, int] = (1, 0, 0)) -> int:
+    """All epochs from ``start`` (epoch, steps already done in it, global step); returns the
+    global step reached. ``step(micro_batches, lr)`` runs one optimizer step; ``save`` (or None)
+    is called every ``save_checkpoint_steps``."""
     ckpt_cb = cfg.callback("CheckpointMonitor")
-    global_step = nonfinite = 0
-    for epoch in range(1, cfg.runner_config.epochs + 1):
-        for step_in_epoch, micro_batches in enumerate(data.epoch(epoch - 1), start=1):
+    first_epoch, done, global_step = start
+    nonfinite = 0
+    progress.update(global_step)
+    for epoch in range(first_epoch, cfg.runner_config.epochs + 1):
+        skip = done if epoch == first_epoch else 0
+        for step_in_epoch, micro_batches in enumerate(data.epoch(epoch - 1, start_step=skip), start=skip + 1):
             start = time.perf_counter()
             stats = step(micro_batches, schedule(global_step))
             if device.type == "cuda":

@@ -1,0 +1,156 @@
+"""``--resume_training``: continue a run from one of its training checkpoints (reference §9).
+
+``load_checkpoint`` names the checkpoint: a training checkpoint file, or the run's
+``checkpoint/`` directory (``rank_{r}/`` folders). ``resume_training: True`` takes, in a
+directory, the newest (epoch, step) that every rank folder holds complete (its file is listed in
+that folder and, for the last one, matches meta.json's recorded size); a file name (e.g.
+``llama2_7b_lora_rank_0-2_500.safetensors``, ``.safetensors`` optional) takes that step in every
+folder, with ``_rank_k`` rewritten to each folder's rank.
+
+Restored: trainable parameters, AdamW moments and step count, the LR schedule position (global
+step), the data position (epoch and step within it: the order of the samples does not depend on
+the layout, so a run resumed with another data_parallel continues with the same samples), the
+loss scale and, in the same layout, each rank's RNG state. Frozen base weights come from the base
+checkpoint recorded in the file's header (checked by fingerprint). The checkpoint's layout may
+differ from this run's: every tensor is read as the blocks this rank holds.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mftune.checkpoint.io import fingerprint, load_entries, load_tensors, read_metadata
+from mftune.checkpoint.sources import CheckpointError, Entry, distributed_entries, rank_dirs, safetensors_entries
+from mftune.parallel.layout import local, local_block
+
+logger = logging.getLogger("mftune")
+STEP_IN_NAME = re.compile(r"-(\d+)_(\d+)\.safetensors$")
+
+
+@dataclass
+class ResumePoint:
+    files: list[str]  # one per saved rank (one for a single-process checkpoint)
+    entries: dict[str, Entry]
+    epoch: int  # 1-based epoch of the last completed step
+    step_in_epoch: int  # that step's number within its epoch (1-based)
+    global_step: int
+    optimizer_step: int
+    loss_scale: float
+    global_batch_size: int
+    base_checkpoint: dict
+
+
+def find_resume_point(path: str, resume_training: bool | str) -> ResumePoint:
+    """Resolve ``load_checkpoint`` + ``resume_training`` to the files of one saved step."""
+    if not path:
+        raise CheckpointError("resume_training is set but load_checkpoint is empty. Pass the checkpoint "
+                              "file, or the run's checkpoint/ directory, as --load_checkpoint.")
+    name = resume_training if isinstance(resume_training, str) else None
+    if os.path.isfile(path):
+        if name:
+            logger.warning("resume_training=%s ignored: load_checkpoint is the file %s", name, path)
+        files, entries = [path], safetensors_entries(path)
+    elif rank_dirs(path):
+        files = _named_files(path, name) if name else _newest_common(path)
+        entries = distributed_entries(path, files)
+    else:
+        raise CheckpointError(f"load_checkpoint={path} is neither a training checkpoint file nor a "
+                              f"checkpoint directory with rank_*/ folders, which resume_training needs.")
+    counters = load_tensors(files[0], ["epoch_num", "step_num", "global_step", "loss_scale",
+                                       "global_batch_size"]) if _has_counters(files[0]) else None
+    if counters is None:
+        raise CheckpointError(f"checkpoint {files[0]} has no training counters (epoch_num, step_num, ...): "
+                              f"it is not a training checkpoint of output/checkpoint/ and cannot be resumed.")
+    optimizer_step = load_tensors(files[0], ["optimizer_step"]) if "optimizer_step" in entries else None
+    meta = read_metadata(files[0])
+    return ResumePoint(files, entries, int(counters["epoch_num"]), int(counters["step_num"]),
+                       int(counters["global_step"]),
+                       int(optimizer_step["optimizer_step"]) if optimizer_step else int(counters["global_step"]),
+                       float(counters["loss_scale"]), int(counters["global_batch_size"]),
+                       meta.get("base_checkpoint") or {})
+
+
+def _has_counters(file: str) -> bool:
+    from safetensors import safe_open
+    with safe_open(file, framework="pt") as f:
+        return {"epoch_num", "step_num", "global_step"} <= set(f.keys())
+
+
+def _named_files(root: str, name: str) -> list[str]:
+    name = name if name.endswith(".safetensors") else f"{name}.safetensors"
+    files = []
+    for d in rank_dirs(root):
+        rank = os.path.basename(d)[5:]
+        file = os.path.join(d, re.sub(r"_rank_\d+", f"_rank_{rank}", os.path.basename(name)))
+        if not os.path.isfile(file):
+            raise CheckpointError(f"resume_training={name}: {file} does not exist. Give a checkpoint name "
+                                  f"saved by every rank, or resume_training: True for the newest.")
+        files.append(file)
+    return files
+
+
+def _newest_common(root: str) -> list[str]:
+    """Per rank, the file of the newest (epoch, step) that every rank folder holds."""
+    per_rank: list[dict[tuple[int, int], str]] = []
+    for d in rank_dirs(root):
+        steps: dict[tuple[int, int], str] = {}
+        for file in sorted(glob.glob(os.path.join(glob.escape(d), "*.safetensors")), key=os.path.getmtime):
+            match = STEP_IN_NAME.search(file)
+            if match:
+                steps[(int(match.group(1)), int(match.group(2)))] = file  # the newest prefix wins
+        per_rank.append(steps)
+    common = set.intersection(*(set(s) for s in per_rank)) if per_rank else set()
+    if not common:
+        raise CheckpointError(f"checkpoint directory {root}: no step is saved by every rank folder. "
+                              f"Name a checkpoint file with resume_training, or start a new run.")
+    step = max(common)
+    return [steps[step] for steps in per_rank]
+
+
+def load_base(model: nn.Module, point: ResumePoint, fallback: str) -> dict:
+    """Frozen weights for a resumed run whose checkpoint holds only what was trained: the base
+    checkpoint recorded in the header (its fingerprint checked), else ``fallback``."""
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if not frozen or all(n in point.entries for n in frozen):
+        return {}
+    path = point.base_checkpoint.get("path") or fallback
+    if not path or not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {point.files[0]} holds only the trained tensors and its base "
+                              f"checkpoint {path or '(not recorded)'} is not found. Restore the base at "
+                              f"that path.")
+    recorded = point.base_checkpoint.get("fingerprint")
+    if recorded and fingerprint(path) != recorded:
+        raise CheckpointError(f"base checkpoint {path} changed since the run started (fingerprint "
+                              f"{fingerprint(path)}, recorded {recorded}). Restore the original base.")
+    from mftune.checkpoint.io import load_checkpoint
+    load_checkpoint(model, path)
+    return {"path": os.path.abspath(path), "fingerprint": fingerprint(path)}
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, point: ResumePoint, rank: int,
+            same_layout: bool) -> None:
+    """Trainable parameters, AdamW state and (same layout) this rank's RNG state."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    load_entries(model, point.entries, point.files[0], only=set(trainable))
+    missing = [n for n in trainable if f"adam_m.{n}" not in point.entries]
+    if missing:
+        raise CheckpointError(f"checkpoint {point.files[0]} has no optimizer moments for {missing[0]}: "
+                              f"it cannot be resumed exactly. Start a new run from it with "
+                              f"resume_training: False instead.")
+    for name, param in trainable.items():
+        state = optimizer.state[param]
+        state["step"] = torch.tensor(float(point.optimizer_step), dtype=torch.float32)
+        for key, prefix in (("exp_avg", "adam_m."), ("exp_avg_sq", "adam_v.")):
+            moment = torch.zeros_like(param, memory_format=torch.preserve_format)
+            local(moment).copy_(point.entries[prefix + name].read(local_block(param)))
+            state[key] = moment
+    if same_layout and "rng_state" in point.entries:
+        torch.set_rng_state(load_tensors(point.files[rank], ["rng_state"])["rng_state"])
+    elif not same_layout:
+        logger.info("Resumed with another number of ranks: RNG states (dropout) are not restored")
