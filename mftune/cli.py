@@ -81,7 +81,7 @@ _HELP = {
     "auto_trans_ckpt": "reshard load_checkpoint (true/false; true: not available in this version)",
     "transform_process_num": "accepted, ignored (resharding needs no worker pool)",
     "only_save_strategy": "write the strategy files and exit (true/false; true: not available in this version)",
-    "resume_training": "true/false, or a checkpoint file name (resuming: not available in this version)",
+    "resume_training": "true (newest common step) or a checkpoint file name: resume the run saved in load_checkpoint",
     "strategy_load_checkpoint": "parallel.strategy_ckpt_load_file: accepted, ignored",
     "remote_save_url": "ModelArts OBS url: accepted, ignored",
     "seed": "global random seed",

@@ -6,8 +6,9 @@
 
 Load it with ``PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(<converted base>), output_dir)``.
 r, lora_alpha and lora_dropout come from the checkpoint's pet_config header; --lora_rank/--lora_alpha/
---lora_dropout only fill in a value the header does not record. Distributed (per-rank) checkpoints are
-refused for now. Errors: one line on stderr, exit status 2.
+--lora_dropout only fill in a value the header does not record. --src_checkpoint may also be a distributed
+checkpoint directory (rank_*/ folders): the adapters are reassembled from the ranks' shards.
+Errors: one line on stderr, exit status 2.
 """
 import argparse
 import os

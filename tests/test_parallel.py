@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import parallel_parity as pp  # noqa: E402
 
 from mftune.checkpoint.io import CheckpointError, load_checkpoint, load_tensors, read_metadata  # noqa: E402
+from mftune.checkpoint.peft import export_peft_adapter, mftune_to_peft_name  # noqa: E402
 from mftune.checkpoint.sources import open_checkpoint  # noqa: E402
 from mftune.config import ParallelConfig  # noqa: E402
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -101,6 +102,14 @@ def _check_shards(files, tp):
         torch.testing.assert_close(tensors[rank][b], tensors[rank - tp][b], rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="one rank's shards"):
         load_checkpoint(LlamaForCausalLM(dict(pp.MODEL)), files[0])
+    # a PEFT adapter straight from the distributed checkpoint holds the reassembled adapters
+    root = os.path.dirname(os.path.dirname(files[0]))
+    adapter = os.path.join(os.path.dirname(root), "adapter")
+    export_peft_adapter(root, adapter)
+    exported = load_tensors(os.path.join(adapter, "adapter_model.safetensors"))
+    for name in (a, b, wo_a, wo_b):
+        full = entries[name].read(tuple(slice(0, n) for n in entries[name].shape))
+        assert torch.equal(exported[mftune_to_peft_name(name)], full)
 
 
 def test_two_node_form_with_every_option_matches_one_process(parity):

@@ -170,18 +170,11 @@ def export_peft_adapter(src_checkpoint: str, output_dir: str, *, base_model_name
     The directory appears complete or not at all (written next to it, then renamed); a non-empty
     ``output_dir`` is replaced only with ``overwrite``. Errors are CheckpointError (user mistakes).
     """
-    _check_source(src_checkpoint)
     out = os.path.abspath(output_dir)
     if os.path.commonpath([os.path.abspath(src_checkpoint), out]) == out:
         raise CheckpointError(f"output_dir={output_dir} is invalid: it contains src_checkpoint, which writing the "
                               f"adapter there would remove. Choose a new directory.")
-    meta = read_metadata(src_checkpoint)
-    if "shards" in meta:
-        raise CheckpointError(
-            f"src_checkpoint={src_checkpoint} is invalid: it holds one rank's shards of a distributed "
-            f"checkpoint (tensor/pipeline parallel or FSDP2). Exporting distributed checkpoints comes with "
-            f"the distributed-checkpoint work; for now export a checkpoint of a run with model_parallel 1 "
-            f"and no parallel optimizer.")
+    meta, keys, load = _source(src_checkpoint)
     pet_config = meta.get("pet_config") or (meta.get("model_config") or {}).get("pet_config")
     if pet_config is not None and not isinstance(pet_config, dict):
         raise CheckpointError(f"pet_config={pet_config!r} is invalid: {src_checkpoint}'s header holds no mapping. "
@@ -196,8 +189,6 @@ def export_peft_adapter(src_checkpoint: str, output_dir: str, *, base_model_name
                               f"PEFT. Export a LoRA checkpoint.")
     hparams = _lora_hparams(pet_config, fallback or {}, src_checkpoint)
 
-    with safe_open(src_checkpoint, framework="pt") as f:
-        keys = list(f.keys())
     lora_keys = [k for k in keys if LORA_MARK in k and not k.startswith(OPTIMIZER_PREFIXES)]
     if not lora_keys:
         raise CheckpointError(f"src_checkpoint={src_checkpoint} is invalid: it holds no LoRA tensors "
@@ -209,7 +200,7 @@ def export_peft_adapter(src_checkpoint: str, output_dir: str, *, base_model_name
             f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}; pet_config.freeze_exclude="
             f"{pet_config.get('freeze_exclude')!r}), which a PEFT LoRA adapter cannot carry. Export from a run "
             f"that trains only the adapters.")
-    tensors = load_tensors(src_checkpoint, lora_keys)
+    tensors = load(lora_keys)
     modules, rank = _pair_and_rank(tensors, src_checkpoint)
     if rank != hparams["lora_rank"]:
         raise CheckpointError(f"pet_config.lora_rank={hparams['lora_rank']} is invalid: the LoRA tensors of "
@@ -263,13 +254,39 @@ def peft_adapter_config(hparams: dict[str, Any], layers: list[int], leaves: list
     }
 
 
+def _source(path: str) -> tuple[dict[str, Any], list[str], Any]:
+    """(header metadata, tensor names, load(names) -> full tensors) of a complete checkpoint file or
+    of a distributed checkpoint directory (rank_*/: the adapters are reassembled from the shards)."""
+    from mftune.checkpoint.sources import distributed_entries, rank_dirs
+
+    if os.path.isdir(path) and rank_dirs(path):
+        entries = distributed_entries(path)
+        meta = read_metadata(_first_file(entries))
+        meta.pop("shards", None)
+
+        def load(names):
+            return {n: entries[n].read(tuple(slice(0, d) for d in entries[n].shape)) for n in names}
+        return meta, list(entries), load
+    _check_source(path)
+    meta = read_metadata(path)
+    if "shards" in meta:
+        raise CheckpointError(
+            f"src_checkpoint={path} is invalid: it holds one rank's shards of a distributed checkpoint "
+            f"(tensor parallel or FSDP2). Pass the directory that holds its rank_*/ folders.")
+    with safe_open(path, framework="pt") as f:
+        keys = list(f.keys())
+    return meta, keys, lambda names: load_tensors(path, names)
+
+
+def _first_file(entries: dict) -> str:
+    """A rank file of a distributed checkpoint (they share the header metadata but ``shards``)."""
+    from mftune.checkpoint.sources import _rank_file, rank_dirs
+    root = next(iter(entries.values())).origin
+    return _rank_file(rank_dirs(root)[0])
+
+
 def _check_source(path: str) -> None:
     if os.path.isdir(path):
-        if any(re.fullmatch(r"rank_\d+", d) for d in os.listdir(path)):
-            raise CheckpointError(
-                f"src_checkpoint={path} is invalid: it is a distributed checkpoint directory (rank_*/). "
-                f"Exporting distributed checkpoints comes with the distributed-checkpoint work; for now pass "
-                f"one complete .safetensors file.")
         hint = ""
         meta_json = os.path.join(path, "meta.json")
         if os.path.isfile(meta_json):
