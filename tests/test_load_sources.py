@@ -16,7 +16,7 @@ from mftune.pet import get_pet_model
 
 CFG = {"seq_length": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "n_kv_heads": 2,
        "vocab_size": 64, "multiple_of": 16}
-LORA = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*wq|.*wv"}
+LORA = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ".*wq|.*wv"}
 
 
 def _model(lora: bool = False, seed: int = 0) -> LlamaForCausalLM:
@@ -183,3 +183,26 @@ def test_truncated_rank_file_is_named(tmp_path):
         f.truncate(os.path.getsize(path) - 10)
     with pytest.raises(CheckpointError, match="truncated or replaced"):
         open_checkpoint(str(tmp_path / "checkpoint"))
+
+
+def test_peft_adapter_directory_with_its_base_beside_it(tmp_path):
+    """An exported PEFT adapter, with the base file copied into its directory, loads as the LoRA
+    model it came from."""
+    import shutil
+
+    from mftune.checkpoint.peft import export_peft_adapter
+
+    src = _model(lora=True)
+    state = _state(src)
+    base = {k: v for k, v in state.items() if "lora" not in k}
+    save_complete(str(tmp_path / "base.safetensors"), base, model_config=dict(CFG))
+    lora = {k: v for k, v in state.items() if "lora" in k}
+    save_complete(str(tmp_path / "lora.safetensors"), lora, model_config=dict(CFG, pet_config=LORA),
+                  extra_metadata={"pet_config": LORA})
+    export_peft_adapter(str(tmp_path / "lora.safetensors"), str(tmp_path / "adapter"))
+    shutil.copy(tmp_path / "base.safetensors", tmp_path / "adapter" / "base.safetensors")
+    dst = _model(lora=True, seed=5)
+    report = load_checkpoint(dst, str(tmp_path / "adapter"))
+    assert report["fresh_lora"] == []
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, state[k]), k

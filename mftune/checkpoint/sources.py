@@ -8,7 +8,8 @@ reads only the block each rank holds, whatever the source:
   MindFormers loads every file of a directory); a name in two files is an error;
 - a Hugging Face directory (``config.json`` + ``model.safetensors`` / sharded safetensors with
   their index / ``pytorch_model*.bin``): names translated on the fly, nothing written;
-- a PEFT LoRA adapter directory (``adapter_config.json``): its adapters, renamed;
+- a PEFT LoRA adapter directory (``adapter_config.json``): its adapters, renamed, plus any
+  complete ``.safetensors`` file placed beside them (the base);
 - a distributed checkpoint directory (``rank_{r}/``, as the trainer saves it): each rank's file is
   the one its ``meta.json`` names (else its newest); a block is assembled from the pieces of the
   rank files that overlap it, using the global shape and block each file records in its header.
@@ -46,10 +47,13 @@ def open_checkpoint(path: str) -> dict[str, Entry]:
         return safetensors_entries(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"load_checkpoint={path} does not exist. Give a checkpoint file or directory.")
-    if os.path.exists(os.path.join(path, "adapter_config.json")):
+    if os.path.exists(os.path.join(path, "adapter_config.json")):  # + complete files beside it (a base)
         from mftune.checkpoint.peft import read_peft_adapter
         tensors, _ = read_peft_adapter(path)
-        return {n: Entry(tuple(t.shape), lambda block, t=t: t[block], path) for n, t in tensors.items()}
+        entries = {n: Entry(tuple(t.shape), lambda block, t=t: t[block], path) for n, t in tensors.items()}
+        others = [f for f in glob.glob(os.path.join(glob.escape(path), "*.safetensors"))
+                  if os.path.basename(f) != "adapter_model.safetensors"]
+        return _merge(path, [entries] + [safetensors_entries(f) for f in sorted(others)])
     if os.path.exists(os.path.join(path, "config.json")) and any(
             os.path.exists(os.path.join(path, f)) for f in HF_WEIGHTS):
         return _hf_entries(path)
@@ -61,13 +65,18 @@ def open_checkpoint(path: str) -> dict[str, Entry]:
             f"load_checkpoint={path} is a directory with no checkpoint mftune recognises: expected "
             f".safetensors files, a Hugging Face model (config.json + weights), a PEFT adapter "
             f"(adapter_config.json) or rank_*/ folders of a distributed checkpoint.")
+    return _merge(path, [safetensors_entries(f) for f in files])
+
+
+def _merge(path: str, parts: list[dict[str, Entry]]) -> dict[str, Entry]:
+    """The union of several files' tensors; a name in two of them is an error naming both."""
     entries: dict[str, Entry] = {}
-    for file in files:
-        for name, entry in safetensors_entries(file).items():
+    for part in parts:
+        for name, entry in part.items():
             if name in entries:
                 raise CheckpointError(
                     f"load_checkpoint={path}: tensor {name} is in both {entries[name].origin} and "
-                    f"{file}. Keep one of them in the directory.")
+                    f"{entry.origin}. Keep one of them in the directory.")
             entries[name] = entry
     return entries
 

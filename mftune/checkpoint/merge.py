@@ -1,0 +1,249 @@
+"""Merge LoRA adapters into their base weights (MindFormers' ``mindformers/tools/transform_ckpt_lora.py``).
+
+For every adapted Linear ``W`` with adapters ``A [r, in]``, ``B [out, r]``:
+``W' = (W.float() + B.float() @ A.float() * scaling).to(W.dtype)`` (``mftune.pet.lora_delta_weight``).
+Every other model tensor is copied as is; LoRA tensors, optimizer moments (``adam_m.*``, ``adam_v.*``)
+and counters are dropped. The result is a plain model: a complete mftune file whose header holds the
+model_config without ``pet_config`` (``load_checkpoint`` and ``convert_weight.py --reversed`` read it),
+or a Hugging Face directory (through ``convert.convert_mftune_to_hf``).
+
+Invariants:
+- Sources are whatever ``sources.open_checkpoint`` reads: the LoRA side may be a complete LoRA file,
+  a distributed ``rank_*/`` directory or a PEFT adapter directory; the base is the checkpoint the
+  LoRA header records (its fingerprint checked) unless one is given.
+- Model tensors held by the LoRA source (e.g. norms unfrozen with ``freeze_exclude``, or a network
+  checkpoint holding base + LoRA) override the base's: they are the trained values.
+- Everything is checked before a byte is written: adapter pairs, base weights, shapes, the scaling.
+- Streaming: the output header comes from shapes and dtypes (a one-element read each), then the
+  tensors are read, merged and written one at a time (peak memory ~ one tensor). Outputs are atomic
+  and never replace an input.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Iterator
+
+import torch
+
+from mftune.checkpoint.convert import (Progress, _check_weights, _expected_weights, convert_mftune_to_hf,
+                                       write_safetensors_streaming)
+from mftune.checkpoint.io import (LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, CheckpointError, fingerprint,
+                                  read_metadata)
+from mftune.checkpoint.sources import Entry, _rank_file, open_checkpoint, rank_dirs
+from mftune.pet.lora import lora_delta_weight
+
+logger = logging.getLogger("mftune")
+
+MERGED_NAME = "merged_lora.safetensors"  # MindFormers writes dst/merged_lora.ckpt
+SUFFIX_A, SUFFIX_B = f".{LORA_MARK}_a", f".{LORA_MARK}_b"
+FORMATS = ("mftune", "hf")
+
+
+def checkpoint_header(path: str) -> dict[str, Any]:
+    """The mftune header of any checkpoint ``open_checkpoint`` reads (model_config, pet_config,
+    base_checkpoint when recorded): a file's own; a distributed directory's rank-0 file; a directory of
+    complete files merged (a file with a pet_config first); a HF directory's config.json translated;
+    a PEFT adapter's pet_config."""
+    if os.path.isfile(path):
+        return read_metadata(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist. Give a checkpoint file or directory.")
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        from mftune.checkpoint.peft import read_peft_adapter
+        return {"pet_config": read_peft_adapter(path)[1]}
+    if os.path.exists(os.path.join(path, "config.json")):
+        from mftune.checkpoint.names import hf_config_to_model_config
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                return {"model_config": hf_config_to_model_config(json.load(f))}
+        except ValueError as exc:
+            raise CheckpointError(f"{path}/config.json: {exc}") from None
+    ranks = rank_dirs(path)
+    if ranks:
+        return read_metadata(_rank_file(ranks[0]))
+    header: dict[str, Any] = {}
+    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
+    for meta in sorted((read_metadata(f) for f in files), key=lambda m: "pet_config" not in m):
+        for key, value in meta.items():
+            header.setdefault(key, value)
+    return header
+
+
+def _full(entry: Entry) -> torch.Tensor:
+    return entry.read(tuple(slice(0, n) for n in entry.shape))
+
+
+def _dtype(entry: Entry) -> torch.dtype:
+    """The tensor's dtype from a one-element read (Entry records shapes only)."""
+    return entry.read(tuple(slice(0, min(n, 1)) for n in entry.shape)).dtype
+
+
+def _pairs(lora: dict[str, Entry], where: str) -> dict[str, tuple[str, str]]:
+    """``{base weight name: (A name, B name)}``; an adapter without its partner is an error naming it."""
+    halves: dict[str, dict[str, str]] = {}
+    odd = []
+    for name in lora:
+        for suffix, side in ((SUFFIX_A, "a"), (SUFFIX_B, "b")):
+            if name.endswith(suffix):
+                halves.setdefault(name[:-len(suffix)] + ".weight", {})[side] = name
+                break
+        else:
+            odd.append(name)
+    if odd:
+        raise CheckpointError(f"{where}: LoRA tensor(s) {', '.join(odd)} are not *{SUFFIX_A} / *{SUFFIX_B}. "
+                              f"Merge a checkpoint saved by mftune's LoRA (or a PEFT adapter).")
+    unpaired = [f"{sides.get('a') or sides.get('b')} has no {SUFFIX_B if 'a' in sides else SUFFIX_A}"
+                for sides in halves.values() if len(sides) != 2]
+    if unpaired:
+        raise CheckpointError(f"{where}: incomplete LoRA adapter pair(s): {'; '.join(unpaired)}. The checkpoint "
+                              f"is damaged or was edited; use a complete save.")
+    return {w: (s["a"], s["b"]) for w, s in halves.items()}
+
+
+def _scaling(pet_config: dict | None, lora_scaling: float | None, ranks: set[int], where: str) -> float:
+    if lora_scaling is not None:
+        return float(lora_scaling)
+    pc = pet_config or {}
+    if pc.get("lora_alpha") is None or not pc.get("lora_rank"):
+        raise CheckpointError(f"{where} records no pet_config with lora_alpha and lora_rank, so the LoRA scaling "
+                              f"is unknown. Pass --lora_scaling <lora_alpha / lora_rank>.")
+    if ranks and ranks != {int(pc["lora_rank"])}:
+        raise CheckpointError(f"{where}: pet_config lora_rank={pc['lora_rank']} but the adapters have rank(s) "
+                              f"{sorted(ranks)}. Pass --lora_scaling <lora_alpha / rank> explicitly.")
+    return float(pc["lora_alpha"]) / float(pc["lora_rank"])
+
+
+def _inputs(path: str) -> tuple[set[str], set[str]]:
+    """(real paths of the files, real paths of the directories) an input consists of."""
+    real = os.path.realpath(path)
+    if os.path.isfile(real):
+        return {real}, set()
+    files = {os.path.realpath(os.path.join(d, f)) for d, _, names in os.walk(real) for f in names}
+    return files, {real}
+
+
+def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None = None,
+                          lora_scaling: float | None = None, ignore_fingerprint: bool = False,
+                          output_format: str = "mftune", progress: Progress | None = None) -> dict[str, Any]:
+    """Merge the LoRA checkpoint ``lora_path`` into its base and write a plain model to ``dst_dir``:
+    ``dst_dir/merged_lora.safetensors`` (``output_format="mftune"``) or a HF directory ``dst_dir``
+    (``"hf"``). ``base_path`` default: the base recorded in the LoRA header, whose fingerprint must
+    match (unless ``ignore_fingerprint``). ``lora_scaling`` default: pet_config lora_alpha / lora_rank.
+    Returns a report: output, merged, copied, dropped, scaling, base."""
+    start = time.perf_counter()
+    if output_format not in FORMATS:
+        raise CheckpointError(f"output_format={output_format} is invalid: use one of {', '.join(FORMATS)}.")
+    header = checkpoint_header(lora_path)
+    source = open_checkpoint(lora_path)
+    recorded = header.get("base_checkpoint") or {}
+    base_path = base_path or recorded.get("path") or None
+    base: dict[str, Entry] = {}
+    if base_path:
+        if not os.path.exists(base_path):
+            raise CheckpointError(f"base checkpoint {base_path} (from {'--base_checkpoint' if base_path != recorded.get('path') else lora_path + ' header'}) "
+                                  f"does not exist. Pass --base_checkpoint PATH.")
+        want = recorded.get("fingerprint")
+        if want and not ignore_fingerprint and fingerprint(base_path) != want:
+            raise CheckpointError(f"base checkpoint {base_path} has fingerprint {fingerprint(base_path)} but "
+                                  f"{lora_path} was trained on {recorded.get('path')} with fingerprint {want}. Pass "
+                                  f"the original base with --base_checkpoint, or --ignore_fingerprint if you are sure.")
+        base = open_checkpoint(base_path)
+    base_header = checkpoint_header(base_path) if base_path else {}
+    mc = dict(header.get("model_config") or base_header.get("model_config") or {})
+    if not mc:
+        raise CheckpointError(f"neither {lora_path} nor {base_path or 'a base checkpoint'} records a model_config. "
+                              f"Pass --base_checkpoint with a complete mftune file or a Hugging Face directory.")
+    pet_config = mc.pop("pet_config", None) or header.get("pet_config")
+    cfg, expected = _expected_weights(mc, lora_path)
+
+    # Sort the tensors: adapters, model tensors (LoRA source overrides the base), dropped.
+    lora = {n: e for n, e in source.items() if LORA_MARK in n}
+    if not lora:
+        raise CheckpointError(f"{lora_path} holds no LoRA tensors (*{LORA_MARK}*). Pass the LoRA checkpoint as "
+                              f"--src_ckpt_path_or_dir.")
+    model: dict[str, Entry] = {}
+    dropped, unknown, overridden = [], [], []
+    for entries, is_source in ((base, False), (source, True)):
+        for name, entry in entries.items():
+            if LORA_MARK in name:
+                if not is_source:
+                    raise CheckpointError(f"base checkpoint {base_path} holds LoRA tensor {name}. Pass a base "
+                                          f"without adapters as --base_checkpoint.")
+            elif name.startswith(OPTIMIZER_PREFIXES) or name in SCALAR_KEYS or (
+                    cfg.tie_word_embeddings and name == "lm_head.weight"):
+                dropped.append(name)
+            elif name not in expected:
+                unknown.append(f"{name} ({entry.origin})")
+            else:
+                if is_source and name in model:
+                    overridden.append(name)
+                model[name] = entry
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} tensor(s) are not weights of the model_config's Llama: "
+                              f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. Check the base "
+                              f"checkpoint and the LoRA checkpoint belong together.")
+    _check_weights({n: e.shape for n, e in model.items()}, expected,
+                   f"the base weights ({base_path or lora_path})" if base_path else
+                   f"{lora_path} (no base recorded; pass --base_checkpoint)")
+    pairs = _pairs(lora, lora_path)
+    problems = []
+    for w, (a, b) in pairs.items():
+        if w not in model:
+            problems.append(f"{a} adapts {w}, which the model has not")
+            continue
+        (out, inn), sa, sb = model[w].shape, lora[a].shape, lora[b].shape
+        if len(sa) != 2 or len(sb) != 2 or sa[1] != inn or sb[0] != out or sa[0] != sb[1]:
+            problems.append(f"{w} {list(model[w].shape)} cannot take A {list(sa)} and B {list(sb)}")
+    if problems:
+        raise CheckpointError(f"{lora_path} does not fit its base: {'; '.join(problems)}. Use the base it was "
+                              f"trained on.")
+    scaling = _scaling(pet_config, lora_scaling, {lora[a].shape[0] for a, _ in pairs.values()}, lora_path)
+
+    # Outputs never replace or land inside an input.
+    dst = os.path.realpath(dst_dir)
+    in_files, in_dirs = _inputs(lora_path)
+    if base_path:
+        f, d = _inputs(base_path)
+        in_files, in_dirs = in_files | f, in_dirs | d
+    target = os.path.join(dst, MERGED_NAME)
+    if (target in in_files if output_format == "mftune" else any(os.path.dirname(f) == dst for f in in_files)) \
+            or dst in in_dirs:
+        raise CheckpointError(f"dst_ckpt_dir={dst_dir} is invalid: writing there would replace or mix with an input "
+                              f"checkpoint. Choose a new directory.")
+
+    names = list(expected)  # model order
+    specs = [(n, _dtype(model[n]), expected[n]) for n in names]
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in names:
+            w = _full(model[name])
+            if name in pairs:
+                a, b = pairs[name]
+                w = (w.float() + lora_delta_weight(_full(lora[a]), _full(lora[b]), scaling)).to(w.dtype)
+            yield name, w
+
+    info = {"format": "lora_merge", "lora": os.path.abspath(lora_path),
+            "base": os.path.abspath(base_path) if base_path else None, "lora_scaling": scaling,
+            "merged": sorted(pairs)}
+    metadata = {"format": "pt", "mftune_model_config": json.dumps(mc, default=str),
+                "mftune_source": json.dumps(info)}
+    tensors = (progress or (lambda it, n: it))(stream(), len(specs))
+    if output_format == "mftune":
+        write_safetensors_streaming(target, specs, tensors, metadata)
+        output = target
+    else:  # through a temporary mftune file, converted and removed (disk: about twice the model)
+        os.makedirs(dst, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".merge_", dir=dst) as tmp:
+            merged = os.path.join(tmp, MERGED_NAME)
+            write_safetensors_streaming(merged, specs, tensors, metadata)
+            convert_mftune_to_hf(merged, dst)
+        output = dst
+    n_lora = 2 * len(pairs)
+    return {"output": output, "merged": len(pairs), "copied": len(names) - len(pairs),
+            "overridden": sorted(overridden), "dropped": len(dropped) + n_lora, "scaling": scaling,
+            "base": base_path, "seconds": time.perf_counter() - start}
