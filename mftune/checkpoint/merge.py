@@ -26,14 +26,26 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-from mftune.checkpoint.convert import (Progress, _check_weights, _expected_weights, convert_mftune_to_hf,
-                                       write_safetensors_streaming)
-from mftune.checkpoint.io import (LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, CheckpointError, fingerprint,
-                                  read_metadata)
+from mftune.checkpoint.convert import (
+    Progress,
+    _check_weights,
+    _expected_weights,
+    convert_mftune_to_hf,
+    write_safetensors_streaming,
+)
+from mftune.checkpoint.io import (
+    LORA_MARK,
+    OPTIMIZER_PREFIXES,
+    SCALAR_KEYS,
+    CheckpointError,
+    fingerprint,
+    read_metadata,
+)
 from mftune.checkpoint.sources import Entry, _rank_file, open_checkpoint, rank_dirs
 from mftune.pet.lora import lora_delta_weight
 
@@ -145,8 +157,9 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     base: dict[str, Entry] = {}
     if base_path:
         if not os.path.exists(base_path):
-            raise CheckpointError(f"base checkpoint {base_path} (from {'--base_checkpoint' if base_path != recorded.get('path') else lora_path + ' header'}) "
-                                  f"does not exist. Pass --base_checkpoint PATH.")
+            given = "recorded in " + lora_path if base_path == recorded.get("path") else "given"
+            raise CheckpointError(f"base checkpoint {base_path} ({given}) does not exist. Pass the base the LoRA "
+                                  f"was trained on with --base_checkpoint PATH.")
         want = recorded.get("fingerprint")
         if want and not ignore_fingerprint and fingerprint(base_path) != want:
             raise CheckpointError(f"base checkpoint {base_path} has fingerprint {fingerprint(base_path)} but "
@@ -162,7 +175,11 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     cfg, expected = _expected_weights(mc, lora_path)
 
     # Sort the tensors: adapters, model tensors (LoRA source overrides the base), dropped.
-    lora = {n: e for n, e in source.items() if LORA_MARK in n}
+    def dropped_kind(name: str) -> bool:  # optimizer moments (of adapters too), counters, a tied lm_head
+        return name.startswith(OPTIMIZER_PREFIXES) or name in SCALAR_KEYS or (
+            cfg.tie_word_embeddings and name == "lm_head.weight")
+
+    lora = {n: e for n, e in source.items() if LORA_MARK in n and not dropped_kind(n)}
     if not lora:
         raise CheckpointError(f"{lora_path} holds no LoRA tensors (*{LORA_MARK}*). Pass the LoRA checkpoint as "
                               f"--src_ckpt_path_or_dir.")
@@ -170,13 +187,12 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     dropped, unknown, overridden = [], [], []
     for entries, is_source in ((base, False), (source, True)):
         for name, entry in entries.items():
-            if LORA_MARK in name:
+            if dropped_kind(name):
+                dropped.append(name)
+            elif LORA_MARK in name:
                 if not is_source:
                     raise CheckpointError(f"base checkpoint {base_path} holds LoRA tensor {name}. Pass a base "
                                           f"without adapters as --base_checkpoint.")
-            elif name.startswith(OPTIMIZER_PREFIXES) or name in SCALAR_KEYS or (
-                    cfg.tie_word_embeddings and name == "lm_head.weight"):
-                dropped.append(name)
             elif name not in expected:
                 unknown.append(f"{name} ({entry.origin})")
             else:
@@ -243,7 +259,6 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
             write_safetensors_streaming(merged, specs, tensors, metadata)
             convert_mftune_to_hf(merged, dst)
         output = dst
-    n_lora = 2 * len(pairs)
     return {"output": output, "merged": len(pairs), "copied": len(names) - len(pairs),
-            "overridden": sorted(overridden), "dropped": len(dropped) + n_lora, "scaling": scaling,
+            "overridden": sorted(overridden), "dropped": len(dropped) + 2 * len(pairs), "scaling": scaling,
             "base": base_path, "seconds": time.perf_counter() - start}

@@ -1,0 +1,71 @@
+"""Merge a LoRA checkpoint into its base weights (MindFormers' mindformers/tools/transform_ckpt_lora.py).
+
+    python scripts/transform_ckpt_lora.py --src_ckpt_path_or_dir output/checkpoint/rank_0/llama2_7b_lora_rank_0-2_60.safetensors \\
+        --dst_ckpt_dir merged [--lora_scaling 4] [--base_checkpoint llama2_7b.safetensors] [--output_format mftune|hf]
+
+--src_ckpt_path_or_dir: a complete LoRA checkpoint file, a distributed checkpoint directory (rank_*/ folders,
+reassembled directly: no strategy file and no intermediate transform) or a PEFT adapter directory.
+Output: <dst_ckpt_dir>/merged_lora.safetensors (MindFormers: merged_lora.ckpt), a plain model that
+run_finetune.py's load_checkpoint and convert_weight.py --reversed read; --output_format hf writes a Hugging
+Face directory (config.json + model.safetensors) at <dst_ckpt_dir> instead.
+mftune additions: --base_checkpoint (default: the base recorded in the LoRA header, whose fingerprint must
+match unless --ignore_fingerprint), --output_format. --lora_scaling default: the checkpoint's
+pet_config lora_alpha / lora_rank (MindFormers' default is 1, which is rarely right).
+--src_ckpt_strategy / --dst_ckpt_strategy / --prefix are accepted for MindFormers compatibility and ignored.
+Errors: one line on stderr, exit status 2.
+"""
+import argparse
+import os
+import sys
+
+try:
+    import mftune  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mftune.checkpoint.io import CheckpointError
+from mftune.checkpoint.merge import FORMATS, merge_lora_checkpoint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--src_ckpt_path_or_dir", required=True,
+                   help="LoRA checkpoint: complete file, rank_*/ directory or PEFT adapter directory")
+    p.add_argument("--dst_ckpt_dir", required=True, help="output directory")
+    p.add_argument("--lora_scaling", type=float, default=None,
+                   help="scale of B@A (default: pet_config lora_alpha / lora_rank)")
+    p.add_argument("--base_checkpoint", default=None,
+                   help="base weights (default: the path recorded in the LoRA checkpoint's header)")
+    p.add_argument("--ignore_fingerprint", action="store_true",
+                   help="merge even if the base differs from the one the LoRA was trained on")
+    p.add_argument("--output_format", default="mftune", choices=FORMATS,
+                   help="mftune: <dst>/merged_lora.safetensors; hf: a Hugging Face directory at <dst>")
+    p.add_argument("--src_ckpt_strategy", default="", help="ignored: mftune checkpoints record their own layout")
+    p.add_argument("--dst_ckpt_strategy", default="", help="ignored: the output is a complete checkpoint")
+    p.add_argument("--prefix", default="checkpoint_", help="ignored: no intermediate transformed files are written")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("src_ckpt_strategy", "dst_ckpt_strategy"):
+        if getattr(args, name) not in ("", "None", None):
+            print(f"Note: --{name} is ignored: mftune checkpoints record their own layout.", file=sys.stderr)
+    try:
+        report = merge_lora_checkpoint(args.src_ckpt_path_or_dir, args.dst_ckpt_dir,
+                                       base_path=args.base_checkpoint, lora_scaling=args.lora_scaling,
+                                       ignore_fingerprint=args.ignore_fingerprint,
+                                       output_format=args.output_format)
+    except (CheckpointError, OSError) as e:  # OSError: an output path that cannot be written
+        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"Merged {report['merged']} LoRA weights (scaling {report['scaling']:g}), copied {report['copied']} "
+          f"tensors, dropped {report['dropped']} (adapters, optimizer moments, counters)"
+          + (f", {len(report['overridden'])} trained tensors taken from the LoRA checkpoint" if report["overridden"]
+             else "") + f" -> {report['output']} ({report['seconds']:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
