@@ -90,18 +90,23 @@ def read_metadata(path: str) -> dict[str, Any]:
 
 
 def fingerprint(path: str) -> str:
-    """A cheap identity of a checkpoint: sha256 of each file's name and size and, for safetensors,
-    its JSON header (names, shapes, offsets); a directory hashes its files in name order."""
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+    """A cheap identity of a checkpoint: sha256 of a safetensors file's size and JSON header (names,
+    shapes, offsets, metadata); a directory hashes each file's name and size (and header) in order."""
+    if os.path.isfile(path):
+        return hashlib.sha256(_size_and_header(path)).hexdigest()[:16]
     digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{os.path.relpath(file, path)}:{os.path.getsize(file)}".encode())
-        if file.endswith(".safetensors"):
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                digest.update(f.read(n))
+    for file in sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names):
+        digest.update(f"{os.path.relpath(file, path)}:".encode() + _size_and_header(file))
     return digest.hexdigest()[:16]
+
+
+def _size_and_header(file: str) -> bytes:
+    out = str(os.path.getsize(file)).encode()
+    if file.endswith(".safetensors"):
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            out += f.read(n)
+    return out
 
 
 def load_tensors(path: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
