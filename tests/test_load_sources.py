@@ -206,3 +206,22 @@ def test_peft_adapter_directory_with_its_base_beside_it(tmp_path):
     assert report["fresh_lora"] == []
     for k, v in dst.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_only_save_strategy_writes_the_strategy_and_exits(tmp_path):
+    import subprocess
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    import parallel_parity as pp
+
+    config = pp.make_workdir(str(tmp_path))
+    out = str(tmp_path / "out")
+    r = subprocess.run([sys.executable, *pp._args(config, "finetune", out, 1, 1, {}), "--only_save_strategy", "True"],
+                       cwd=pp.ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(os.path.join(out, "strategy", "ckpt_strategy_rank_0.json")) as f:
+        strategy = json.load(f)
+    wq = strategy["tensors"]["model.layers.0.attention.wq.weight"]
+    assert wq["global_shape"] == [64, 64] and wq["block"] == [[0, 64], [0, 64]] and wq["dtype"] == "float32"
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))  # no training

@@ -73,6 +73,13 @@ def test_8_ranks_dp2_mp4_match_one_process_and_log_per_rank(parity):
         assert len(glob.glob(os.path.join(ckpt_dir, f"*_rank_{rank}-1_*.safetensors"))) == 2
         finals.append(os.path.join(ckpt_dir, meta["last_ckpt_file"]))
     _check_shards(finals, tp=4)
+    # strategy files: every parameter (frozen ones too) with the block the rank holds
+    b = "model.layers.0.attention.wq.mindpet_delta_lora_b"
+    for rank in range(8):
+        with open(os.path.join(out, "strategy", f"ckpt_strategy_rank_{rank}.json")) as f:
+            strategy = json.load(f)
+        assert strategy["mesh"] == {"dp": 2, "tp": 4} and "model.norm_out.weight" in strategy["tensors"]
+        assert strategy["tensors"][b]["block"] == read_metadata(finals[rank])["shards"]["tensors"][b]["block"]
 
 
 def _check_shards(files, tp):

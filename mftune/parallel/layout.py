@@ -68,6 +68,15 @@ def shard_layout(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
     return out
 
 
+def strategy(named: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """Per tensor: global shape, dtype, the block this rank holds and its DTensor placements (what
+    ``<output_dir>/strategy/ckpt_strategy_rank_{r}.json`` records for every parameter)."""
+    return {name: {"global_shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+                   "block": [[s.start, s.stop] for s in local_block(t)],
+                   "placements": [str(p) for p in t.placements] if isinstance(t, DTensor) else []}
+            for name, t in named.items()}
+
+
 @torch.no_grad()
 def fill_from_full(param: torch.Tensor, init: Callable[[torch.Tensor], object]) -> None:
     """Initialise ``param`` as ``init`` would initialise the full tensor on the CPU.

@@ -7,7 +7,9 @@ every parameter (pet_config is not applied); ``finetune`` applies pet_config whe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -19,14 +21,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
-from mftune.checkpoint.io import CheckpointError, fingerprint, load_checkpoint
+from mftune.checkpoint.io import CheckpointError, fingerprint, fsync_replace, load_checkpoint
 from mftune.config import ConfigError, MFConfig, save_config
 from mftune.data.loader import TrainData
 from mftune.log import setup_logging
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM, to_dtype
 from mftune.parallel import parallelize
 from mftune.parallel.data_parallel import all_reduce_grads, clip_grad_norm_, settle_grads
-from mftune.parallel.layout import fill_from_full, local
+from mftune.parallel.layout import fill_from_full, local, strategy
 from mftune.parallel.mesh import (ParallelContext, env_world, init_distributed, layout_errors, seed_ranks,
                                   shutdown)
 from mftune.parallel.recompute import apply_recompute
@@ -101,6 +103,10 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
                         f"{point.global_batch_size} sequences, this run has {data.global_batch_size} "
                         f"(batch_size x data_parallel x gradient_accumulation_steps). Keep the global batch.")
     model, pet_config, base_info = build_model(cfg, model_config, dist_info, point)
+    if cfg.only_save_strategy:
+        logger.info("only_save_strategy: strategy files written to %s; exiting",
+                    os.path.join(output_dir, "strategy"))
+        return 0
     seed_ranks(cfg.seed, dist_info)  # dropout: independent per data-parallel rank
     runner = cfg.runner_config
     schedule = build_schedule(cfg.lr_schedule, cfg.optimizer, data.steps_per_epoch, runner.epochs)
@@ -178,7 +184,6 @@ def _check_supported(cfg: MFConfig) -> None:
     later = {
         "run_mode": cfg.run_mode not in ("train", "finetune"),
         "auto_trans_ckpt": cfg.auto_trans_ckpt is True,
-        "only_save_strategy": cfg.only_save_strategy is True,
         "src_strategy_path_or_dir": bool(cfg.src_strategy_path_or_dir),
         "do_eval": cfg.do_eval is True,
     }
@@ -224,6 +229,9 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCon
     elif recompute:
         logger.info("Recompute: activation checkpointing of %d decoder layers",
                     apply_recompute(model.model.layers))
+    _save_strategy(cfg, model, dist_info)
+    if cfg.only_save_strategy:
+        return model, pet_config, {}
     model.to_empty(device=dist_info.device)
     base_info = {}
     if point:  # frozen weights from the run's base; trained ones come with the optimizer state
@@ -243,6 +251,22 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCon
     if not pet_config:  # get_pet_model logs it for PET runs
         logger.info(trainable_summary(model))
     return model, pet_config, base_info
+
+
+def _save_strategy(cfg: MFConfig, model: LlamaForCausalLM, ctx: ParallelContext) -> None:
+    """``<output_dir>/strategy/ckpt_strategy_rank_{r}.json``: the mesh, the parallel config and,
+    for every parameter (frozen ones too), its global shape, dtype and the block this rank holds."""
+    path = os.path.join(os.path.abspath(cfg.output_dir), "strategy", f"ckpt_strategy_rank_{ctx.rank}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    record = {"rank": ctx.rank, "world_size": ctx.world_size,
+              "mesh": {"dp": ctx.dp_size, "tp": ctx.tp_size},
+              "parallel_config": dataclasses.asdict(cfg.parallel_config),
+              "enable_parallel_optimizer": cfg.parallel.enable_parallel_optimizer,
+              "tensors": strategy(dict(model.named_parameters()))}
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    fsync_replace(tmp, path)
 
 
 def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -> TrainData:
