@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mftune.checkpoint.io import fsync_replace, save_complete, unique_state_dict
-from mftune.parallel.layout import local, shard_layout
+from mftune.parallel.layout import local, shard_layout, strategy
 
 logger = logging.getLogger("mftune")
 
@@ -123,4 +123,19 @@ class CheckpointMonitor:
             if os.path.exists(old):
                 os.remove(old)
                 logger.info("Removed old checkpoint %s (keep_checkpoint_max=%d)", old, self.keep)
+
+
+def save_strategy(strategy_dir: str, model: nn.Module, ctx, **settings) -> str:
+    """``<strategy_dir>/ckpt_strategy_rank_{r}.json`` (MindFormers' name, JSON here): the mesh, the
+    parallel ``settings`` and, for every parameter (frozen ones too, which LoRA resharding needs),
+    its global shape, dtype, the block this rank holds and its placements. Written atomically."""
+    path = os.path.join(strategy_dir, f"ckpt_strategy_rank_{ctx.rank}.json")
+    os.makedirs(strategy_dir, exist_ok=True)
+    record = {"rank": ctx.rank, "world_size": ctx.world_size, "mesh": {"dp": ctx.dp_size, "tp": ctx.tp_size},
+              **settings, "tensors": strategy(dict(model.named_parameters()))}
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    fsync_replace(tmp, path)
+    return path
 

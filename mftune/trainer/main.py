@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -21,19 +20,19 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
-from mftune.checkpoint.io import CheckpointError, fingerprint, fsync_replace, load_checkpoint
+from mftune.checkpoint.io import CheckpointError, fingerprint, load_checkpoint
 from mftune.config import ConfigError, MFConfig, save_config
 from mftune.data.loader import TrainData
 from mftune.log import setup_logging
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM, to_dtype
 from mftune.parallel import parallelize
 from mftune.parallel.data_parallel import all_reduce_grads, clip_grad_norm_, settle_grads
-from mftune.parallel.layout import fill_from_full, local, strategy
+from mftune.parallel.layout import fill_from_full, local
 from mftune.parallel.mesh import (ParallelContext, env_world, init_distributed, layout_errors, seed_ranks,
                                   shutdown)
 from mftune.parallel.recompute import apply_recompute
 from mftune.pet import get_pet_model, init_lora_weights, trainable_summary
-from mftune.trainer.checkpointing import CheckpointMonitor
+from mftune.trainer.checkpointing import CheckpointMonitor, save_strategy
 from mftune.trainer.monitor import LossMonitor, StepStats, fresh_metrics_file, progress_bar, report
 from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
 from mftune.trainer.resume import ResumePoint, find_resume_point, load_base, restore
@@ -97,11 +96,7 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
     device = dist_info.device
 
     data = build_data(cfg, model_config, dist_info)  # cheap checks first: no model is built for bad data
-    point = find_resume_point(cfg.load_checkpoint, cfg.resume_training) if cfg.resume_training else None
-    if point and point.global_batch_size != data.global_batch_size:
-        raise UserError(f"resume_training: the checkpoint was saved with a global batch of "
-                        f"{point.global_batch_size} sequences, this run has {data.global_batch_size} "
-                        f"(batch_size x data_parallel x gradient_accumulation_steps). Keep the global batch.")
+    point = _resume_point(cfg, data)
     model, pet_config, base_info = build_model(cfg, model_config, dist_info, point)
     if cfg.only_save_strategy:
         logger.info("only_save_strategy: strategy files written to %s; exiting",
@@ -126,17 +121,7 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
     monitor = LossMonitor(metrics_path, epochs=runner.epochs, steps_per_epoch=data.steps_per_epoch,
                           world_size=dist_info.world_size, device=device, sink_mode=runner.sink_mode,
                           per_print_times=loss_cb.per_print_times if loss_cb else 1)
-    ckpt_cb = cfg.callback("CheckpointMonitor")
-    saver = None
-    if ckpt_cb:
-        try:  # creates the folder now, so a bad path fails before training, not at the first save
-            saver = CheckpointMonitor(ckpt_cb.directory or output_dir, ckpt_cb.prefix, rank=dist_info.rank,
-                                      keep_checkpoint_max=ckpt_cb.keep_checkpoint_max,
-                                      save_network_params=ckpt_cb.save_network_params,
-                                      save_trainable_params=ckpt_cb.save_trainable_params)
-        except OSError as exc:
-            raise UserError(f"CheckpointMonitor directory={ckpt_cb.directory or output_dir} cannot be "
-                            f"written ({exc}). Use a writable directory.") from None
+    saver = _checkpoint_monitor(cfg, output_dir, dist_info.rank)
     save = functools.partial(
         _save, saver, model, optimizer, scaler, data.global_batch_size,
         model_config=_saved_model_config(model.config, pet_config),
@@ -155,6 +140,34 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
     if dist_info.is_main:
         report(output_dir, metrics_path, saver)
     return 0
+
+
+def _resume_point(cfg: MFConfig, data: TrainData) -> ResumePoint | None:
+    """The checkpoint to resume from (``resume_training``), checked against this run's global batch."""
+    if not cfg.resume_training:
+        return None
+    point = find_resume_point(cfg.load_checkpoint, cfg.resume_training)
+    if point.global_batch_size != data.global_batch_size:
+        raise UserError(f"resume_training: the checkpoint was saved with a global batch of "
+                        f"{point.global_batch_size} sequences, this run has {data.global_batch_size} "
+                        f"(batch_size x data_parallel x gradient_accumulation_steps). Keep the global batch.")
+    return point
+
+
+def _checkpoint_monitor(cfg: MFConfig, output_dir: str, rank: int) -> CheckpointMonitor | None:
+    """The CheckpointMonitor callback's saver; its folder is created now, so that a bad path fails
+    before training rather than at the first save."""
+    ckpt_cb = cfg.callback("CheckpointMonitor")
+    if not ckpt_cb:
+        return None
+    try:
+        return CheckpointMonitor(ckpt_cb.directory or output_dir, ckpt_cb.prefix, rank=rank,
+                                 keep_checkpoint_max=ckpt_cb.keep_checkpoint_max,
+                                 save_network_params=ckpt_cb.save_network_params,
+                                 save_trainable_params=ckpt_cb.save_trainable_params)
+    except OSError as exc:
+        raise UserError(f"CheckpointMonitor directory={ckpt_cb.directory or output_dir} cannot be "
+                        f"written ({exc}). Use a writable directory.") from None
 
 
 def _default_device() -> torch.device:
@@ -229,7 +242,9 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCon
     elif recompute:
         logger.info("Recompute: activation checkpointing of %d decoder layers",
                     apply_recompute(model.model.layers))
-    _save_strategy(cfg, model, dist_info)
+    save_strategy(os.path.join(os.path.abspath(cfg.output_dir), "strategy"), model, dist_info,
+                  parallel_config=dataclasses.asdict(cfg.parallel_config),
+                  enable_parallel_optimizer=cfg.parallel.enable_parallel_optimizer)
     if cfg.only_save_strategy:
         return model, pet_config, {}
     model.to_empty(device=dist_info.device)
@@ -251,22 +266,6 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCon
     if not pet_config:  # get_pet_model logs it for PET runs
         logger.info(trainable_summary(model))
     return model, pet_config, base_info
-
-
-def _save_strategy(cfg: MFConfig, model: LlamaForCausalLM, ctx: ParallelContext) -> None:
-    """``<output_dir>/strategy/ckpt_strategy_rank_{r}.json``: the mesh, the parallel config and,
-    for every parameter (frozen ones too), its global shape, dtype and the block this rank holds."""
-    path = os.path.join(os.path.abspath(cfg.output_dir), "strategy", f"ckpt_strategy_rank_{ctx.rank}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    record = {"rank": ctx.rank, "world_size": ctx.world_size,
-              "mesh": {"dp": ctx.dp_size, "tp": ctx.tp_size},
-              "parallel_config": dataclasses.asdict(cfg.parallel_config),
-              "enable_parallel_optimizer": cfg.parallel.enable_parallel_optimizer,
-              "tensors": strategy(dict(model.named_parameters()))}
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    fsync_replace(tmp, path)
 
 
 def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -> TrainData:
