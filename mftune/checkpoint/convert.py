@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from safetensors import safe_open
 
-from mftune.checkpoint.io import LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, CheckpointError, read_metadata
+from mftune.checkpoint.io import (LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, CheckpointError, atomic_open,
+                                 read_metadata)
 from mftune.checkpoint.names import (hf_config_to_model_config, hf_to_mftune, is_hf_buffer, mftune_to_hf,
                                      model_config_to_hf_config)
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM, to_dtype
@@ -47,8 +48,6 @@ HF_WEIGHTS = (("model.safetensors.index.json", "safetensors"), ("model.safetenso
 _HF_OUTPUT = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def write_safetensors_streaming(path: str, specs: Sequence[Spec], tensors: Iterable[tuple[str, torch.Tensor]],
@@ -70,7 +69,7 @@ def write_safetensors_streaming(path: str, specs: Sequence[Spec], tensors: Itera
         offset = end
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with _atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         stream = iter(tensors)
         for spec in specs:
@@ -82,23 +81,6 @@ def write_safetensors_streaming(path: str, specs: Sequence[Spec], tensors: Itera
         if next(stream, None) is not None:
             raise CheckpointError(f"writing {path}: more tensors than the {len(specs)} in its header.")
     return offset
-
-
-@contextlib.contextmanager
-def _atomic_open(path: str, mode: str = "w"):
-    """A temporary sibling of ``path``, fsynced and renamed onto it on success, removed on failure."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 @dataclass
@@ -391,5 +373,5 @@ def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int |
 
 
 def _write_json(path: str, obj: dict[str, Any]) -> None:
-    with _atomic_open(path) as f:
+    with atomic_open(path) as f:
         f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")

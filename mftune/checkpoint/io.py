@@ -7,6 +7,7 @@ Writes are atomic (temporary file + ``os.replace``), so a crash never leaves a h
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,11 +16,10 @@ import struct
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mftune.checkpoint.sources import CheckpointError, Entry, open_checkpoint
+from mftune.checkpoint.sources import CheckpointError, Entry, open_checkpoint, open_safetensors
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")
@@ -44,6 +44,22 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str,
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
         save_file(contiguous, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        fsync_replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w"):
+    """A temporary sibling of ``path`` to write; fsynced and renamed onto ``path`` on success,
+    removed on failure (readers see the old file or the new one, never a part)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
         os.chmod(tmp, 0o666 & ~_UMASK)
         fsync_replace(tmp, path)
     finally:
@@ -77,7 +93,7 @@ def save_complete(path: str, tensors: dict[str, torch.Tensor], *, model_config: 
 
 def read_metadata(path: str) -> dict[str, Any]:
     """The ``mftune_*`` header entries of a checkpoint, JSON-decoded, without the prefix."""
-    with _open(path) as f:
+    with open_safetensors(path) as f:
         raw = f.metadata() or {}
     out = {}
     for key, value in raw.items():
@@ -111,7 +127,7 @@ def _size_and_header(file: str) -> bytes:
 
 def load_tensors(path: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Read tensors (all, or ``names``) one at a time from a safetensors file."""
-    with _open(path) as f:
+    with open_safetensors(path) as f:
         keys = list(f.keys()) if names is None else names
         return {k: f.get_tensor(k) for k in keys}
 
@@ -190,14 +206,3 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
 def _storage_key(t: torch.Tensor) -> tuple:
     t = local(t)
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-
-
-def _open(path: str):
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file {path} does not exist. Check load_checkpoint.")
-    try:
-        return safe_open(path, framework="pt")
-    except Exception as exc:  # safetensors raises its own error types for foreign/truncated files
-        raise CheckpointError(
-            f"checkpoint {path} is not a readable safetensors file ({exc}). mftune reads "
-            f".safetensors files written by mftune (run_finetune.py checkpoints).") from None

@@ -46,7 +46,7 @@ from mftune.checkpoint.io import (
     fingerprint,
     read_metadata,
 )
-from mftune.checkpoint.sources import Entry, _rank_file, open_checkpoint, rank_dirs
+from mftune.checkpoint.sources import Entry, rank_file, open_checkpoint, rank_dirs
 from mftune.pet.lora import lora_delta_weight
 
 logger = logging.getLogger("mftune")
@@ -77,7 +77,7 @@ def checkpoint_header(path: str) -> dict[str, Any]:
             raise CheckpointError(f"{path}/config.json: {exc}") from None
     ranks = rank_dirs(path)
     if ranks:
-        return read_metadata(_rank_file(ranks[0]))
+        return read_metadata(rank_file(ranks[0]))
     header: dict[str, Any] = {}
     files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
     for meta in sorted((read_metadata(f) for f in files), key=lambda m: "pet_config" not in m):

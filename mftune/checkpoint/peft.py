@@ -257,11 +257,11 @@ def peft_adapter_config(hparams: dict[str, Any], layers: list[int], leaves: list
 def _source(path: str) -> tuple[dict[str, Any], list[str], Any]:
     """(header metadata, tensor names, load(names) -> full tensors) of a complete checkpoint file or
     of a distributed checkpoint directory (rank_*/: the adapters are reassembled from the shards)."""
-    from mftune.checkpoint.sources import distributed_entries, rank_dirs
+    from mftune.checkpoint.sources import distributed_entries, rank_dirs, rank_file
 
     if os.path.isdir(path) and rank_dirs(path):
         entries = distributed_entries(path)
-        meta = read_metadata(_first_file(entries))
+        meta = read_metadata(rank_file(rank_dirs(path)[0]))  # the ranks share it, but for shards
         meta.pop("shards", None)
 
         def load(names):
@@ -276,13 +276,6 @@ def _source(path: str) -> tuple[dict[str, Any], list[str], Any]:
     with safe_open(path, framework="pt") as f:
         keys = list(f.keys())
     return meta, keys, lambda names: load_tensors(path, names)
-
-
-def _first_file(entries: dict) -> str:
-    """A rank file of a distributed checkpoint (they share the header metadata but ``shards``)."""
-    from mftune.checkpoint.sources import _rank_file, rank_dirs
-    root = next(iter(entries.values())).origin
-    return _rank_file(rank_dirs(root)[0])
 
 
 def _check_source(path: str) -> None:

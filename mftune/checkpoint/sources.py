@@ -83,7 +83,7 @@ def _merge(path: str, parts: list[dict[str, Entry]]) -> dict[str, Entry]:
 
 def safetensors_entries(path: str, rename: Callable[[str], str | None] = lambda n: n) -> dict[str, Entry]:
     """The tensors of one safetensors file (renamed; ``rename`` returning None skips a tensor)."""
-    with _open(path) as f:
+    with open_safetensors(path) as f:
         if "mftune_shards" in (f.metadata() or {}):
             raise CheckpointError(
                 f"checkpoint {path} holds one rank's shards of a distributed checkpoint; pass the "
@@ -103,7 +103,10 @@ def _read(path: str, key: str, block: Block) -> torch.Tensor:
         return f.get_slice(key)[block]
 
 
-def _open(path: str):
+def open_safetensors(path: str):
+    """``safe_open`` with mftune's errors: a missing, foreign or truncated file is a CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist. Check load_checkpoint.")
     try:
         return safe_open(path, framework="pt")
     except Exception as exc:  # safetensors raises its own error types for foreign/truncated files
@@ -160,7 +163,7 @@ def _hf_weight_files(hf_dir: str) -> list[str]:
     raise CheckpointError(f"Hugging Face checkpoint {hf_dir} has no weights ({', '.join(HF_WEIGHTS)}).")
 
 
-def _rank_file(rank_dir: str) -> str:  # noqa: D401
+def rank_file(rank_dir: str) -> str:
     """The file of one rank: the one its meta.json names (the last complete save), else the newest."""
     meta = os.path.join(rank_dir, "meta.json")
     if os.path.exists(meta):
@@ -192,8 +195,8 @@ def distributed_entries(root: str, files: list[str] | None = None) -> dict[str, 
     complete file), each assembled from the rank files' pieces."""
     pieces: dict[str, list[tuple[str, tuple[tuple[int, int], ...]]]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    for file in files or [_rank_file(d) for d in rank_dirs(root)]:
-        with _open(file) as f:
+    for file in files or [rank_file(d) for d in rank_dirs(root)]:
+        with open_safetensors(file) as f:
             meta = f.metadata() or {}
             held = json.loads(meta["mftune_shards"])["tensors"] if "mftune_shards" in meta else {}
             for key in f.keys():

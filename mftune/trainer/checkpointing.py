@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from mftune.checkpoint.io import fsync_replace, save_complete, unique_state_dict
+from mftune.checkpoint.io import atomic_open, save_complete, unique_state_dict
 from mftune.parallel.layout import local, shard_layout, strategy
 
 logger = logging.getLogger("mftune")
@@ -109,12 +109,9 @@ class CheckpointMonitor:
     def _write_meta(self, epoch: int, step: int, name: str) -> None:
         """meta.json, written last and atomically: the completion mark of ``name``, with its size
         so that a truncated or replaced file is detected when it is read."""
-        meta = os.path.join(self.dir, "meta.json")
-        tmp = f"{meta}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_open(os.path.join(self.dir, "meta.json")) as f:
             json.dump({"last_epoch": epoch, "last_step": step, "last_ckpt_file": name,
                        "file_size": os.path.getsize(os.path.join(self.dir, name))}, f)
-        fsync_replace(tmp, meta)
 
     def _prune(self) -> None:
         """Keep the newest ``keep_checkpoint_max`` files written by this run."""
@@ -130,12 +127,9 @@ def save_strategy(strategy_dir: str, model: nn.Module, ctx, **settings) -> str:
     parallel ``settings`` and, for every parameter (frozen ones too, which LoRA resharding needs),
     its global shape, dtype, the block this rank holds and its placements. Written atomically."""
     path = os.path.join(strategy_dir, f"ckpt_strategy_rank_{ctx.rank}.json")
-    os.makedirs(strategy_dir, exist_ok=True)
     record = {"rank": ctx.rank, "world_size": ctx.world_size, "mesh": {"dp": ctx.dp_size, "tp": ctx.tp_size},
               **settings, "tensors": strategy(dict(model.named_parameters()))}
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         json.dump(record, f, indent=1)
-    fsync_replace(tmp, path)
     return path
 

@@ -62,24 +62,17 @@ def find_resume_point(path: str, resume_training: bool | str) -> ResumePoint:
     else:
         raise CheckpointError(f"load_checkpoint={path} is neither a training checkpoint file nor a "
                               f"checkpoint directory with rank_*/ folders, which resume_training needs.")
-    counters = load_tensors(files[0], ["epoch_num", "step_num", "global_step", "loss_scale",
-                                       "global_batch_size"]) if _has_counters(files[0]) else None
-    if counters is None:
+    names = ["epoch_num", "step_num", "global_step", "loss_scale", "global_batch_size"]
+    if not set(names) <= entries.keys():
         raise CheckpointError(f"checkpoint {files[0]} has no training counters (epoch_num, step_num, ...): "
                               f"it is not a training checkpoint of output/checkpoint/ and cannot be resumed.")
-    optimizer_step = load_tensors(files[0], ["optimizer_step"]) if "optimizer_step" in entries else None
+    counters = load_tensors(files[0], names + (["optimizer_step"] if "optimizer_step" in entries else []))
     meta = read_metadata(files[0])
     return ResumePoint(files, entries, int(counters["epoch_num"]), int(counters["step_num"]),
                        int(counters["global_step"]),
-                       int(optimizer_step["optimizer_step"]) if optimizer_step else int(counters["global_step"]),
+                       int(counters.get("optimizer_step", counters["global_step"])),
                        float(counters["loss_scale"]), int(counters["global_batch_size"]),
                        meta.get("base_checkpoint") or {})
-
-
-def _has_counters(file: str) -> bool:
-    from safetensors import safe_open
-    with safe_open(file, framework="pt") as f:
-        return {"epoch_num", "step_num", "global_step"} <= set(f.keys())
 
 
 def _named_files(root: str, name: str) -> list[str]:
