@@ -187,14 +187,13 @@ class MFConfig:
     seed: int = 0
     output_dir: str = "./output"
     load_checkpoint: str = ""  # complete file, directory of files, HF dir, PEFT adapter dir, or rank_*/ dir
-    # "later": the trainer of this version exits 2 when it is set (docs/config.md).
-    src_strategy_path_or_dir: str = ""  # later: strategy of a distributed load_checkpoint
-    auto_trans_ckpt: bool = False  # later: reshard load_checkpoint
-    only_save_strategy: bool = False  # later: write strategy files and exit
-    resume_training: bool | str = False  # later: True, or a checkpoint file name
-    transform_process_num: int = 1
-    run_mode: RunMode = "finetune"  # eval, predict: later
-    use_parallel: bool = False  # True: later (multi-rank)
+    src_strategy_path_or_dir: str = ""  # strategy of a distributed load_checkpoint (checked if given)
+    auto_trans_ckpt: bool = False  # write load_checkpoint resharded to output_dir/transformed_checkpoint first
+    only_save_strategy: bool = False  # write strategy files and exit
+    resume_training: bool | str = False  # True, or a checkpoint file name
+    transform_process_num: int = 1  # ranks writing the auto_trans_ckpt transform
+    run_mode: RunMode = "finetune"  # eval, predict: later (exit 2)
+    use_parallel: bool = False  # True: multi-rank (torchrun)
     do_eval: bool = False  # True: later
     eval_step_interval: int = -1  # read with do_eval
     eval_epoch_interval: int = 50  # read with do_eval
@@ -253,7 +252,6 @@ IGNORED_KEYS: tuple[str, ...] = (
     "layer_scale", "layer_decay", "lr_scale_factor",  # not read by MindFormers' LLM trainer either
     "metric",  # metric registry (PerplexityMetric, EmF1Metric)
     "micro_batch_interleave_num",  # only 1 is accepted (checked)
-    "transform_process_num",  # resharding reads byte ranges on every rank: no transform workers
     "parallel.parallel_mode", "parallel.gradients_mean", "parallel.enable_alltoall",
     "parallel.full_batch", "parallel.search_mode", "parallel.strategy_ckpt_save_file",
     "parallel.strategy_ckpt_load_file", "parallel.strategy_ckpt_config",

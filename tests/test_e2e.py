@@ -154,7 +154,7 @@ def test_gradient_accumulation_equals_one_big_batch(workdir):
     (["--model.model_config.theta", "0"], "theta=0"),
     (["--output_dir", "run_finetune.py"], "output_dir=run_finetune.py cannot be written"),
     (["--resume_training", "True"], "resume_training is set but load_checkpoint is empty"),
-    (["--only_save_strategy", "True", "--auto_trans_ckpt", "True"], "auto_trans_ckpt=True: not available"),
+    (["--auto_trans_ckpt", "True", "--load_checkpoint", ""], "auto_trans_ckpt=True needs a checkpoint"),
     (["--model.model_config.pet_config.target_modules", ".*q_proj"], "q_proj"),
     (["--options", "model.model_config.pet_config.freeze_include=['*']"], "no trainable parameters"),
 ])

@@ -21,7 +21,7 @@ import parallel_parity as pp  # noqa: E402
 
 from mftune.checkpoint.io import CheckpointError, load_checkpoint, load_tensors, read_metadata  # noqa: E402
 from mftune.checkpoint.peft import export_peft_adapter, mftune_to_peft_name  # noqa: E402
-from mftune.checkpoint.sources import open_checkpoint  # noqa: E402
+from mftune.checkpoint.sources import distributed_entries, open_checkpoint  # noqa: E402
 from mftune.config import ParallelConfig  # noqa: E402
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from mftune.parallel.data_parallel import clip_grad_norm_  # noqa: E402
@@ -50,10 +50,16 @@ def _check_parity(refs, run_mode, out, r):
     assert pp.compare(ref_norm, pp.losses(out, "global_norm")) <= pp.RTOL
 
 
-def test_8_ranks_dp2_mp4_match_one_process_and_log_per_rank(parity):
-    d, config, refs = parity
+@pytest.fixture(scope="module")
+def run_2x4(parity):
+    d, config, _ = parity
     out = os.path.join(d, "2x4")  # gradients all-reduced (no FSDP2), 2 accumulation steps
-    r = pp.run_layout(config, "finetune", out, 2, 4, pp.ALL_OFF, grad_accum=2)
+    return out, pp.run_layout(config, "finetune", out, 2, 4, pp.ALL_OFF, grad_accum=2)
+
+
+def test_8_ranks_dp2_mp4_match_one_process_and_log_per_rank(parity, run_2x4):
+    d, config, refs = parity
+    out, r = run_2x4
     _check_parity(refs, "finetune", out, r)
     assert "Running Command:" in r.stdout and "Please check log files in" in r.stdout
     logs = os.path.join(out, "msrun_log")
@@ -117,6 +123,45 @@ def _check_shards(files, tp):
     for name in (a, b, wo_a, wo_b):
         full = entries[name].read(tuple(slice(0, n) for n in entries[name].shape))
         assert torch.equal(exported[mftune_to_peft_name(name)], full)
+
+
+def test_auto_trans_ckpt_continues_a_2x4_checkpoint_on_4x2(parity, run_2x4, tmp_path):
+    """The (2, 4) run's step-4 checkpoint, resumed by (4, 2) with FSDP2 + sequence parallel +
+    vocab-parallel and --auto_trans_ckpt True: the transformed rank files hold the saved values
+    bit for bit, steps 5-6 match the one-process run, and both runs' final checkpoints, transformed
+    to complete files, hold the same trained tensors."""
+    d, config, refs = parity
+    saved, r = run_2x4
+    assert r.returncode == 0
+    out = os.path.join(d, "4x2-auto-trans")
+    options = dict(pp.ALL_ON, load_checkpoint=os.path.join(saved, "checkpoint"), auto_trans_ckpt=True,
+                   resume_training="llama_7b_lora_rank_0-1_4", transform_process_num=2)
+    r = pp.run_layout(config, "finetune", out, 4, 2, options, grad_accum=2)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert pp.compare(refs["finetune"][0][4:], pp.losses(out)) <= pp.RTOL
+    assert pp.compare(refs["finetune"][1][4:], pp.losses(out, "global_norm")) <= pp.RTOL
+    transformed = os.path.join(out, "transformed_checkpoint", "checkpoint")
+    assert sorted(f for f in os.listdir(transformed) if f.endswith(".txt")) == [
+        "transform_succeed_rank_0.txt", "transform_succeed_rank_4.txt"]
+    step4 = [os.path.join(saved, "checkpoint", f"rank_{k}", f"llama_7b_lora_rank_{k}-1_4.safetensors")
+             for k in range(8)]
+    source, copy = distributed_entries("", step4), open_checkpoint(transformed)
+    assert set(copy) == set(source) - {"rng_state"}
+    for name, entry in copy.items():
+        assert torch.equal(entry.full(), source[name].full()), name
+    # distributed -> complete with the offline tool, for both runs' final (step 6) checkpoints
+    finals = []
+    for run in (saved, out):
+        tool = subprocess.run([sys.executable, "scripts/transform_checkpoint.py", "--src_checkpoint",
+                               os.path.join(run, "checkpoint"), "--dst_checkpoint_dir", str(tmp_path / os.path.basename(run)),
+                               "--src_strategy", os.path.join(run, "strategy")],
+                              cwd=ROOT, capture_output=True, text=True)
+        assert tool.returncode == 0, tool.stderr
+        finals.append(load_tensors(str(tmp_path / os.path.basename(run) / "checkpoint" / "rank_0" / "checkpoint_0.safetensors")))
+    assert set(finals[0]) == set(finals[1]) and finals[0]["global_step"] == pp.STEPS
+    for name, value in finals[0].items():
+        if "lora" in name:  # trained in two layouts: equal up to float rounding
+            torch.testing.assert_close(finals[1][name], value, rtol=1e-4, atol=1e-6)
 
 
 def test_two_node_form_with_every_option_matches_one_process(parity):

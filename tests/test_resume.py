@@ -25,10 +25,17 @@ def _run(args):
     return r
 
 
-def test_one_process_resume_is_bitwise(workdir):
+@pytest.fixture(scope="module")
+def full(workdir):
+    """The uninterrupted one-process run, LoRA dropout on."""
     d, config = workdir
-    full, resumed = os.path.join(d, "full"), os.path.join(d, "resumed")
-    _run(pp._args(config, "finetune", full, 1, 1, DROPOUT))
+    _run(pp._args(config, "finetune", os.path.join(d, "full"), 1, 1, DROPOUT))
+    return os.path.join(d, "full")
+
+
+def test_one_process_resume_is_bitwise(workdir, full):
+    d, config = workdir
+    resumed = os.path.join(d, "resumed")
     ckpt_dir = os.path.join(full, "checkpoint")
     r = _run(pp._args(config, "finetune", resumed, 1, 1, DROPOUT) +
              ["--load_checkpoint", ckpt_dir, "--resume_training", "llama_7b_lora_rank_0-1_4"])
@@ -61,3 +68,41 @@ def test_resume_on_another_layout(workdir):
     assert r.returncode == 0, r.stdout[-3000:]
     assert pp.compare(pp.losses(single)[4:], pp.losses(resumed)) <= pp.RTOL
     assert pp.compare(pp.losses(single, "global_norm")[4:], pp.losses(resumed, "global_norm")) <= pp.RTOL
+
+
+def test_one_process_resume_through_auto_trans_ckpt_is_bitwise(workdir, full):
+    """--auto_trans_ckpt True writes the checkpoint for this layout (one complete file here) under
+    output_dir/transformed_checkpoint and resumes from it; the RNG state comes from the saved file."""
+    d, config = workdir
+    out = os.path.join(d, "resumed-auto-trans")
+    args = pp._args(config, "finetune", out, 1, 1, DROPOUT) + [
+        "--load_checkpoint", os.path.join(full, "checkpoint"), "--resume_training", "llama_7b_lora_rank_0-1_4",
+        "--auto_trans_ckpt", "True", "--transform_process_num", "4"]  # clamped to the one rank
+    r = _run(args)
+    assert "transform_process_num=4 > world size 1" in r.stdout + r.stderr
+    assert pp.losses(out) == pp.losses(full)[4:]
+    assert pp.losses(out, "global_norm") == pp.losses(full, "global_norm")[4:]
+    done = os.path.join(out, "transformed_checkpoint", "checkpoint")
+    assert sorted(os.listdir(done)) == ["rank_0", "transform_succeed_rank_0.txt"]
+    assert sorted(os.listdir(os.path.join(done, "rank_0"))) == ["checkpoint_0.safetensors", "meta.json"]
+    # a second run replaces its own earlier transform; the source is untouched
+    before = sorted(os.listdir(os.path.join(full, "checkpoint", "rank_0")))
+    _run(args)
+    assert pp.losses(out) == pp.losses(full)[4:]
+    assert sorted(os.listdir(os.path.join(full, "checkpoint", "rank_0"))) == before
+
+
+def test_auto_trans_ckpt_never_writes_over_its_source(workdir, full):
+    """load_checkpoint inside output_dir/transformed_checkpoint/<name> (a previous transform) would
+    be cleared by the new transform: refused, nothing removed."""
+    d, config = workdir
+    out = os.path.join(d, "resumed-auto-trans")
+    src = os.path.join(out, "transformed_checkpoint", "checkpoint")
+    if not os.path.isdir(src):
+        pytest.skip("needs test_one_process_resume_through_auto_trans_ckpt_is_bitwise's output")
+    before = sorted(os.listdir(src))
+    r = subprocess.run([sys.executable, *pp._args(config, "finetune", out, 1, 1, {}), "--load_checkpoint", src,
+                        "--auto_trans_ckpt", "True"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "source would be overwritten" in r.stderr
+    assert sorted(os.listdir(src)) == before

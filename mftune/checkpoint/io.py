@@ -8,6 +8,7 @@ Writes are atomic (temporary file + ``os.replace``), so a crash never leaves a h
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -19,7 +20,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mftune.checkpoint.sources import CheckpointError, Entry, open_checkpoint, open_safetensors
+from mftune.checkpoint.sources import (CheckpointError, Entry, open_checkpoint, open_safetensors, rank_dirs,
+                                      rank_file)
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")
@@ -32,8 +34,6 @@ LORA_MARK = "mindpet_delta_lora"
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
@@ -103,6 +103,36 @@ def read_metadata(path: str) -> dict[str, Any]:
             except json.JSONDecodeError:
                 out[key[len("mftune_"):]] = value
     return out
+
+
+def checkpoint_header(path: str) -> dict[str, Any]:
+    """The mftune header of any checkpoint ``open_checkpoint`` reads (model_config, pet_config,
+    base_checkpoint when recorded): a file's own; a distributed directory's rank-0 file; a directory of
+    complete files merged (a file with a pet_config first); a HF directory's config.json translated;
+    a PEFT adapter's pet_config."""
+    if os.path.isfile(path):
+        return read_metadata(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist. Give a checkpoint file or directory.")
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        from mftune.checkpoint.peft import read_peft_adapter
+        return {"pet_config": read_peft_adapter(path)[1]}
+    if os.path.exists(os.path.join(path, "config.json")):
+        from mftune.checkpoint.names import hf_config_to_model_config
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                return {"model_config": hf_config_to_model_config(json.load(f))}
+        except ValueError as exc:
+            raise CheckpointError(f"{path}/config.json: {exc}") from None
+    ranks = rank_dirs(path)
+    if ranks:
+        return read_metadata(rank_file(ranks[0]))
+    header: dict[str, Any] = {}
+    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
+    for meta in sorted((read_metadata(f) for f in files), key=lambda m: "pet_config" not in m):
+        for key, value in meta.items():
+            header.setdefault(key, value)
+    return header
 
 
 def fingerprint(path: str) -> str:

@@ -20,7 +20,6 @@ Invariants:
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -43,10 +42,10 @@ from mftune.checkpoint.io import (
     OPTIMIZER_PREFIXES,
     SCALAR_KEYS,
     CheckpointError,
+    checkpoint_header,
     fingerprint,
-    read_metadata,
 )
-from mftune.checkpoint.sources import Entry, rank_file, open_checkpoint, rank_dirs
+from mftune.checkpoint.sources import Entry, open_checkpoint
 from mftune.pet.lora import lora_delta_weight
 
 logger = logging.getLogger("mftune")
@@ -54,45 +53,6 @@ logger = logging.getLogger("mftune")
 MERGED_NAME = "merged_lora.safetensors"  # MindFormers writes dst/merged_lora.ckpt
 SUFFIX_A, SUFFIX_B = f".{LORA_MARK}_a", f".{LORA_MARK}_b"
 FORMATS = ("mftune", "hf")
-
-
-def checkpoint_header(path: str) -> dict[str, Any]:
-    """The mftune header of any checkpoint ``open_checkpoint`` reads (model_config, pet_config,
-    base_checkpoint when recorded): a file's own; a distributed directory's rank-0 file; a directory of
-    complete files merged (a file with a pet_config first); a HF directory's config.json translated;
-    a PEFT adapter's pet_config."""
-    if os.path.isfile(path):
-        return read_metadata(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} does not exist. Give a checkpoint file or directory.")
-    if os.path.exists(os.path.join(path, "adapter_config.json")):
-        from mftune.checkpoint.peft import read_peft_adapter
-        return {"pet_config": read_peft_adapter(path)[1]}
-    if os.path.exists(os.path.join(path, "config.json")):
-        from mftune.checkpoint.names import hf_config_to_model_config
-        try:
-            with open(os.path.join(path, "config.json")) as f:
-                return {"model_config": hf_config_to_model_config(json.load(f))}
-        except ValueError as exc:
-            raise CheckpointError(f"{path}/config.json: {exc}") from None
-    ranks = rank_dirs(path)
-    if ranks:
-        return read_metadata(rank_file(ranks[0]))
-    header: dict[str, Any] = {}
-    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
-    for meta in sorted((read_metadata(f) for f in files), key=lambda m: "pet_config" not in m):
-        for key, value in meta.items():
-            header.setdefault(key, value)
-    return header
-
-
-def _full(entry: Entry) -> torch.Tensor:
-    return entry.read(tuple(slice(0, n) for n in entry.shape))
-
-
-def _dtype(entry: Entry) -> torch.dtype:
-    """The tensor's dtype from a one-element read (Entry records shapes only)."""
-    return entry.read(tuple(slice(0, min(n, 1)) for n in entry.shape)).dtype
 
 
 def _pairs(lora: dict[str, Entry], where: str) -> dict[str, tuple[str, str]]:
@@ -233,14 +193,14 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
                               f"checkpoint. Choose a new directory.")
 
     names = list(expected)  # model order
-    specs = [(n, _dtype(model[n]), expected[n]) for n in names]
+    specs = [(n, model[n].dtype, expected[n]) for n in names]
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
-            w = _full(model[name])
+            w = model[name].full()
             if name in pairs:
                 a, b = pairs[name]
-                w = (w.float() + lora_delta_weight(_full(lora[a]), _full(lora[b]), scaling)).to(w.dtype)
+                w = (w.float() + lora_delta_weight(lora[a].full(), lora[b].full(), scaling)).to(w.dtype)
             yield name, w
 
     info = {"format": "lora_merge", "lora": os.path.abspath(lora_path),

@@ -40,6 +40,14 @@ class Entry:
     read: Callable[[Block], torch.Tensor]  # the block of the global tensor, on the CPU
     origin: str  # the file it comes from, for messages
 
+    def full(self) -> torch.Tensor:
+        return self.read(tuple(slice(0, n) for n in self.shape))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """From a one-element read (sources record shapes only)."""
+        return self.read(tuple(slice(0, min(n, 1)) for n in self.shape)).dtype
+
 
 def open_checkpoint(path: str) -> dict[str, Entry]:
     """Every tensor ``path`` provides, by mftune name (see the module docstring)."""
@@ -229,4 +237,7 @@ def _assemble(name: str, block: Block, pieces: list) -> torch.Tensor:
     if filled != numel:
         raise CheckpointError(f"distributed checkpoint: the rank files hold {filled} of the {numel} values "
                               f"of {name} this rank needs; a rank_*/ folder is missing or incomplete.")
-    return out if out is not None else torch.empty([0])
+    if out is None:  # an empty block (e.g. the last rank's piece of a short tensor): right dtype, no bytes
+        dtype = _read(pieces[0][0], name, tuple(slice(0, 0) for _ in pieces[0][1])).dtype
+        out = torch.empty([hi - lo for lo, hi in want], dtype=dtype)
+    return out

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
 from mftune.checkpoint.io import CheckpointError, fingerprint, load_checkpoint
+from mftune.checkpoint.sources import distributed_entries
+from mftune.checkpoint.transform import auto_transform
 from mftune.config import ConfigError, MFConfig, save_config
 from mftune.data.loader import TrainData
 from mftune.log import setup_logging
@@ -112,7 +114,8 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
     scaler = LossScaler(cfg.runner_wrapper)
     start = (1, 0, 0)  # epoch, steps done in it, global step
     if point:
-        restore(model, optimizer, point, dist_info.rank, same_layout=len(point.files) == dist_info.world_size)
+        same = point.layout == _layout(dist_info) if point.layout else len(point.files) == dist_info.world_size
+        restore(model, optimizer, point, dist_info.rank, same_layout=same)
         scaler.scale = point.loss_scale
         start = (point.epoch, point.step_in_epoch, point.global_step)
         logger.info("Resuming from %s: epoch %d, step %d (global step %d)", point.files[0], *start)
@@ -126,7 +129,7 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
         _save, saver, model, optimizer, scaler, data.global_batch_size,
         model_config=_saved_model_config(model.config, pet_config),
         extra_metadata={"run_mode": cfg.run_mode, "pet_config": pet_config,
-                        "base_checkpoint": base_info})
+                        "base_checkpoint": base_info, "layout": _layout(dist_info)})
 
     model.train()
     step = functools.partial(_train_step, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg,
@@ -196,16 +199,20 @@ def _check_supported(cfg: MFConfig) -> None:
     """Refuse, before any heavy work, what this version cannot do yet (later issues add it)."""
     later = {
         "run_mode": cfg.run_mode not in ("train", "finetune"),
-        "auto_trans_ckpt": cfg.auto_trans_ckpt is True,
-        "src_strategy_path_or_dir": bool(cfg.src_strategy_path_or_dir),
         "do_eval": cfg.do_eval is True,
     }
     refused = [f"{key}={getattr(cfg, key)!r}" for key, bad in later.items() if bad]
     if refused:
         raise UserError(
             f"{', '.join(refused)}: not available in this version, which trains (run_mode train "
-            f"or finetune) without resuming or resharding. "
+            f"or finetune) without evaluation. "
             f"Remove the setting{'s' if len(refused) > 1 else ''} to run.")
+    if cfg.auto_trans_ckpt and not cfg.load_checkpoint and not cfg.only_save_strategy:
+        raise UserError("auto_trans_ckpt=True needs a checkpoint to transform: pass --load_checkpoint "
+                        "(a complete or distributed checkpoint), or drop --auto_trans_ckpt.")
+    if cfg.src_strategy_path_or_dir and not cfg.auto_trans_ckpt:
+        logger.warning("src_strategy_path_or_dir=%s has no effect without auto_trans_ckpt True",
+                       cfg.src_strategy_path_or_dir)
     for key, on in (("parallel.enable_parallel_optimizer", cfg.parallel.enable_parallel_optimizer),
                     ("parallel_config.use_seq_parallel", cfg.parallel_config.use_seq_parallel)):
         if on and not cfg.use_parallel:
@@ -249,14 +256,21 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCon
         return model, pet_config, {}
     model.to_empty(device=dist_info.device)
     base_info = {}
+    transform = functools.partial(auto_transform, output_dir=os.path.abspath(cfg.output_dir),
+                                  rank=dist_info.rank, world_size=dist_info.world_size,
+                                  process_num=cfg.transform_process_num,
+                                  src_strategy=cfg.src_strategy_path_or_dir)
     if point:  # frozen weights from the run's base; trained ones come with the optimizer state
         model.tie_weights()
         init_lora_weights(model, fill_from_full)
         base_info = load_base(model, point, fallback="") or point.base_checkpoint
+        if cfg.auto_trans_ckpt:  # counters and RNG states still come from the saved files
+            point.entries = distributed_entries(*transform(cfg.load_checkpoint, files=point.files))
     elif cfg.load_checkpoint:
         model.tie_weights()
         init_lora_weights(model, fill_from_full)
-        load_checkpoint(model, cfg.load_checkpoint)  # every base tensor must be in the file
+        # every base tensor must be in the checkpoint; auto_trans_ckpt writes it in this layout first
+        load_checkpoint(model, transform(cfg.load_checkpoint)[0] if cfg.auto_trans_ckpt else cfg.load_checkpoint)
         base_info = {"path": os.path.abspath(cfg.load_checkpoint),
                      "fingerprint": fingerprint(cfg.load_checkpoint)}
     else:
@@ -399,6 +413,11 @@ def _saved_model_config(model_config: LlamaConfig, pet_config: dict | None) -> d
     d = model_config.to_dict()
     d["pet_config"] = pet_config
     return d
+
+
+def _layout(ctx: ParallelContext) -> dict:
+    """What a checkpoint records of the layout that saved it (RNG states are per rank of it)."""
+    return {"world_size": ctx.world_size, "data_parallel": ctx.dp_size, "model_parallel": ctx.tp_size}
 
 
 def _seed_everything(seed: int) -> None:

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from mftune.checkpoint.io import fingerprint, load_entries, load_tensors, read_metadata
-from mftune.checkpoint.sources import CheckpointError, Entry, distributed_entries, rank_dirs, safetensors_entries
+from mftune.checkpoint.sources import (CheckpointError, Entry, distributed_entries, open_safetensors, rank_dirs,
+                                      safetensors_entries)
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")
@@ -44,6 +45,7 @@ class ResumePoint:
     loss_scale: float
     global_batch_size: int
     base_checkpoint: dict
+    layout: dict | None  # world_size, data_parallel, model_parallel of the saving run (if recorded)
 
 
 def find_resume_point(path: str, resume_training: bool | str) -> ResumePoint:
@@ -72,7 +74,7 @@ def find_resume_point(path: str, resume_training: bool | str) -> ResumePoint:
                        int(counters["global_step"]),
                        int(counters.get("optimizer_step", counters["global_step"])),
                        float(counters["loss_scale"]), int(counters["global_batch_size"]),
-                       meta.get("base_checkpoint") or {})
+                       meta.get("base_checkpoint") or {}, meta.get("layout"))
 
 
 def _named_files(root: str, name: str) -> list[str]:
@@ -143,7 +145,9 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, point: ResumePoi
             moment = torch.zeros_like(param, memory_format=torch.preserve_format)
             local(moment).copy_(point.entries[prefix + name].read(local_block(param)))
             state[key] = moment
-    if same_layout and "rng_state" in point.entries:
-        torch.set_rng_state(load_tensors(point.files[rank], ["rng_state"])["rng_state"])
-    elif not same_layout:
-        logger.info("Resumed with another number of ranks: RNG states (dropout) are not restored")
+    if same_layout:  # from the saved file itself (an auto_trans_ckpt transform drops RNG states)
+        with open_safetensors(point.files[rank]) as f:
+            if "rng_state" in f.keys():
+                torch.set_rng_state(f.get_tensor("rng_state"))
+    else:
+        logger.info("Resumed in another layout: RNG states (dropout) are not restored")

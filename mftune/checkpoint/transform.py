@@ -1,0 +1,300 @@
+"""Checkpoint transformation (MindFormers' ``auto_trans_ckpt`` and ``transform_checkpoint.py``).
+
+A source checkpoint (anything ``sources.open_checkpoint`` reads: complete file, directory of complete
+files, Hugging Face or PEFT directory, distributed ``rank_*/`` directory) is rewritten for a
+destination layout described by strategy files (``ckpt_strategy_rank_{r}.json``, written by every
+run into ``<output_dir>/strategy`` and by ``--only_save_strategy``) as
+``<dst>/<name>/rank_{r}/<prefix><r>.safetensors``: rank r's block of every tensor, with a header
+recording each block (the same per-rank format the trainer saves, so it loads in any layout) and a
+``meta.json`` holding the file's size. Without a destination strategy the result is one complete
+file, ``rank_0/<prefix>0.safetensors`` (distributed -> complete).
+
+What goes where, for destination rank r:
+- a model parameter and its optimizer moments (``adam_m.``/``adam_v.``): r's block of it;
+- counters (``epoch_num``, ``global_step``, ...): whole, in every file;
+- per-rank RNG states: dropped (they belong to the saving layout; resume reads them from the
+  source files when the layout is unchanged);
+- any other tensor (not a parameter of the destination model): whole, in rank 0's file only.
+
+Invariants: each rank reads only the byte ranges of its blocks (lazy safetensors slices); peak
+memory is about one block; the output header is written first and tensors stream after it; every
+file is atomic; the source is never modified, and a destination inside the source (or the reverse)
+is refused. A worker writes ``transform_succeed_rank_{w}.txt`` (or ``transform_failed_rank_{w}.txt``
+with the error) into ``<dst>/<name>/`` when it is done.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from mftune.checkpoint.convert import Progress, write_safetensors_streaming
+from mftune.checkpoint.io import OPTIMIZER_PREFIXES, SCALAR_KEYS, atomic_open, checkpoint_header
+from mftune.checkpoint.sources import (CheckpointError, Entry, distributed_entries, open_checkpoint,
+                                      open_safetensors, rank_dirs, rank_file)
+
+logger = logging.getLogger("mftune")
+
+PER_RANK_KEYS = ("rng_state", "cuda_rng_state")
+STRATEGY_FILE = re.compile(r"ckpt_strategy_rank_(\d+)\.json$")
+DEFAULT_PREFIX = "checkpoint_"
+
+
+def checkpoint_name(src: str) -> str:
+    """MindFormers' ``<ckpt_name>``: a file's name without its extension, a directory's base name."""
+    base = os.path.basename(os.path.normpath(src))
+    return base.removesuffix(".safetensors") if os.path.isfile(src) else base
+
+
+def read_strategy(path: str, world_size: int | None = None) -> dict[int, dict]:
+    """``{rank: strategy record}`` from one ``ckpt_strategy_rank_{r}.json`` or a directory of them.
+
+    A directory must hold a file for every rank ``0 .. world_size - 1`` (``world_size``: the
+    number the rank-0 file records unless given), all recording that world size; files of other
+    ranks (an earlier run's) are not read."""
+    if os.path.isfile(path):
+        record = _read_json(path)
+        return {int(record["rank"]): record}
+    if not os.path.isdir(path):
+        raise CheckpointError(f"strategy {path} does not exist. Give a ckpt_strategy_rank_*.json file or the "
+                              f"strategy/ directory of a run (--only_save_strategy True writes one).")
+    files = {int(m.group(1)): os.path.join(path, f) for f in os.listdir(path)
+             if (m := STRATEGY_FILE.fullmatch(f))}
+    if 0 not in files:
+        raise CheckpointError(f"strategy directory {path} has no ckpt_strategy_rank_0.json. Give the "
+                              f"strategy/ directory of a run (--only_save_strategy True writes one).")
+    world = world_size or int(_read_json(files[0])["world_size"])
+    missing = [r for r in range(world) if r not in files]
+    if missing:
+        raise CheckpointError(f"strategy directory {path} lacks ckpt_strategy_rank_{missing[0]}.json of a "
+                              f"{world}-rank layout. Copy every rank's strategy file (all nodes' output/strategy).")
+    records = {r: _read_json(files[r]) for r in range(world)}
+    wrong = [r for r, rec in records.items() if int(rec.get("world_size", -1)) != world]
+    if wrong:
+        raise CheckpointError(f"strategy directory {path} mixes layouts: ckpt_strategy_rank_{wrong[0]}.json "
+                              f"records world_size {records[wrong[0]].get('world_size')}, expected {world}. "
+                              f"Remove the files of the other run.")
+    return records
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if not {"rank", "world_size", "tensors"} <= record.keys():
+            raise ValueError("no rank, world_size or tensors key")
+        return record
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"strategy file {path} cannot be read ({exc}). It must be a "
+                              f"ckpt_strategy_rank_*.json written by mftune.") from None
+
+
+def check_source_strategy(strategy_path: str, files: list[str]) -> None:
+    """``src_strategy``: that it describes the rank files (the files' headers record their blocks
+    too; a strategy of another layout is a mistake worth stopping for)."""
+    records = read_strategy(strategy_path, len(files)) if os.path.isdir(strategy_path) else read_strategy(strategy_path)
+    for rank, file in enumerate(files):
+        if rank not in records:
+            continue
+        with open_safetensors(file) as f:
+            meta = f.metadata() or {}
+            held = json.loads(meta["mftune_shards"])["tensors"] if "mftune_shards" in meta else {}
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        for name, info in records[rank]["tensors"].items():
+            for key in (name, *(p + name for p in OPTIMIZER_PREFIXES)):
+                if key in shapes:
+                    block = held.get(key, {}).get("block", [[0, n] for n in shapes[key]])
+                    if block != info["block"]:
+                        raise CheckpointError(
+                            f"src_strategy {strategy_path} does not describe checkpoint {file}: tensor "
+                            f"{key} is block {block} in the file, {info['block']} in the strategy. Pass "
+                            f"the strategy of the run that saved it, or none (mftune's rank files "
+                            f"record their own layout).")
+
+
+def destination_blocks(entries: dict[str, Entry], record: dict | None) -> dict[str, tuple[slice, ...] | None]:
+    """Per source tensor, the block destination rank ``record['rank']`` gets (None: not written)."""
+    rank = record["rank"] if record else 0
+    params = record["tensors"] if record else {}
+    out: dict[str, tuple[slice, ...] | None] = {}
+    for name, entry in entries.items():
+        full = tuple(slice(0, n) for n in entry.shape)
+        param = next((name[len(p):] for p in OPTIMIZER_PREFIXES if name.startswith(p)), name)
+        if name in PER_RANK_KEYS:
+            out[name] = None
+        elif param in params:
+            info = params[param]
+            if list(entry.shape) != list(info["global_shape"]):
+                raise CheckpointError(
+                    f"tensor {name} has shape {list(entry.shape)} in {entry.origin} but "
+                    f"{info['global_shape']} in the destination strategy (rank {rank}): the strategy "
+                    f"belongs to another model_config.")
+            out[name] = tuple(slice(lo, hi) for lo, hi in info["block"])
+        else:  # counters in every file; a tensor the destination model lacks: once, in rank 0's
+            out[name] = full if name in SCALAR_KEYS or rank == 0 else None
+    return out
+
+
+def transform(src: str, dst_dir: str, strategy: dict[int, dict] | None, ranks: Iterable[int], *,
+              prefix: str = DEFAULT_PREFIX, files: list[str] | None = None, name: str | None = None,
+              progress: Progress | None = None) -> list[str]:
+    """Write ``<dst_dir>/<name>/rank_{r}/<prefix><r>.safetensors`` for each destination rank in
+    ``ranks`` (``strategy`` None: one complete file for rank 0). ``files``: the rank files of a
+    distributed source to use (default: each rank folder's last complete file). Returns the paths."""
+    name = name or checkpoint_name(src)
+    out_root = os.path.join(dst_dir, name)
+    refuse_overlap(src, out_root)
+    entries = distributed_entries(src, files) if files else open_checkpoint(src)
+    header = checkpoint_header(files[0] if files else src)
+    header["transformed_from"] = {"path": os.path.abspath(src), "name": name}
+    written = []
+    for rank in ranks:
+        record = strategy[rank] if strategy else None
+        blocks = destination_blocks(entries, record)
+        written.append(_write_rank(entries, blocks, os.path.join(out_root, f"rank_{rank}"),
+                                   f"{prefix}{rank}.safetensors", rank, header, progress))
+    return written
+
+
+def _write_rank(entries: dict[str, Entry], blocks: dict, rank_dir: str, file_name: str, rank: int,
+                header: dict, progress: Progress | None) -> str:
+    start = time.time()
+    names = [n for n, b in blocks.items() if b is not None]
+    specs = [(n, entries[n].dtype, tuple(s.stop - s.start for s in blocks[n])) for n in names]
+    shards = {n: {"global_shape": list(entries[n].shape), "block": [[s.start, s.stop] for s in blocks[n]]}
+              for n in names if tuple(s.stop - s.start for s in blocks[n]) != entries[n].shape}
+    metadata = {"format": "pt", **{f"mftune_{k}": json.dumps(v, default=str) for k, v in header.items()
+                                   if k != "shards"}}
+    if shards:
+        metadata["mftune_shards"] = json.dumps({"rank": rank, "tensors": shards})
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        items = names if progress is None else progress(names, len(names))
+        for n in items:
+            yield n, entries[n].read(blocks[n])
+
+    path = os.path.join(rank_dir, file_name)
+    os.makedirs(rank_dir, exist_ok=True)
+    size = write_safetensors_streaming(path, specs, stream(), metadata)
+    with atomic_open(os.path.join(rank_dir, "meta.json")) as f:
+        json.dump({"last_ckpt_file": file_name, "file_size": os.path.getsize(path)}, f)
+    logger.info("Transformed rank %d: %s (%d tensors, %.2f GB) in %.1f s", rank, path, len(names),
+                size / 1e9, time.time() - start)
+    return path
+
+
+def refuse_overlap(src: str, out_root: str) -> None:
+    """The destination must neither be inside the source nor hold it: it is cleared before writing."""
+    a, b = os.path.realpath(src), os.path.realpath(out_root)
+    if a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep):
+        raise CheckpointError(
+            f"the transformed checkpoint would be written to {out_root}, which "
+            f"{'holds' if a.startswith(b + os.sep) or a == b else 'is inside'} the source {src}; the "
+            f"source would be overwritten. Load it without auto_trans_ckpt (mftune reshards on load), or "
+            f"write the transform elsewhere (another output_dir / --dst_checkpoint_dir).")
+
+
+def worker_ranks(world_size: int, process_num: int) -> dict[int, list[int]]:
+    """MindFormers' split: ``process_num`` workers (ranks 0, w, 2w, ... with w = world / process_num),
+    each transforming the ``w`` destination ranks from its own on. ``process_num`` above the world
+    size is clamped; one that does not divide it is an error."""
+    if process_num > world_size:
+        logger.warning("transform_process_num=%d > world size %d: using %d", process_num, world_size,
+                       world_size)
+        process_num = world_size
+    if process_num < 1 or world_size % process_num:
+        raise CheckpointError(f"transform_process_num={process_num} must divide the world size "
+                              f"{world_size}. Use a divisor, e.g. 1 or {world_size}.")
+    per = world_size // process_num
+    return {w: list(range(w, w + per)) for w in range(0, world_size, per)}
+
+
+def clear_destination(out_root: str) -> None:
+    """Remove an earlier transform of the same name (its rank folders and markers)."""
+    if os.path.isdir(out_root):
+        shutil.rmtree(out_root)
+    os.makedirs(out_root, exist_ok=True)
+
+
+def write_marker(out_root: str, worker: int, error: str | None) -> None:
+    kind = "failed" if error else "succeed"
+    with atomic_open(os.path.join(out_root, f"transform_{kind}_rank_{worker}.txt")) as f:
+        f.write(error or "transform succeed\n")
+
+
+def check_markers(out_root: str, workers: Iterable[int]) -> None:
+    """Every worker's success marker; a failure marker's error is raised (naming the worker)."""
+    for worker in workers:
+        failed = os.path.join(out_root, f"transform_failed_rank_{worker}.txt")
+        if os.path.exists(failed):
+            with open(failed) as f:
+                raise CheckpointError(f"checkpoint transform failed on rank {worker} ({failed}): {f.read().strip()}")
+        if not os.path.exists(os.path.join(out_root, f"transform_succeed_rank_{worker}.txt")):
+            raise CheckpointError(
+                f"{out_root}/transform_succeed_rank_{worker}.txt is not visible on this node after the "
+                f"transform: output_dir must be a directory shared by all nodes for auto_trans_ckpt. Use a "
+                f"shared output_dir, or transform offline with scripts/transform_checkpoint.py and copy "
+                f"each node its rank_* folders.")
+
+
+def transformed_files(out_root: str, world_size: int, prefix: str = DEFAULT_PREFIX) -> list[str]:
+    return [os.path.join(out_root, f"rank_{r}", f"{prefix}{r}.safetensors") for r in range(world_size)]
+
+
+def is_distributed(src: str) -> bool:
+    """Whether ``open_checkpoint`` reads ``src`` as a distributed ``rank_*/`` directory."""
+    return (os.path.isdir(src) and not os.path.exists(os.path.join(src, "adapter_config.json"))
+            and not os.path.exists(os.path.join(src, "config.json")) and bool(rank_dirs(src)))
+
+
+def auto_transform(src: str, output_dir: str, *, rank: int, world_size: int, process_num: int = 1,
+                   src_strategy: str = "", files: list[str] | None = None) -> tuple[str, list[str]]:
+    """``--auto_trans_ckpt True``: ``src`` rewritten for this run's layout (its strategy files in
+    ``<output_dir>/strategy``, written by every rank before this is called) as
+    ``<output_dir>/transformed_checkpoint/<name>/``, by ``process_num`` worker ranks; every rank
+    waits for all of them. Returns the folder and this run's rank files in it.
+
+    Errors are raised on every rank alike (checks before the work; markers after it), so no rank
+    is left waiting for another."""
+    out_root = os.path.join(output_dir, "transformed_checkpoint", checkpoint_name(src))
+    refuse_overlap(src, out_root)
+    workers = worker_ranks(world_size, process_num)
+    if src_strategy:
+        if is_distributed(src) or files and len(files) > 1:
+            check_source_strategy(src_strategy, files or rank_files(src))
+        else:
+            logger.warning("src_strategy_path_or_dir=%s ignored: %s is a complete checkpoint", src_strategy, src)
+    if rank == 0:
+        clear_destination(out_root)
+    _barrier()  # every rank's strategy file is written and the destination is empty
+    if rank in workers:
+        try:
+            strategy = read_strategy(os.path.join(output_dir, "strategy"), world_size) if world_size > 1 else None
+            transform(src, os.path.dirname(out_root), strategy, workers[rank], files=files)
+            write_marker(out_root, rank, None)
+        except Exception as exc:  # reported to every rank through the marker
+            logger.exception("checkpoint transform failed")
+            write_marker(out_root, rank, f"{type(exc).__name__}: {exc}")
+    _barrier()
+    check_markers(out_root, workers)
+    logger.info("auto_trans_ckpt: %s transformed to %s (%d rank files)", src, out_root, world_size)
+    return out_root, transformed_files(out_root, world_size)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rank_files(src: str) -> list[str]:
+    """A distributed source's rank files (each folder's last complete one)."""
+    return [rank_file(d) for d in rank_dirs(src)]
+
+

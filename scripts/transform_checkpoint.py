@@ -1,0 +1,119 @@
+"""Reshard a checkpoint to another parallel layout (MindFormers' tools/ckpt_transform/transform_checkpoint.py).
+
+    # complete / HF / distributed -> the layout of a run (its strategy/ folder, e.g. from --only_save_strategy True)
+    python scripts/transform_checkpoint.py --src_checkpoint output/checkpoint \\
+        --dst_checkpoint_dir transformed --dst_strategy output_4x2/strategy
+    # distributed -> complete
+    python scripts/transform_checkpoint.py --src_checkpoint output/checkpoint --dst_checkpoint_dir merged
+    # the work split over 2 processes (as transform_checkpoint.sh does): rank_id 0 and 4 of 8 destination ranks
+    python scripts/transform_checkpoint.py ... --transform_process_num 2 --rank_id 0 &
+    python scripts/transform_checkpoint.py ... --transform_process_num 2 --rank_id 4
+
+Output: <dst_checkpoint_dir>/<name>/rank_{r}/<prefix><r>.safetensors (+ meta.json) for every destination rank
+this process handles, and transform_succeed_rank_<rank_id>.txt; <name> is the source file's name without
+extension or the source directory's name. Without --dst_strategy: one complete file, rank_0/<prefix>0.safetensors.
+--src_checkpoint: anything --load_checkpoint takes (complete file, directory of complete files, Hugging Face
+directory, PEFT adapter directory, rank_*/ directory). --src_strategy is optional: mftune's rank files record
+their own blocks; when given it is checked against them. --world_size (the destination's) defaults to the
+strategy's; --transform_by_rank is accepted and ignored (every transform is by rank). The source is never
+modified. Errors: one line on stderr, exit status 2.
+"""
+import argparse
+import os
+import shutil
+import sys
+
+try:
+    import mftune  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tqdm import tqdm
+
+from mftune.checkpoint.io import CheckpointError
+from mftune.checkpoint.sources import rank_dirs
+from mftune.checkpoint.transform import (DEFAULT_PREFIX, check_source_strategy, checkpoint_name,
+                                         is_distributed, rank_files, read_strategy, refuse_overlap, transform,
+                                         worker_ranks, write_marker)
+
+
+def _none(value: str | None) -> str | None:
+    return None if value in (None, "", "None", "none") else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--src_checkpoint", required=True, help="checkpoint file or directory to transform")
+    p.add_argument("--dst_checkpoint_dir", default=os.path.join(os.getcwd(), "transformed_checkpoint"),
+                   help="where <name>/rank_*/ is written (default: ./transformed_checkpoint)")
+    p.add_argument("--src_strategy", default=None, help="strategy of a distributed source (optional, checked)")
+    p.add_argument("--dst_strategy", default=None,
+                   help="strategy directory (or one rank's file) of the destination layout; None: complete")
+    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="file name prefix (default checkpoint_)")
+    p.add_argument("--rank_id", type=int, default=0, help="first destination rank of this process")
+    p.add_argument("--world_size", type=int, default=None, help="destination world size (default: the strategy's)")
+    p.add_argument("--transform_process_num", type=int, default=1, help="processes sharing the work")
+    p.add_argument("--transform_by_rank", default=None, help="accepted for MindFormers compatibility, ignored")
+    return p
+
+
+def plan(args) -> tuple[dict | None, list[int], int]:
+    """(destination strategy, ranks this process writes, destination world size)."""
+    dst = _none(args.dst_strategy)
+    if dst is None:
+        if args.world_size not in (None, 1):
+            raise CheckpointError(f"--world_size {args.world_size} needs --dst_strategy (the layout of those "
+                                  f"ranks); without it the result is one complete checkpoint.")
+        return None, [0], 1
+    strategy = read_strategy(dst)
+    world = int(next(iter(strategy.values()))["world_size"])
+    if args.world_size is not None and args.world_size != world:
+        raise CheckpointError(f"--world_size {args.world_size} but the strategy {dst} is of a {world}-rank layout. "
+                              f"Drop --world_size or pass the matching strategy.")
+    if os.path.isfile(dst):  # one rank's strategy: that rank only
+        return strategy, list(strategy), world
+    workers = worker_ranks(world, args.transform_process_num)
+    if args.rank_id not in workers:
+        raise CheckpointError(f"--rank_id {args.rank_id} is not a transform rank for --transform_process_num "
+                              f"{args.transform_process_num} of {world} ranks: use one of {sorted(workers)}.")
+    return strategy, workers[args.rank_id], world
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        strategy, ranks, world = plan(args)
+        src = args.src_checkpoint
+        if not os.path.exists(src):
+            raise CheckpointError(f"--src_checkpoint {src} does not exist.")
+        if _none(args.src_strategy):
+            if is_distributed(src):
+                check_source_strategy(args.src_strategy, rank_files(src))
+            else:
+                print(f"Note: --src_strategy is ignored: {src} is a complete checkpoint.", file=sys.stderr)
+        out_root = os.path.join(args.dst_checkpoint_dir, checkpoint_name(src))
+        refuse_overlap(src, out_root)
+        if 0 in ranks:  # another layout's extra rank folders would be loaded with this one's
+            for stale in (d for d in rank_dirs(out_root) if int(os.path.basename(d)[5:]) >= world):
+                print(f"Removing {stale}: not a rank of the {world}-rank destination", file=sys.stderr)
+                shutil.rmtree(stale)
+        progress = lambda it, total: tqdm(it, total=total, unit="tensor", desc="transform", disable=None)  # noqa: E731
+        try:
+            written = transform(src, args.dst_checkpoint_dir, strategy, ranks, prefix=args.prefix, progress=progress)
+        except Exception as exc:
+            os.makedirs(out_root, exist_ok=True)
+            write_marker(out_root, args.rank_id, f"{type(exc).__name__}: {exc}")
+            raise
+        write_marker(out_root, args.rank_id, None)
+    except (CheckpointError, OSError) as e:  # OSError: an output path that cannot be written
+        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"Wrote {path}")
+    print("......Transform finished!......")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
