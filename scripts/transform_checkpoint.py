@@ -31,10 +31,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from tqdm import tqdm
 
 from mftune.checkpoint.io import CheckpointError
-from mftune.checkpoint.sources import rank_dirs
-from mftune.checkpoint.transform import (DEFAULT_PREFIX, check_source_strategy, checkpoint_name,
-                                         is_distributed, rank_files, read_strategy, refuse_overlap, transform,
-                                         worker_ranks, write_marker)
+from mftune.checkpoint.sources import rank_dirs, rank_files, source_kind
+from mftune.checkpoint.transform import (DEFAULT_PREFIX, check_destination, check_source_strategy, checkpoint_name,
+                                         read_strategy, refuse_overlap, transform, worker_ranks, write_marker)
 
 
 def _none(value: str | None) -> str | None:
@@ -61,9 +60,10 @@ def plan(args) -> tuple[dict | None, list[int], int]:
     """(destination strategy, ranks this process writes, destination world size)."""
     dst = _none(args.dst_strategy)
     if dst is None:
-        if args.world_size not in (None, 1):
-            raise CheckpointError(f"--world_size {args.world_size} needs --dst_strategy (the layout of those "
-                                  f"ranks); without it the result is one complete checkpoint.")
+        if args.world_size not in (None, 1) or args.transform_process_num != 1:
+            raise CheckpointError(f"--world_size {args.world_size} / --transform_process_num "
+                                  f"{args.transform_process_num} need --dst_strategy (the layout of those ranks); "
+                                  f"without it the result is one complete checkpoint, written by one process.")
         return None, [0], 1
     strategy = read_strategy(dst)
     world = int(next(iter(strategy.values()))["world_size"])
@@ -88,12 +88,13 @@ def main(argv=None) -> int:
         if not os.path.exists(src):
             raise CheckpointError(f"--src_checkpoint {src} does not exist.")
         if _none(args.src_strategy):
-            if is_distributed(src):
+            if source_kind(src) == "distributed":
                 check_source_strategy(args.src_strategy, rank_files(src))
             else:
                 print(f"Note: --src_strategy is ignored: {src} is a complete checkpoint.", file=sys.stderr)
         out_root = os.path.join(args.dst_checkpoint_dir, checkpoint_name(src))
         refuse_overlap(src, out_root)
+        check_destination(out_root)  # only an earlier transform's output may be overwritten
         if 0 in ranks:  # another layout's extra rank folders would be loaded with this one's
             for stale in (d for d in rank_dirs(out_root) if int(os.path.basename(d)[5:]) >= world):
                 print(f"Removing {stale}: not a rank of the {world}-rank destination", file=sys.stderr)

@@ -1,22 +1,34 @@
 """--resume_training against the uninterrupted run: bitwise in one process (dropout on, so the
 RNG state is restored too), within the multi-rank tolerance after a change of layout."""
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import parallel_parity as pp  # noqa: E402
 
+# LoRA dropout (the RNG state must be restored) and a dynamic loss scale that doubles after every 5
+# good steps: after step 5, so step 6 runs with twice the scale only if the resumed run (from
+# step 4) knows that 4 good steps had passed
 DROPOUT = {"model.model_config.pet_config.lora_dropout": 0.1}
+DYNAMIC = {"type": "DynamicLossScaleUpdateCell", "loss_scale_value": 1024, "scale_factor": 2, "scale_window": 5}
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("resume"))
-    return d, pp.make_workdir(d)  # CheckpointMonitor saves at step 4 and at the end (6)
+    with open(pp.make_workdir(d)) as f:  # CheckpointMonitor saves at step 4 and at the end (6)
+        cfg = yaml.safe_load(f)
+    cfg["runner_wrapper"]["scale_sense"] = DYNAMIC
+    config = os.path.join(d, "dynamic.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return d, config
 
 
 def _run(args):
@@ -42,6 +54,7 @@ def test_one_process_resume_is_bitwise(workdir, full):
     assert "Resuming from" in r.stdout + r.stderr
     assert pp.losses(resumed) == pp.losses(full)[4:]  # steps 5 and 6, bit for bit
     assert pp.losses(resumed, "global_norm") == pp.losses(full, "global_norm")[4:]
+    assert pp.losses(resumed, "loss_scale") == pp.losses(full, "loss_scale")[4:] == [1024, 2048]
     # resume_training True takes the newest step saved by every rank folder: the final one (6),
     # after which nothing is left to train
     again = os.path.join(d, "again")
@@ -85,24 +98,70 @@ def test_one_process_resume_through_auto_trans_ckpt_is_bitwise(workdir, full):
     done = os.path.join(out, "transformed_checkpoint", "checkpoint")
     assert sorted(os.listdir(done)) == ["rank_0", "transform_succeed_rank_0.txt"]
     assert sorted(os.listdir(os.path.join(done, "rank_0"))) == ["checkpoint_0.safetensors", "meta.json"]
-    # a second run replaces its own earlier transform; the source is untouched
+    # a second run replaces its own earlier transform (stale files of another layout go); the
+    # source is untouched
     before = sorted(os.listdir(os.path.join(full, "checkpoint", "rank_0")))
+    shutil.copytree(os.path.join(done, "rank_0"), os.path.join(done, "rank_1"))
+    open(os.path.join(done, "transform_failed_rank_0.txt"), "w").close()
     _run(args)
     assert pp.losses(out) == pp.losses(full)[4:]
+    assert sorted(os.listdir(done)) == ["rank_0", "transform_succeed_rank_0.txt"]
     assert sorted(os.listdir(os.path.join(full, "checkpoint", "rank_0"))) == before
+    # the transformed folder is a training checkpoint too: resumable (no step in its file names:
+    # its meta.json's file), though without the RNG state, which belongs to the saving layout
+    again = os.path.join(d, "resumed-from-transformed")
+    r = _run(pp._args(config, "finetune", again, 1, 1, DROPOUT) + ["--load_checkpoint", done, "--resume_training", "True"])
+    assert "holds no RNG state" in r.stdout + r.stderr
+    assert pp.losses(again, "step") == [5, 6]
 
 
-def test_auto_trans_ckpt_never_writes_over_its_source(workdir, full):
-    """load_checkpoint inside output_dir/transformed_checkpoint/<name> (a previous transform) would
-    be cleared by the new transform: refused, nothing removed."""
+def test_auto_trans_ckpt_never_writes_over_its_source(workdir, full, tmp_path):
+    """A load_checkpoint inside output_dir/transformed_checkpoint/<name> would be cleared by the
+    new transform, and a folder there that no transform wrote would be overwritten: both refused,
+    nothing removed."""
     d, config = workdir
-    out = os.path.join(d, "resumed-auto-trans")
+    out = str(tmp_path / "out")
     src = os.path.join(out, "transformed_checkpoint", "checkpoint")
-    if not os.path.isdir(src):
-        pytest.skip("needs test_one_process_resume_through_auto_trans_ckpt_is_bitwise's output")
-    before = sorted(os.listdir(src))
-    r = subprocess.run([sys.executable, *pp._args(config, "finetune", out, 1, 1, {}), "--load_checkpoint", src,
-                        "--auto_trans_ckpt", "True"], cwd=ROOT, capture_output=True, text=True)
+    shutil.copytree(os.path.join(full, "checkpoint"), src)
+    before = sorted(os.listdir(os.path.join(src, "rank_0")))
+    base = [sys.executable, *pp._args(config, "finetune", out, 1, 1, {}), "--auto_trans_ckpt", "True"]
+    r = subprocess.run(base + ["--load_checkpoint", src], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "source would be overwritten" in r.stderr
-    assert sorted(os.listdir(src)) == before
+    r = subprocess.run(base + ["--load_checkpoint", os.path.join(full, "checkpoint")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "is not the output of a checkpoint transform" in r.stderr, r.stderr[-2000:]
+    assert sorted(os.listdir(os.path.join(src, "rank_0"))) == before
+    # the run's own strategy folder is rewritten at start-up: not a source strategy
+    r = subprocess.run(base + ["--load_checkpoint", os.path.join(full, "checkpoint"),
+                               "--src_strategy_path_or_dir", os.path.join(out, "strategy")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "inside this run's own strategy folder" in r.stderr, r.stderr[-2000:]
+
+
+def test_rng_states_restored_per_rank_in_the_same_layout(workdir):
+    """2 data-parallel ranks with LoRA dropout (each rank its own masks): the resumed run equals
+    the uninterrupted 2-rank run bit for bit, which needs every rank's RNG state back."""
+    d, config = workdir
+    full2, resumed2 = os.path.join(d, "full-2dp"), os.path.join(d, "resumed-2dp")
+    for out, extra in ((full2, {}), (resumed2, {"load_checkpoint": os.path.join(full2, "checkpoint"),
+                                                "resume_training": "llama_7b_lora_rank_0-1_4"})):
+        order = " ".join(pp._args(config, "finetune", out, 2, 1, dict(DROPOUT, **extra)))
+        r = subprocess.run(["bash", "scripts/launcher.sh", order, "2", str(pp.free_port()),
+                            os.path.join(out, "msrun_log"), "True", "600"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-3000:]
+    assert pp.losses(resumed2) == pp.losses(full2)[4:]
+    assert pp.losses(resumed2, "global_norm") == pp.losses(full2, "global_norm")[4:]
+
+
+def test_rng_states_are_restored_only_in_the_saving_layout():
+    from mftune.trainer.resume import ResumePoint, same_layout
+
+    def point(files, layout):
+        return ResumePoint(files, {}, 1, 4, 4, 4, 1.0, 0, 8, {}, layout)
+
+    two = {"world_size": 2, "data_parallel": 2, "model_parallel": 1}
+    assert same_layout(point(["a", "b"], two), two)
+    assert not same_layout(point(["a", "b"], two), {"world_size": 2, "data_parallel": 1, "model_parallel": 2})
+    assert not same_layout(point(["a"], two), two)  # one rank's file given as load_checkpoint
+    assert same_layout(point(["a", "b"], None), two)  # older checkpoints: the number of files decides

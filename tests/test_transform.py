@@ -190,7 +190,8 @@ def test_transform_checkpoint_script(tmp_path, training_file):
     (["--rank_id", "1", "--transform_process_num", "2"], "--rank_id 1 is not a transform rank"),
     (["--world_size", "8"], "--world_size 8 but the strategy"),
     (["--transform_process_num", "3"], "must divide the world size 4"),
-    (["--dst_strategy", "None", "--world_size", "2"], "--world_size 2 needs --dst_strategy"),
+    (["--dst_strategy", "None", "--world_size", "2"], "need --dst_strategy"),
+    (["--dst_strategy", "None", "--transform_process_num", "2"], "written by one process"),
 ])
 def test_transform_checkpoint_script_errors(tmp_path, training_file, args, expect):
     path, _, model = training_file
@@ -211,3 +212,57 @@ def test_transform_checkpoint_script_refuses_to_overwrite_its_source(tmp_path, t
     assert sorted(os.listdir(src)) == before
     r = _script("--src_checkpoint", str(tmp_path / "missing"))
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_script_refuses_a_destination_it_did_not_write(tmp_path, training_file):
+    path, _, _ = training_file
+    foreign = tmp_path / "dst" / "train" / "rank_0"
+    foreign.mkdir(parents=True)
+    (foreign / "model.safetensors").write_bytes(b"not written by a transform")
+    r = _script("--src_checkpoint", path, "--dst_checkpoint_dir", str(tmp_path / "dst"))
+    assert r.returncode == 2 and "is not the output of a checkpoint transform" in r.stderr, r.stderr
+    assert (foreign / "model.safetensors").read_bytes() == b"not written by a transform"
+
+
+def _auto_transform_rank(rank, init_file, output_dir, src, results):
+    """One of two gloo ranks running auto_transform; rank 1's share of the work fails."""
+    import torch.distributed as dist
+
+    from mftune.checkpoint import transform as engine
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    if rank == 1:
+        def broken(*args, **kwargs):
+            raise OSError("No space left on device")
+        engine.transform = broken
+    try:
+        engine.auto_transform(src, output_dir, rank=rank, world_size=2, process_num=2)
+        results.put((rank, "ok"))
+    except CheckpointError as exc:
+        results.put((rank, str(exc)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failing_worker_stops_every_rank(tmp_path, training_file):
+    """auto_trans_ckpt with transform_process_num 2 on 2 ranks: rank 1's transform fails; both
+    ranks raise (rank 0 naming rank 1) instead of waiting, and the markers say what happened."""
+    import torch.multiprocessing as mp
+
+    path, _, model = training_file
+    out = tmp_path / "out"
+    _write_strategy(out / "strategy", model, 2, 0)
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_auto_transform_rank, args=(r, str(tmp_path / "init"), str(out), path, results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    got = dict(results.get() for _ in range(2))
+    assert "No space left on device" in got[1]
+    assert "the checkpoint transform failed on rank 1" in got[0]
+    done = out / "transformed_checkpoint" / "train"
+    assert (done / "transform_succeed_rank_0.txt").exists()
+    assert "No space left on device" in (done / "transform_failed_rank_1.txt").read_text()

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
 
 from mftune.checkpoint.io import (LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, CheckpointError, atomic_open,
                                  read_metadata)
 from mftune.checkpoint.names import (hf_config_to_model_config, hf_to_mftune, is_hf_buffer, mftune_to_hf,
                                      model_config_to_hf_config)
+from mftune.checkpoint.sources import FROM_ST, ST_DTYPES, read_tensor, safetensors_header
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM, to_dtype
 
 logger = logging.getLogger("mftune")
@@ -37,11 +37,6 @@ logger = logging.getLogger("mftune")
 Spec = tuple[str, torch.dtype, tuple[int, ...]]  # (name, dtype, shape)
 Progress = Callable[[Iterable, int], Iterable]  # (items, total) -> the same items, e.g. tqdm
 
-ST_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL"}
-_FROM_ST = {v: k for k, v in ST_DTYPES.items()}
 # transformers' weight files, in the order it prefers them.
 HF_WEIGHTS = (("model.safetensors.index.json", "safetensors"), ("model.safetensors", "safetensors"),
               ("pytorch_model.bin.index.json", "bin"), ("pytorch_model.bin", "bin"))
@@ -78,6 +73,7 @@ def write_safetensors_streaming(path: str, specs: Sequence[Spec], tensors: Itera
             if got != tuple(spec):
                 raise CheckpointError(f"writing {path}: expected tensor {spec}, got {got}.")
             f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor  # not held while the next one is read: peak ~ one tensor
         if next(stream, None) is not None:
             raise CheckpointError(f"writing {path}: more tensors than the {len(specs)} in its header.")
     return offset
@@ -139,15 +135,9 @@ def _load_bin(path: str) -> dict[str, torch.Tensor]:
 
 def _st_header(path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """name -> (dtype, shape) from a safetensors header, in data order, without reading tensor data."""
-    try:
-        with open(path, "rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        header.pop("__metadata__", None)
-        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        return {k: (_FROM_ST[v["dtype"]], tuple(v["shape"])) for k, v in entries}
-    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path} is not a safetensors file mftune can read ({type(exc).__name__}: {exc}). "
-                              f"Check the file (an interrupted download?).") from None
+    _, header, _ = safetensors_header(path)
+    entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    return {k: (FROM_ST[v["dtype"]], tuple(v["shape"])) for k, v in entries}
 
 
 def _file_specs(path: str, kind: str) -> list[Spec]:
@@ -157,16 +147,15 @@ def _file_specs(path: str, kind: str) -> list[Spec]:
 
 
 def _read_file(path: str, kind: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) one at a time, in ``_file_specs`` order. A safetensors file is re-opened per
-    tensor so that the pages of its memory map are released as we go."""
+    """(name, tensor) one at a time, in ``_file_specs`` order (safetensors: read with plain reads,
+    nothing stays mapped)."""
     if kind == "bin":
         sd = _load_bin(path)
         for k in list(sd):
             yield k, sd.pop(k)
         return
     for k in _st_header(path):
-        with safe_open(path, framework="pt") as f:
-            yield k, f.get_tensor(k)
+        yield k, read_tensor(path, k)
 
 
 def iter_hf_tensors(input_path: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -263,16 +252,21 @@ def convert_hf_to_mftune(input_path: str, output_path: str, dtype: str | None = 
                     len(skipped), ", ".join(sorted(skipped)))
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        # the progress bar counts ints: an iterator holds its last item, and that must not be a tensor
+        ticks = iter((progress or (lambda it, n: it))(range(len(specs)), len(specs)))
         for path in src.files:
             for name, tensor in _read_file(path, src.kind):
                 if name not in skipped:
+                    next(ticks, None)
                     yield hf_to_mftune(name), tensor.to(_cast(tensor.dtype, target))
+                del tensor  # before the next one is read
+        next(ticks, None)  # lets the bar see the end
 
     source = {"format": "huggingface", "path": src.directory, "files": [os.path.basename(f) for f in src.files],
               "dtype": _long(target) if target else "source"}
     metadata = {"format": "pt", "mftune_model_config": json.dumps(mc, default=str),
                 "mftune_source": json.dumps(source)}
-    size = write_safetensors_streaming(out, specs, (progress or (lambda it, n: it))(stream(), len(specs)), metadata)
+    size = write_safetensors_streaming(out, specs, stream(), metadata)
     return {"output": out, "files": [out], "tensors": len(specs), "bytes": size, "skipped": sorted(skipped),
             "seconds": time.perf_counter() - start}
 
@@ -349,14 +343,14 @@ def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int |
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
 
     def read(name: str) -> torch.Tensor:
-        with safe_open(src, framework="pt") as f:  # re-opened per tensor: its mapped pages are released
-            tensor = f.get_tensor(name)
+        tensor = read_tensor(src, name)
         return tensor.to(_cast(tensor.dtype, target))
 
-    stream = iter((progress or (lambda it, n: it))(((mftune_to_hf(n), read(n)) for n in expected), len(specs)))
+    names = iter((progress or (lambda it, n: it))(expected, len(specs)))  # the bar holds a name, not a tensor
+    stream = ((mftune_to_hf(n), read(n)) for n in names)
     total = sum(write_safetensors_streaming(os.path.join(out, file), shard, itertools.islice(stream, len(shard)),
                                             {"format": "pt"}) for file, shard in zip(files, shards, strict=True))
-    next(stream, None)  # lets a progress bar see the end
+    next(names, None)  # lets a progress bar see the end
     written = [*files, "config.json"]
     if len(shards) > 1:
         weight_map = {name: file for file, shard in zip(files, shards, strict=True) for name, _, _ in shard}

@@ -21,14 +21,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mftune.checkpoint.sources import (CheckpointError, Entry, open_checkpoint, open_safetensors, rank_dirs,
-                                      rank_file)
+                                      rank_file, read_tensor, safetensors_header)
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")
 
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")
 SCALAR_KEYS = ("epoch_num", "step_num", "global_step", "loss_scale", "global_batch_size",
-               "consumed_samples", "optimizer_step", "rng_state", "cuda_rng_state")
+               "consumed_samples", "optimizer_step", "loss_scale_good_steps", "rng_state", "cuda_rng_state")
 LORA_MARK = "mindpet_delta_lora"
 
 
@@ -157,9 +157,8 @@ def _size_and_header(file: str) -> bytes:
 
 def load_tensors(path: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Read tensors (all, or ``names``) one at a time from a safetensors file."""
-    with open_safetensors(path) as f:
-        keys = list(f.keys()) if names is None else names
-        return {k: f.get_tensor(k) for k in keys}
+    keys = list(safetensors_header(path)[1]) if names is None else names
+    return {k: read_tensor(path, k) for k in keys}
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

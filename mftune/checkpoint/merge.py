@@ -196,19 +196,20 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     specs = [(n, model[n].dtype, expected[n]) for n in names]
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
-        for name in names:
+        for name in (progress or (lambda it, n: it))(names, len(specs)):  # the bar holds names, not tensors
             w = model[name].full()
             if name in pairs:
                 a, b = pairs[name]
                 w = (w.float() + lora_delta_weight(lora[a].full(), lora[b].full(), scaling)).to(w.dtype)
             yield name, w
+            del w  # before the next one is read
 
     info = {"format": "lora_merge", "lora": os.path.abspath(lora_path),
             "base": os.path.abspath(base_path) if base_path else None, "lora_scaling": scaling,
             "merged": sorted(pairs)}
     metadata = {"format": "pt", "mftune_model_config": json.dumps(mc, default=str),
                 "mftune_source": json.dumps(info)}
-    tensors = (progress or (lambda it, n: it))(stream(), len(specs))
+    tensors = stream()
     if output_format == "mftune":
         write_safetensors_streaming(target, specs, tensors, metadata)
         output = target

@@ -16,9 +16,12 @@ reads only the block each rank holds, whatever the source:
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
+import math
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +29,12 @@ import torch
 from safetensors import safe_open
 
 Block = tuple[slice, ...]
+ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL"}
+FROM_ST = {v: k for k, v in ST_DTYPES.items()}
+READ_CHUNK = 64 * 2**20  # bytes read at a time when only some columns of the rows are wanted
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
               "pytorch_model.bin.index.json")
 
@@ -39,33 +48,49 @@ class Entry:
     shape: tuple[int, ...]
     read: Callable[[Block], torch.Tensor]  # the block of the global tensor, on the CPU
     origin: str  # the file it comes from, for messages
+    known_dtype: torch.dtype | None = None  # when the source's header says it
 
     def full(self) -> torch.Tensor:
         return self.read(tuple(slice(0, n) for n in self.shape))
 
     @property
     def dtype(self) -> torch.dtype:
-        """From a one-element read (sources record shapes only)."""
-        return self.read(tuple(slice(0, min(n, 1)) for n in self.shape)).dtype
+        """From the header when known, else from a one-element read."""
+        if self.known_dtype is None:
+            self.known_dtype = self.read(tuple(slice(0, min(n, 1)) for n in self.shape)).dtype
+        return self.known_dtype
+
+
+def source_kind(path: str) -> str:
+    """How ``open_checkpoint`` reads ``path``: file, peft, hf, distributed or files (a directory
+    of complete files)."""
+    if os.path.isfile(path):
+        return "file"
+    if not os.path.isdir(path):
+        raise CheckpointError(f"load_checkpoint={path} does not exist. Give a checkpoint file or directory.")
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        return "peft"
+    if os.path.exists(os.path.join(path, "config.json")) and any(
+            os.path.exists(os.path.join(path, f)) for f in HF_WEIGHTS):
+        return "hf"
+    return "distributed" if rank_dirs(path) else "files"
 
 
 def open_checkpoint(path: str) -> dict[str, Entry]:
     """Every tensor ``path`` provides, by mftune name (see the module docstring)."""
-    if os.path.isfile(path):
+    kind = source_kind(path)
+    if kind == "file":
         return safetensors_entries(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"load_checkpoint={path} does not exist. Give a checkpoint file or directory.")
-    if os.path.exists(os.path.join(path, "adapter_config.json")):  # + complete files beside it (a base)
+    if kind == "peft":  # + complete files beside it (a base)
         from mftune.checkpoint.peft import read_peft_adapter
         tensors, _ = read_peft_adapter(path)
         entries = {n: Entry(tuple(t.shape), lambda block, t=t: t[block], path) for n, t in tensors.items()}
         others = [f for f in glob.glob(os.path.join(glob.escape(path), "*.safetensors"))
                   if os.path.basename(f) != "adapter_model.safetensors"]
         return _merge(path, [entries] + [safetensors_entries(f) for f in sorted(others)])
-    if os.path.exists(os.path.join(path, "config.json")) and any(
-            os.path.exists(os.path.join(path, f)) for f in HF_WEIGHTS):
+    if kind == "hf":
         return _hf_entries(path)
-    if glob.glob(os.path.join(glob.escape(path), "rank_*")):
+    if kind == "distributed":
         return distributed_entries(path)
     files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
     if not files:
@@ -96,19 +121,87 @@ def safetensors_entries(path: str, rename: Callable[[str], str | None] = lambda 
             raise CheckpointError(
                 f"checkpoint {path} holds one rank's shards of a distributed checkpoint; pass the "
                 f"directory that holds its rank_*/ folders to load the whole checkpoint.")
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    _, header, _ = safetensors_header(path)
     entries = {}
-    for key, shape in shapes.items():
+    for key, info in header.items():
         name = rename(key)
         if name is not None:
-            entries[name] = Entry(shape, lambda block, key=key: _read(path, key, block), path)
+            entries[name] = Entry(tuple(info["shape"]), lambda block, key=key: read_block(path, key, block), path,
+                                  FROM_ST[info["dtype"]])
     return entries
 
 
-def _read(path: str, key: str, block: Block) -> torch.Tensor:
-    # Re-opened per tensor: the memory map, and the pages the read touched, are released after it.
-    with safe_open(path, framework="pt") as f:
-        return f.get_slice(key)[block]
+def safetensors_header(path: str) -> tuple[int, dict, dict]:
+    """(offset of the data section, ``{name: {dtype, shape, data_offsets}}``, metadata) of a
+    safetensors file, parsed and checked once per file version (path, size, mtime)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist. Check load_checkpoint.")
+    stat = os.stat(path)
+    return _parse_header(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_header(path: str, size: int, mtime_ns: int) -> tuple[int, dict, dict]:
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} is beyond the end of the file ({size} bytes)")
+            header = json.loads(f.read(n))
+        metadata = header.pop("__metadata__", None) or {}
+        for key, info in header.items():
+            begin, end = info["data_offsets"]
+            if info["dtype"] not in FROM_ST or 8 + n + end > size or end - begin != math.prod(
+                    info["shape"]) * FROM_ST[info["dtype"]].itemsize:
+                raise ValueError(f"tensor {key}: {info}")
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({type(exc).__name__}: "
+                              f"{exc}); it may be truncated or foreign. mftune reads .safetensors files "
+                              f"(checkpoints, Hugging Face weights).") from None
+    return 8 + n, header, metadata
+
+
+def read_tensor(path: str, key: str) -> torch.Tensor:
+    """The whole tensor ``key`` of a safetensors file (``read_block``)."""
+    return read_block(path, key, tuple(slice(None) for _ in safetensors_header(path)[1][key]["shape"]))
+
+
+def read_block(path: str, key: str, block: Block) -> torch.Tensor:
+    """``block`` of tensor ``key``: its byte ranges read from the file (whole rows of the block's
+    first-dimension range, a chunk at a time, when only some columns are wanted). No memory map,
+    so nothing of the file stays mapped, and no per-read header parse."""
+    start, header, _ = safetensors_header(path)
+    info = header[key]
+    dtype, shape = FROM_ST[info["dtype"]], info["shape"]
+    begin = start + info["data_offsets"][0]
+    if not shape:  # a scalar
+        return _pread(path, begin, torch.empty((), dtype=dtype))
+    ranges = [(s.start or 0, shape[d] if s.stop is None else s.stop) for d, s in enumerate(block)]
+    out = torch.empty([hi - lo for lo, hi in ranges], dtype=dtype)
+    if out.numel() == 0:
+        return out
+    row = math.prod(shape[1:]) * dtype.itemsize
+    (lo, hi), rest = ranges[0], block[1:]
+    if all(r == (0, n) for r, n in zip(ranges[1:], shape[1:])):  # whole rows: straight into out
+        return _pread(path, begin + lo * row, out)
+    step = max(1, READ_CHUNK // max(row, 1))
+    for r in range(lo, hi, step):
+        rows = _pread(path, begin + r * row, torch.empty([min(step, hi - r), *shape[1:]], dtype=dtype))
+        out[r - lo:r - lo + len(rows)] = rows[(slice(None), *rest)]
+    return out
+
+
+def _pread(path: str, offset: int, out: torch.Tensor) -> torch.Tensor:
+    """Fill the contiguous tensor ``out`` with the bytes of ``path`` from ``offset``."""
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    with open(path, "rb", buffering=0) as f:
+        done = 0
+        while done < len(view):
+            n = os.preadv(f.fileno(), [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"checkpoint {path} ends before the data of a tensor: it is truncated.")
+            done += n
+    return out
 
 
 def open_safetensors(path: str):
@@ -175,8 +268,14 @@ def rank_file(rank_dir: str) -> str:
     """The file of one rank: the one its meta.json names (the last complete save), else the newest."""
     meta = os.path.join(rank_dir, "meta.json")
     if os.path.exists(meta):
-        with open(meta) as f:
-            info = json.load(f)
+        try:
+            with open(meta) as f:
+                info = json.load(f)
+        except (OSError, ValueError) as exc:
+            info = exc
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{meta} cannot be read ({info}). Restore it, or remove it to use the "
+                                  f"folder's newest file.")
         file = os.path.join(rank_dir, info.get("last_ckpt_file") or "")
         if os.path.isfile(file):
             size = info.get("file_size")
@@ -198,23 +297,37 @@ def rank_dirs(root: str) -> list[str]:
                   key=lambda d: int(os.path.basename(d)[5:]))
 
 
+def rank_files(root: str) -> list[str]:
+    """Each rank folder's last complete file, in rank order."""
+    return [rank_file(d) for d in rank_dirs(root)]
+
+
+def file_blocks(file: str) -> dict[str, tuple[tuple[int, ...], tuple[tuple[int, int], ...]]]:
+    """``{name: (global shape, block held)}`` of a rank file (its ``mftune_shards`` header; a
+    tensor it does not list, or a file without one, is held whole)."""
+    _, header, meta = safetensors_header(file)
+    try:
+        held = json.loads(meta["mftune_shards"])["tensors"] if "mftune_shards" in meta else {}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {file}: its mftune_shards header is damaged ({exc}).") from None
+    out = {}
+    for key, info in header.items():
+        shape = tuple(info["shape"])
+        held_info = held.get(key, {"global_shape": shape, "block": [[0, n] for n in shape]})
+        out[key] = (tuple(held_info["global_shape"]), tuple(tuple(b) for b in held_info["block"]))
+    return out
+
+
 def distributed_entries(root: str, files: list[str] | None = None) -> dict[str, Entry]:
     """Tensors of a rank_{r}/ checkpoint (``files``: one per rank; default: each rank's last
     complete file), each assembled from the rank files' pieces."""
     pieces: dict[str, list[tuple[str, tuple[tuple[int, int], ...]]]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    for file in files or [rank_file(d) for d in rank_dirs(root)]:
-        with open_safetensors(file) as f:
-            meta = f.metadata() or {}
-            held = json.loads(meta["mftune_shards"])["tensors"] if "mftune_shards" in meta else {}
-            for key in f.keys():
-                shape = tuple(f.get_slice(key).get_shape())
-                info = held.get(key, {"global_shape": shape, "block": [[0, n] for n in shape]})
-                block = tuple(tuple(b) for b in info["block"])
-                shapes[key] = tuple(info["global_shape"])
-                if (file, block) not in pieces.setdefault(key, []) and not any(
-                        b == block for _, b in pieces[key]):  # replicas: read one copy
-                    pieces[key].append((file, block))
+    for file in files or rank_files(root):
+        for key, (shape, block) in file_blocks(file).items():
+            shapes[key] = shape
+            if not any(b == block for _, b in pieces.setdefault(key, [])):  # replicas: read one copy
+                pieces[key].append((file, block))
     return {name: Entry(shapes[name], lambda block, name=name: _assemble(name, block, pieces[name]),
                         root) for name in pieces}
 
@@ -226,7 +339,7 @@ def _assemble(name: str, block: Block, pieces: list) -> torch.Tensor:
         inter = [(max(lo, plo), min(hi, phi)) for (lo, hi), (plo, phi) in zip(want, held)]
         if any(lo >= hi for lo, hi in inter):
             continue
-        src = _read(file, name, tuple(slice(lo - plo, hi - plo) for (lo, hi), (plo, _) in zip(inter, held)))
+        src = read_block(file, name, tuple(slice(lo - plo, hi - plo) for (lo, hi), (plo, _) in zip(inter, held)))
         if out is None:
             out = torch.empty([hi - lo for lo, hi in want], dtype=src.dtype)
         out[tuple(slice(lo - wlo, hi - wlo) for (lo, hi), (wlo, _) in zip(inter, want))] = src
@@ -238,6 +351,6 @@ def _assemble(name: str, block: Block, pieces: list) -> torch.Tensor:
         raise CheckpointError(f"distributed checkpoint: the rank files hold {filled} of the {numel} values "
                               f"of {name} this rank needs; a rank_*/ folder is missing or incomplete.")
     if out is None:  # an empty block (e.g. the last rank's piece of a short tensor): right dtype, no bytes
-        dtype = _read(pieces[0][0], name, tuple(slice(0, 0) for _ in pieces[0][1])).dtype
+        dtype = FROM_ST[safetensors_header(pieces[0][0])[1][name]["dtype"]]
         out = torch.empty([hi - lo for lo, hi in want], dtype=dtype)
     return out

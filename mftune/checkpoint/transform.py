@@ -18,9 +18,10 @@ What goes where, for destination rank r:
 
 Invariants: each rank reads only the byte ranges of its blocks (lazy safetensors slices); peak
 memory is about one block; the output header is written first and tensors stream after it; every
-file is atomic; the source is never modified, and a destination inside the source (or the reverse)
-is refused. A worker writes ``transform_succeed_rank_{w}.txt`` (or ``transform_failed_rank_{w}.txt``
-with the error) into ``<dst>/<name>/`` when it is done.
+file is atomic; the source is never modified: a destination inside the source (or the reverse),
+or one holding anything but an earlier transform's output, is refused. A worker writes
+``transform_succeed_rank_{w}.txt`` (holding an id of the run) or ``transform_failed_rank_{w}.txt``
+(holding the error) into ``<dst>/<name>/`` when it is done.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -37,13 +39,14 @@ import torch.distributed as dist
 
 from mftune.checkpoint.convert import Progress, write_safetensors_streaming
 from mftune.checkpoint.io import OPTIMIZER_PREFIXES, SCALAR_KEYS, atomic_open, checkpoint_header
-from mftune.checkpoint.sources import (CheckpointError, Entry, distributed_entries, open_checkpoint,
-                                      open_safetensors, rank_dirs, rank_file)
+from mftune.checkpoint.sources import (CheckpointError, Entry, distributed_entries, file_blocks, open_checkpoint,
+                                      rank_files, safetensors_header, source_kind)
 
 logger = logging.getLogger("mftune")
 
 PER_RANK_KEYS = ("rng_state", "cuda_rng_state")
 STRATEGY_FILE = re.compile(r"ckpt_strategy_rank_(\d+)\.json$")
+MARKER = re.compile(r"transform_(succeed|failed)_rank_(\d+)\.txt$")
 DEFAULT_PREFIX = "checkpoint_"
 
 
@@ -90,8 +93,11 @@ def _read_json(path: str) -> dict:
             record = json.load(f)
         if not {"rank", "world_size", "tensors"} <= record.keys():
             raise ValueError("no rank, world_size or tensors key")
+        for name, info in record["tensors"].items():
+            if not {"global_shape", "block"} <= info.keys():
+                raise ValueError(f"tensor {name} has no global_shape or block")
         return record
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, AttributeError) as exc:  # AttributeError: not JSON objects
         raise CheckpointError(f"strategy file {path} cannot be read ({exc}). It must be a "
                               f"ckpt_strategy_rank_*.json written by mftune.") from None
 
@@ -103,20 +109,15 @@ def check_source_strategy(strategy_path: str, files: list[str]) -> None:
     for rank, file in enumerate(files):
         if rank not in records:
             continue
-        with open_safetensors(file) as f:
-            meta = f.metadata() or {}
-            held = json.loads(meta["mftune_shards"])["tensors"] if "mftune_shards" in meta else {}
-            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        blocks = file_blocks(file)
         for name, info in records[rank]["tensors"].items():
             for key in (name, *(p + name for p in OPTIMIZER_PREFIXES)):
-                if key in shapes:
-                    block = held.get(key, {}).get("block", [[0, n] for n in shapes[key]])
-                    if block != info["block"]:
-                        raise CheckpointError(
-                            f"src_strategy {strategy_path} does not describe checkpoint {file}: tensor "
-                            f"{key} is block {block} in the file, {info['block']} in the strategy. Pass "
-                            f"the strategy of the run that saved it, or none (mftune's rank files "
-                            f"record their own layout).")
+                if key in blocks and [list(b) for b in blocks[key][1]] != info["block"]:
+                    raise CheckpointError(
+                        f"src_strategy {strategy_path} does not describe checkpoint {file}: tensor "
+                        f"{key} is block {[list(b) for b in blocks[key][1]]} in the file, {info['block']} in "
+                        f"the strategy. Pass the strategy of the run that saved it, or none (mftune's rank "
+                        f"files record their own layout).")
 
 
 def destination_blocks(entries: dict[str, Entry], record: dict | None) -> dict[str, tuple[slice, ...] | None]:
@@ -157,6 +158,9 @@ def transform(src: str, dst_dir: str, strategy: dict[int, dict] | None, ranks: I
     written = []
     for rank in ranks:
         record = strategy[rank] if strategy else None
+        mesh = (record or {}).get("mesh") or {}
+        header["layout"] = {"world_size": record["world_size"] if record else 1,  # the destination's
+                            "data_parallel": mesh.get("dp", 1), "model_parallel": mesh.get("tp", 1)}
         blocks = destination_blocks(entries, record)
         written.append(_write_rank(entries, blocks, os.path.join(out_root, f"rank_{rank}"),
                                    f"{prefix}{rank}.safetensors", rank, header, progress))
@@ -216,42 +220,73 @@ def worker_ranks(world_size: int, process_num: int) -> dict[int, list[int]]:
     return {w: list(range(w, w + per)) for w in range(0, world_size, per)}
 
 
+def check_destination(out_root: str) -> None:
+    """Refuse a destination folder that holds anything besides an earlier transform's output
+    (rank folders of files whose header says ``transformed_from``, their meta.json, markers): it
+    would be overwritten or removed."""
+    if not os.path.isdir(out_root):
+        return
+    for entry in sorted(os.listdir(out_root)):
+        path = os.path.join(out_root, entry)
+        if MARKER.fullmatch(entry):
+            continue
+        if entry.startswith("rank_") and os.path.isdir(path):
+            foreign = [f for f in sorted(os.listdir(path)) if f != "meta.json" and ".tmp." not in f
+                       and not _transformed(os.path.join(path, f))]
+            if not foreign:
+                continue
+            path = os.path.join(path, foreign[0])
+        raise CheckpointError(
+            f"{out_root} already holds {path}, which is not the output of a checkpoint transform; the "
+            f"transform would overwrite or remove it. Move it away, or write the transform elsewhere "
+            f"(another output_dir / --dst_checkpoint_dir).")
+
+
+def _transformed(file: str) -> bool:
+    try:
+        return "mftune_transformed_from" in safetensors_header(file)[2]
+    except CheckpointError:
+        return False
+
+
 def clear_destination(out_root: str) -> None:
-    """Remove an earlier transform of the same name (its rank folders and markers)."""
+    """Remove an earlier transform of the same name (checked to be one)."""
+    check_destination(out_root)
     if os.path.isdir(out_root):
         shutil.rmtree(out_root)
     os.makedirs(out_root, exist_ok=True)
 
 
-def write_marker(out_root: str, worker: int, error: str | None) -> None:
-    kind = "failed" if error else "succeed"
+def write_marker(out_root: str, worker: int, error: str | None, token: str = "") -> None:
+    """``transform_succeed_rank_{worker}.txt`` (holding ``token``, which identifies the run) or
+    ``transform_failed_rank_{worker}.txt`` (holding the error); the other one is removed."""
+    kind, other = ("failed", "succeed") if error else ("succeed", "failed")
+    stale = os.path.join(out_root, f"transform_{other}_rank_{worker}.txt")
+    if os.path.exists(stale):
+        os.remove(stale)
     with atomic_open(os.path.join(out_root, f"transform_{kind}_rank_{worker}.txt")) as f:
-        f.write(error or "transform succeed\n")
+        f.write(error or f"transform succeed {token}\n")
 
 
-def check_markers(out_root: str, workers: Iterable[int]) -> None:
-    """Every worker's success marker; a failure marker's error is raised (naming the worker)."""
+def check_markers(out_root: str, workers: Iterable[int], token: str) -> None:
+    """Every worker's success marker of this run (``token``) is visible here."""
     for worker in workers:
-        failed = os.path.join(out_root, f"transform_failed_rank_{worker}.txt")
-        if os.path.exists(failed):
-            with open(failed) as f:
-                raise CheckpointError(f"checkpoint transform failed on rank {worker} ({failed}): {f.read().strip()}")
-        if not os.path.exists(os.path.join(out_root, f"transform_succeed_rank_{worker}.txt")):
+        marker = os.path.join(out_root, f"transform_succeed_rank_{worker}.txt")
+        try:
+            with open(marker) as f:
+                seen = f.read().split()[-1:]
+        except OSError:
+            seen = []
+        if seen != [token]:
             raise CheckpointError(
-                f"{out_root}/transform_succeed_rank_{worker}.txt is not visible on this node after the "
-                f"transform: output_dir must be a directory shared by all nodes for auto_trans_ckpt. Use a "
-                f"shared output_dir, or transform offline with scripts/transform_checkpoint.py and copy "
-                f"each node its rank_* folders.")
+                f"{marker} of this run is not visible on this node after the transform: output_dir must "
+                f"be a directory shared by all nodes for auto_trans_ckpt. Use a shared output_dir, or "
+                f"transform offline with scripts/transform_checkpoint.py and give each node its rank_* "
+                f"folders.")
 
 
 def transformed_files(out_root: str, world_size: int, prefix: str = DEFAULT_PREFIX) -> list[str]:
     return [os.path.join(out_root, f"rank_{r}", f"{prefix}{r}.safetensors") for r in range(world_size)]
-
-
-def is_distributed(src: str) -> bool:
-    """Whether ``open_checkpoint`` reads ``src`` as a distributed ``rank_*/`` directory."""
-    return (os.path.isdir(src) and not os.path.exists(os.path.join(src, "adapter_config.json"))
-            and not os.path.exists(os.path.join(src, "config.json")) and bool(rank_dirs(src)))
 
 
 def auto_transform(src: str, output_dir: str, *, rank: int, world_size: int, process_num: int = 1,
@@ -261,40 +296,62 @@ def auto_transform(src: str, output_dir: str, *, rank: int, world_size: int, pro
     ``<output_dir>/transformed_checkpoint/<name>/``, by ``process_num`` worker ranks; every rank
     waits for all of them. Returns the folder and this run's rank files in it.
 
-    Errors are raised on every rank alike (checks before the work; markers after it), so no rank
-    is left waiting for another."""
+    Each phase ends with a collective that tells every rank whether any rank failed, so all
+    stop together with the error (no rank is left waiting at a barrier)."""
     out_root = os.path.join(output_dir, "transformed_checkpoint", checkpoint_name(src))
-    refuse_overlap(src, out_root)
     workers = worker_ranks(world_size, process_num)
-    if src_strategy:
-        if is_distributed(src) or files and len(files) > 1:
+    token = _run_token()
+    error = None
+    try:
+        refuse_overlap(src, out_root)
+        if src_strategy and (source_kind(src) == "distributed" or len(files or []) > 1):
             check_source_strategy(src_strategy, files or rank_files(src))
-        else:
+        elif src_strategy:
             logger.warning("src_strategy_path_or_dir=%s ignored: %s is a complete checkpoint", src_strategy, src)
-    if rank == 0:
-        clear_destination(out_root)
-    _barrier()  # every rank's strategy file is written and the destination is empty
-    if rank in workers:
+        if rank == 0:
+            clear_destination(out_root)
+    except (CheckpointError, OSError) as exc:
+        error = str(exc)
+    _agree(error, rank, world_size, "checking the transform's source and destination")
+    if rank in workers:  # the collective above also ensured every strategy file is written
         try:
             strategy = read_strategy(os.path.join(output_dir, "strategy"), world_size) if world_size > 1 else None
             transform(src, os.path.dirname(out_root), strategy, workers[rank], files=files)
-            write_marker(out_root, rank, None)
-        except Exception as exc:  # reported to every rank through the marker
+        except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised
             logger.exception("checkpoint transform failed")
-            write_marker(out_root, rank, f"{type(exc).__name__}: {exc}")
-    _barrier()
-    check_markers(out_root, workers)
+            error = f"{type(exc).__name__}: {exc}"
+        try:
+            write_marker(out_root, rank, error, token)
+        except OSError as exc:
+            error = error or f"cannot write the transform marker in {out_root}: {exc}"
+    _agree(error, rank, world_size, "the checkpoint transform")
+    try:
+        check_markers(out_root, workers, token)
+    except CheckpointError as exc:
+        error = str(exc)
+    _agree(error, rank, world_size, "finding the transformed checkpoint")
     logger.info("auto_trans_ckpt: %s transformed to %s (%d rank files)", src, out_root, world_size)
     return out_root, transformed_files(out_root, world_size)
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def _run_token() -> str:
+    """A random id, the same on every rank (rank 0's)."""
+    token = [uuid.uuid4().hex]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
 
 
-def rank_files(src: str) -> list[str]:
-    """A distributed source's rank files (each folder's last complete one)."""
-    return [rank_file(d) for d in rank_dirs(src)]
-
-
+def _agree(error: str | None, rank: int, world_size: int, what: str) -> None:
+    """A collective: every rank learns the lowest rank with an ``error``; all raise if there is one."""
+    failed = rank if error else world_size
+    if dist.is_available() and dist.is_initialized() and world_size > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([failed], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        failed = int(flag)
+    if error:
+        raise CheckpointError(error)
+    if failed < world_size:
+        raise CheckpointError(f"{what} failed on rank {failed} (its error is in its log, worker_{failed}.log); "
+                              f"every rank stops.")

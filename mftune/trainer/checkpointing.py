@@ -53,7 +53,7 @@ class CheckpointMonitor:
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, epoch: int,
              step_in_epoch: int, global_step: int, loss_scale: float, global_batch_size: int,
-             model_config: dict, extra_metadata: dict) -> str:
+             model_config: dict, extra_metadata: dict, loss_scale_good_steps: int = 0) -> str:
         start = time.time()
         logger.info("......Saving ckpt......")
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -73,7 +73,8 @@ class CheckpointMonitor:
             extra_metadata = {**extra_metadata, "shards": {"rank": self.rank, "tensors": sharded}}
         counters = {"epoch_num": epoch, "step_num": step_in_epoch, "global_step": global_step,
                     "global_batch_size": global_batch_size,
-                    "consumed_samples": global_step * global_batch_size}
+                    "consumed_samples": global_step * global_batch_size,
+                    "loss_scale_good_steps": loss_scale_good_steps}  # dynamic scale: steps since its last change
         steps = [state[p]["step"] for p in trainable.values() if p in state and "step" in state[p]]
         counters["optimizer_step"] = int(steps[0]) if steps else 0  # AdamW's count (skipped steps excluded)
         tensors.update({k: torch.tensor(v, dtype=torch.int64) for k, v in counters.items()})

@@ -37,7 +37,7 @@ from mftune.pet import get_pet_model, init_lora_weights, trainable_summary
 from mftune.trainer.checkpointing import CheckpointMonitor, save_strategy
 from mftune.trainer.monitor import LossMonitor, StepStats, fresh_metrics_file, progress_bar, report
 from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
-from mftune.trainer.resume import ResumePoint, find_resume_point, load_base, restore
+from mftune.trainer.resume import ResumePoint, find_resume_point, load_base, restore, same_layout
 
 logger = logging.getLogger("mftune")
 
@@ -114,9 +114,8 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
     scaler = LossScaler(cfg.runner_wrapper)
     start = (1, 0, 0)  # epoch, steps done in it, global step
     if point:
-        same = point.layout == _layout(dist_info) if point.layout else len(point.files) == dist_info.world_size
-        restore(model, optimizer, point, dist_info.rank, same_layout=same)
-        scaler.scale = point.loss_scale
+        restore(model, optimizer, point, dist_info.rank, same_layout=same_layout(point, _layout(dist_info)))
+        scaler.scale, scaler.good_steps = point.loss_scale, point.loss_scale_good_steps
         start = (point.epoch, point.step_in_epoch, point.global_step)
         logger.info("Resuming from %s: epoch %d, step %d (global step %d)", point.files[0], *start)
     metrics_path = fresh_metrics_file(output_dir) if dist_info.is_main else None
@@ -210,6 +209,12 @@ def _check_supported(cfg: MFConfig) -> None:
     if cfg.auto_trans_ckpt and not cfg.load_checkpoint and not cfg.only_save_strategy:
         raise UserError("auto_trans_ckpt=True needs a checkpoint to transform: pass --load_checkpoint "
                         "(a complete or distributed checkpoint), or drop --auto_trans_ckpt.")
+    own = os.path.join(os.path.abspath(cfg.output_dir), "strategy")
+    if cfg.src_strategy_path_or_dir and _inside(cfg.src_strategy_path_or_dir, own):
+        raise UserError(f"src_strategy_path_or_dir={cfg.src_strategy_path_or_dir} is inside this run's own "
+                        f"strategy folder {own}, which the run rewrites with its layout at start-up. Copy the "
+                        f"source run's strategy elsewhere and point there, or leave it empty (mftune's rank "
+                        f"files record their own layout).")
     if cfg.src_strategy_path_or_dir and not cfg.auto_trans_ckpt:
         logger.warning("src_strategy_path_or_dir=%s has no effect without auto_trans_ckpt True",
                        cfg.src_strategy_path_or_dir)
@@ -217,6 +222,11 @@ def _check_supported(cfg: MFConfig) -> None:
                     ("parallel_config.use_seq_parallel", cfg.parallel_config.use_seq_parallel)):
         if on and not cfg.use_parallel:
             logger.warning("%s=True has no effect on one process (use_parallel False)", key)
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
 
 
 def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext,
@@ -405,7 +415,8 @@ def _train_step(micro_batches, lr, *, model, optimizer, scaler, cfg, dist_info: 
 def _save(saver, model, optimizer, scaler, global_batch_size, *, epoch, step_in_epoch, global_step,
           model_config, extra_metadata) -> None:
     saver.save(model, optimizer, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
-               loss_scale=scaler.scale, global_batch_size=global_batch_size,
+               loss_scale=scaler.scale, loss_scale_good_steps=scaler.good_steps,
+               global_batch_size=global_batch_size,
                model_config=model_config, extra_metadata=extra_metadata)
 
 

@@ -5,7 +5,8 @@
 directory, the newest (epoch, step) that every rank folder holds complete (its file is listed in
 that folder and, for the last one, matches meta.json's recorded size); a file name (e.g.
 ``llama2_7b_lora_rank_0-2_500.safetensors``, ``.safetensors`` optional) takes that step in every
-folder, with ``_rank_k`` rewritten to each folder's rank.
+folder, with ``_rank_k`` rewritten to each folder's rank. Folders whose file names carry no step (a
+transformed checkpoint) resume from each folder's meta.json file.
 
 Restored: trainable parameters, AdamW moments and step count, the LR schedule position (global
 step), the data position (epoch and step within it: the order of the samples does not depend on
@@ -27,7 +28,7 @@ from torch import nn
 
 from mftune.checkpoint.io import fingerprint, load_entries, load_tensors, read_metadata
 from mftune.checkpoint.sources import (CheckpointError, Entry, distributed_entries, open_safetensors, rank_dirs,
-                                      safetensors_entries)
+                                      rank_files, safetensors_entries)
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")
@@ -43,6 +44,7 @@ class ResumePoint:
     global_step: int
     optimizer_step: int
     loss_scale: float
+    loss_scale_good_steps: int  # 0 for checkpoints that do not record it
     global_batch_size: int
     base_checkpoint: dict
     layout: dict | None  # world_size, data_parallel, model_parallel of the saving run (if recorded)
@@ -68,12 +70,14 @@ def find_resume_point(path: str, resume_training: bool | str) -> ResumePoint:
     if not set(names) <= entries.keys():
         raise CheckpointError(f"checkpoint {files[0]} has no training counters (epoch_num, step_num, ...): "
                               f"it is not a training checkpoint of output/checkpoint/ and cannot be resumed.")
-    counters = load_tensors(files[0], names + (["optimizer_step"] if "optimizer_step" in entries else []))
+    optional = [k for k in ("optimizer_step", "loss_scale_good_steps") if k in entries]
+    counters = load_tensors(files[0], names + optional)
     meta = read_metadata(files[0])
     return ResumePoint(files, entries, int(counters["epoch_num"]), int(counters["step_num"]),
                        int(counters["global_step"]),
                        int(counters.get("optimizer_step", counters["global_step"])),
-                       float(counters["loss_scale"]), int(counters["global_batch_size"]),
+                       float(counters["loss_scale"]), int(counters.get("loss_scale_good_steps", 0)),
+                       int(counters["global_batch_size"]),
                        meta.get("base_checkpoint") or {}, meta.get("layout"))
 
 
@@ -100,6 +104,8 @@ def _newest_common(root: str) -> list[str]:
             if match:
                 steps[(int(match.group(1)), int(match.group(2)))] = file  # the newest prefix wins
         per_rank.append(steps)
+    if per_rank and not any(per_rank):  # no <prefix>-<epoch>_<step> names, e.g. a transformed checkpoint
+        return rank_files(root)
     common = set.intersection(*(set(s) for s in per_rank)) if per_rank else set()
     if not common:
         raise CheckpointError(f"checkpoint directory {root}: no step is saved by every rank folder. "
@@ -128,6 +134,13 @@ def load_base(model: nn.Module, point: ResumePoint, fallback: str) -> dict:
     return {"path": os.path.abspath(path), "fingerprint": fingerprint(path)}
 
 
+def same_layout(point: ResumePoint, layout: dict) -> bool:
+    """Whether this run has the saving run's layout (then each rank's RNG state is restored):
+    one file per rank and, when the checkpoint records it, the same world size, data_parallel and
+    model_parallel."""
+    return len(point.files) == layout["world_size"] and (point.layout is None or point.layout == layout)
+
+
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, point: ResumePoint, rank: int,
             same_layout: bool) -> None:
     """Trainable parameters, AdamW state and (same layout) this rank's RNG state."""
@@ -149,5 +162,8 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, point: ResumePoi
         with open_safetensors(point.files[rank]) as f:
             if "rng_state" in f.keys():
                 torch.set_rng_state(f.get_tensor("rng_state"))
+            else:
+                logger.info("Checkpoint %s holds no RNG state (e.g. a transformed checkpoint): dropout "
+                            "masks will differ from the uninterrupted run", point.files[rank])
     else:
         logger.info("Resumed in another layout: RNG states (dropout) are not restored")
