@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,12 +64,19 @@ def test_one_process_resume_is_bitwise(workdir, full):
     assert pp.losses(again) == []
 
 
-def test_resume_on_another_layout(workdir):
+@pytest.fixture(scope="module")
+def single(workdir):
+    """The one-process run without dropout: the reference of multi-rank runs."""
+    d, config = workdir
+    _run(pp._args(config, "finetune", os.path.join(d, "single"), 1, 1, {}))
+    return os.path.join(d, "single")
+
+
+def test_resume_on_another_layout(workdir, single):
     """Saved by 4 ranks (dp 2, mp 2, FSDP2 + sequence parallel + vocab-parallel), resumed by 2
     ranks (dp 1, mp 2, replicas): steps 5-6 match the one-process run."""
     d, config = workdir
-    single, saved, resumed = (os.path.join(d, n) for n in ("single", "saved-2x2", "resumed-1x2"))
-    _run(pp._args(config, "finetune", single, 1, 1, {}))
+    saved, resumed = (os.path.join(d, n) for n in ("saved-2x2", "resumed-1x2"))
     order = " ".join(pp._args(config, "finetune", saved, 2, 2, pp.ALL_ON))
     r = subprocess.run(["bash", "scripts/launcher.sh", order, "4", str(pp.free_port()),
                         os.path.join(saved, "msrun_log"), "True", "600"], cwd=ROOT, capture_output=True, text=True)
@@ -165,3 +173,24 @@ def test_rng_states_are_restored_only_in_the_saving_layout():
     assert not same_layout(point(["a", "b"], two), {"world_size": 2, "data_parallel": 1, "model_parallel": 2})
     assert not same_layout(point(["a"], two), two)  # one rank's file given as load_checkpoint
     assert same_layout(point(["a", "b"], None), two)  # older checkpoints: the number of files decides
+
+
+def test_auto_trans_ckpt_writes_the_base_for_2_tensor_parallel_ranks(workdir, single):
+    """A complete base checkpoint with --auto_trans_ckpt True on (dp 1, mp 2): each rank's file
+    holds its half of wq and the whole norms; training from it matches the one-process run."""
+    d, config = workdir
+    out = os.path.join(d, "auto-trans-1x2")
+    order = " ".join(pp._args(config, "finetune", out, 1, 2, {"auto_trans_ckpt": True}))
+    r = subprocess.run(["bash", "scripts/launcher.sh", order, "2", str(pp.free_port()),
+                        os.path.join(out, "msrun_log"), "True", "600"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert pp.compare(pp.losses(single), pp.losses(out)) <= pp.RTOL
+    from mftune.checkpoint.io import load_tensors
+    base = load_tensors(os.path.join(d, "base.safetensors"))
+    wq, norm = "model.layers.0.attention.wq.weight", "model.norm_out.weight"
+    half = base[wq].shape[0] // 2
+    for rank in range(2):
+        got = load_tensors(os.path.join(out, "transformed_checkpoint", "base", f"rank_{rank}",
+                                        f"checkpoint_{rank}.safetensors"))
+        assert torch.equal(got[wq], base[wq][rank * half:(rank + 1) * half])
+        assert torch.equal(got[norm], base[norm])

@@ -1,4 +1,5 @@
-"""Checkpoints: name maps, complete files, (later) distributed save/load and resharding."""
+"""Checkpoints: name maps, complete and distributed files, loading in any layout, transformation
+(``mftune.checkpoint.transform``)."""
 from mftune.checkpoint.io import CheckpointError, load_checkpoint, read_metadata, save_complete
 
 __all__ = ["CheckpointError", "load_checkpoint", "read_metadata", "save_complete"]
