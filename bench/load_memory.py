@@ -347,7 +347,7 @@ def worker(args) -> int:
     logging.basicConfig(level=logging.WARNING)
     cfg = load_cfg(args, os.path.abspath(args.checkpoint))
     model_config = LlamaConfig.from_dict(cfg.model.model_config)
-    errors = layout_errors(cfg.parallel_config, model_config, env_world()[1])
+    errors = layout_errors(cfg.parallel_config, model_config, env_world())
     if errors:
         print("\n".join(errors), file=sys.stderr)
         return 2

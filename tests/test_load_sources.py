@@ -225,3 +225,26 @@ def test_only_save_strategy_writes_the_strategy_and_exits(tmp_path):
     wq = strategy["tensors"]["model.layers.0.attention.wq.weight"]
     assert wq["global_shape"] == [64, 64] and wq["block"] == [[0, 64], [0, 64]] and wq["dtype"] == "float32"
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))  # no training
+
+
+def test_read_block_reads_exactly_the_block(tmp_path):
+    """Row ranges, column ranges (one read per row), 3-D blocks, scalars and empty blocks against
+    plain slicing; a file cut short is an error naming it."""
+    from safetensors.torch import save_file
+
+    from mftune.checkpoint.sources import read_block
+
+    path = str(tmp_path / "t.safetensors")
+    t = {"m": torch.randn(37, 53), "c": torch.randn(4, 5, 6).to(torch.bfloat16), "s": torch.tensor(3.0)}
+    save_file(t, path)
+    for block in [(slice(3, 20), slice(0, 53)), (slice(3, 20), slice(7, 40)), (slice(36, 37), slice(52, 53)),
+                  (slice(0, 0), slice(0, 5))]:
+        assert torch.equal(read_block(path, "m", block), t["m"][block]), block
+    for block in [(slice(1, 3), slice(0, 5), slice(2, 4)), (slice(0, 4), slice(1, 2), slice(0, 6))]:
+        got = read_block(path, "c", block)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, t["c"][block]), block
+    assert torch.equal(read_block(path, "s", ()), t["s"])
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 100)
+    with pytest.raises(CheckpointError, match="t.safetensors"):
+        read_block(path, "m", (slice(0, 37), slice(0, 53)))

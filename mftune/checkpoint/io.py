@@ -220,7 +220,11 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
                 f"checkpoint {entry.origin}: tensor {source} has shape {list(entry.shape)} but the "
                 f"model expects {list(target.shape)}. Use a model_config matching the checkpoint.")
         with torch.no_grad():  # only this rank's block is read
-            local(target).copy_(entry.read(local_block(target)).to(target.dtype))
+            dst = local(target)
+            if entry.read_into and entry.known_dtype == dst.dtype and dst.is_contiguous() and dst.device.type == "cpu":
+                entry.read_into(local_block(target), dst)  # straight into the parameter: no temporary
+            else:
+                dst.copy_(entry.read(local_block(target)).to(dst.dtype))
         loaded.append(source)
     unused = sorted(k for k in entries.keys() - set(state)
                     if not k.startswith(OPTIMIZER_PREFIXES) and k not in SCALAR_KEYS)

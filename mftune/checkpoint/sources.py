@@ -49,6 +49,7 @@ class Entry:
     read: Callable[[Block], torch.Tensor]  # the block of the global tensor, on the CPU
     origin: str  # the file it comes from, for messages
     known_dtype: torch.dtype | None = None  # when the source's header says it
+    read_into: Callable[[Block, torch.Tensor], None] | None = None  # fill a contiguous tensor of known_dtype
 
     def full(self) -> torch.Tensor:
         return self.read(tuple(slice(0, n) for n in self.shape))
@@ -127,7 +128,8 @@ def safetensors_entries(path: str, rename: Callable[[str], str | None] = lambda 
         name = rename(key)
         if name is not None:
             entries[name] = Entry(tuple(info["shape"]), lambda block, key=key: read_block(path, key, block), path,
-                                  FROM_ST[info["dtype"]])
+                                  FROM_ST[info["dtype"]],
+                                  lambda block, out, key=key: read_block(path, key, block, out))
     return entries
 
 
@@ -166,24 +168,39 @@ def read_tensor(path: str, key: str) -> torch.Tensor:
     return read_block(path, key, tuple(slice(None) for _ in safetensors_header(path)[1][key]["shape"]))
 
 
-def read_block(path: str, key: str, block: Block) -> torch.Tensor:
-    """``block`` of tensor ``key``: its byte ranges read from the file (whole rows of the block's
-    first-dimension range, a chunk at a time, when only some columns are wanted). No memory map,
-    so nothing of the file stays mapped, and no per-read header parse."""
+def read_block(path: str, key: str, block: Block, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``block`` of tensor ``key``: its byte ranges read from the file (a row range in one read; a
+    column range of a matrix with one read per row; other blocks of 3+-D tensors through whole rows,
+    a chunk at a time). No memory map, so nothing of the file stays mapped, and no per-read header
+    parse (the header is cached). ``out``: a contiguous tensor of the block's shape and the file's
+    dtype to read into (e.g. a parameter's local shard: no temporary copy)."""
     start, header, _ = safetensors_header(path)
     info = header[key]
     dtype, shape = FROM_ST[info["dtype"]], info["shape"]
     begin = start + info["data_offsets"][0]
-    if not shape:  # a scalar
-        return _pread(path, begin, torch.empty((), dtype=dtype))
     ranges = [(s.start or 0, shape[d] if s.stop is None else s.stop) for d, s in enumerate(block)]
-    out = torch.empty([hi - lo for lo, hi in ranges], dtype=dtype)
+    want = [hi - lo for lo, hi in ranges]
+    if out is None:
+        out = torch.empty(want, dtype=dtype)
+    elif list(out.shape) != want or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"read_block into {tuple(out.shape)} {out.dtype}: {key} block is {want} {dtype}")
+    if not shape:  # a scalar
+        return _pread(path, begin, out)
     if out.numel() == 0:
         return out
     row = math.prod(shape[1:]) * dtype.itemsize
     (lo, hi), rest = ranges[0], block[1:]
     if all(r == (0, n) for r, n in zip(ranges[1:], shape[1:])):  # whole rows: straight into out
         return _pread(path, begin + lo * row, out)
+    if len(shape) == 2:  # a column range (row-parallel weights): one read of just those bytes per row
+        (c0, _), width = ranges[1], out.shape[1] * dtype.itemsize
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        with open(path, "rb", buffering=0) as f:
+            for i in range(hi - lo):
+                if os.preadv(f.fileno(), [view[i * width:(i + 1) * width]],
+                             begin + (lo + i) * row + c0 * dtype.itemsize) != width:
+                    raise CheckpointError(f"checkpoint {path} ends before the data of {key}: it is truncated.")
+        return out
     step = max(1, READ_CHUNK // max(row, 1))
     for r in range(lo, hi, step):
         rows = _pread(path, begin + r * row, torch.empty([min(step, hi - r), *shape[1:]], dtype=dtype))
