@@ -1,3 +1,3 @@
-from mftune.models.llama import LlamaConfig, LlamaForCausalLM
+from mftune.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM"]
+__all__ = ["KVCache", "LlamaConfig", "LlamaForCausalLM"]

@@ -155,8 +155,12 @@ def rope_method(config: LlamaConfig) -> RopeMethod:
     raise ValueError(f"extend_method={config.extend_method!r} is invalid: expected None, 'PI' or 'NTK'.")
 
 
-def rope_cos_sin(config: LlamaConfig, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def rope_cos_sin(config: LlamaConfig, seq_len: int, device: torch.device,
+                 positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """RoPE tables for positions 0..seq_len-1, each ``(seq_len, head_dim)`` float32, HF layout cat(freqs, freqs).
+
+    ``positions`` (any shape, e.g. ``(bs, seqlen)`` for left-padded rows) replaces ``arange(seq_len)``;
+    the tables then have shape ``positions.shape + (head_dim,)`` and the same values position by position.
 
     "PI" divides positions by ``scaling_factor``; "NTK" raises the base to
     ``theta * scaling_factor ** (head_dim / (head_dim - 2))`` (MindFormers' static NTK; HF's dynamic
@@ -167,11 +171,13 @@ def rope_cos_sin(config: LlamaConfig, seq_len: int, device: torch.device) -> tup
         base = base * config.scaling_factor ** (dim / (dim - 2))
     with torch.autocast(device_type=device.type, enabled=False):
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))  # (dim/2,)
-        pos = torch.arange(seq_len, dtype=torch.float32, device=device)  # (seqlen,)
+        if positions is None:
+            positions = torch.arange(seq_len, device=device)
+        pos = positions.to(device=device, dtype=torch.float32)  # (seqlen,) or (bs, seqlen)
         if method == "PI":
             pos = pos / config.scaling_factor
-        freqs = torch.outer(pos, inv_freq)  # (seqlen, dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (seqlen, dim)
+        freqs = pos[..., None] * inv_freq  # (..., seqlen, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (..., seqlen, dim)
         return emb.cos(), emb.sin()
 
 
@@ -183,11 +189,13 @@ def rotate_half(x: Tensor) -> Tensor:
 def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, dtype: torch.dtype) -> Tensor:
     """Rotate ``x`` (bs, seqlen, n_heads, head_dim) in ``dtype`` and return it in its own dtype.
 
+    ``cos``/``sin`` are ``(seqlen, head_dim)`` (positions shared by the batch) or ``(bs, seqlen, head_dim)``.
+
     Autocast is off here: its ``cat`` promotion rejects a float16 tensor under bfloat16 autocast.
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
         xr = x.to(dtype)
-        cos, sin = cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]  # (seqlen, 1, head_dim)
+        cos, sin = cos.to(dtype).unsqueeze(-2), sin.to(dtype).unsqueeze(-2)  # ([bs,] seqlen, 1, head_dim)
         return (xr * cos + rotate_half(xr) * sin).to(x.dtype)
 
 
@@ -216,6 +224,52 @@ class LlamaEmbedding(nn.Module):
         return F.embedding(input_ids, self.embedding_weight)  # (bs, seqlen, hidden)
 
 
+class KVCache:
+    """Keys and values of past positions for incremental decoding (MindFormers ``use_past``).
+
+    One ``(bs, n_kv_heads, max_len, head_dim)`` buffer per layer for keys and one for values, allocated
+    on a layer's first ``update`` with the shape, dtype and device of its keys (so local heads under a
+    tensor-parallel plan, bf16 under autocast). Slots are shared by the batch: slot ``t`` of every row
+    holds the ``t``-th token fed to the model, padding included; which slots a row may attend to is the
+    caller's ``attention_mask``. ``length`` counts the slots filled by earlier forwards; the model
+    advances it after each forward.
+    """
+
+    def __init__(self, num_layers: int, max_len: int) -> None:
+        self.max_len, self.length = max_len, 0
+        self.k: list[Tensor | None] = [None] * num_layers
+        self.v: list[Tensor | None] = [None] * num_layers
+
+    def update(self, layer_id: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k``/``v`` (bs, n_kv_heads, seqlen, head_dim) at slots ``length..``; return every filled slot."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} positions; {start} are filled and {k.shape[2]} more "
+                             "were fed. Build the cache with a larger max_len.")
+        if self.k[layer_id] is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k[layer_id] = k.new_empty(shape)
+            self.v[layer_id] = v.new_empty(shape[:3] + (v.shape[3],))
+        ck, cv = self.k[layer_id], self.v[layer_id]
+        ck[:, :, start:end], cv[:, :, start:end] = k, v
+        return ck[:, :, :end], cv[:, :, :end]  # (bs, n_kv_heads, end, head_dim)
+
+
+def attention_mask_4d(seqlen: int, past: int, key_padding: Tensor | None, device: torch.device) -> Tensor:
+    """Boolean SDPA mask ``(bs | 1, 1, seqlen, past + seqlen)``; True = may attend.
+
+    Query ``i`` sits in slot ``past + i`` and sees slots ``<= past + i`` (causal) whose ``key_padding``
+    ``(bs, past + seqlen)`` entry is nonzero. A query always sees its own slot, so a padding query
+    (whose output nobody reads) never has an all-masked row, which SDPA would turn into NaN.
+    """
+    q_slot = torch.arange(past, past + seqlen, device=device)[:, None]  # (seqlen, 1)
+    k_slot = torch.arange(past + seqlen, device=device)[None, :]  # (1, past + seqlen)
+    mask = k_slot <= q_slot  # (seqlen, past + seqlen)
+    if key_padding is not None:
+        mask = (mask & key_padding.bool()[:, None, :]) | (k_slot == q_slot)  # (bs, seqlen, past + seqlen)
+    return mask.unsqueeze(-3) if mask.dim() == 3 else mask[None, None]
+
+
 class LLamaAttention(nn.Module):
     """Causal self-attention with RoPE and grouped-query attention (``n_kv_heads`` <= ``num_heads``).
 
@@ -236,7 +290,10 @@ class LLamaAttention(nn.Module):
         self.wv = nn.Linear(config.hidden_size, config.n_kv_heads * hd, bias=False, dtype=pdt)
         self.wo = nn.Linear(config.num_heads * hd, config.hidden_size, bias=False, dtype=pdt)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                cache: KVCache | None = None, layer_id: int = 0) -> Tensor:
+        """``mask`` None: plain causal attention over ``x``. Otherwise a boolean ``attention_mask_4d`` over
+        the cache's past slots plus ``x``; with ``cache``, this call's keys/values are appended to it first."""
         bs, seqlen, _ = x.shape
         xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_heads, head_dim)
         xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
@@ -245,10 +302,12 @@ class LLamaAttention(nn.Module):
         rot = self.rotary_dtype if xq.dtype != torch.float32 else torch.float32
         xq, xk = apply_rotary_emb(xq, cos, sin, rot), apply_rotary_emb(xk, cos, sin, rot)
         q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bs, heads, seqlen, head_dim)
+        if cache is not None:
+            k, v = cache.update(layer_id, k, v)  # (bs, n_kv_heads, past + seqlen, head_dim)
         backend = nullcontext() if self.use_flash_attention else sdpa_kernel(SDPBackend.MATH)
         with backend:
             out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1]
             )  # (bs, n_heads, seqlen, head_dim)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))  # (bs, seqlen, hidden)
 
@@ -279,8 +338,10 @@ class LLamaDecodeLayer(nn.Module):
         self.ffn_norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, ln, pdt)
         self.feed_forward = LlamaFeedForward(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        # mask/cache by keyword: a sequence-parallel plan prepares exactly the positional (x, cos, sin).
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask=mask, cache=cache, layer_id=self.layer_id)
         return h + self.feed_forward(self.ffn_norm(h))  # (bs, seqlen, hidden)
 
 
@@ -299,11 +360,22 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LLamaDecodeLayer(config, i) for i in range(config.num_layers))
         self.norm_out = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, ln, pdt)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        cos, sin = rope_cos_sin(self.config, tokens.shape[1], tokens.device)  # (seqlen, head_dim) each
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, attention_mask: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        """``positions`` (bs, seqlen) default to ``past .. past + seqlen - 1``; ``attention_mask``
+        (bs, past + seqlen), 1 = real token, 0 = padding; ``past`` = ``cache.length`` (0 without a cache)."""
+        seqlen, past = tokens.shape[1], 0 if cache is None else cache.length
+        if positions is None and past:
+            positions = torch.arange(past, past + seqlen, device=tokens.device)  # (seqlen,)
+        cos, sin = rope_cos_sin(self.config, seqlen, tokens.device, positions)  # ([bs,] seqlen, head_dim) each
+        mask = None  # training path: SDPA's own causal mask
+        if cache is not None or attention_mask is not None:
+            mask = attention_mask_4d(seqlen, past, attention_mask, tokens.device)
         h = self.tok_embeddings(tokens).to(to_dtype(self.config.compute_dtype))  # (bs, seqlen, hidden)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, mask=mask, cache=cache)
+        if cache is not None:
+            cache.length += seqlen
         return self.norm_out(h)
 
 
@@ -360,7 +432,8 @@ class LlamaForCausalLM(nn.Module):
                 fill(module.weight, normal)
 
     def forward(
-        self, input_ids: Tensor, labels: Tensor | None = None, reduction: Literal["mean", "sum"] = "mean"
+        self, input_ids: Tensor, labels: Tensor | None = None, reduction: Literal["mean", "sum"] = "mean", *,
+        positions: Tensor | None = None, attention_mask: Tensor | None = None, cache: KVCache | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits, or the next-token loss.
 
@@ -373,10 +446,16 @@ class LlamaForCausalLM(nn.Module):
 
         MindFormers additionally masks positions whose *input* token equals ``pad_token_id``; mftune
         masks by label only, because its preprocessing already labels padding ``ignore_token_id``.
+
+        Decoding (``mftune.generation``): ``cache`` (a ``KVCache``) makes ``input_ids`` the continuation
+        of the tokens fed before; ``positions`` (bs, seqlen) and ``attention_mask`` (bs, past + seqlen)
+        describe left-padded rows (see ``LlamaModel.forward``). All three None is the training path.
         """
         cfg = self.config
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r} is invalid: expected 'mean' or 'sum'.")
+        if labels is not None and cache is not None:
+            raise ValueError("labels and cache are exclusive: the KV cache is for decoding, the loss for training.")
         tokens = input_ids if labels is None else input_ids[:, :-1]
         compute = to_dtype(cfg.compute_dtype)
         amp = (
@@ -384,7 +463,8 @@ class LlamaForCausalLM(nn.Module):
             if compute != torch.float32 else nullcontext()
         )
         with amp:
-            logits = self.lm_head(self.model(tokens)).float()  # (bs, seqlen, vocab)
+            hidden = self.model(tokens, positions=positions, attention_mask=attention_mask, cache=cache)
+            logits = self.lm_head(hidden).float()  # (bs, seqlen, vocab)
         if labels is None:
             return logits
         targets = labels[:, 1:]  # (bs, seqlen)
