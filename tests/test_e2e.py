@@ -124,6 +124,27 @@ def test_train_then_finetune_from_its_checkpoint(workdir):
     lora_loss = _dataset_loss(model, data)
     assert lora_loss < base_loss < init_loss
 
+    # predict from the LoRA run's checkpoint directory: its header names the base, loaded first;
+    # greedy output = the model above (base + adapters) decoding by hand, one full forward per token
+    from mftune.data.tokenizer import LlamaTokenizer
+    tok = str(d / "tok.model")
+    prompt = "Give three tips for staying healthy."
+    r = run(["run_finetune.py", "--config", str(config), "--run_mode", "predict", "--use_parallel", "False",
+             "--output_dir", str(d / "predict"), "--load_checkpoint", str(lora_out / "checkpoint"),
+             "--processor.tokenizer.vocab_file", tok, "--predict_data", prompt,
+             "--model.model_config.max_decode_length", "40"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Loading the base checkpoint" in r.stdout + r.stderr
+    result = json.loads((d / "predict" / "predict_results.jsonl").read_text())
+    ids = LlamaTokenizer(tok).encode(prompt, add_bos=True)
+    assert result["input_ids"] == ids
+    model.eval()
+    with torch.no_grad():
+        out = []
+        while len(ids) + len(out) < 40 and (not out or out[-1] != 2):
+            out.append(int(model(torch.tensor([ids + out]))[0, -1].argmax()))
+    assert result["output_ids"] == out
+
 
 def test_gradient_accumulation_equals_one_big_batch(workdir):
     """(batch 4, GA 1) and (batch 2, GA 2) see the same samples per step; the token-weighted loss

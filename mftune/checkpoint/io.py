@@ -185,8 +185,37 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     Tensors are read one at a time and cast to the parameter's dtype; a sharded parameter
     (DTensor, FSDP2) reads only the block this rank holds. Returns a report: loaded, fresh_lora,
     unused keys.
+
+    A checkpoint holding only LoRA tensors (a LoRA run's training checkpoint) whose header records
+    its base checkpoint loads that base first (its fingerprint checked); the report's ``base`` then
+    names it.
     """
-    return load_entries(model, open_checkpoint(path), path)
+    entries = open_checkpoint(path)
+    names = set(model.state_dict())
+    if any(LORA_MARK in n for n in entries) and not any(n in entries for n in names if LORA_MARK not in n):
+        recorded = checkpoint_header(path).get("base_checkpoint") or {}
+        if recorded.get("path"):
+            base = load_recorded_base(model, recorded, path)
+            report = load_entries(model, entries, path, only=names & entries.keys())
+            return {**report, "base": base}
+    return load_entries(model, entries, path)
+
+
+def load_recorded_base(model: nn.Module, recorded: dict, origin: str) -> dict:
+    """Load the base checkpoint a LoRA checkpoint's header records (``{"path", "fingerprint"}``),
+    refusing a base that is missing or changed; returns its path and fingerprint."""
+    path = recorded.get("path") or ""
+    if not path or not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {origin} holds only the trained tensors and its base checkpoint "
+                              f"{path or '(not recorded)'} is not found. Restore the base at that path, or "
+                              f"pass a directory holding both the base and this checkpoint.")
+    if recorded.get("fingerprint") and fingerprint(path) != recorded["fingerprint"]:
+        raise CheckpointError(f"base checkpoint {path} changed since the run that wrote {origin} started "
+                              f"(fingerprint {fingerprint(path)}, recorded {recorded['fingerprint']}). "
+                              f"Restore the original base.")
+    logger.info("Loading the base checkpoint %s recorded in %s", path, origin)
+    load_entries(model, open_checkpoint(path), path)
+    return {"path": os.path.abspath(path), "fingerprint": fingerprint(path)}
 
 
 def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,

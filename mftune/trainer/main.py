@@ -25,6 +25,7 @@ from mftune.checkpoint.sources import distributed_entries
 from mftune.checkpoint.transform import auto_transform
 from mftune.config import ConfigError, MFConfig, save_config
 from mftune.data.loader import TrainData
+from mftune.data.tokenizer import LlamaTokenizer
 from mftune.log import setup_logging
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM, to_dtype
 from mftune.parallel import parallelize
@@ -37,6 +38,7 @@ from mftune.pet import get_pet_model, init_lora_weights, trainable_summary
 from mftune.trainer.checkpointing import CheckpointMonitor, save_strategy
 from mftune.trainer.monitor import LossMonitor, StepStats, fresh_metrics_file, progress_bar, report
 from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
+from mftune.trainer.predict import predict, read_prompts
 from mftune.trainer.resume import ResumePoint, find_resume_point, load_base, restore, same_layout
 
 logger = logging.getLogger("mftune")
@@ -95,6 +97,8 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
         raise UserError(f"output_dir={cfg.output_dir} cannot be written ({exc}). "
                         f"Pass a writable directory with --output_dir.") from None
     _seed_everything(cfg.seed)  # the same seed on every rank: replicated values stay identical
+    if cfg.run_mode == "predict":
+        return _predict(cfg, model_config, dist_info, output_dir)
     device = dist_info.device
 
     data = build_data(cfg, model_config, dist_info)  # cheap checks first: no model is built for bad data
@@ -141,6 +145,30 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
         save(epoch=runner.epochs, step_in_epoch=data.steps_per_epoch, global_step=global_step)
     if dist_info.is_main:
         report(output_dir, metrics_path, saver)
+    return 0
+
+
+def _predict(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext, output_dir: str) -> int:
+    """``run_mode predict`` (mftune.trainer.predict): the model as fine-tuned (pet_config applied,
+    load_checkpoint loaded), the prompts of ``input_data``, results in predict_results.jsonl."""
+    if dist_info.world_size > 1:
+        raise UserError("run_mode predict runs in one process in this version: run python run_finetune.py "
+                        "--run_mode predict --use_parallel False (without the launcher).")
+    vocab_file = cfg.processor.tokenizer.vocab_file
+    if not vocab_file:
+        raise UserError("processor.tokenizer.vocab_file is empty: run_mode predict needs the tokenizer "
+                        "(the tokenizer.model file). Set it in the YAML or with "
+                        "--processor.tokenizer.vocab_file PATH.")
+    try:
+        tokenizer, prompts = LlamaTokenizer(vocab_file), read_prompts(cfg.input_data)
+    except (ValueError, OSError) as exc:
+        raise UserError(str(exc)) from None
+    model, _, _ = build_model(cfg, model_config, dist_info)
+    try:
+        predict(model, tokenizer, prompts, model.config, batch_size=cfg.predict_batch_size or model_config.batch_size,
+                output_dir=output_dir, seed=cfg.seed)
+    except ValueError as exc:  # generation settings, prompts longer than max_decode_length
+        raise UserError(str(exc)) from None
     return 0
 
 
@@ -197,14 +225,14 @@ def _check_launch(cfg: MFConfig, model_config: LlamaConfig) -> tuple[int, int, i
 def _check_supported(cfg: MFConfig) -> None:
     """Refuse, before any heavy work, what this version cannot do yet (later issues add it)."""
     later = {
-        "run_mode": cfg.run_mode not in ("train", "finetune"),
+        "run_mode": cfg.run_mode == "eval",
         "do_eval": cfg.do_eval is True,
     }
     refused = [f"{key}={getattr(cfg, key)!r}" for key, bad in later.items() if bad]
     if refused:
         raise UserError(
             f"{', '.join(refused)}: not available in this version, which trains (run_mode train "
-            f"or finetune) without evaluation. "
+            f"or finetune) and predicts, without evaluation. "
             f"Remove the setting{'s' if len(refused) > 1 else ''} to run.")
     if cfg.auto_trans_ckpt and not cfg.load_checkpoint and not cfg.only_save_strategy:
         raise UserError("auto_trans_ckpt=True needs a checkpoint to transform: pass --load_checkpoint "
@@ -236,7 +264,7 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCon
     process would). Trainable parameters are float32 (master weights); frozen ones stay in
     param_init_type. Returns the model, the applied pet_config (None for full-parameter training)
     and the loaded checkpoint's path/fingerprint."""
-    pet_config = model_config.pet_config if cfg.run_mode == "finetune" else None
+    pet_config = model_config.pet_config if cfg.run_mode != "train" else None  # finetune, predict
     if cfg.run_mode == "train" and model_config.pet_config:
         logger.info("run_mode train trains all parameters: pet_config is not applied "
                     "(use --run_mode finetune for LoRA)")
@@ -279,14 +307,16 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCon
     elif cfg.load_checkpoint:
         model.tie_weights()
         init_lora_weights(model, fill_from_full)
-        # every base tensor must be in the checkpoint; auto_trans_ckpt writes it in this layout first
-        load_checkpoint(model, transform(cfg.load_checkpoint)[0] if cfg.auto_trans_ckpt else cfg.load_checkpoint)
-        base_info = {"path": os.path.abspath(cfg.load_checkpoint),
-                     "fingerprint": fingerprint(cfg.load_checkpoint)}
+        # every base tensor must be in the checkpoint (or in the base its header records, for a
+        # LoRA-only one); auto_trans_ckpt writes it in this layout first
+        report = load_checkpoint(model, transform(cfg.load_checkpoint)[0] if cfg.auto_trans_ckpt
+                                 else cfg.load_checkpoint)
+        base_info = report.get("base") or {"path": os.path.abspath(cfg.load_checkpoint),
+                                           "fingerprint": fingerprint(cfg.load_checkpoint)}
     else:
         model.init_weights(fill_from_full)
-        if cfg.run_mode == "finetune":
-            logger.warning("load_checkpoint is empty: fine-tuning from randomly initialised weights")
+        if cfg.run_mode != "train":
+            logger.warning("load_checkpoint is empty: %s with randomly initialised weights", cfg.run_mode)
     if not pet_config:  # get_pet_model logs it for PET runs
         logger.info(trainable_summary(model))
     return model, pet_config, base_info

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mftune.checkpoint.io import fingerprint, load_entries, load_tensors, read_metadata
+from mftune.checkpoint.io import load_entries, load_recorded_base, load_tensors, read_metadata
 from mftune.checkpoint.sources import (CheckpointError, Entry, distributed_entries, open_safetensors, rank_dirs,
                                       rank_files, safetensors_entries)
 from mftune.parallel.layout import local, local_block
@@ -120,18 +120,9 @@ def load_base(model: nn.Module, point: ResumePoint, fallback: str) -> dict:
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if not frozen or all(n in point.entries for n in frozen):
         return {}
-    path = point.base_checkpoint.get("path") or fallback
-    if not path or not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {point.files[0]} holds only the trained tensors and its base "
-                              f"checkpoint {path or '(not recorded)'} is not found. Restore the base at "
-                              f"that path.")
-    recorded = point.base_checkpoint.get("fingerprint")
-    if recorded and fingerprint(path) != recorded:
-        raise CheckpointError(f"base checkpoint {path} changed since the run started (fingerprint "
-                              f"{fingerprint(path)}, recorded {recorded}). Restore the original base.")
-    from mftune.checkpoint.io import load_checkpoint
-    load_checkpoint(model, path)
-    return {"path": os.path.abspath(path), "fingerprint": fingerprint(path)}
+    recorded = dict(point.base_checkpoint)
+    recorded["path"] = recorded.get("path") or fallback
+    return load_recorded_base(model, recorded, point.files[0])
 
 
 def same_layout(point: ResumePoint, layout: dict) -> bool:

@@ -1,0 +1,88 @@
+"""``--run_mode predict``: generate text for prompts with the (LoRA) model, MindFormers' way.
+
+Prompts come from ``input_data`` (``--predict_data``: one or more texts; a literal ``\\n`` is a
+newline) or, when that is one path of an existing file, from the file: one prompt per line, or a
+``.json`` list / ``.jsonl`` lines of strings or of objects with a ``prompt`` field. Each prompt is
+tokenized with ``processor.tokenizer`` (bos added), the prompts are generated in batches of
+``predict_batch_size`` (default ``model_config.batch_size``), left-padded, with model_config's
+``do_sample``, ``top_k``, ``top_p``, ``temperature``, ``repetition_penalty`` and
+``max_decode_length`` (prompt + generated tokens, MindFormers' meaning) and a KV cache. LoRA
+adapters are applied unmerged (merge them with scripts/transform_ckpt_lora.py to predict from a
+plain model; the outputs are the same). Every prompt's result is printed and written to
+``<output_dir>/predict_results.jsonl``: ``prompt``, ``input_ids`` (as fed to the model),
+``output_ids`` (generated ids only, eos included when produced) and ``text``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import torch
+
+from mftune.data.tokenizer import LlamaTokenizer
+from mftune.generation import generate, max_new_tokens_for
+
+logger = logging.getLogger("mftune")
+RESULTS = "predict_results.jsonl"
+
+
+def read_prompts(input_data: str | list[str] | None) -> list[str]:
+    """The prompts of ``input_data`` (texts, or one file of prompts); ValueError names the fix."""
+    if not input_data:
+        raise ValueError("run_mode predict needs prompts: pass --predict_data 'text' ['text' ...] or "
+                         "--predict_data prompts.txt (one prompt per line), or set input_data in the YAML.")
+    texts = [input_data] if isinstance(input_data, str) else list(input_data)
+    if len(texts) == 1 and os.path.isfile(texts[0]):
+        return _prompts_file(texts[0])
+    return texts
+
+
+def _prompts_file(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        raw = f.read()
+    if path.endswith((".json", ".jsonl")):
+        try:
+            items = json.loads(raw) if path.endswith(".json") else [json.loads(l) for l in raw.splitlines() if l.strip()]
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"predict_data={path} is not valid JSON ({exc}). Use a list of strings, or "
+                             f"objects with a 'prompt' field.") from None
+        prompts = [item.get("prompt") if isinstance(item, dict) else item for item in items]
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"predict_data={path}: item {bad[0]} is not a string or an object with a "
+                             f"'prompt' string. Fix that item.")
+    else:
+        prompts = [line.replace("\\n", "\n") for line in raw.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"predict_data={path} holds no prompts. Put one prompt per line.")
+    return prompts
+
+
+def predict(model, tokenizer: LlamaTokenizer, prompts: list[str], model_config, *, batch_size: int,
+            output_dir: str, seed: int) -> list[dict]:
+    """Generate for every prompt; print each result and write ``predict_results.jsonl``."""
+    mc = model_config
+    ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
+    budgets = max_new_tokens_for(ids, mc.max_decode_length)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    results, start = [], time.perf_counter()
+    for i in range(0, len(ids), batch_size):
+        outputs = generate(model, ids[i:i + batch_size], max_new_tokens=budgets[i:i + batch_size],
+                           eos_token_id=mc.eos_token_id, pad_token_id=mc.pad_token_id, do_sample=mc.do_sample,
+                           top_k=mc.top_k, top_p=mc.top_p, temperature=mc.temperature,
+                           repetition_penalty=mc.repetition_penalty, generator=generator)
+        for prompt, prompt_ids, out in zip(prompts[i:i + batch_size], ids[i:i + batch_size], outputs):
+            text = tokenizer.decode(out)
+            results.append({"prompt": prompt, "input_ids": prompt_ids, "output_ids": out, "text": text})
+            print(f"prompt: {prompt}\noutput: {text}\n", flush=True)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(r["output_ids"]) for r in results)
+    path = os.path.join(output_dir, RESULTS)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    logger.info("Predicted %d prompts (%d new tokens, %.1f tokens/s) -> %s", len(results), tokens,
+                tokens / max(seconds, 1e-9), path)
+    return results
