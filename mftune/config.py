@@ -192,9 +192,9 @@ class MFConfig:
     only_save_strategy: bool = False  # write strategy files and exit
     resume_training: bool | str = False  # True, or a checkpoint file name
     transform_process_num: int = 1  # ranks writing the auto_trans_ckpt transform
-    run_mode: RunMode = "finetune"  # eval, predict: later (exit 2)
+    run_mode: RunMode = "finetune"
     use_parallel: bool = False  # True: multi-rank (torchrun)
-    do_eval: bool = False  # True: later
+    do_eval: bool = False  # evaluate on eval_dataset during training
     eval_step_interval: int = -1  # read with do_eval
     eval_epoch_interval: int = 50  # read with do_eval
     predict_batch_size: int | None = None

@@ -103,10 +103,11 @@ class TrainData:
             for k in range(self.grad_accum):
                 start = step * G + (k * self.dp_size + self.dp_rank) * mb
                 positions = torch.arange(start, start + mb) % n  # wraps only in the last step, drop_remainder=False
-                micro.append(self._rows(order[positions]))
+                micro.append(self.rows(order[positions]))
             yield micro
 
-    def _rows(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    def rows(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The records at dataset ``indices``, as LongTensors of this loader's columns."""
         rows = self._ds[indices.tolist()]
         out = {c: (torch.stack(v) if isinstance(v, list) else v).long() for c, v in rows.items()}
         if "labels" in self.columns and "labels" not in out:

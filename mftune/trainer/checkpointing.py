@@ -38,6 +38,8 @@ class CheckpointMonitor:
         self.prefix = self._free_prefix(f"{prefix}_rank_{rank}")
         self.written: list[str] = []
         self.last_step = 0
+        self.best_eval: dict | None = None
+        self.last_meta: dict | None = None
 
     def _free_prefix(self, prefix: str) -> str:
         """MindSpore's rule: if files with this prefix exist, use ``<prefix>_1``, ``_2``... so that
@@ -110,9 +112,21 @@ class CheckpointMonitor:
     def _write_meta(self, epoch: int, step: int, name: str) -> None:
         """meta.json, written last and atomically: the completion mark of ``name``, with its size
         so that a truncated or replaced file is detected when it is read."""
+        self.last_meta = {"last_epoch": epoch, "last_step": step, "last_ckpt_file": name,
+                          "file_size": os.path.getsize(os.path.join(self.dir, name))}
+        self._dump_meta()
+
+    def _dump_meta(self) -> None:
         with atomic_open(os.path.join(self.dir, "meta.json")) as f:
-            json.dump({"last_epoch": epoch, "last_step": step, "last_ckpt_file": name,
-                       "file_size": os.path.getsize(os.path.join(self.dir, name))}, f)
+            json.dump({**self.last_meta, **({"best_eval": self.best_eval} if self.best_eval else {})}, f)
+
+    def note_eval(self, step: int, result: dict) -> None:
+        """Record an evaluation (do_eval); the lowest loss so far is meta.json's ``best_eval``
+        (``step``, ``loss``, ``ppl``), rewritten now if this run has saved a checkpoint."""
+        if self.best_eval is None or result["loss"] < self.best_eval["loss"]:
+            self.best_eval = {"step": step, "loss": result["loss"], "ppl": result["ppl"]}
+            if self.last_meta:
+                self._dump_meta()
 
     def _prune(self) -> None:
         """Keep the newest ``keep_checkpoint_max`` files written by this run."""

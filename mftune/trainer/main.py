@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ from mftune.parallel.recompute import apply_recompute
 from mftune.pet import get_pet_model, init_lora_weights, trainable_summary
 from mftune.trainer.checkpointing import CheckpointMonitor, save_strategy
 from mftune.trainer.monitor import LossMonitor, StepStats, fresh_metrics_file, progress_bar, report
+from mftune.trainer.evaluate import evaluate
 from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
 from mftune.trainer.predict import predict, read_prompts
 from mftune.trainer.resume import ResumePoint, find_resume_point, load_base, restore, same_layout
@@ -99,9 +101,15 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
     _seed_everything(cfg.seed)  # the same seed on every rank: replicated values stay identical
     if cfg.run_mode == "predict":
         return _predict(cfg, model_config, dist_info, output_dir)
+    if cfg.run_mode == "eval":
+        eval_data = build_data(cfg, model_config, dist_info, "eval_dataset")  # before the model: cheap checks
+        model, _, _ = build_model(cfg, model_config, dist_info)
+        _evaluate(cfg, model, eval_data, dist_info, output_dir)
+        return 0
     device = dist_info.device
 
     data = build_data(cfg, model_config, dist_info)  # cheap checks first: no model is built for bad data
+    eval_data = build_data(cfg, model_config, dist_info, "eval_dataset") if cfg.do_eval else None
     point = _resume_point(cfg, data)
     model, pet_config, base_info = build_model(cfg, model_config, dist_info, point)
     if cfg.only_save_strategy:
@@ -134,13 +142,18 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
         extra_metadata={"run_mode": cfg.run_mode, "pet_config": pet_config,
                         "base_checkpoint": base_info, "layout": _layout(dist_info)})
 
+    def run_eval(global_step: int) -> None:
+        result = _evaluate(cfg, model, eval_data, dist_info, output_dir, step=global_step)
+        if saver:
+            saver.note_eval(global_step, result)
+
     model.train()
     step = functools.partial(_train_step, model=model, optimizer=optimizer, scaler=scaler, cfg=cfg,
                              dist_info=dist_info)
     total_steps = runner.epochs * data.steps_per_epoch
     with progress_bar(total_steps if dist_info.is_main else 0) as progress:
         global_step = train_loop(step, schedule, data, cfg, device, monitor, progress, scaler,
-                                 save if saver else None, start)
+                                 save if saver else None, start, run_eval if eval_data else None)
     if saver and saver.last_step != global_step and global_step > start[2]:
         save(epoch=runner.epochs, step_in_epoch=data.steps_per_epoch, global_step=global_step)
     if dist_info.is_main:
@@ -223,17 +236,7 @@ def _check_launch(cfg: MFConfig, model_config: LlamaConfig) -> tuple[int, int, i
 
 
 def _check_supported(cfg: MFConfig) -> None:
-    """Refuse, before any heavy work, what this version cannot do yet (later issues add it)."""
-    later = {
-        "run_mode": cfg.run_mode == "eval",
-        "do_eval": cfg.do_eval is True,
-    }
-    refused = [f"{key}={getattr(cfg, key)!r}" for key, bad in later.items() if bad]
-    if refused:
-        raise UserError(
-            f"{', '.join(refused)}: not available in this version, which trains (run_mode train "
-            f"or finetune) and predicts, without evaluation. "
-            f"Remove the setting{'s' if len(refused) > 1 else ''} to run.")
+    """Refuse, before any heavy work, combinations that cannot work (each with its fix)."""
     if cfg.auto_trans_ckpt and not cfg.load_checkpoint and not cfg.only_save_strategy:
         raise UserError("auto_trans_ckpt=True needs a checkpoint to transform: pass --load_checkpoint "
                         "(a complete or distributed checkpoint), or drop --auto_trans_ckpt.")
@@ -322,18 +325,26 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCon
     return model, pet_config, base_info
 
 
-def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -> TrainData:
+def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext,
+               which: str = "train_dataset") -> TrainData:
     """This data-parallel rank's part of every global batch (batch_size x data_parallel x
-    gradient_accumulation_steps sequences), checked against the model's seq_length."""
-    runner, loader_cfg = cfg.runner_config, cfg.train_dataset.data_loader
+    gradient_accumulation_steps sequences), checked against the model's seq_length. ``eval_dataset``:
+    in order, ``eval_dataset.batch_size`` records per rank and step, every record once
+    (``evaluate.eval_batches``)."""
+    runner, dataset = cfg.runner_config, getattr(cfg, which)
+    loader_cfg, train = dataset.data_loader, which == "train_dataset"
+    if not loader_cfg.dataset_dir:
+        raise UserError(f"{which}.data_loader.dataset_dir is empty. Pass --{which}_dir DIR "
+                        f"(a directory written by scripts/llama_preprocess.py).")
     try:
-        data = TrainData(loader_cfg.dataset_dir, micro_batch_size=runner.batch_size,
-                         grad_accum=runner.gradient_accumulation_steps, dp_rank=dist_info.dp_rank,
-                         dp_size=dist_info.dp_size, shuffle=loader_cfg.shuffle,
-                         seed=cfg.seed, drop_remainder=cfg.train_dataset.drop_remainder,
+        data = TrainData(loader_cfg.dataset_dir, micro_batch_size=runner.batch_size if train else dataset.batch_size,
+                         grad_accum=runner.gradient_accumulation_steps if train else 1,
+                         dp_rank=dist_info.dp_rank, dp_size=dist_info.dp_size,
+                         shuffle=loader_cfg.shuffle if train else False, seed=cfg.seed,
+                         drop_remainder=dataset.drop_remainder if train else False,
                          num_samples=loader_cfg.num_samples)
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UserError(f"{which}: {exc}") from None
     if data.record_length != model_config.seq_length + 1:
         raise UserError(
             f"model.model_config.seq_length={model_config.seq_length} but the records in "
@@ -350,20 +361,47 @@ def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCont
                 + (f" besides ignore_token_id={ignore}" if exclude is not None else "") +
                 f". Set vocab_size to the tokenizer's vocabulary size (at least {found[1] + 1}), "
                 f"ignore_token_id to the label of masked positions, or re-tokenize.")
-    logger.info("Dataset %s: %d records, global batch %d, %d steps per epoch, %d epochs",
-                loader_cfg.dataset_dir, data.num_records, data.global_batch_size,
-                data.steps_per_epoch, runner.epochs)
+    if train:
+        logger.info("Dataset %s: %d records, global batch %d, %d steps per epoch, %d epochs",
+                    loader_cfg.dataset_dir, data.num_records, data.global_batch_size,
+                    data.steps_per_epoch, runner.epochs)
+    else:
+        logger.info("Eval dataset %s: %d records", loader_cfg.dataset_dir, data.num_records)
     return data
 
 
+def _evaluate(cfg: MFConfig, model, data: TrainData, dist_info: ParallelContext, output_dir: str,
+              step: int | None = None) -> dict:
+    """Perplexity of ``model`` on ``data`` (mftune.trainer.evaluate); logged, and written by rank 0 to
+    eval_results.json (run_mode eval) or appended to eval_metrics.jsonl (do_eval, with the step)."""
+    dp_group = dist_info.mesh.get_group("dp") if dist_info.dp_size > 1 else None
+    try:
+        result = evaluate(model, data, device=dist_info.device, dp_group=dp_group,
+                          vocab_sharded=dist_info.tp_size > 1 and not cfg.parallel_config.vocab_emb_dp)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    logger.info("Eval result%s: loss: %.6f, PPL: %.6f (%d tokens, %d records)",
+                "" if step is None else f" at step {step}", result["loss"], result["ppl"], result["tokens"],
+                result["records"])
+    if dist_info.is_main:
+        if step is None:
+            with open(os.path.join(output_dir, "eval_results.json"), "w") as f:
+                json.dump(result, f, indent=1)
+        else:
+            with open(os.path.join(output_dir, "eval_metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, **result}) + "\n")
+    return result
+
+
 def train_loop(step, schedule, data, cfg, device, monitor, progress, scaler, save,
-               start: tuple[int, int, int] = (1, 0, 0)) -> int:
+               start: tuple[int, int, int] = (1, 0, 0), run_eval=None) -> int:
     """All epochs from ``start`` (epoch, steps already done in it, global step); returns the
     global step reached. ``step(micro_batches, lr)`` runs one optimizer step; ``save`` (or None)
-    is called every ``save_checkpoint_steps``."""
+    is called every ``save_checkpoint_steps``; ``run_eval(global_step)`` (or None) every
+    ``eval_step_interval`` steps and at the end of every ``eval_epoch_interval``-th epoch."""
     ckpt_cb = cfg.callback("CheckpointMonitor")
     first_epoch, done, global_step = start
-    nonfinite = 0
+    nonfinite, evaluated = 0, False
     progress.update(global_step)
     for epoch in range(first_epoch, cfg.runner_config.epochs + 1):
         skip = done if epoch == first_epoch else 0
@@ -388,6 +426,11 @@ def train_loop(step, schedule, data, cfg, device, monitor, progress, scaler, sav
                     f"a DynamicLossScaleUpdateCell scale_sense.")
             if save and global_step % ckpt_cb.save_checkpoint_steps == 0:
                 save(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step)
+            evaluated = bool(run_eval) and cfg.eval_step_interval > 0 and global_step % cfg.eval_step_interval == 0
+            if evaluated:
+                run_eval(global_step)
+        if run_eval and not evaluated and cfg.eval_epoch_interval > 0 and epoch % cfg.eval_epoch_interval == 0:
+            run_eval(global_step)
     if nonfinite:
         raise TrainingError(f"the last {nonfinite} step(s) had a non-finite loss or gradients and were "
                             f"skipped; no final checkpoint was written. Check the model_config values, "

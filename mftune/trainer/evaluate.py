@@ -1,0 +1,59 @@
+"""Perplexity on ``eval_dataset`` (``--run_mode eval``, and ``do_eval`` during training).
+
+Every record of the eval dataset is read exactly once, split over the data-parallel ranks in
+micro-batches of ``batch_size`` records (a last, partial step is filled with repeated records whose
+labels are all ignored, so every rank runs the same shapes and nothing is counted twice). The loss
+is summed over every supervised next-token position (labels != ``ignore_token_id``; a dataset with
+``input_ids`` only is scored on all of them) and divided by their number once, over all ranks:
+``loss = sum / tokens``, ``PPL = exp(loss)`` (MindFormers' PerplexityMetric, token-weighted).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor.parallel import loss_parallel
+
+from mftune.data.loader import TrainData
+from mftune.parallel.layout import local
+
+logger = logging.getLogger("mftune")
+
+
+def eval_batches(data: TrainData, ignore_token_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This data-parallel rank's micro-batches covering each record once (see the module docstring)."""
+    mb, step, n = data.micro_batch_size, data.micro_batch_size * data.dp_size, data.num_records
+    for start in range(0, n, step):
+        positions = torch.arange(start + data.dp_rank * mb, start + (data.dp_rank + 1) * mb)
+        batch = data.rows(positions % n)
+        batch["labels"][positions >= n] = ignore_token_id
+        yield batch
+
+
+@torch.no_grad()
+def evaluate(model, data: TrainData, *, device: torch.device, dp_group=None, vocab_sharded: bool = False) -> dict:
+    """``{"loss", "ppl", "tokens", "records"}`` of ``model`` on ``data`` (every rank gets the same)."""
+    was_training = model.training
+    model.eval()
+    ignore = model.config.ignore_token_id
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, supervised tokens
+    try:
+        for batch in eval_batches(data, ignore):
+            with loss_parallel() if vocab_sharded else contextlib.nullcontext():
+                loss_sum, tokens = model(batch["input_ids"].to(device), batch["labels"].to(device), reduction="sum")
+            total += torch.stack([local(loss_sum).double(), local(tokens).double()])
+    finally:
+        model.train(was_training)
+    if dp_group is not None:
+        dist.all_reduce(total, group=dp_group)
+    loss_sum, tokens = float(total[0]), int(total[1])
+    if tokens == 0:
+        raise ValueError(f"eval_dataset {data.dataset_dir} has no supervised tokens (every label is "
+                         f"ignore_token_id={ignore}). Use a dataset with labels to score.")
+    loss = loss_sum / tokens
+    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf, "tokens": tokens,
+            "records": data.num_records}

@@ -1,0 +1,102 @@
+"""--run_mode eval and do_eval: perplexity against exp(mean token loss) computed here with
+torch's cross_entropy on the model's logits, on one process and on 2 ranks."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import parallel_parity as pp  # noqa: E402
+
+from mftune.checkpoint.io import load_checkpoint  # noqa: E402
+from mftune.data.loader import TrainData  # noqa: E402
+from mftune.models.llama import LlamaForCausalLM  # noqa: E402
+from mftune.trainer.evaluate import eval_batches  # noqa: E402
+
+EVAL_RECORDS = 21  # not a multiple of batch_size x data_parallel: the last step is partial
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("eval"))
+    config = pp.make_workdir(d)
+    ds = datasets.load_from_disk(os.path.join(d, "data")).select(range(EVAL_RECORDS))
+    ds.save_to_disk(os.path.join(d, "eval"))
+    return d, config
+
+
+def _reference(d: str) -> float:
+    """exp(sum of next-token cross entropies over supervised positions / their number)."""
+    model = LlamaForCausalLM(dict(pp.MODEL, compute_dtype="float32"))
+    load_checkpoint(model, os.path.join(d, "base.safetensors"))
+    ds = datasets.load_from_disk(os.path.join(d, "eval")).with_format("torch")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in ds:
+            ids, labels = row["input_ids"][None, :-1].long(), row["labels"][None, 1:].long()
+            logits = model(ids).float()
+            mask = labels != -100
+            total += float(F.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+            count += int(mask.sum())
+    return math.exp(total / count)
+
+
+def test_eval_batches_cover_every_record_once(workdir):
+    d, _ = workdir
+    seen = []
+    for rank in range(2):
+        data = TrainData(os.path.join(d, "eval"), micro_batch_size=4, dp_rank=rank, dp_size=2, shuffle=False,
+                         drop_remainder=False)
+        for batch in eval_batches(data, -100):
+            for ids, labels in zip(batch["input_ids"], batch["labels"]):
+                if (labels != -100).any():
+                    seen.append(ids.tolist())
+    reference = datasets.load_from_disk(os.path.join(d, "eval"))["input_ids"]
+    assert sorted(seen) == sorted(reference) and len(seen) == EVAL_RECORDS
+
+
+def test_eval_perplexity_one_process_and_2_ranks(workdir):
+    d, config = workdir
+    expected = _reference(d)
+    one = os.path.join(d, "eval-1")
+    r = subprocess.run([sys.executable, *pp._args(config, "eval", one, 1, 1, {"eval_dataset_dir": os.path.join(d, "eval")}),
+                        "--batch_size", "4"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(one, "eval_results.json")) as f:
+        result = json.load(f)
+    assert result["records"] == EVAL_RECORDS
+    assert result["ppl"] == pytest.approx(expected, rel=1e-5)
+    assert "Eval result: loss:" in r.stdout + r.stderr
+    # 2 data-parallel ranks with FSDP2: the same number
+    two = os.path.join(d, "eval-2")
+    order = " ".join(pp._args(config, "eval", two, 2, 1, {"eval_dataset_dir": os.path.join(d, "eval")}))
+    r = subprocess.run(["bash", "scripts/launcher.sh", order + " --batch_size 4", "2", str(pp.free_port()),
+                        os.path.join(two, "msrun_log"), "True", "600"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]
+    with open(os.path.join(two, "eval_results.json")) as f:
+        assert json.load(f)["ppl"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_do_eval_during_training_notes_the_best_step(workdir):
+    d, config = workdir
+    out = os.path.join(d, "train-eval")
+    r = subprocess.run([sys.executable, *pp._args(config, "finetune", out, 1, 1, {
+        "eval_dataset_dir": os.path.join(d, "eval"), "do_eval": True, "eval_step_interval": 2})],
+        cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(out, "eval_metrics.jsonl")) as f:
+        evals = [json.loads(line) for line in f]
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    best = min(evals, key=lambda e: e["loss"])
+    with open(os.path.join(out, "checkpoint", "rank_0", "meta.json")) as f:
+        meta = json.load(f)
+    assert meta["best_eval"] == {"step": best["step"], "loss": best["loss"], "ppl": best["ppl"]}
+    assert meta["last_step"] == pp.STEPS
+    assert evals[-1]["loss"] < evals[0]["loss"]  # the adapters learn the task
