@@ -62,25 +62,27 @@ def test_eval_batches_cover_every_record_once(workdir):
     assert sorted(seen) == sorted(reference) and len(seen) == EVAL_RECORDS
 
 
-def test_eval_perplexity_one_process_and_2_ranks(workdir):
+def test_eval_perplexity_one_process_and_4_ranks(workdir):
     d, config = workdir
     expected = _reference(d)
     one = os.path.join(d, "eval-1")
-    r = subprocess.run([sys.executable, *pp._args(config, "eval", one, 1, 1, {"eval_dataset_dir": os.path.join(d, "eval")}),
-                        "--batch_size", "4"], cwd=ROOT, capture_output=True, text=True)
+    eval_opts = {"eval_dataset_dir": os.path.join(d, "eval"), "eval_dataset.batch_size": 4}
+    r = subprocess.run([sys.executable, *pp._args(config, "eval", one, 1, 1, eval_opts)], cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     with open(os.path.join(one, "eval_results.json")) as f:
         result = json.load(f)
     assert result["records"] == EVAL_RECORDS
     assert result["ppl"] == pytest.approx(expected, rel=1e-5)
     assert "Eval result: loss:" in r.stdout + r.stderr
-    # 2 data-parallel ranks with FSDP2: the same number
-    two = os.path.join(d, "eval-2")
-    order = " ".join(pp._args(config, "eval", two, 2, 1, {"eval_dataset_dir": os.path.join(d, "eval")}))
-    r = subprocess.run(["bash", "scripts/launcher.sh", order + " --batch_size 4", "2", str(pp.free_port()),
-                        os.path.join(two, "msrun_log"), "True", "600"], cwd=ROOT, capture_output=True, text=True)
+    # 4 ranks (dp 2 x mp 2) with FSDP2, sequence parallel and the vocab-parallel loss; 21 records in
+    # steps of 2 x 4: the last step is partial
+    four = os.path.join(d, "eval-4")
+    order = " ".join(pp._args(config, "eval", four, 2, 2, dict(pp.ALL_ON, **eval_opts)))
+    r = subprocess.run(["bash", "scripts/launcher.sh", order, "4", str(pp.free_port()),
+                        os.path.join(four, "msrun_log"), "True", "600"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
-    with open(os.path.join(two, "eval_results.json")) as f:
+    with open(os.path.join(four, "eval_results.json")) as f:
         assert json.load(f)["ppl"] == pytest.approx(expected, rel=1e-5)
 
 

@@ -248,3 +248,25 @@ def test_read_block_reads_exactly_the_block(tmp_path):
         f.truncate(os.path.getsize(path) - 100)
     with pytest.raises(CheckpointError, match="t.safetensors"):
         read_block(path, "m", (slice(0, 37), slice(0, 53)))
+
+
+def test_lora_checkpoint_brings_its_recorded_base(tmp_path):
+    """A LoRA run's checkpoint (adapters plus a trained norm, as with freeze_exclude) whose header
+    records its base: the base is loaded first, the checkpoint's tensors over it. A model without
+    those adapters refuses it instead of dropping them."""
+    src = _model(lora=True)
+    state = _state(src)
+    base_path = str(tmp_path / "base.safetensors")
+    save_complete(base_path, {k: v for k, v in state.items() if "lora" not in k}, model_config=dict(CFG))
+    trained = {k: v for k, v in state.items() if "lora" in k}
+    trained["model.norm_out.weight"] = torch.full_like(state["model.norm_out.weight"], 0.5)
+    ckpt = str(tmp_path / "run" / "lora.safetensors")
+    save_complete(ckpt, trained, model_config=dict(CFG),
+                  extra_metadata={"base_checkpoint": {"path": base_path, "fingerprint": fingerprint(base_path)}})
+    dst = _model(lora=True, seed=1)
+    report = load_checkpoint(dst, ckpt)
+    assert report["base"]["path"] == os.path.abspath(base_path)
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, trained.get(k, state[k])), k
+    with pytest.raises(CheckpointError, match="LoRA adapters this model does not have"):
+        load_checkpoint(_model(), ckpt)

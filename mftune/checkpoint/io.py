@@ -186,13 +186,13 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     (DTensor, FSDP2) reads only the block this rank holds. Returns a report: loaded, fresh_lora,
     unused keys.
 
-    A checkpoint holding only LoRA tensors (a LoRA run's training checkpoint) whose header records
-    its base checkpoint loads that base first (its fingerprint checked); the report's ``base`` then
-    names it.
+    A checkpoint lacking base weights (a LoRA run's training checkpoint: adapters, maybe trained
+    norms) whose header records its base checkpoint loads that base first (its fingerprint
+    checked), then its own tensors over it; the report's ``base`` then names it.
     """
     entries = open_checkpoint(path)
     names = set(model.state_dict())
-    if any(LORA_MARK in n for n in entries) and not any(n in entries for n in names if LORA_MARK not in n):
+    if any(LORA_MARK not in n and n not in entries for n in names):
         recorded = checkpoint_header(path).get("base_checkpoint") or {}
         if recorded.get("path"):
             base = load_recorded_base(model, recorded, path)
@@ -257,6 +257,12 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
         loaded.append(source)
     unused = sorted(k for k in entries.keys() - set(state)
                     if not k.startswith(OPTIMIZER_PREFIXES) and k not in SCALAR_KEYS)
+    lost = [k for k in unused if LORA_MARK in k]
+    if lost:
+        raise CheckpointError(
+            f"checkpoint {path} holds LoRA adapters this model does not have (e.g. {lost[0]}, {len(lost)} in all): "
+            f"they would be dropped. Apply the pet_config they were trained with (run_mode finetune, predict "
+            f"or eval, the same target_modules), or merge them first with scripts/transform_ckpt_lora.py.")
     if unused and only is None:
         logger.warning("Checkpoint %s has %d tensors this model does not use (e.g. %s)",
                        path, len(unused), unused[0])

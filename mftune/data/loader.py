@@ -49,6 +49,7 @@ class TrainData:
 
         ds = _load(dataset_dir)
         self.columns = tuple(columns)
+        self.has_labels = "labels" in ds.column_names
         read = [c for c in self.columns if c in ds.column_names]
         for c in self.columns:
             if c not in ds.column_names and not (c == "labels" and "input_ids" in ds.column_names):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import time
 
@@ -123,6 +124,8 @@ class CheckpointMonitor:
     def note_eval(self, step: int, result: dict) -> None:
         """Record an evaluation (do_eval); the lowest loss so far is meta.json's ``best_eval``
         (``step``, ``loss``, ``ppl``), rewritten now if this run has saved a checkpoint."""
+        if not math.isfinite(result["loss"]):
+            return
         if self.best_eval is None or result["loss"] < self.best_eval["loss"]:
             self.best_eval = {"step": step, "loss": result["loss"], "ppl": result["ppl"]}
             if self.last_meta:

@@ -4,7 +4,7 @@ Every record of the eval dataset is read exactly once, split over the data-paral
 micro-batches of ``batch_size`` records (a last, partial step is filled with repeated records whose
 labels are all ignored, so every rank runs the same shapes and nothing is counted twice). The loss
 is summed over every supervised next-token position (labels != ``ignore_token_id``; a dataset with
-``input_ids`` only is scored on all of them) and divided by their number once, over all ranks:
+``input_ids`` only is scored on all of them but ``pad_token_id``, as MindFormers' input mask) and divided by their number once, over all ranks:
 ``loss = sum / tokens``, ``PPL = exp(loss)`` (MindFormers' PerplexityMetric, token-weighted).
 """
 from __future__ import annotations
@@ -24,12 +24,15 @@ from mftune.parallel.layout import local
 logger = logging.getLogger("mftune")
 
 
-def eval_batches(data: TrainData, ignore_token_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """This data-parallel rank's micro-batches covering each record once (see the module docstring)."""
+def eval_batches(data: TrainData, ignore_token_id: int, pad_token_id: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """This data-parallel rank's micro-batches covering each record once (see the module docstring).
+    A dataset without labels is scored on its input_ids except ``pad_token_id`` (MindFormers' input mask)."""
     mb, step, n = data.micro_batch_size, data.micro_batch_size * data.dp_size, data.num_records
     for start in range(0, n, step):
         positions = torch.arange(start + data.dp_rank * mb, start + (data.dp_rank + 1) * mb)
         batch = data.rows(positions % n)
+        if not data.has_labels and pad_token_id is not None:
+            batch["labels"][batch["labels"] == pad_token_id] = ignore_token_id
         batch["labels"][positions >= n] = ignore_token_id
         yield batch
 
@@ -42,12 +45,15 @@ def evaluate(model, data: TrainData, *, device: torch.device, dp_group=None, voc
     ignore = model.config.ignore_token_id
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, supervised tokens
     try:
-        for batch in eval_batches(data, ignore):
+        for batch in eval_batches(data, ignore, model.config.pad_token_id):
             with loss_parallel() if vocab_sharded else contextlib.nullcontext():
                 loss_sum, tokens = model(batch["input_ids"].to(device), batch["labels"].to(device), reduction="sum")
             total += torch.stack([local(loss_sum).double(), local(tokens).double()])
     finally:
         model.train(was_training)
+        for module in model.modules():  # FSDP2: no backward follows, so free the gathered weights
+            if hasattr(module, "reshard") and hasattr(module, "unshard"):
+                module.reshard()
     if dp_group is not None:
         dist.all_reduce(total, group=dp_group)
     loss_sum, tokens = float(total[0]), int(total[1])

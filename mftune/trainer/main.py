@@ -110,6 +110,12 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
 
     data = build_data(cfg, model_config, dist_info)  # cheap checks first: no model is built for bad data
     eval_data = build_data(cfg, model_config, dist_info, "eval_dataset") if cfg.do_eval else None
+    if eval_data and not (0 < cfg.eval_step_interval <= cfg.runner_config.epochs * data.steps_per_epoch
+                          or 0 < cfg.eval_epoch_interval <= cfg.runner_config.epochs):
+        logger.warning("do_eval=True but no evaluation falls within this run's %d epochs of %d steps "
+                       "(eval_step_interval=%d, eval_epoch_interval=%d): set one of them lower",
+                       cfg.runner_config.epochs, data.steps_per_epoch, cfg.eval_step_interval,
+                       cfg.eval_epoch_interval)
     point = _resume_point(cfg, data)
     model, pet_config, base_info = build_model(cfg, model_config, dist_info, point)
     if cfg.only_save_strategy:
@@ -290,9 +296,10 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCon
     elif recompute:
         logger.info("Recompute: activation checkpointing of %d decoder layers",
                     apply_recompute(model.model.layers))
-    save_strategy(os.path.join(os.path.abspath(cfg.output_dir), "strategy"), model, dist_info,
-                  parallel_config=dataclasses.asdict(cfg.parallel_config),
-                  enable_parallel_optimizer=cfg.parallel.enable_parallel_optimizer)
+    if cfg.run_mode in ("train", "finetune") or cfg.auto_trans_ckpt or cfg.only_save_strategy:
+        save_strategy(os.path.join(os.path.abspath(cfg.output_dir), "strategy"), model, dist_info,
+                      parallel_config=dataclasses.asdict(cfg.parallel_config),
+                      enable_parallel_optimizer=cfg.parallel.enable_parallel_optimizer)
     if cfg.only_save_strategy:
         return model, pet_config, {}
     model.to_empty(device=dist_info.device)
@@ -316,6 +323,10 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCon
                                  else cfg.load_checkpoint)
         base_info = report.get("base") or {"path": os.path.abspath(cfg.load_checkpoint),
                                            "fingerprint": fingerprint(cfg.load_checkpoint)}
+        if report["fresh_lora"] and cfg.run_mode in ("eval", "predict"):
+            logger.warning("%d LoRA tensors are not in load_checkpoint=%s: they start fresh (B = 0), so "
+                           "the %s uses the base model alone", len(report["fresh_lora"]), cfg.load_checkpoint,
+                           cfg.run_mode)
     else:
         model.init_weights(fill_from_full)
         if cfg.run_mode != "train":
