@@ -209,7 +209,7 @@ def check_files(cfg: MFConfig, errors: list[str]) -> None:
             errors.append(invalid(key, path, "no such file or directory", f"Pass {what} with {flag}."))
 
     must_exist("load_checkpoint", "--load_checkpoint",
-               "an existing complete mftune .safetensors file (the only format of this version)")
+               "an existing checkpoint file or directory (see docs/checkpoints.md)")
     must_exist("src_strategy_path_or_dir", "--src_strategy_path_or_dir", "an existing strategy file or directory")
     must_exist("processor.tokenizer.vocab_file", "--processor.tokenizer.vocab_file",
                "the tokenizer's sentencepiece model (tokenizer.model)")

@@ -240,3 +240,27 @@ def test_progress_bar_on_a_terminal(workdir, tmp_path):
     text = out.decode(errors="replace")
     assert re.search(r"train: +100%\|.*\| 8/8 ", text), text[-2000:]
     assert "{ Epoch:[  1/  1], step:[    8/    8]" in text
+
+
+def test_raw_alpaca_json_trains_without_preprocessing_and_is_cached(workdir, tmp_path):
+    """--train_dataset_dir alpaca.json: tokenized on first use into output_dir/dataset_cache (the
+    same records as alpaca_converter.py + llama_preprocess.py give), reused by the second run."""
+    d, config, data = workdir
+    args = ["run_finetune.py", "--config", str(config), "--run_mode", "finetune", "--use_parallel", "False",
+            "--output_dir", str(tmp_path), "--epochs", "1", "--train_dataset.data_loader.num_samples", "16",
+            "--train_dataset_dir", str(d / "alpaca.json"), "--processor.tokenizer.vocab_file", str(d / "tok.model")]
+    r = run(args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "tokenized into" in r.stdout + r.stderr
+    (cache,) = os.listdir(tmp_path / "dataset_cache")
+    ours = TrainData(str(tmp_path / "dataset_cache" / cache), micro_batch_size=1, shuffle=False)
+    script = TrainData(str(data), micro_batch_size=1, shuffle=False)
+    assert ours.num_records == script.num_records == 120
+    idx = torch.arange(120)
+    assert all(torch.equal(ours.rows(idx)[c], script.rows(idx)[c]) for c in ("input_ids", "labels"))
+    first = _metrics(tmp_path)
+    r = run(args)
+    assert r.returncode == 0 and "using the tokenized cache" in r.stdout + r.stderr
+    assert [m["loss"] for m in _metrics(tmp_path)] == [m["loss"] for m in first]
+    r = run(args[:-2])  # no tokenizer
+    assert r.returncode == 2 and "processor.tokenizer.vocab_file" in r.stderr and "Traceback" not in r.stderr

@@ -26,6 +26,8 @@ from mftune.checkpoint.sources import distributed_entries
 from mftune.checkpoint.transform import auto_transform
 from mftune.config import ConfigError, MFConfig, save_config
 from mftune.data.loader import TrainData
+from mftune.data.preprocess import DataError
+from mftune.data.raw import cached_dataset, is_raw
 from mftune.data.tokenizer import LlamaTokenizer
 from mftune.log import setup_logging
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM, to_dtype
@@ -347,8 +349,11 @@ def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCont
     if not loader_cfg.dataset_dir:
         raise UserError(f"{which}.data_loader.dataset_dir is empty. Pass --{which}_dir DIR "
                         f"(a directory written by scripts/llama_preprocess.py).")
+    dataset_dir = loader_cfg.dataset_dir
+    if is_raw(dataset_dir):  # tokenized on first use (rank 0), cached in output_dir, reused afterwards
+        dataset_dir = _raw_dataset(cfg, model_config, dist_info, dataset_dir)
     try:
-        data = TrainData(loader_cfg.dataset_dir, micro_batch_size=runner.batch_size if train else dataset.batch_size,
+        data = TrainData(dataset_dir, micro_batch_size=runner.batch_size if train else dataset.batch_size,
                          grad_accum=runner.gradient_accumulation_steps if train else 1,
                          dp_rank=dist_info.dp_rank, dp_size=dist_info.dp_size,
                          shuffle=loader_cfg.shuffle if train else False, seed=cfg.seed,
@@ -379,6 +384,21 @@ def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCont
     else:
         logger.info("Eval dataset %s: %d records", loader_cfg.dataset_dir, data.num_records)
     return data
+
+
+def _raw_dataset(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext, path: str) -> str:
+    """The tokenized cache of a raw data file (mftune.data.raw): built by rank 0, read by all."""
+    args = (path, cfg.processor.tokenizer.vocab_file, model_config.seq_length,
+            os.path.join(os.path.abspath(cfg.output_dir), "dataset_cache"))
+    if dist_info.is_main:
+        with contextlib.suppress(DataError, OSError):  # raised again below, on every rank
+            cached_dataset(*args)
+    if dist.is_initialized():
+        dist.barrier()  # the others read what rank 0 wrote
+    try:
+        return cached_dataset(*args)
+    except (DataError, OSError) as exc:
+        raise UserError(f"dataset_dir={path}: {exc}") from None
 
 
 def _evaluate(cfg: MFConfig, model, data: TrainData, dist_info: ParallelContext, output_dir: str,

@@ -1,0 +1,83 @@
+"""Raw instruction data as ``dataset_dir``: tokenized on first use, cached, reused.
+
+A ``.json`` file (a list of alpaca records ``{instruction, input, output}`` or of conversation
+records ``{conversations: [{from, value}, ...]}``), a ``.jsonl`` file of such records, or a
+``.parquet`` file of them is turned into the records ``scripts/llama_preprocess.py`` writes (Vicuna
+template, labels masked as MindFormers does, seq_length + 1 tokens) under
+``<cache_root>/<file name>-<key>/``. The key hashes the file's bytes, the tokenizer model's bytes, the
+template and seq_length, so a change of any of them tokenizes again and an unchanged run starts at
+once. Writing is atomic (preprocess' own temporary folder + rename).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+
+from mftune.data.conversation import get_default_conv_template
+from mftune.data.preprocess import DataError, convert_alpaca, is_dataset_dir, load_tokenizer, preprocess_qa, read_json_records
+
+logger = logging.getLogger("mftune")
+RAW_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def is_raw(path: str) -> bool:
+    return os.path.isfile(path) and path.endswith(RAW_SUFFIXES)
+
+
+def read_raw_records(path: str) -> list:
+    if path.endswith(".json"):
+        return read_json_records(path)
+    if path.endswith(".jsonl"):
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}).") from None
+        return records
+    import pyarrow.parquet as pq
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow's own error types for a damaged file
+        raise DataError(f"{path}: cannot be read as parquet ({e}).") from None
+
+
+def cache_key(path: str, vocab_file: str, seq_length: int) -> str:
+    digest = hashlib.sha256()
+    for file in (path, vocab_file):
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    digest.update(repr(get_default_conv_template("vicuna")).encode())
+    digest.update(str(seq_length).encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_root: str) -> str:
+    """The dataset directory for raw ``path`` (built now unless cached); DataError names the fix."""
+    if not vocab_file:
+        raise DataError(f"dataset_dir={path} is a raw data file: tokenizing it needs processor.tokenizer.vocab_file "
+                        f"(the tokenizer.model). Set it, or preprocess with scripts/llama_preprocess.py.")
+    name = os.path.basename(path).rsplit(".", 1)[0]
+    out = os.path.join(cache_root, f"{name}-{cache_key(path, vocab_file, seq_length)}")
+    if is_dataset_dir(out):
+        logger.info("Dataset %s: using the tokenized cache %s", path, out)
+        return out
+    records = read_raw_records(path)
+    alpaca = bool(records) and isinstance(records[0], dict) and "instruction" in records[0]
+    if alpaca:
+        records, _ = convert_alpaca(records, file=path)
+    os.makedirs(cache_root, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_root) as tmp:  # preprocess reads conversation JSON files
+        conv = os.path.join(tmp, "conversations.json")
+        with open(conv, "w", encoding="utf-8") as f:
+            json.dump(records, f, ensure_ascii=False)
+        summary = preprocess_qa([conv], load_tokenizer(vocab_file), seq_length, out)
+    logger.info("Dataset %s (%s records) tokenized into %s: %s", path, "alpaca" if alpaca else "conversation",
+                out, summary.line())
+    return out
