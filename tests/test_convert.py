@@ -22,6 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tiny_hf import VOCAB, hf_model  # noqa: E402
+
 from mftune import LlamaConfig, LlamaForCausalLM
 from mftune.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_complete
 from mftune.checkpoint.convert import (convert_hf_to_mftune, convert_mftune_to_hf, iter_hf_tensors,
@@ -31,22 +33,6 @@ transformers = pytest.importorskip("transformers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "convert_weight.py")
-VOCAB = 128
-
-
-def hf_model(n_kv_heads: int = 2, tie: bool = False, seed: int = 0) -> "transformers.LlamaForCausalLM":
-    """A tiny transformers Llama (~310 KB in fp32) with random weights, norms included."""
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=n_kv_heads, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=tie, pad_token_id=0)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
-    return model
 
 
 def save_bin(model, directory: str, shards: int) -> None:

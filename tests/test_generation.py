@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tiny_hf
 from mftune.checkpoint.names import hf_config_to_model_config, hf_to_mftune
 from mftune.generation import (
     apply_repetition_penalty,
@@ -36,18 +37,8 @@ PROMPT_LENGTHS = (3, 9, 6)  # different lengths: rows 0 and 2 are left padded in
 
 
 def hf_model(n_kv_heads: int = HEADS, seed: int = 0) -> "transformers.LlamaForCausalLM":
-    """A tiny transformers Llama (eager attention) with random weights, norms included."""
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=n_kv_heads, max_position_embeddings=64,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=PAD)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, 0.1)
-    return model
+    """The shared tiny transformers Llama (tests/tiny_hf.py), all heads by default, untied."""
+    return tiny_hf.hf_model(n_kv_heads=n_kv_heads, seed=seed)
 
 
 def mftune_from_hf(hf) -> LlamaForCausalLM:

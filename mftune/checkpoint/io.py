@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mftune.checkpoint.sources import (CheckpointError, Entry, open_checkpoint, open_safetensors, rank_dirs,
+from mftune.checkpoint.sources import (CheckpointError, Entry, open_checkpoint, rank_dirs,
                                       rank_file, read_tensor, safetensors_header)
 from mftune.parallel.layout import local, local_block
 
@@ -93,8 +93,7 @@ def save_complete(path: str, tensors: dict[str, torch.Tensor], *, model_config: 
 
 def read_metadata(path: str) -> dict[str, Any]:
     """The ``mftune_*`` header entries of a checkpoint, JSON-decoded, without the prefix."""
-    with open_safetensors(path) as f:
-        raw = f.metadata() or {}
+    raw = safetensors_header(path)[2]  # parsed once per file version, no memory map
     out = {}
     for key, value in raw.items():
         if key.startswith("mftune_"):

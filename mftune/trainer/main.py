@@ -390,15 +390,21 @@ def _raw_dataset(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCo
     """The tokenized cache of a raw data file (mftune.data.raw): built by rank 0, read by all."""
     args = (path, cfg.processor.tokenizer.vocab_file, model_config.seq_length,
             os.path.join(os.path.abspath(cfg.output_dir), "dataset_cache"))
+    def build() -> str:
+        try:
+            return cached_dataset(*args)
+        except (DataError, OSError) as exc:  # the same error on every rank
+            raise UserError(f"dataset_dir={path}: {exc}") from None
+
+    if not dist.is_initialized():
+        return build()
     if dist_info.is_main:
-        with contextlib.suppress(DataError, OSError):  # raised again below, on every rank
-            cached_dataset(*args)
-    if dist.is_initialized():
-        dist.barrier()  # the others read what rank 0 wrote
-    try:
-        return cached_dataset(*args)
-    except (DataError, OSError) as exc:
-        raise UserError(f"dataset_dir={path}: {exc}") from None
+        try:
+            return build()
+        finally:
+            dist.barrier()  # the others read what rank 0 wrote (or fail as it did)
+    dist.barrier()
+    return build()
 
 
 def _evaluate(cfg: MFConfig, model, data: TrainData, dist_info: ParallelContext, output_dir: str,

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from mftune.checkpoint.io import load_entries, load_recorded_base, load_tensors, read_metadata
-from mftune.checkpoint.sources import (CheckpointError, Entry, distributed_entries, open_safetensors, rank_dirs,
-                                      rank_files, safetensors_entries)
+from mftune.checkpoint.sources import (CheckpointError, Entry, distributed_entries, rank_dirs, rank_files, read_tensor,
+                                      safetensors_entries, safetensors_header)
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")
@@ -150,11 +150,10 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, point: ResumePoi
             local(moment).copy_(point.entries[prefix + name].read(local_block(param)))
             state[key] = moment
     if same_layout:  # from the saved file itself (an auto_trans_ckpt transform drops RNG states)
-        with open_safetensors(point.files[rank]) as f:
-            if "rng_state" in f.keys():
-                torch.set_rng_state(f.get_tensor("rng_state"))
-            else:
-                logger.info("Checkpoint %s holds no RNG state (e.g. a transformed checkpoint): dropout "
-                            "masks will differ from the uninterrupted run", point.files[rank])
+        if "rng_state" in safetensors_header(point.files[rank])[1]:
+            torch.set_rng_state(read_tensor(point.files[rank], "rng_state"))
+        else:
+            logger.info("Checkpoint %s holds no RNG state (e.g. a transformed checkpoint): dropout "
+                        "masks will differ from the uninterrupted run", point.files[rank])
     else:
         logger.info("Resumed in another layout: RNG states (dropout) are not restored")
