@@ -72,6 +72,7 @@ class DataLoaderConfig:
     dataset_dir: str = ""  # output directory of scripts/llama_preprocess.py
     shuffle: bool = True  # reshuffled every epoch from `seed`
     num_samples: int | None = None  # use only the first N records
+    packing: bool = False  # raw data file: several conversations per record (llama_preprocess.py --packing)
 
 
 @dataclass

@@ -5,9 +5,12 @@
 
 --output_file names a directory written with datasets' save_to_disk (a ".mindrecord" suffix is just
 part of the name); pass it to run_finetune.py --train_dataset_dir. Records are seq_length+1 tokens.
+--packing (qa) puts several conversations into each record (best-fit decreasing) and adds a
+position_ids column restarting at 0 for each; training then attends within each conversation, so
+no compute goes to padding. Prints a summary (records, tokens, truncated, masked labels, tokens/s).
 Differences from MindFormers: --file_partition sets the number of Arrow shards; --repeat applies to
 wiki; --samples_num (default: all) caps the number of records of any type; "wikipedia" (parquet) is
-not supported; added --on_error and --num_proc; the output is written atomically.
+not supported; added --on_error, --num_proc and --packing; the output is written atomically.
 """
 import argparse
 import os
@@ -39,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on_error", choices=["skip", "fail"], default="skip",
                    help="malformed record: skip it and count it (default), or stop with exit status 2")
     p.add_argument("--num_proc", type=int, default=1, help="tokenizer processes (datasets num_proc)")
+    p.add_argument("--packing", action="store_true",
+                   help="qa: pack several conversations per record, each attending only to itself")
     return p
 
 
@@ -50,6 +55,9 @@ def _check_args(args) -> None:
     if args.dataset_type == "wikipedia":
         raise DataError("--dataset_type=wikipedia (parquet) is not supported by mftune; "
                         "use --dataset_type wiki with plain text files.")
+    if args.packing and args.dataset_type != "qa":
+        raise DataError("--packing applies to --dataset_type qa: wiki records are already full "
+                        "seq_length + 1 token chunks of the text. Drop --packing.")
 
 
 def run(args) -> int:
@@ -58,13 +66,15 @@ def run(args) -> int:
     tokenizer = load_tokenizer(args.model_file)
     if args.dataset_type == "qa":
         summary = preprocess_qa(files, tokenizer, args.seq_length, args.output_file, on_error=args.on_error,
-                                num_proc=args.num_proc, num_shards=args.file_partition, samples_num=args.samples_num)
+                                num_proc=args.num_proc, num_shards=args.file_partition, samples_num=args.samples_num,
+                                packing=args.packing)
     else:
         with open(files[0], encoding="utf-8", errors="replace") as f:
             if f.read(64).lstrip().startswith(("[", "{")):
                 print("warning: the input looks like JSON; for conversations pass --dataset_type qa", file=sys.stderr)
         summary = preprocess_wiki(files, tokenizer, args.seq_length, args.output_file, repeat=args.repeat,
-                                  num_shards=args.file_partition, samples_num=args.samples_num)
+                                  num_shards=args.file_partition, samples_num=args.samples_num,
+                                  num_proc=args.num_proc)
     for e in summary.errors[:MAX_REPORTED]:
         print(f"skipped {e}", file=sys.stderr)
     if len(summary.errors) > MAX_REPORTED:

@@ -84,7 +84,7 @@ def test_train_then_finetune_from_its_checkpoint(workdir):
     assert len(lines) == 120
     assert re.search(r"\{ Epoch:\[  2/  2\], step:\[   60/   60\], loss: \d+\.\d{3}, per_step_time: \d+ms, "
                      r"lr: \[[^\]]+\], overflow cond: False, loss_scale: 1\.0, global_norm: \[[^\]]+\], "
-                     r"tokens/s: [\d.]+, peak_mem: [\d.]+MB$", lines[-1])
+                     r"tokens/s: [\d.]+, real_tokens/s: [\d.]+, peak_mem: [\d.]+MB$", lines[-1])
     metrics = _metrics(base_out)
     assert [m["step"] for m in metrics] == list(range(1, 121))
     assert {"step", "epoch", "loss", "lr", "tokens_per_s"} <= metrics[0].keys()

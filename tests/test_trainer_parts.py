@@ -86,16 +86,17 @@ def test_loss_monitor_lines_match_mindformers_format(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="mftune"):
         # 16 x 4096 tokens in 3.141 s; ETA = (6500 - 2) steps x 3.141 s = 5:40:10.
         mon(StepStats(step=2, epoch=1, step_in_epoch=2, loss=1.2344, lr=2.05e-7, step_seconds=3.141,
-                      global_norm=0.87, overflow=False, loss_scale=1.0, tokens=16 * 4096, samples=16))
+                      global_norm=0.87, overflow=False, loss_scale=1.0, tokens=16 * 4096,
+                      real_tokens=8 * 4096, samples=16))
     logger.propagate = False
     first, second = [r.getMessage() for r in caplog.records]
     # reference/mindformers.md §8.1 example rendering, plus mftune's tokens/s and peak memory.
     assert first.startswith("{ Epoch:[  1/  2], step:[    2/ 3250], loss: 1.234, per_step_time: 3141ms, "
                             "lr: [2.05e-07], overflow cond: False, loss_scale: 1.0, global_norm: [0.87]")
-    assert re.search(r", tokens/s: 20864\.7, peak_mem: [\d.]+MB$", first)
+    assert re.search(r", tokens/s: 20864\.7, real_tokens/s: 10432\.3, peak_mem: [\d.]+MB$", first)
     assert re.fullmatch(r"   0\.0% \|\s{50}\| 5\.09392 samples/s/p  5:40:10 }", second)
     rec = json.loads(metrics.read_text())
-    assert {"step", "epoch", "loss", "lr", "tokens_per_s"} <= rec.keys() and rec["step"] == 2
+    assert {"step", "epoch", "loss", "lr", "tokens_per_s", "real_tokens_per_s"} <= rec.keys() and rec["step"] == 2
 
 
 def _tiny():

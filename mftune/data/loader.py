@@ -48,7 +48,9 @@ class TrainData:
         self.global_batch_size = micro_batch_size * dp_size * grad_accum
 
         ds = _load(dataset_dir)
-        self.columns = tuple(columns)
+        # Packed records (llama_preprocess.py --packing) carry position ids restarting per sample.
+        self.packed = "position_ids" in ds.column_names
+        self.columns = tuple(columns) + (("position_ids",) if self.packed and "position_ids" not in columns else ())
         self.has_labels = "labels" in ds.column_names
         read = [c for c in self.columns if c in ds.column_names]
         for c in self.columns:
@@ -94,7 +96,7 @@ class TrainData:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
         """Yields, per optimizer step from start_step, this rank's grad_accum micro-batches, each
-        {"input_ids": LongTensor[mb, L], "labels": LongTensor[mb, L]}."""
+        {"input_ids": LongTensor[mb, L], "labels": LongTensor[mb, L]} (+ "position_ids" when packed)."""
         if start_step < 0:
             raise ValueError(f"start_step={start_step} is invalid: it must be >= 0.")
         order = self.order(epoch)

@@ -16,6 +16,7 @@ and renamed into place, so a failure never leaves a half-written dataset.
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import glob
@@ -24,11 +25,15 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from mftune.data.conversation import alpaca_prompt, get_default_conv_template
 from mftune.data.tokenizer import LlamaTokenizer
@@ -60,21 +65,27 @@ class Summary:
     """Counts printed after a run (the first line is MindFormers' "Transformed N records.")."""
 
     records: int = 0          # records written
+    samples: int = 0          # samples (conversations or paragraphs) in them
     skipped: int = 0          # malformed records dropped (on_error="skip")
     truncated: int = 0        # samples longer than seq_length + 1 tokens, cut
     fully_masked: int = 0     # samples whose labels are all -100 (template length mismatch, or cut before the answer)
     tokens: int = 0           # non-pad tokens written
     positions: int = 0        # all positions written (records * (seq_length + 1))
     ignored_labels: int = 0   # label positions equal to -100 (qa only)
+    packed: bool = False      # several samples per record (--packing)
+    seconds: float = 0.0      # tokenizing (and packing) time
     errors: list[RecordError] = dataclasses.field(default_factory=list)
 
     def line(self, qa: bool = True) -> str:
+        speed = f" Took {self.seconds:.1f} s, {self.tokens / self.seconds:,.0f} tokens/s." if self.seconds else ""
         if not qa:
-            return f"Transformed {self.records} records. {self.tokens} tokens."
+            return f"Transformed {self.records} records. {self.tokens} tokens.{speed}"
         frac = self.ignored_labels / self.positions if self.positions else 0.0
-        return (f"Transformed {self.records} records. Skipped {self.skipped} malformed, truncated {self.truncated}, "
-                f"fully masked {self.fully_masked}; {self.tokens} tokens in {self.positions} positions; "
-                f"{frac:.1%} of labels are -100.")
+        fill = self.tokens / self.positions if self.positions else 0.0
+        packed = f"Packed {self.samples} samples into them; skipped" if self.packed else "Skipped"
+        return (f"Transformed {self.records} records. {packed} {self.skipped} malformed, "
+                f"truncated {self.truncated}, fully masked {self.fully_masked}; {self.tokens} tokens in "
+                f"{self.positions} positions ({fill:.1%} filled); {frac:.1%} of labels are -100.{speed}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +192,7 @@ class Tokenized:
     labels: list[int]      # record_length labels, -100 where not trained on
     truncated: bool
     num_tokens: int        # non-pad ids kept
+    length: int            # ids before padding (<= record_length)
 
 
 def tokenize_prompt(prompt: str, tokenizer: LlamaTokenizer, record_length: int) -> Tokenized:
@@ -196,48 +208,125 @@ def tokenize_prompt(prompt: str, tokenizer: LlamaTokenizer, record_length: int) 
     one difference: a sample that is both too long and fully masked keeps MindFormers' labels
     uncut there (longer than its input_ids), here both are record_length long.
     """
+    return tokenize_prompts([prompt], tokenizer, record_length)[0]
+
+
+def tokenize_prompts(prompts: list[str], tokenizer: LlamaTokenizer, record_length: int) -> list[Tokenized]:
+    """``tokenize_prompt`` of each prompt; the texts of all of them are encoded in two batched
+    sentencepiece calls (rounds, instruction parts), which is several times faster than one call each."""
     conv = get_default_conv_template("vicuna")
     sep = conv.sep + conv.roles[1] + ": "
-    rounds = []
-    for rou in prompt.split(conv.sep2):
-        if rou == "":
-            break
-        rounds.append((rou, tokenizer.encode(rou, add_bos=True, add_eos=True)))
-    ids = [tokenizer.bos_token_id]
-    for _, round_ids in rounds:
-        ids.extend(round_ids[1:])
-    full = ids + [tokenizer.pad_token_id] * max(0, record_length - len(ids))
-    total_len = sum(1 for i in full if i != tokenizer.pad_token_id)
+    rounds: list[list[str]] = []
+    for prompt in prompts:
+        rs = []
+        for rou in prompt.split(conv.sep2):
+            if rou == "":
+                break
+            rs.append(rou)
+        rounds.append(rs)
+    instructions = [[parts[0] + sep if len(parts) == 2 else None for parts in (rou.split(sep) for rou in rs)]
+                    for rs in rounds]
+    round_ids = iter(tokenizer.sp.encode([r for rs in rounds for r in rs]))
+    instruction_ids = iter(tokenizer.sp.encode([i for ins in instructions for i in ins if i is not None]))
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    out = []
+    for rs, ins in zip(rounds, instructions):
+        pieces = [next(round_ids) for _ in rs]  # each round without <s>, </s>
+        ids = [bos]
+        for piece in pieces:
+            ids.extend(piece)
+            ids.append(eos)
+        full = ids + [pad] * max(0, record_length - len(ids))
+        total_len = len(ids) - ids.count(pad)  # list.count: C speed on long records
 
-    target = list(full)
-    cur_len = 1
-    target[:cur_len] = [IGNORE_TOKEN_ID] * cur_len
-    for rou, round_ids in rounds:
-        parts = rou.split(sep)
-        if len(parts) != 2:
-            break
-        instruction_len = len(tokenizer.encode(parts[0] + sep, add_bos=True, add_eos=True)) - 3
-        end = min(cur_len + instruction_len, len(target))
-        target[cur_len:end] = [IGNORE_TOKEN_ID] * (end - cur_len)
-        cur_len += len(round_ids) - 1
-    target[cur_len:] = [IGNORE_TOKEN_ID] * max(0, len(target) - cur_len)
-    if cur_len < record_length and cur_len != total_len:
-        target = [IGNORE_TOKEN_ID] * len(target)
-    input_ids = full[:record_length]
-    return Tokenized(input_ids=input_ids, labels=target[:record_length], truncated=len(ids) > record_length,
-                     num_tokens=sum(1 for i in input_ids if i != tokenizer.pad_token_id))
+        target = list(full)
+        cur_len = 1
+        target[:cur_len] = [IGNORE_TOKEN_ID] * cur_len
+        instruction_lens = [None if i is None else len(next(instruction_ids)) - 1 for i in ins]
+        for piece, instruction_len in zip(pieces, instruction_lens):
+            if instruction_len is None:  # not exactly one instruction and one answer
+                break
+            end = min(cur_len + instruction_len, len(target))
+            target[cur_len:end] = [IGNORE_TOKEN_ID] * (end - cur_len)
+            cur_len += len(piece) + 1
+        target[cur_len:] = [IGNORE_TOKEN_ID] * max(0, len(target) - cur_len)
+        if cur_len < record_length and cur_len != total_len:
+            target = [IGNORE_TOKEN_ID] * len(target)
+        out.append(Tokenized(input_ids=full[:record_length], labels=target[:record_length],
+                             truncated=len(ids) > record_length,
+                             num_tokens=min(len(ids), record_length) - ids[:record_length].count(pad),
+                             length=min(len(ids), record_length)))
+    return out
 
 
-def _tokenize_batch(batch: dict, tokenizer: LlamaTokenizer, record_length: int) -> dict:
-    out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": [], "_tokens": [], "_ignored": []}
-    for prompt in batch["text"]:
-        t = tokenize_prompt(prompt, tokenizer, record_length)
-        out["input_ids"].append(t.input_ids)
-        out["labels"].append(t.labels)
+def _tokenize_batch(batch: dict, tokenizer: LlamaTokenizer, record_length: int, pad: bool = True) -> dict:
+    """``pad``: records of ``record_length``; False: each sample only as long as its tokens (for packing)."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": [], "_tokens": [], "_labelled": []}
+    for t in tokenize_prompts(batch["text"], tokenizer, record_length):
+        n = record_length if pad else t.length
+        out["input_ids"].append(t.input_ids[:n])
+        out["labels"].append(t.labels[:n])
         out["_truncated"].append(t.truncated)
         out["_tokens"].append(t.num_tokens)
-        out["_ignored"].append(sum(1 for x in t.labels if x == IGNORE_TOKEN_ID))
+        out["_labelled"].append(len(t.labels) - t.labels.count(IGNORE_TOKEN_ID))
     return out
+
+
+def pack_samples(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: the sample indices of each record (ascending), with the
+    lengths of a record's samples summing to at most ``capacity`` (every length <= capacity).
+    Longest samples first, each into the fullest record it still fits in; deterministic."""
+    free: list[tuple[int, int]] = []  # (space left, record), sorted
+    records: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        j = bisect.bisect_left(free, (lengths[i], -1))
+        if j == len(free):
+            records.append([i])
+            space, r = capacity, len(records) - 1
+        else:
+            space, r = free.pop(j)
+            records[r].append(i)
+        if space - lengths[i] > 0:
+            bisect.insort(free, (space - lengths[i], r))
+    return [sorted(r) for r in records]
+
+
+def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (values, start offsets) numpy arrays."""
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False), starts
+
+
+def pack_dataset(ds: datasets.Dataset, record_length: int, pad_id: int) -> datasets.Dataset:
+    """Unpadded samples (``input_ids``, ``labels``) -> records of ``record_length`` holding several
+    samples each, plus ``position_ids`` restarting at 0 for every sample (and for the padding tail,
+    whose labels are -100). A sample's first label is always -100 (<s>), so no token learns to
+    predict across a boundary; the model attends within each sample (``LlamaForCausalLM`` packed path)."""
+    ids, starts = _flat(ds.data.column("input_ids"))
+    labels, _ = _flat(ds.data.column("labels"))
+    lengths = pc.list_value_length(ds.data.column("input_ids")).to_numpy(zero_copy_only=False)
+    bins = pack_samples(lengths.tolist(), record_length)
+    out_ids = np.full((len(bins), record_length), pad_id, dtype=np.int32)
+    out_labels = np.full((len(bins), record_length), IGNORE_TOKEN_ID, dtype=np.int32)
+    out_pos = np.zeros((len(bins), record_length), dtype=np.int32)
+    arange = np.arange(record_length, dtype=np.int32)
+    for r, samples in enumerate(bins):
+        at = 0
+        for i in samples:
+            n, s = int(lengths[i]), int(starts[i])
+            out_ids[r, at:at + n] = ids[s:s + n]
+            out_labels[r, at:at + n] = labels[s:s + n]
+            out_pos[r, at:at + n] = arange[:n]
+            at += n
+        out_pos[r, at:] = arange[:record_length - at]
+
+    def column(a: np.ndarray) -> pa.ListArray:
+        offsets = np.arange(0, a.size + 1, record_length, dtype=np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(a.ravel()))
+
+    table = pa.table({"input_ids": column(out_ids), "labels": column(out_labels), "position_ids": column(out_pos)})
+    return datasets.Dataset(table).cast(datasets.Features({c: _INT_LIST for c in table.column_names}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,10 +371,11 @@ def convert_alpaca(data: list, *, on_error: OnError = "skip", file: str | None =
 
 def preprocess_qa(input_files: list[str], tokenizer: LlamaTokenizer, seq_length: int, output_dir: str, *,
                   on_error: OnError = "skip", num_proc: int = 1, num_shards: int = 1,
-                  samples_num: int | None = None) -> Summary:
-    """Conversation JSON files -> dataset directory with `input_ids`, `labels` (int32, seq_length+1)."""
+                  samples_num: int | None = None, packing: bool = False) -> Summary:
+    """Conversation JSON files -> dataset directory with `input_ids`, `labels` (int32, seq_length+1);
+    with ``packing``, several conversations per record and a `position_ids` column (``pack_dataset``)."""
     check_output_dir(output_dir)
-    summary = Summary()
+    summary = Summary(packed=packing)
     prompts: list[str] = []
     for path in input_files:
         prompts += _collect(read_json_records(path), path, on_error, summary,
@@ -295,24 +385,31 @@ def preprocess_qa(input_files: list[str], tokenizer: LlamaTokenizer, seq_length:
     if not prompts:
         first = f" (first: {summary.errors[0]})" if summary.errors else ""
         raise DataError(f"no valid record in {', '.join(input_files)}: {summary.skipped} malformed{first}.")
+    record_length = seq_length + 1
     features = datasets.Features({"input_ids": _INT_LIST, "labels": _INT_LIST, "_truncated": datasets.Value("bool"),
-                                  "_tokens": datasets.Value("int64"), "_ignored": datasets.Value("int64")})
+                                  "_tokens": datasets.Value("int64"), "_labelled": datasets.Value("int64")})
+    start = time.perf_counter()
     with _atomic_output(output_dir) as (work, final):
         ds = datasets.Dataset.from_dict({"text": prompts},
                                         features=datasets.Features({"text": datasets.Value("string")}))
         ds = ds.map(_tokenize_batch, batched=True, batch_size=256, remove_columns=["text"], features=features,
-                    fn_kwargs={"tokenizer": tokenizer, "record_length": seq_length + 1},
+                    fn_kwargs={"tokenizer": tokenizer, "record_length": record_length, "pad": not packing},
                     num_proc=num_proc if num_proc > 1 and len(ds) > 1 else None,
                     cache_file_name=os.path.join(work, "cache", "tokenized.arrow"),
                     new_fingerprint=uuid.uuid4().hex, desc="Tokenizing")
         table = ds.data
+        summary.samples = len(ds)
+        summary.truncated = pc.sum(table.column("_truncated").cast(pa.int64())).as_py() or 0
+        summary.tokens = pc.sum(table.column("_tokens")).as_py()
+        labelled = table.column("_labelled").to_numpy()
+        summary.fully_masked = int((labelled == 0).sum())
+        ds = ds.remove_columns(["_truncated", "_tokens", "_labelled"])
+        if packing:
+            ds = pack_dataset(ds, record_length, tokenizer.pad_token_id)
         summary.records = len(ds)
-        summary.truncated = sum(table.column("_truncated").to_pylist())
-        summary.tokens = sum(table.column("_tokens").to_pylist())
-        summary.ignored_labels = sum(table.column("_ignored").to_pylist())
-        summary.positions = len(ds) * (seq_length + 1)
-        summary.fully_masked = sum(1 for n in table.column("_ignored").to_pylist() if n == seq_length + 1)
-        ds = ds.remove_columns(["_truncated", "_tokens", "_ignored"])
+        summary.positions = len(ds) * record_length
+        summary.ignored_labels = summary.positions - int(labelled.sum())
+        summary.seconds = time.perf_counter() - start
         ds.save_to_disk(final, num_shards=min(num_shards, max(1, len(ds))))
     return summary
 
@@ -326,32 +423,48 @@ def clean_wikitext(s: str) -> str:
     return re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", s)
 
 
+def _tokenize_paragraphs(batch: dict, tokenizer: LlamaTokenizer) -> dict:
+    return {"ids": [tokenizer.encode(p, add_bos=True, add_eos=True) for p in batch["text"]]}
+
+
 def preprocess_wiki(input_files: list[str], tokenizer: LlamaTokenizer, seq_length: int, output_dir: str, *,
-                    repeat: int = 1, num_shards: int = 1, samples_num: int | None = None) -> Summary:
+                    repeat: int = 1, num_shards: int = 1, samples_num: int | None = None,
+                    num_proc: int = 1) -> Summary:
     """Plain text -> `input_ids` chunks of exactly seq_length+1 tokens (the tail shorter than that is dropped).
 
     As MindFormers: paragraphs (split on blank lines, "= heading =" lines skipped) are tokenized
-    with <s> and </s> and concatenated; the stream is repeated `repeat` times, then chunked.
+    with <s> and </s> (``num_proc`` processes) and concatenated; the stream is repeated `repeat`
+    times, then chunked. Records span paragraph boundaries, as pretraining data does.
     """
     check_output_dir(output_dir)
-    content: list[int] = []
+    paragraphs: list[str] = []
     for path in input_files:
         with open(path, encoding="utf-8") as f:
-            for para in clean_wikitext(f.read()).split("\n\n"):
-                if para and not para.strip().startswith("="):
-                    content += tokenizer.encode(para, add_bos=True, add_eos=True)
-    content *= repeat
+            paragraphs += [p for p in clean_wikitext(f.read()).split("\n\n") if p and not p.strip().startswith("=")]
     n = seq_length + 1
-    chunks = [content[i:i + n] for i in range(0, len(content) - n + 1, n)]
-    if samples_num is not None:
-        chunks = chunks[:samples_num]
-    if not chunks:
-        raise DataError(f"{', '.join(input_files)} hold {len(content)} tokens, fewer than one record of "
-                        f"seq_length + 1 = {n}. Pass more text or a smaller --seq_length.")
-    summary = Summary(records=len(chunks), tokens=len(chunks) * n, positions=len(chunks) * n)
-    with _atomic_output(output_dir) as (_, final):
-        ds = datasets.Dataset.from_dict({"input_ids": chunks}, features=datasets.Features({"input_ids": _INT_LIST}))
-        ds.save_to_disk(final, num_shards=min(num_shards, max(1, len(ds))))
+    start = time.perf_counter()
+    with _atomic_output(output_dir) as (work, final):
+        ds = datasets.Dataset.from_dict({"text": paragraphs},
+                                        features=datasets.Features({"text": datasets.Value("string")}))
+        ds = ds.map(_tokenize_paragraphs, batched=True, batch_size=256, remove_columns=["text"],
+                    features=datasets.Features({"ids": _INT_LIST}), fn_kwargs={"tokenizer": tokenizer},
+                    num_proc=num_proc if num_proc > 1 and len(ds) > 1 else None,
+                    cache_file_name=os.path.join(work, "cache", "tokenized.arrow"),
+                    new_fingerprint=uuid.uuid4().hex, desc="Tokenizing")
+        content = np.tile(pc.list_flatten(ds.data.column("ids")).to_numpy(zero_copy_only=False), repeat)
+        records = len(content) // n
+        if samples_num is not None:
+            records = min(records, samples_num)
+        if records == 0:
+            raise DataError(f"{', '.join(input_files)} hold {len(content)} tokens, fewer than one record of "
+                            f"seq_length + 1 = {n}. Pass more text or a smaller --seq_length.")
+        chunks = content[:records * n].astype(np.int32)
+        offsets = pa.array(np.arange(0, chunks.size + 1, n, dtype=np.int32))
+        table = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(chunks))})
+        out = datasets.Dataset(table).cast(datasets.Features({"input_ids": _INT_LIST}))
+        summary = Summary(records=records, samples=len(paragraphs), tokens=records * n, positions=records * n,
+                          seconds=time.perf_counter() - start)
+        out.save_to_disk(final, num_shards=min(num_shards, max(1, records)))
     return summary
 
 

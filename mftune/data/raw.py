@@ -5,8 +5,9 @@ records ``{conversations: [{from, value}, ...]}``), a ``.jsonl`` file of such re
 ``.parquet`` file of them is turned into the records ``scripts/llama_preprocess.py`` writes (Vicuna
 template, labels masked as MindFormers does, seq_length + 1 tokens) under
 ``<cache_root>/<file name>-<key>/``. The key hashes the file's bytes, the tokenizer model's bytes, the
-template and seq_length, so a change of any of them tokenizes again and an unchanged run starts at
-once. Writing is atomic (preprocess' own temporary folder + rename).
+template, seq_length and packing, so a change of any of them tokenizes again and an unchanged run
+starts at once. ``packing`` packs several conversations per record, as ``--packing`` does. Writing is
+atomic (preprocess' own temporary folder + rename).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def read_raw_records(path: str) -> list:
         raise DataError(f"{path}: cannot be read as parquet ({e}).") from None
 
 
-def cache_key(path: str, vocab_file: str, seq_length: int) -> str:
+def cache_key(path: str, vocab_file: str, seq_length: int, packing: bool = False) -> str:
     digest = hashlib.sha256()
     for file in (path, vocab_file):
         with open(file, "rb") as f:
@@ -55,16 +56,19 @@ def cache_key(path: str, vocab_file: str, seq_length: int) -> str:
                 digest.update(chunk)
     digest.update(repr(get_default_conv_template("vicuna")).encode())
     digest.update(str(seq_length).encode())
+    if packing:  # unpacked keys stay what earlier versions wrote
+        digest.update(b"packing")
     return digest.hexdigest()[:16]
 
 
-def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_root: str) -> str:
+def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_root: str,
+                   packing: bool = False) -> str:
     """The dataset directory for raw ``path`` (built now unless cached); DataError names the fix."""
     if not vocab_file:
         raise DataError(f"dataset_dir={path} is a raw data file: tokenizing it needs processor.tokenizer.vocab_file "
                         f"(the tokenizer.model). Set it, or preprocess with scripts/llama_preprocess.py.")
     name = os.path.basename(path).rsplit(".", 1)[0]
-    out = os.path.join(cache_root, f"{name}-{cache_key(path, vocab_file, seq_length)}")
+    out = os.path.join(cache_root, f"{name}-{cache_key(path, vocab_file, seq_length, packing)}")
     if is_dataset_dir(out):
         logger.info("Dataset %s: using the tokenized cache %s", path, out)
         return out
@@ -77,7 +81,7 @@ def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_roo
         conv = os.path.join(tmp, "conversations.json")
         with open(conv, "w", encoding="utf-8") as f:
             json.dump(records, f, ensure_ascii=False)
-        summary = preprocess_qa([conv], load_tokenizer(vocab_file), seq_length, out)
+        summary = preprocess_qa([conv], load_tokenizer(vocab_file), seq_length, out, packing=packing)
     logger.info("Dataset %s (%s records) tokenized into %s: %s", path, "alpaca" if alpaca else "conversation",
                 out, summary.line())
     return out

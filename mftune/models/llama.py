@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -270,6 +271,57 @@ def attention_mask_4d(seqlen: int, past: int, key_padding: Tensor | None, device
     return mask.unsqueeze(-3) if mask.dim() == 3 else mask[None, None]
 
 
+@dataclass
+class PackedSamples:
+    """Where the samples of packed records start, for attention that stays inside each sample.
+
+    Built once per forward by ``packed_samples`` from the records' position ids (a sample starts
+    where its position id is 0) and shared by every layer. ``mask``: boolean SDPA mask
+    ``(bs, 1, seqlen, seqlen)``, causal within a sample (any device). ``cu_seqlens``/``max_len``:
+    the same samples over the flattened batch for ``torch.nn.attention.varlen.varlen_attn`` (flash
+    attention without a mask; CUDA, half precision), set only when that kernel can run.
+    """
+
+    mask: Tensor | None = None
+    cu_seqlens: Tensor | None = None
+    max_len: int = 0
+
+
+@functools.cache
+def _varlen_attn() -> Callable | None:
+    """``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10) as ``f(q, k, v, cu_seqlens, max_len)``
+    for causal attention over ``(tokens, heads, head_dim)`` inputs; None where torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    gqa = "enable_gqa" in params
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
+        if k.shape[1] != q.shape[1] and not gqa:  # older signature: repeat the key/value heads
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        extra = {"enable_gqa": k.shape[1] != q.shape[1]} if gqa else {}
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **causal, **extra)
+
+    return attend
+
+
+def packed_samples(positions: Tensor, *, varlen: bool) -> PackedSamples:
+    """``PackedSamples`` of ``positions`` (bs, seqlen): a new sample starts at every 0 and at each row start."""
+    bs, seqlen = positions.shape
+    starts = positions == 0
+    starts[:, 0] = True
+    if varlen:
+        flat = torch.nonzero(starts.flatten()).flatten().to(torch.int32)  # (num_samples,)
+        cu = torch.cat([flat, flat.new_tensor([bs * seqlen])])
+        return PackedSamples(cu_seqlens=cu, max_len=int((cu[1:] - cu[:-1]).max()))
+    sample = starts.cumsum(dim=1)  # (bs, seqlen) sample index within the row
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=positions.device).tril()
+    return PackedSamples(mask=((sample[:, :, None] == sample[:, None, :]) & causal).unsqueeze(1))
+
+
 class LLamaAttention(nn.Module):
     """Causal self-attention with RoPE and grouped-query attention (``n_kv_heads`` <= ``num_heads``).
 
@@ -290,10 +342,11 @@ class LLamaAttention(nn.Module):
         self.wv = nn.Linear(config.hidden_size, config.n_kv_heads * hd, bias=False, dtype=pdt)
         self.wo = nn.Linear(config.num_heads * hd, config.hidden_size, bias=False, dtype=pdt)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | PackedSamples | None = None,
                 cache: KVCache | None = None, layer_id: int = 0) -> Tensor:
-        """``mask`` None: plain causal attention over ``x``. Otherwise a boolean ``attention_mask_4d`` over
-        the cache's past slots plus ``x``; with ``cache``, this call's keys/values are appended to it first."""
+        """``mask`` None: plain causal attention over ``x``. A ``PackedSamples``: causal attention within
+        each packed sample. Otherwise a boolean ``attention_mask_4d`` over the cache's past slots plus
+        ``x``; with ``cache``, this call's keys/values are appended to it first."""
         bs, seqlen, _ = x.shape
         xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_heads, head_dim)
         xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
@@ -301,6 +354,12 @@ class LLamaAttention(nn.Module):
         # Rotate in rotary_dtype (MindFormers casts q/k to it and back); float32 when compute is float32.
         rot = self.rotary_dtype if xq.dtype != torch.float32 else torch.float32
         xq, xk = apply_rotary_emb(xq, cos, sin, rot), apply_rotary_emb(xk, cos, sin, rot)
+        if isinstance(mask, PackedSamples) and mask.cu_seqlens is not None:  # flash attention per sample
+            cu, n = mask.cu_seqlens, mask.max_len
+            out = _varlen_attn()(xq.flatten(0, 1), xk.flatten(0, 1), xv.flatten(0, 1), cu, n)
+            return self.wo(out.reshape(bs, seqlen, -1))  # (bs, seqlen, hidden)
+        if isinstance(mask, PackedSamples):
+            mask = mask.mask
         q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bs, heads, seqlen, head_dim)
         if cache is not None:
             k, v = cache.update(layer_id, k, v)  # (bs, n_kv_heads, past + seqlen, head_dim)
@@ -338,7 +397,7 @@ class LLamaDecodeLayer(nn.Module):
         self.ffn_norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, ln, pdt)
         self.feed_forward = LlamaFeedForward(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | PackedSamples | None = None,
                 cache: KVCache | None = None) -> Tensor:
         # mask/cache by keyword: a sequence-parallel plan prepares exactly the positional (x, cos, sin).
         h = x + self.attention(self.attention_norm(x), cos, sin, mask=mask, cache=cache, layer_id=self.layer_id)
@@ -361,15 +420,21 @@ class LlamaModel(nn.Module):
         self.norm_out = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, ln, pdt)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, attention_mask: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, *, packed: bool = False) -> Tensor:
         """``positions`` (bs, seqlen) default to ``past .. past + seqlen - 1``; ``attention_mask``
-        (bs, past + seqlen), 1 = real token, 0 = padding; ``past`` = ``cache.length`` (0 without a cache)."""
+        (bs, past + seqlen), 1 = real token, 0 = padding; ``past`` = ``cache.length`` (0 without a cache).
+        ``packed``: each row holds several samples, each starting where ``positions`` is 0; a token
+        attends only to earlier tokens of its own sample."""
         seqlen, past = tokens.shape[1], 0 if cache is None else cache.length
+        if packed and (positions is None or cache is not None or attention_mask is not None):
+            raise ValueError("packed=True takes positions (bs, seqlen) and no cache or attention_mask.")
         if positions is None and past:
             positions = torch.arange(past, past + seqlen, device=tokens.device)  # (seqlen,)
         cos, sin = rope_cos_sin(self.config, seqlen, tokens.device, positions)  # ([bs,] seqlen, head_dim) each
-        mask = None  # training path: SDPA's own causal mask
-        if cache is not None or attention_mask is not None:
+        mask: Tensor | PackedSamples | None = None  # training path: SDPA's own causal mask
+        if packed:
+            mask = packed_samples(positions, varlen=self._use_varlen(tokens))
+        elif cache is not None or attention_mask is not None:
             mask = attention_mask_4d(seqlen, past, attention_mask, tokens.device)
         h = self.tok_embeddings(tokens).to(to_dtype(self.config.compute_dtype))  # (bs, seqlen, hidden)
         for layer in self.layers:
@@ -377,6 +442,12 @@ class LlamaModel(nn.Module):
         if cache is not None:
             cache.length += seqlen
         return self.norm_out(h)
+
+    def _use_varlen(self, tokens: Tensor) -> bool:
+        """Flash attention over variable-length samples: CUDA, half compute, use_flash_attention."""
+        half = to_dtype(self.config.compute_dtype) in (torch.float16, torch.bfloat16)
+        return (tokens.device.type == "cuda" and half and self.config.use_flash_attention
+                and _varlen_attn() is not None)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -450,6 +521,10 @@ class LlamaForCausalLM(nn.Module):
         Decoding (``mftune.generation``): ``cache`` (a ``KVCache``) makes ``input_ids`` the continuation
         of the tokens fed before; ``positions`` (bs, seqlen) and ``attention_mask`` (bs, past + seqlen)
         describe left-padded rows (see ``LlamaModel.forward``). All three None is the training path.
+
+        Packed records (``scripts/llama_preprocess.py --packing``): ``labels`` given with ``positions``
+        (bs, seqlen+1), the records' position ids, restarting at 0 for each sample; every sample is
+        attended to on its own (``PackedSamples``), so its logits are the ones it would get alone.
         """
         cfg = self.config
         if reduction not in ("mean", "sum"):
@@ -457,13 +532,19 @@ class LlamaForCausalLM(nn.Module):
         if labels is not None and cache is not None:
             raise ValueError("labels and cache are exclusive: the KV cache is for decoding, the loss for training.")
         tokens = input_ids if labels is None else input_ids[:, :-1]
+        packed = labels is not None and positions is not None
+        if packed:
+            if positions.shape != input_ids.shape:
+                raise ValueError(f"positions {tuple(positions.shape)} must match input_ids {tuple(input_ids.shape)}.")
+            positions = positions[:, :-1]
         compute = to_dtype(cfg.compute_dtype)
         amp = (
             torch.autocast(device_type=input_ids.device.type, dtype=compute)
             if compute != torch.float32 else nullcontext()
         )
         with amp:
-            hidden = self.model(tokens, positions=positions, attention_mask=attention_mask, cache=cache)
+            hidden = self.model(tokens, positions=positions, attention_mask=attention_mask, cache=cache,
+                                packed=packed)
             logits = self.lm_head(hidden).float()  # (bs, seqlen, vocab)
         if labels is None:
             return logits

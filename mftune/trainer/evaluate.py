@@ -47,7 +47,9 @@ def evaluate(model, data: TrainData, *, device: torch.device, dp_group=None, voc
     try:
         for batch in eval_batches(data, ignore, model.config.pad_token_id):
             with loss_parallel() if vocab_sharded else contextlib.nullcontext():
-                loss_sum, tokens = model(batch["input_ids"].to(device), batch["labels"].to(device), reduction="sum")
+                positions = batch["position_ids"].to(device) if "position_ids" in batch else None  # packed
+                loss_sum, tokens = model(batch["input_ids"].to(device), batch["labels"].to(device), reduction="sum",
+                                         positions=positions)
             total += torch.stack([local(loss_sum).double(), local(tokens).double()])
     finally:
         model.train(was_training)

@@ -351,7 +351,11 @@ def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCont
                         f"(a directory written by scripts/llama_preprocess.py).")
     dataset_dir = loader_cfg.dataset_dir
     if is_raw(dataset_dir):  # tokenized on first use (rank 0), cached in output_dir, reused afterwards
-        dataset_dir = _raw_dataset(cfg, model_config, dist_info, dataset_dir)
+        dataset_dir = _raw_dataset(cfg, model_config, dist_info, dataset_dir, loader_cfg.packing)
+    elif loader_cfg.packing:
+        raise UserError(f"{which}.data_loader.packing=True packs raw data files, but dataset_dir={dataset_dir} "
+                        f"is a tokenized directory, read as written. Pack it with scripts/llama_preprocess.py "
+                        f"--packing, or set packing to False.")
     try:
         data = TrainData(dataset_dir, micro_batch_size=runner.batch_size if train else dataset.batch_size,
                          grad_accum=runner.gradient_accumulation_steps if train else 1,
@@ -386,10 +390,11 @@ def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCont
     return data
 
 
-def _raw_dataset(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext, path: str) -> str:
+def _raw_dataset(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext, path: str,
+                 packing: bool) -> str:
     """The tokenized cache of a raw data file (mftune.data.raw): built by rank 0, read by all."""
     args = (path, cfg.processor.tokenizer.vocab_file, model_config.seq_length,
-            os.path.join(os.path.abspath(cfg.output_dir), "dataset_cache"))
+            os.path.join(os.path.abspath(cfg.output_dir), "dataset_cache"), packing)
     def build() -> str:
         try:
             return cached_dataset(*args)
@@ -487,18 +492,21 @@ def _train_step(micro_batches, lr, *, model, optimizer, scaler, cfg, dist_info: 
     trainable = [p for p in model.parameters() if p.requires_grad]
     dp_group = dist_info.mesh.get_group("dp") if dist_info.dp_size > 1 else None
     fsdp = hasattr(model, "set_requires_gradient_sync")
-    n_tokens = torch.tensor(sum(int((mb["labels"][:, 1:] != ignore).sum()) for mb in micro_batches),
-                            dtype=torch.float64, device=device)
-    if dp_group is not None:
-        dist.all_reduce(n_tokens, group=dp_group)
-    denom = max(float(n_tokens), 1.0)
+    pad = model.config.pad_token_id
+    counts = torch.tensor([[int((mb["labels"][:, 1:] != ignore).sum()), int((mb["input_ids"][:, :-1] != pad).sum())]
+                           for mb in micro_batches], dtype=torch.float64, device=device).sum(0)
+    if dp_group is not None:  # supervised tokens, non-pad input tokens of the global batch
+        dist.all_reduce(counts, group=dp_group)
+    denom = max(float(counts[0]), 1.0)
     vocab_sharded = dist_info.tp_size > 1 and not cfg.parallel_config.vocab_emb_dp
     total = torch.zeros((), device=device)
     for k, mb in enumerate(micro_batches):
         if fsdp:  # reduce-scatter once, after the last micro-batch
             model.set_requires_gradient_sync(k == len(micro_batches) - 1)
         with loss_parallel() if vocab_sharded else contextlib.nullcontext():
-            loss_sum, _ = model(mb["input_ids"].to(device), mb["labels"].to(device), reduction="sum")
+            positions = mb["position_ids"].to(device) if "position_ids" in mb else None  # packed records
+            loss_sum, _ = model(mb["input_ids"].to(device), mb["labels"].to(device), reduction="sum",
+                                positions=positions)
             loss_sum = local(loss_sum)  # a replicated DTensor under loss_parallel
             (loss_sum * (scaler.scale / denom)).backward()
         total += loss_sum.detach()  # no host sync per micro-batch
@@ -519,7 +527,7 @@ def _train_step(micro_batches, lr, *, model, optimizer, scaler, cfg, dist_info: 
     loss_scale = scaler.scale
     scaler.update(overflow)
     return {"loss": float(total) / denom, "lr": lr, "global_norm": norm, "overflow": overflow,
-            "loss_scale": loss_scale}
+            "loss_scale": loss_scale, "real_tokens": int(counts[1])}
 
 
 def _save(saver, model, optimizer, scaler, global_batch_size, *, epoch, step_in_epoch, global_step,

@@ -31,6 +31,7 @@ class StepStats:
     overflow: bool
     loss_scale: float
     tokens: int  # input tokens in the global batch
+    real_tokens: int  # of them, not padding (pad_token_id)
     samples: int  # samples in the global batch
 
 
@@ -46,7 +47,8 @@ class LossMonitor:
 
     Line 1 (sink mode): ``{ Epoch:[  1/  2], step:[    2/ 3250], loss: 1.234, per_step_time: 3141ms,
     lr: [2.05e-07], overflow cond: False, loss_scale: 1.0, global_norm: [0.87]`` (non-sink mode
-    prints ``loss:[cur/epoch mean]``), then mftune's ``, tokens/s: ..., peak_mem: ...MB``.
+    prints ``loss:[cur/epoch mean]``), then mftune's ``, tokens/s: ..., real_tokens/s: ..., peak_mem: ...MB``
+    (tokens/s counts every input position; real_tokens/s only those that are not padding).
     Line 2: ``  12.5% |█████     ...| 10.12345 samples/s/p  0:01:23 }``.
     """
 
@@ -70,7 +72,7 @@ class LossMonitor:
         self._epoch_losses.append(s.loss)
         if s.step % self.per_print_times and s.step != self.total_steps:
             return None
-        tokens_per_s = s.tokens / s.step_seconds
+        tokens_per_s, real_tokens_per_s = s.tokens / s.step_seconds, s.real_tokens / s.step_seconds
         samples_per_s_p = s.samples / self.world_size / s.step_seconds
         peak = peak_memory_mb(self.device)
         if self.sink_mode:
@@ -80,17 +82,19 @@ class LossMonitor:
             loss_text = f"loss:[{s.loss:5.3f}/{mean:5.3f}]"
         logger.info(
             "{ Epoch:[%3d/%3d], step:[%5d/%5d], %s, per_step_time: %dms, lr: [%.6g], "
-            "overflow cond: %s, loss_scale: %s, global_norm: [%.6g], tokens/s: %.1f, peak_mem: %.1fMB",
+            "overflow cond: %s, loss_scale: %s, global_norm: [%.6g], tokens/s: %.1f, real_tokens/s: %.1f, "
+            "peak_mem: %.1fMB",
             s.epoch, self.epochs, s.step_in_epoch, self.steps_per_epoch, loss_text,
             int(s.step_seconds * 1000), s.lr, s.overflow, s.loss_scale, s.global_norm,
-            tokens_per_s, peak)
+            tokens_per_s, real_tokens_per_s, peak)
         done = s.step / self.total_steps
         bar = "█" * int(done * 50)
         eta = datetime.timedelta(seconds=int((self.total_steps - s.step) * s.step_seconds))
         logger.info("  %4.1f%% |%-50s| %.5f samples/s/p  %s }", done * 100, bar, samples_per_s_p, eta)
         record = {
             "step": s.step, "epoch": s.epoch, "step_in_epoch": s.step_in_epoch, "loss": s.loss,
-            "lr": s.lr, "tokens_per_s": tokens_per_s, "samples_per_s_per_rank": samples_per_s_p,
+            "lr": s.lr, "tokens_per_s": tokens_per_s,
+            "real_tokens_per_s": real_tokens_per_s, "samples_per_s_per_rank": samples_per_s_p,
             "step_time_ms": s.step_seconds * 1000, "global_norm": s.global_norm,
             "overflow": s.overflow, "loss_scale": s.loss_scale, "peak_mem_mb": peak,
         }
