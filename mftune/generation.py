@@ -21,7 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from mftune.models.llama import KVCache
 
@@ -142,6 +144,10 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     ``generator`` (on the model's device) makes sampling reproducible; None draws from torch's global RNG.
     The model runs in eval mode (LoRA dropout off) and gets its previous mode back; LoRA layers work
     merged or unmerged. One ``KVCache`` of ``longest prompt + largest budget`` slots serves the batch.
+
+    Parallel (a model split by ``mftune.parallel``, sequence parallel off): every rank calls this
+    with the same prompts; vocabulary-sharded logits are gathered, and rank 0's tokens are
+    broadcast each step, so every rank feeds the same tokens and stops at the same step.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts is invalid: give at least one prompt, each with at least one token "
@@ -168,19 +174,25 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
 
     feed, attention_mask = ids, valid
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (bs, prompt_len); padding's value is never read
+    parallel = dist.is_initialized() and dist.get_world_size() > 1
     was_training = model.training
     model.eval()
     try:
         for step in range(steps):
             if bool(done.all()):
                 break
-            logits = model(feed, positions=positions, attention_mask=attention_mask, cache=cache)[:, -1]
+            logits = model(feed, positions=positions, attention_mask=attention_mask, cache=cache)
+            if isinstance(logits, DTensor):  # vocabulary-parallel lm_head
+                logits = logits[:, -1:].full_tensor()
+            logits = logits[:, -1]  # (bs, vocab)
             scores = process_logits(logits, history, seen, do_sample=do_sample, top_k=top_k, top_p=top_p,
                                     temperature=temperature, repetition_penalty=repetition_penalty)
             if do_sample:
                 token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)  # (bs,)
             else:
                 token = scores.argmax(dim=-1)  # (bs,)
+            if parallel:  # identical on every rank in exact arithmetic; make it so in floating point
+                dist.broadcast(token, src=0)
             alive = ~done
             token = torch.where(alive, token, pad_token_id)  # finished rows are fed padding, never read
             history[:, prompt_len + step], seen[:, prompt_len + step] = token, alive

@@ -237,12 +237,19 @@ def random_scores_and_history(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
     return scores, history, pad_lengths
 
 
+def per_row(processors: list, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``processors(prompt_ignore_length)`` applied row by row (transformers < 5.23 takes one int)."""
+    return torch.cat([LogitsProcessorList(processors(i))(history[i:i + 1], scores[i:i + 1].clone())
+                      for i in range(scores.shape[0])])
+
+
 def test_repetition_penalty_matches_transformers() -> None:
     """Expected: RepetitionPenaltyLogitsProcessor(prompt_ignore_length=padding), i.e. padding not penalised."""
     scores, history, pad_lengths = random_scores_and_history()
     valid = torch.arange(12)[None, :] >= pad_lengths[:, None]
     for penalty in (1.3, 0.7):
-        ref = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=pad_lengths)(history, scores.clone())
+        ref = per_row(lambda i: [RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=int(pad_lengths[i]))],
+                      history, scores)
         ours = apply_repetition_penalty(scores, history, valid, penalty)
         assert torch.equal(ours, ref)
         assert not torch.equal(ours, scores)
@@ -265,10 +272,12 @@ def test_processor_chain_matches_transformers(do_sample: bool) -> None:
     """Expected: transformers' chain in generate's order (penalty; when sampling temperature, top-k, top-p)."""
     scores, history, pad_lengths = random_scores_and_history(3)
     valid = torch.arange(12)[None, :] >= pad_lengths[:, None]
-    chain = [RepetitionPenaltyLogitsProcessor(1.2, prompt_ignore_length=pad_lengths)]
-    if do_sample:
-        chain += [TemperatureLogitsWarper(0.7), TopKLogitsWarper(30), TopPLogitsWarper(0.8)]
-    ref = LogitsProcessorList(chain)(history, scores.clone())
+
+    def chain(i: int) -> list:
+        penalty = [RepetitionPenaltyLogitsProcessor(1.2, prompt_ignore_length=int(pad_lengths[i]))]
+        return penalty + ([TemperatureLogitsWarper(0.7), TopKLogitsWarper(30), TopPLogitsWarper(0.8)] if do_sample else [])
+
+    ref = per_row(chain, history, scores)
     ours = process_logits(scores, history, valid, do_sample=do_sample, top_k=30, top_p=0.8, temperature=0.7,
                           repetition_penalty=1.2)
     assert torch.equal(ours, ref)

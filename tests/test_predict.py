@@ -86,3 +86,30 @@ def test_predict_mistakes_exit_2(setup, tmp_path, args, expect):
     _, config, _, _ = setup
     r = _predict(config, tmp_path, *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr and expect in r.stderr, r.stderr[-2000:]
+
+
+def test_predict_on_4_ranks_equals_one_process(setup, tmp_path):
+    """(dp 2 x mp 2) with FSDP2, the vocabulary-parallel lm_head and use_seq_parallel (switched off
+    for decoding): the same greedy tokens as transformers' generate; rank 0 writes the results."""
+    d, config, hf, tokenizer = setup
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import parallel_parity as pp
+
+    args = ["run_finetune.py", "--config", str(config), "--run_mode", "predict", "--use_parallel", "True",
+            "--output_dir", str(tmp_path), "--predict_data", *[f"'{p}'" for p in PROMPTS], "--predict_batch_size", "2",
+            "--parallel_config.data_parallel", "2", "--parallel_config.model_parallel", "2",
+            "--parallel.enable_parallel_optimizer", "True", "--parallel_config.use_seq_parallel", "True",
+            "--parallel_config.vocab_emb_dp", "False"]
+    r = subprocess.run(["bash", "scripts/launcher.sh", " ".join(args), "4", str(pp.free_port()),
+                        str(tmp_path / "msrun_log"), "True", "600"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with open(tmp_path / "predict_results.jsonl") as f:
+        results = [json.loads(line) for line in f]
+    assert [x["prompt"] for x in results] == PROMPTS
+    for x in results:
+        ids = tokenizer.encode(x["prompt"], add_bos=True)
+        expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               do_sample=False, max_new_tokens=24 - len(ids), eos_token_id=2, pad_token_id=0)
+        assert x["output_ids"] == expected[0, len(ids):].tolist()
+    with open(tmp_path / "log" / "rank_0" / "info.log") as f:
+        assert "use_seq_parallel is off" in f.read()

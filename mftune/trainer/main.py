@@ -172,9 +172,6 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext) -
 def _predict(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext, output_dir: str) -> int:
     """``run_mode predict`` (mftune.trainer.predict): the model as fine-tuned (pet_config applied,
     load_checkpoint loaded), the prompts of ``input_data``, results in predict_results.jsonl."""
-    if dist_info.world_size > 1:
-        raise UserError("run_mode predict runs in one process in this version: run python run_finetune.py "
-                        "--run_mode predict --use_parallel False (without the launcher).")
     vocab_file = cfg.processor.tokenizer.vocab_file
     if not vocab_file:
         raise UserError("processor.tokenizer.vocab_file is empty: run_mode predict needs the tokenizer "
@@ -187,7 +184,7 @@ def _predict(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContex
     model, _, _ = build_model(cfg, model_config, dist_info)
     try:
         predict(model, tokenizer, prompts, model.config, batch_size=cfg.predict_batch_size or model_config.batch_size,
-                output_dir=output_dir, seed=cfg.seed)
+                output_dir=output_dir, seed=cfg.seed, is_main=dist_info.is_main)
     except ValueError as exc:  # generation settings, prompts longer than max_decode_length
         raise UserError(str(exc)) from None
     return 0
@@ -290,9 +287,13 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCon
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     recompute = cfg.recompute_config.recompute or cfg.recompute_config.select_recompute
+    seq_parallel = cfg.parallel_config.use_seq_parallel
+    if seq_parallel and cfg.run_mode == "predict" and dist_info.tp_size > 1:
+        logger.info("run_mode predict: use_seq_parallel is off (decoding feeds one token at a time)")
+        seq_parallel = False
     if dist_info.mesh is not None:
         parallelize(model, dist_info, vocab_emb_dp=cfg.parallel_config.vocab_emb_dp,
-                    use_seq_parallel=cfg.parallel_config.use_seq_parallel,
+                    use_seq_parallel=seq_parallel,
                     parallel_optimizer=cfg.parallel.enable_parallel_optimizer, recompute=recompute,
                     compute_dtype=to_dtype(model_config.compute_dtype))
     elif recompute:

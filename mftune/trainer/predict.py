@@ -8,7 +8,9 @@ tokenized with ``processor.tokenizer`` (bos added), the prompts are generated in
 ``do_sample``, ``top_k``, ``top_p``, ``temperature``, ``repetition_penalty`` and
 ``max_decode_length`` (prompt + generated tokens, MindFormers' meaning) and a KV cache. LoRA
 adapters are applied unmerged (merge them with scripts/transform_ckpt_lora.py to predict from a
-plain model; the outputs are the same). Every prompt's result is printed and written to
+plain model; the outputs are the same). On several ranks (``use_parallel``, any data/model
+parallel layout; sequence parallel is switched off, decoding feeds one token at a time) every rank
+generates every prompt in lockstep and rank 0 reports. Every prompt's result is printed and written to
 ``<output_dir>/predict_results.jsonl``: ``prompt``, ``input_ids`` (as fed to the model),
 ``output_ids`` (generated ids only, eos included when produced) and ``text``.
 """
@@ -61,8 +63,9 @@ def _prompts_file(path: str) -> list[str]:
 
 
 def predict(model, tokenizer: LlamaTokenizer, prompts: list[str], model_config, *, batch_size: int,
-            output_dir: str, seed: int) -> list[dict]:
-    """Generate for every prompt; print each result and write ``predict_results.jsonl``."""
+            output_dir: str, seed: int, is_main: bool = True) -> list[dict]:
+    """Generate for every prompt; print each result and write ``predict_results.jsonl`` (``is_main``:
+    on several ranks every rank generates the same, rank 0 prints and writes)."""
     mc = model_config
     ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
     budgets = max_new_tokens_for(ids, mc.max_decode_length)
@@ -76,13 +79,15 @@ def predict(model, tokenizer: LlamaTokenizer, prompts: list[str], model_config, 
         for prompt, prompt_ids, out in zip(prompts[i:i + batch_size], ids[i:i + batch_size], outputs):
             text = tokenizer.decode(out)
             results.append({"prompt": prompt, "input_ids": prompt_ids, "output_ids": out, "text": text})
-            print(f"prompt: {prompt}\noutput: {text}\n", flush=True)
+            if is_main:
+                print(f"prompt: {prompt}\noutput: {text}\n", flush=True)
     seconds = time.perf_counter() - start
     tokens = sum(len(r["output_ids"]) for r in results)
     path = os.path.join(output_dir, RESULTS)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in results:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    if is_main:
+        with open(path, "w", encoding="utf-8") as f:
+            for r in results:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
     logger.info("Predicted %d prompts (%d new tokens, %.1f tokens/s) -> %s", len(results), tokens,
                 tokens / max(seconds, 1e-9), path)
     return results
