@@ -101,7 +101,7 @@ def check_correctness(device) -> None:
             model.model._use_varlen = lambda tokens: False
         model.zero_grad()
         total, count = model(packed["input_ids"], packed["labels"], reduction="sum",
-                             positions=packed["position_ids"])
+                             positions=packed["position_ids"], packed=True)
         total.backward()
         got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         model.zero_grad()
@@ -131,7 +131,8 @@ def run_mftune(config, data, steps, device) -> float:
         if i == 2:
             torch.cuda.synchronize(device) if device.type == "cuda" else None
             start, real = time.perf_counter(), 0
-        loss, n = model(b["input_ids"], b["labels"], reduction="sum", positions=b.get("position_ids"))
+        loss, n = model(b["input_ids"], b["labels"], reduction="sum", positions=b.get("position_ids"),
+                        packed="position_ids" in b)
         (loss / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -25,7 +25,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mftune.data.preprocess import conversation_prompt, conversation_turns, convert_alpaca, write_json_atomic  # noqa: E402
+from mftune.data.preprocess import (conversation_prompt, conversation_turns, convert_alpaca,  # noqa: E402
+                                    write_json_atomic)
 from mftune.data.sample import generate_records, train_sample_tokenizer  # noqa: E402
 from mftune.data.tokenizer import LlamaTokenizer  # noqa: E402
 

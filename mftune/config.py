@@ -79,7 +79,7 @@ class DataLoaderConfig:
 class DatasetConfig:
     data_loader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
     input_columns: list[str] = field(default_factory=lambda: ["input_ids", "labels"])  # see docs/config.md
-    num_parallel_workers: int = 8  # accepted; the loader runs in-process
+    num_parallel_workers: int = 8  # processes tokenizing a raw data file (one per 5,000 records at most)
     python_multiprocessing: bool = False  # accepted, unused
     drop_remainder: bool = True  # drop the last incomplete global batch
     batch_size: int = 1  # overwritten by runner_config.batch_size (as in MindFormers)
@@ -262,7 +262,7 @@ IGNORED_KEYS: tuple[str, ...] = (
     "recompute_config.parallel_optimizer_comm_recompute",
     "recompute_config.mp_comm_recompute", "recompute_config.recompute_slice_activation",
     "runner_config.sink_size",  # one batch per step; see docs/config.md "Sink mode"
-    "*_dataset.num_parallel_workers", "*_dataset.python_multiprocessing", "*_dataset.numa_enable",
+    "*_dataset.python_multiprocessing", "*_dataset.numa_enable",
     "*_dataset.prefetch_size", "*_dataset.repeat", "*_dataset.seed",
     "processor.return_tensors",
     "*callbacks.*.save_checkpoint_seconds", "*callbacks.*.keep_checkpoint_per_n_minutes",

@@ -150,6 +150,7 @@ def _check_training(c: _Checker) -> None:
     for ds in ("train_dataset", "eval_dataset"):
         c.at_least(f"{ds}.batch_size", 1, "Use e.g. batch_size: 1.")
         c.at_least(f"{ds}.data_loader.num_samples", 1, "Remove it to use every record.")
+        c.at_least(f"{ds}.num_parallel_workers", 1, "Use e.g. num_parallel_workers: 8.")
     in_01 = (lambda v: 0 <= v < 1)
     c.rule("optimizer.learning_rate", lambda v: v >= 0, "must be >= 0", "Use e.g. learning_rate: 1.e-5.")
     c.rule("optimizer.eps", lambda v: v > 0, "must be > 0", "Use eps: 1.e-8.")
@@ -225,9 +226,11 @@ def check_files(cfg: MFConfig, errors: list[str]) -> None:
         if not _get(cfg, key):
             purpose = "evaluation" if flag == "eval" else f"run_mode {cfg.run_mode}"
             errors.append(invalid(key, "", f"{purpose} needs a dataset",
-                                  f"Pass --{flag}_dataset_dir DIR (a directory written by scripts/llama_preprocess.py)."))
+                                  f"Pass --{flag}_dataset_dir DIR (a directory written by scripts/llama_preprocess.py, "
+                                  f"or a raw .json / .jsonl / .parquet file with processor.tokenizer.vocab_file set)."))
         else:
-            must_exist(key, f"--{flag}_dataset_dir", "a directory written by scripts/llama_preprocess.py")
+            must_exist(key, f"--{flag}_dataset_dir", "a directory written by scripts/llama_preprocess.py or a raw "
+                       ".json / .jsonl / .parquet file")
 
 
 # ----------------------------------------------------------------------------- MindFormers' rewrites

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from mftune.models.llama import KVCache
+from mftune.models.attention import KVCache
 
 
 def max_new_tokens_for(prompts: Sequence[Sequence[int]], max_decode_length: int) -> list[int]:

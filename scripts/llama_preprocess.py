@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_file", type=str, required=True, help="SentencePiece tokenizer.model")
     p.add_argument("--file_partition", type=int, default=1, help="number of Arrow shards in the output")
     p.add_argument("--repeat", type=int, default=1, help="wiki: repeat the token stream this many times")
-    p.add_argument("--samples_num", type=int, default=None, help="keep at most this many records (default: all)")
+    p.add_argument("--samples_num", type=int, default=None,
+                   help="keep at most this many records (default: all); with --packing, conversations before packing")
     p.add_argument("--seq_length", type=int, default=2048, help="records are seq_length + 1 tokens")
     p.add_argument("--on_error", choices=["skip", "fail"], default="skip",
                    help="malformed record: skip it and count it (default), or stop with exit status 2")

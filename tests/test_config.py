@@ -575,7 +575,7 @@ def test_ignored_keys_logged_once_and_only_those_present(tmp_path, caplog):
         context: {mode: 0, max_device_memory: 59GB}
         profile: False
         callbacks: [{type: MFLossMonitor}, {type: ObsMonitor}]
-        train_dataset: {num_parallel_workers: 8, data_loader: {dataset_dir: ''}}
+        train_dataset: {python_multiprocessing: True, data_loader: {dataset_dir: ''}}
     """)
     with caplog.at_level(logging.INFO, logger="mftune"):
         load_config(path, {"run_mode": "predict"})
@@ -584,7 +584,7 @@ def test_ignored_keys_logged_once_and_only_those_present(tmp_path, caplog):
     line = lines[0]
     assert line.startswith("Ignored on this backend (no effect): ")
     for key in ("context.{mode, max_device_memory}", "profile", "callbacks[1] (ObsMonitor)",
-                "train_dataset.num_parallel_workers"):
+                "train_dataset.python_multiprocessing"):
         assert key in line
     for absent in ("remote_save_url", "auto_tune", "layer_decay", "eval_dataset"):
         assert absent not in line

@@ -20,7 +20,8 @@ import torch
 
 from mftune.data import IGNORE_TOKEN_ID, LlamaTokenizer, TrainData, tokenize_prompt, train_sentencepiece
 from mftune.data.conversation import PROMPT_DICT, alpaca_prompt, vicuna_prompt
-from mftune.data.preprocess import conversation_prompt, conversation_turns, preprocess_qa
+from mftune.data.preprocess import (conversation_prompt, conversation_turns, preprocess_qa, tokenize_prompt,
+                                    tokenize_prompts)
 from mftune.data.sample import generate_records, load_sample_records, train_sample_tokenizer, write_tokenizer_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,6 +207,24 @@ def test_truncation_and_full_masking(tmp_path, tok):
     assert long_labels[-1] == long_ids[-1]  # answer tokens kept up to the cut
     assert set(ds[1]["labels"]) == {IGNORE_TOKEN_ID}
     assert s.positions == 3 * (SEQ + 1) and 0 < s.ignored_labels < s.positions
+
+
+def test_batched_tokenization_equals_one_prompt_at_a_time(tok):
+    """tokenize_prompts encodes a whole batch in two calls: every prompt's ids and labels must be what
+    it gets alone, also after a round with 0 or 2 " ASSISTANT: " separators, several rounds or a cut."""
+    turns = {
+        "multi": [(0, "Add these numbers."), (1, "7"), (0, "And double it?"), (1, "14")],
+        "two_seps": [(0, "Say it."), (1, "x ASSISTANT: y")],
+        "long": [(0, "Repeat the word."), (1, " ".join(["apple"] * 60))],
+        "plain": [(0, "Convert to uppercase."), (1, "CAT DOG")],
+    }
+    prompts = [conversation_prompt(t) for t in turns.values()]
+    prompts.insert(1, "no separator here</s>USER: q ASSISTANT: a</s>")  # a first round without " ASSISTANT: "
+    for record_length in (SEQ + 1, 40):
+        batch = tokenize_prompts(prompts, tok, record_length)
+        assert batch == [tokenize_prompt(p, tok, record_length) for p in prompts]
+    supervised = [any(x != IGNORE_TOKEN_ID for x in t.labels) for t in tokenize_prompts(prompts, tok, SEQ + 1)]
+    assert supervised == [True, False, False, True, True]  # the two malformed rounds mask their whole sample
 
 
 MALFORMED = [

@@ -20,7 +20,8 @@ from mftune.generation import (
     max_new_tokens_for,
     process_logits,
 )
-from mftune.models.llama import KVCache, LlamaForCausalLM
+from mftune.models.attention import KVCache
+from mftune.models.llama import LlamaForCausalLM
 from mftune.pet import get_pet_model, lora_layers, merge_lora
 
 transformers = pytest.importorskip("transformers")

@@ -113,3 +113,5 @@ def test_predict_on_4_ranks_equals_one_process(setup, tmp_path):
         assert x["output_ids"] == expected[0, len(ids):].tolist()
     with open(tmp_path / "log" / "rank_0" / "info.log") as f:
         assert "use_seq_parallel is off" in f.read()
+    workers = [(tmp_path / "msrun_log" / f"worker_{r}.log").read_text() for r in range(4)]
+    assert "output: " in workers[0] and not any("output: " in w for w in workers[1:])  # rank 0 reports

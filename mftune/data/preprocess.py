@@ -298,11 +298,23 @@ def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return pc.list_flatten(column).to_numpy(zero_copy_only=False), starts
 
 
+def _records_column(a: np.ndarray) -> pa.ChunkedArray:
+    """Rows of a 2-D int32 array as an Arrow list column, in chunks whose int32 offsets cannot overflow."""
+    rows = max(1, (2**31 - 1) // max(1, a.shape[1]))
+    chunks = []
+    for start in range(0, a.shape[0], rows):
+        block = a[start:start + rows]
+        offsets = np.arange(0, block.size + 1, a.shape[1], dtype=np.int64).astype(np.int32)
+        chunks.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(block.ravel())))
+    return pa.chunked_array(chunks, type=pa.list_(pa.int32()))
+
+
 def pack_dataset(ds: datasets.Dataset, record_length: int, pad_id: int) -> datasets.Dataset:
     """Unpadded samples (``input_ids``, ``labels``) -> records of ``record_length`` holding several
     samples each, plus ``position_ids`` restarting at 0 for every sample (and for the padding tail,
     whose labels are -100). A sample's first label is always -100 (<s>), so no token learns to
     predict across a boundary; the model attends within each sample (``LlamaForCausalLM`` packed path)."""
+    ds = ds.flatten_indices() if ds._indices is not None else ds  # read the selected rows only
     ids, starts = _flat(ds.data.column("input_ids"))
     labels, _ = _flat(ds.data.column("labels"))
     lengths = pc.list_value_length(ds.data.column("input_ids")).to_numpy(zero_copy_only=False)
@@ -321,11 +333,8 @@ def pack_dataset(ds: datasets.Dataset, record_length: int, pad_id: int) -> datas
             at += n
         out_pos[r, at:] = arange[:record_length - at]
 
-    def column(a: np.ndarray) -> pa.ListArray:
-        offsets = np.arange(0, a.size + 1, record_length, dtype=np.int32)
-        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(a.ravel()))
-
-    table = pa.table({"input_ids": column(out_ids), "labels": column(out_labels), "position_ids": column(out_pos)})
+    table = pa.table({"input_ids": _records_column(out_ids), "labels": _records_column(out_labels),
+                      "position_ids": _records_column(out_pos)})
     return datasets.Dataset(table).cast(datasets.Features({c: _INT_LIST for c in table.column_names}))
 
 
@@ -442,6 +451,9 @@ def preprocess_wiki(input_files: list[str], tokenizer: LlamaTokenizer, seq_lengt
         with open(path, encoding="utf-8") as f:
             paragraphs += [p for p in clean_wikitext(f.read()).split("\n\n") if p and not p.strip().startswith("=")]
     n = seq_length + 1
+    if not paragraphs:
+        raise DataError(f"{', '.join(input_files)} hold no text paragraphs (only blank or '= heading =' lines), "
+                        f"fewer than one record of seq_length + 1 = {n} tokens. Pass files with text.")
     start = time.perf_counter()
     with _atomic_output(output_dir) as (work, final):
         ds = datasets.Dataset.from_dict({"text": paragraphs},
@@ -458,9 +470,7 @@ def preprocess_wiki(input_files: list[str], tokenizer: LlamaTokenizer, seq_lengt
         if records == 0:
             raise DataError(f"{', '.join(input_files)} hold {len(content)} tokens, fewer than one record of "
                             f"seq_length + 1 = {n}. Pass more text or a smaller --seq_length.")
-        chunks = content[:records * n].astype(np.int32)
-        offsets = pa.array(np.arange(0, chunks.size + 1, n, dtype=np.int32))
-        table = pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(chunks))})
+        table = pa.table({"input_ids": _records_column(content[:records * n].astype(np.int32).reshape(records, n))})
         out = datasets.Dataset(table).cast(datasets.Features({"input_ids": _INT_LIST}))
         summary = Summary(records=records, samples=len(paragraphs), tokens=records * n, positions=records * n,
                           seconds=time.perf_counter() - start)

@@ -61,9 +61,13 @@ def cache_key(path: str, vocab_file: str, seq_length: int, packing: bool = False
     return digest.hexdigest()[:16]
 
 
+RECORDS_PER_PROCESS = 5000  # below this a tokenizer process costs more to start than it saves
+
+
 def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_root: str,
-                   packing: bool = False) -> str:
-    """The dataset directory for raw ``path`` (built now unless cached); DataError names the fix."""
+                   packing: bool = False, num_proc: int = 1) -> str:
+    """The dataset directory for raw ``path`` (built now unless cached, with up to ``num_proc``
+    tokenizer processes); DataError names the fix."""
     if not vocab_file:
         raise DataError(f"dataset_dir={path} is a raw data file: tokenizing it needs processor.tokenizer.vocab_file "
                         f"(the tokenizer.model). Set it, or preprocess with scripts/llama_preprocess.py.")
@@ -81,7 +85,8 @@ def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_roo
         conv = os.path.join(tmp, "conversations.json")
         with open(conv, "w", encoding="utf-8") as f:
             json.dump(records, f, ensure_ascii=False)
-        summary = preprocess_qa([conv], load_tokenizer(vocab_file), seq_length, out, packing=packing)
+        summary = preprocess_qa([conv], load_tokenizer(vocab_file), seq_length, out, packing=packing,
+                                num_proc=max(1, min(num_proc, len(records) // RECORDS_PER_PROCESS)))
     logger.info("Dataset %s (%s records) tokenized into %s: %s", path, "alpaca" if alpaca else "conversation",
                 out, summary.line())
     return out

@@ -1,3 +1,4 @@
-from mftune.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
+from mftune.models.attention import KVCache
+from mftune.models.llama import LlamaConfig, LlamaForCausalLM
 
 __all__ = ["KVCache", "LlamaConfig", "LlamaForCausalLM"]

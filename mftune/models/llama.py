@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import inspect
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mftune.models.attention import KVCache, PackedSamples, _varlen_attn, attention_mask_4d, packed_samples
 
 # Every dtype string mftune accepts (any case): the one table that the model, config validation
 # (mftune.config_checks), pet_config (mftune.pet.config) and the HF config translation
@@ -225,103 +226,6 @@ class LlamaEmbedding(nn.Module):
         return F.embedding(input_ids, self.embedding_weight)  # (bs, seqlen, hidden)
 
 
-class KVCache:
-    """Keys and values of past positions for incremental decoding (MindFormers ``use_past``).
-
-    One ``(bs, n_kv_heads, max_len, head_dim)`` buffer per layer for keys and one for values, allocated
-    on a layer's first ``update`` with the shape, dtype and device of its keys (so local heads under a
-    tensor-parallel plan, bf16 under autocast). Slots are shared by the batch: slot ``t`` of every row
-    holds the ``t``-th token fed to the model, padding included; which slots a row may attend to is the
-    caller's ``attention_mask``. ``length`` counts the slots filled by earlier forwards; the model
-    advances it after each forward.
-    """
-
-    def __init__(self, num_layers: int, max_len: int) -> None:
-        self.max_len, self.length = max_len, 0
-        self.k: list[Tensor | None] = [None] * num_layers
-        self.v: list[Tensor | None] = [None] * num_layers
-
-    def update(self, layer_id: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write ``k``/``v`` (bs, n_kv_heads, seqlen, head_dim) at slots ``length..``; return every filled slot."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KVCache holds {self.max_len} positions; {start} are filled and {k.shape[2]} more "
-                             "were fed. Build the cache with a larger max_len.")
-        if self.k[layer_id] is None:
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.k[layer_id] = k.new_empty(shape)
-            self.v[layer_id] = v.new_empty(shape[:3] + (v.shape[3],))
-        ck, cv = self.k[layer_id], self.v[layer_id]
-        ck[:, :, start:end], cv[:, :, start:end] = k, v
-        return ck[:, :, :end], cv[:, :, :end]  # (bs, n_kv_heads, end, head_dim)
-
-
-def attention_mask_4d(seqlen: int, past: int, key_padding: Tensor | None, device: torch.device) -> Tensor:
-    """Boolean SDPA mask ``(bs | 1, 1, seqlen, past + seqlen)``; True = may attend.
-
-    Query ``i`` sits in slot ``past + i`` and sees slots ``<= past + i`` (causal) whose ``key_padding``
-    ``(bs, past + seqlen)`` entry is nonzero. A query always sees its own slot, so a padding query
-    (whose output nobody reads) never has an all-masked row, which SDPA would turn into NaN.
-    """
-    q_slot = torch.arange(past, past + seqlen, device=device)[:, None]  # (seqlen, 1)
-    k_slot = torch.arange(past + seqlen, device=device)[None, :]  # (1, past + seqlen)
-    mask = k_slot <= q_slot  # (seqlen, past + seqlen)
-    if key_padding is not None:
-        mask = (mask & key_padding.bool()[:, None, :]) | (k_slot == q_slot)  # (bs, seqlen, past + seqlen)
-    return mask.unsqueeze(-3) if mask.dim() == 3 else mask[None, None]
-
-
-@dataclass
-class PackedSamples:
-    """Where the samples of packed records start, for attention that stays inside each sample.
-
-    Built once per forward by ``packed_samples`` from the records' position ids (a sample starts
-    where its position id is 0) and shared by every layer. ``mask``: boolean SDPA mask
-    ``(bs, 1, seqlen, seqlen)``, causal within a sample (any device). ``cu_seqlens``/``max_len``:
-    the same samples over the flattened batch for ``torch.nn.attention.varlen.varlen_attn`` (flash
-    attention without a mask; CUDA, half precision), set only when that kernel can run.
-    """
-
-    mask: Tensor | None = None
-    cu_seqlens: Tensor | None = None
-    max_len: int = 0
-
-
-@functools.cache
-def _varlen_attn() -> Callable | None:
-    """``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10) as ``f(q, k, v, cu_seqlens, max_len)``
-    for causal attention over ``(tokens, heads, head_dim)`` inputs; None where torch lacks it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    gqa = "enable_gqa" in params
-
-    def attend(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
-        if k.shape[1] != q.shape[1] and not gqa:  # older signature: repeat the key/value heads
-            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-        extra = {"enable_gqa": k.shape[1] != q.shape[1]} if gqa else {}
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **causal, **extra)
-
-    return attend
-
-
-def packed_samples(positions: Tensor, *, varlen: bool) -> PackedSamples:
-    """``PackedSamples`` of ``positions`` (bs, seqlen): a new sample starts at every 0 and at each row start."""
-    bs, seqlen = positions.shape
-    starts = positions == 0
-    starts[:, 0] = True
-    if varlen:
-        flat = torch.nonzero(starts.flatten()).flatten().to(torch.int32)  # (num_samples,)
-        cu = torch.cat([flat, flat.new_tensor([bs * seqlen])])
-        return PackedSamples(cu_seqlens=cu, max_len=int((cu[1:] - cu[:-1]).max()))
-    sample = starts.cumsum(dim=1)  # (bs, seqlen) sample index within the row
-    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=positions.device).tril()
-    return PackedSamples(mask=((sample[:, :, None] == sample[:, None, :]) & causal).unsqueeze(1))
-
-
 class LLamaAttention(nn.Module):
     """Causal self-attention with RoPE and grouped-query attention (``n_kv_heads`` <= ``num_heads``).
 
@@ -444,10 +348,14 @@ class LlamaModel(nn.Module):
         return self.norm_out(h)
 
     def _use_varlen(self, tokens: Tensor) -> bool:
-        """Flash attention over variable-length samples: CUDA, half compute, use_flash_attention."""
-        half = to_dtype(self.config.compute_dtype) in (torch.float16, torch.bfloat16)
-        return (tokens.device.type == "cuda" and half and self.config.use_flash_attention
-                and _varlen_attn() is not None)
+        """Flash attention over variable-length samples: CUDA Ampere or newer, half compute, a head_dim
+        flash supports (multiple of 8, <= 256), use_flash_attention; else the SDPA mask."""
+        cfg = self.config
+        if not (tokens.device.type == "cuda" and cfg.use_flash_attention and _varlen_attn() is not None
+                and to_dtype(cfg.compute_dtype) in (torch.float16, torch.bfloat16)
+                and cfg.head_dim % 8 == 0 and cfg.head_dim <= 256):
+            return False
+        return torch.cuda.get_device_capability(tokens.device) >= (8, 0)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -505,6 +413,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self, input_ids: Tensor, labels: Tensor | None = None, reduction: Literal["mean", "sum"] = "mean", *,
         positions: Tensor | None = None, attention_mask: Tensor | None = None, cache: KVCache | None = None,
+        packed: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits, or the next-token loss.
 
@@ -522,9 +431,10 @@ class LlamaForCausalLM(nn.Module):
         of the tokens fed before; ``positions`` (bs, seqlen) and ``attention_mask`` (bs, past + seqlen)
         describe left-padded rows (see ``LlamaModel.forward``). All three None is the training path.
 
-        Packed records (``scripts/llama_preprocess.py --packing``): ``labels`` given with ``positions``
-        (bs, seqlen+1), the records' position ids, restarting at 0 for each sample; every sample is
-        attended to on its own (``PackedSamples``), so its logits are the ones it would get alone.
+        Packed records (``scripts/llama_preprocess.py --packing``): ``packed=True`` with ``positions``,
+        the records' position ids (the shape of ``input_ids``), restarting at 0 for each sample; every
+        sample is attended to on its own (``PackedSamples``), so its logits and loss are the ones it
+        gets alone.
         """
         cfg = self.config
         if reduction not in ("mean", "sum"):
@@ -532,11 +442,13 @@ class LlamaForCausalLM(nn.Module):
         if labels is not None and cache is not None:
             raise ValueError("labels and cache are exclusive: the KV cache is for decoding, the loss for training.")
         tokens = input_ids if labels is None else input_ids[:, :-1]
-        packed = labels is not None and positions is not None
         if packed:
-            if positions.shape != input_ids.shape:
-                raise ValueError(f"positions {tuple(positions.shape)} must match input_ids {tuple(input_ids.shape)}.")
-            positions = positions[:, :-1]
+            if positions is None or positions.shape != input_ids.shape:
+                raise ValueError(f"packed=True needs positions of input_ids' shape {tuple(input_ids.shape)}, got "
+                                 f"{None if positions is None else tuple(positions.shape)}.")
+            positions = positions if labels is None else positions[:, :-1]
+        elif labels is not None and positions is not None:
+            raise ValueError("positions with labels are the position ids of packed records: pass packed=True.")
         compute = to_dtype(cfg.compute_dtype)
         amp = (
             torch.autocast(device_type=input_ids.device.type, dtype=compute)

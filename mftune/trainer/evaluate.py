@@ -4,7 +4,8 @@ Every record of the eval dataset is read exactly once, split over the data-paral
 micro-batches of ``batch_size`` records (a last, partial step is filled with repeated records whose
 labels are all ignored, so every rank runs the same shapes and nothing is counted twice). The loss
 is summed over every supervised next-token position (labels != ``ignore_token_id``; a dataset with
-``input_ids`` only is scored on all of them but ``pad_token_id``, as MindFormers' input mask) and divided by their number once, over all ranks:
+``input_ids`` only is scored on all of them but ``pad_token_id``, as MindFormers' input mask) and
+divided by their number once, over all ranks:
 ``loss = sum / tokens``, ``PPL = exp(loss)`` (MindFormers' PerplexityMetric, token-weighted).
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ from mftune.parallel.layout import local
 logger = logging.getLogger("mftune")
 
 
-def eval_batches(data: TrainData, ignore_token_id: int, pad_token_id: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def eval_batches(data: TrainData, ignore_token_id: int,
+                 pad_token_id: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """This data-parallel rank's micro-batches covering each record once (see the module docstring).
     A dataset without labels is scored on its input_ids except ``pad_token_id`` (MindFormers' input mask)."""
     mb, step, n = data.micro_batch_size, data.micro_batch_size * data.dp_size, data.num_records
@@ -49,7 +51,7 @@ def evaluate(model, data: TrainData, *, device: torch.device, dp_group=None, voc
             with loss_parallel() if vocab_sharded else contextlib.nullcontext():
                 positions = batch["position_ids"].to(device) if "position_ids" in batch else None  # packed
                 loss_sum, tokens = model(batch["input_ids"].to(device), batch["labels"].to(device), reduction="sum",
-                                         positions=positions)
+                                         positions=positions, packed=positions is not None)
             total += torch.stack([local(loss_sum).double(), local(tokens).double()])
     finally:
         model.train(was_training)

@@ -349,10 +349,12 @@ def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCont
     loader_cfg, train = dataset.data_loader, which == "train_dataset"
     if not loader_cfg.dataset_dir:
         raise UserError(f"{which}.data_loader.dataset_dir is empty. Pass --{which}_dir DIR "
-                        f"(a directory written by scripts/llama_preprocess.py).")
+                        f"(a directory written by scripts/llama_preprocess.py, or a raw .json / .jsonl / "
+                        f".parquet file with processor.tokenizer.vocab_file set).")
     dataset_dir = loader_cfg.dataset_dir
     if is_raw(dataset_dir):  # tokenized on first use (rank 0), cached in output_dir, reused afterwards
-        dataset_dir = _raw_dataset(cfg, model_config, dist_info, dataset_dir, loader_cfg.packing)
+        dataset_dir = _raw_dataset(cfg, model_config, dist_info, dataset_dir, loader_cfg.packing,
+                                   dataset.num_parallel_workers)
     elif loader_cfg.packing:
         raise UserError(f"{which}.data_loader.packing=True packs raw data files, but dataset_dir={dataset_dir} "
                         f"is a tokenized directory, read as written. Pack it with scripts/llama_preprocess.py "
@@ -392,10 +394,10 @@ def build_data(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCont
 
 
 def _raw_dataset(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext, path: str,
-                 packing: bool) -> str:
+                 packing: bool, num_proc: int) -> str:
     """The tokenized cache of a raw data file (mftune.data.raw): built by rank 0, read by all."""
     args = (path, cfg.processor.tokenizer.vocab_file, model_config.seq_length,
-            os.path.join(os.path.abspath(cfg.output_dir), "dataset_cache"), packing)
+            os.path.join(os.path.abspath(cfg.output_dir), "dataset_cache"), packing, num_proc)
     def build() -> str:
         try:
             return cached_dataset(*args)
@@ -507,7 +509,7 @@ def _train_step(micro_batches, lr, *, model, optimizer, scaler, cfg, dist_info: 
         with loss_parallel() if vocab_sharded else contextlib.nullcontext():
             positions = mb["position_ids"].to(device) if "position_ids" in mb else None  # packed records
             loss_sum, _ = model(mb["input_ids"].to(device), mb["labels"].to(device), reduction="sum",
-                                positions=positions)
+                                positions=positions, packed=positions is not None)
             loss_sum = local(loss_sum)  # a replicated DTensor under loss_parallel
             (loss_sum * (scaler.scale / denom)).backward()
         total += loss_sum.detach()  # no host sync per micro-batch

@@ -1,0 +1,111 @@
+"""What attention may see: the decoding KV cache, padding masks and packed samples.
+
+Used by ``mftune.models.llama`` (the attention layer takes a boolean SDPA mask or a ``PackedSamples``)
+and by ``mftune.generation`` (``KVCache``).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Keys and values of past positions for incremental decoding (MindFormers ``use_past``).
+
+    One ``(bs, n_kv_heads, max_len, head_dim)`` buffer per layer for keys and one for values, allocated
+    on a layer's first ``update`` with the shape, dtype and device of its keys (so local heads under a
+    tensor-parallel plan, bf16 under autocast). Slots are shared by the batch: slot ``t`` of every row
+    holds the ``t``-th token fed to the model, padding included; which slots a row may attend to is the
+    caller's ``attention_mask``. ``length`` counts the slots filled by earlier forwards; the model
+    advances it after each forward.
+    """
+
+    def __init__(self, num_layers: int, max_len: int) -> None:
+        self.max_len, self.length = max_len, 0
+        self.k: list[Tensor | None] = [None] * num_layers
+        self.v: list[Tensor | None] = [None] * num_layers
+
+    def update(self, layer_id: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k``/``v`` (bs, n_kv_heads, seqlen, head_dim) at slots ``length..``; return every filled slot."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} positions; {start} are filled and {k.shape[2]} more "
+                             "were fed. Build the cache with a larger max_len.")
+        if self.k[layer_id] is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k[layer_id] = k.new_empty(shape)
+            self.v[layer_id] = v.new_empty(shape[:3] + (v.shape[3],))
+        ck, cv = self.k[layer_id], self.v[layer_id]
+        ck[:, :, start:end], cv[:, :, start:end] = k, v
+        return ck[:, :, :end], cv[:, :, :end]  # (bs, n_kv_heads, end, head_dim)
+
+
+def attention_mask_4d(seqlen: int, past: int, key_padding: Tensor | None, device: torch.device) -> Tensor:
+    """Boolean SDPA mask ``(bs | 1, 1, seqlen, past + seqlen)``; True = may attend.
+
+    Query ``i`` sits in slot ``past + i`` and sees slots ``<= past + i`` (causal) whose ``key_padding``
+    ``(bs, past + seqlen)`` entry is nonzero. A query always sees its own slot, so a padding query
+    (whose output nobody reads) never has an all-masked row, which SDPA would turn into NaN.
+    """
+    q_slot = torch.arange(past, past + seqlen, device=device)[:, None]  # (seqlen, 1)
+    k_slot = torch.arange(past + seqlen, device=device)[None, :]  # (1, past + seqlen)
+    mask = k_slot <= q_slot  # (seqlen, past + seqlen)
+    if key_padding is not None:
+        mask = (mask & key_padding.bool()[:, None, :]) | (k_slot == q_slot)  # (bs, seqlen, past + seqlen)
+    return mask.unsqueeze(-3) if mask.dim() == 3 else mask[None, None]
+
+
+@dataclass
+class PackedSamples:
+    """Where the samples of packed records start, for attention that stays inside each sample.
+
+    Built once per forward by ``packed_samples`` from the records' position ids (a sample starts
+    where its position id is 0) and shared by every layer. ``mask``: boolean SDPA mask
+    ``(bs, 1, seqlen, seqlen)``, causal within a sample (any device). ``cu_seqlens``/``max_len``:
+    the same samples over the flattened batch for ``torch.nn.attention.varlen.varlen_attn`` (flash
+    attention without a mask; CUDA, half precision), set only when that kernel can run.
+    """
+
+    mask: Tensor | None = None
+    cu_seqlens: Tensor | None = None
+    max_len: int = 0
+
+
+@functools.cache
+def _varlen_attn() -> Callable | None:
+    """``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10) as ``f(q, k, v, cu_seqlens, max_len)``
+    for causal attention over ``(tokens, heads, head_dim)`` inputs; None where torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    gqa = "enable_gqa" in params
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, cu: Tensor, max_len: int) -> Tensor:
+        if k.shape[1] != q.shape[1] and not gqa:  # older signature: repeat the key/value heads
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        extra = {"enable_gqa": k.shape[1] != q.shape[1]} if gqa else {}
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **causal, **extra)
+
+    return attend
+
+
+def packed_samples(positions: Tensor, *, varlen: bool) -> PackedSamples:
+    """``PackedSamples`` of ``positions`` (bs, seqlen): a new sample starts at every 0 and at each row start."""
+    bs, seqlen = positions.shape
+    starts = positions == 0
+    starts[:, 0] = True
+    if varlen:
+        flat = torch.nonzero(starts.flatten()).flatten().to(torch.int32)  # (num_samples,)
+        cu = torch.cat([flat, flat.new_tensor([bs * seqlen])])
+        return PackedSamples(cu_seqlens=cu, max_len=int((cu[1:] - cu[:-1]).max()))
+    sample = starts.cumsum(dim=1)  # (bs, seqlen) sample index within the row
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=positions.device).tril()
+    return PackedSamples(mask=((sample[:, :, None] == sample[:, None, :]) & causal).unsqueeze(1))
