@@ -410,3 +410,8 @@ def test_loader_errors(tmp_path, index_dir):
         TrainData(ragged, micro_batch_size=1)
     with pytest.raises(ValueError, match="dp_rank=2"):
         TrainData(index_dir, micro_batch_size=1, dp_size=2, dp_rank=2)
+    far = str(tmp_path / "far")  # a packed record whose positions run past its length
+    datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]],
+                                "position_ids": [[0, 1, 3]]}).save_to_disk(far)
+    with pytest.raises(ValueError, match=r"position_ids in \[0, 3\].*below the record length 3"):
+        TrainData(far, micro_batch_size=1)

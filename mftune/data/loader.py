@@ -65,6 +65,11 @@ class TrainData:
                              "records hold seq_length + 1 >= 2 tokens. Re-run scripts/llama_preprocess.py.")
         # Formatting to torch happens on access; rows are read per micro-batch, never all at once.
         self._ds = ds.with_format("torch", columns=read)
+        found = self.value_range("position_ids") if self.packed else None
+        if found and (found[0] < 0 or found[1] >= self.record_length):
+            raise ValueError(f"dataset_dir={dataset_dir!r} has position_ids in [{found[0]}, {found[1]}]; packed "
+                             f"records' positions restart at 0 for each sample and stay below the record length "
+                             f"{self.record_length}. Re-run scripts/llama_preprocess.py --packing.")
 
         if n == 0:
             raise ValueError(f"dataset_dir={dataset_dir!r} holds no records. Preprocess a non-empty input.")
