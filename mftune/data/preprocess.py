@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import datasets
@@ -378,22 +378,32 @@ def convert_alpaca(data: list, *, on_error: OnError = "skip", file: str | None =
     return out, summary
 
 
-def preprocess_qa(input_files: list[str], tokenizer: LlamaTokenizer, seq_length: int, output_dir: str, *,
-                  on_error: OnError = "skip", num_proc: int = 1, num_shards: int = 1,
-                  samples_num: int | None = None, packing: bool = False) -> Summary:
-    """Conversation JSON files -> dataset directory with `input_ids`, `labels` (int32, seq_length+1);
-    with ``packing``, several conversations per record and a `position_ids` column (``pack_dataset``)."""
+def preprocess_qa(input_files: list[str], tokenizer: LlamaTokenizer, seq_length: int, output_dir: str,
+                  **kwargs: Any) -> Summary:
+    """Conversation JSON files -> dataset directory (``preprocess_conversations``, same keywords)."""
+    return preprocess_conversations(((path, read_json_records(path)) for path in input_files), tokenizer,
+                                    seq_length, output_dir, **kwargs)
+
+
+def preprocess_conversations(sources: Iterable[tuple[str, list]], tokenizer: LlamaTokenizer, seq_length: int,
+                             output_dir: str, *, on_error: OnError = "skip", num_proc: int = 1, num_shards: int = 1,
+                             samples_num: int | None = None, packing: bool = False) -> Summary:
+    """Conversation records, as ``(file name, records)`` pairs -> dataset directory with `input_ids`,
+    `labels` (int32, seq_length+1); with ``packing``, several conversations per record and a
+    `position_ids` column (``pack_dataset``)."""
     check_output_dir(output_dir)
     summary = Summary(packed=packing)
     prompts: list[str] = []
-    for path in input_files:
-        prompts += _collect(read_json_records(path), path, on_error, summary,
+    names: list[str] = []
+    for name, records in sources:
+        names.append(name)
+        prompts += _collect(records, name, on_error, summary,
                             lambda rec, i: conversation_prompt(conversation_turns(rec, i)))
     if samples_num is not None:
         prompts = prompts[:samples_num]
     if not prompts:
         first = f" (first: {summary.errors[0]})" if summary.errors else ""
-        raise DataError(f"no valid record in {', '.join(input_files)}: {summary.skipped} malformed{first}.")
+        raise DataError(f"no valid record in {', '.join(names)}: {summary.skipped} malformed{first}.")
     record_length = seq_length + 1
     features = datasets.Features({"input_ids": _INT_LIST, "labels": _INT_LIST, "_truncated": datasets.Value("bool"),
                                   "_tokens": datasets.Value("int64"), "_labelled": datasets.Value("int64")})

@@ -15,10 +15,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+
+import pyarrow.parquet as pq
 
 from mftune.data.conversation import get_default_conv_template
-from mftune.data.preprocess import DataError, convert_alpaca, is_dataset_dir, load_tokenizer, preprocess_qa, read_json_records
+from mftune.data.preprocess import (DataError, convert_alpaca, is_dataset_dir, load_tokenizer,
+                                    preprocess_conversations, read_json_records)
 
 logger = logging.getLogger("mftune")
 RAW_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -41,7 +43,6 @@ def read_raw_records(path: str) -> list:
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}).") from None
         return records
-    import pyarrow.parquet as pq
     try:
         return pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow's own error types for a damaged file
@@ -80,13 +81,9 @@ def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_roo
     alpaca = bool(records) and isinstance(records[0], dict) and "instruction" in records[0]
     if alpaca:
         records, _ = convert_alpaca(records, file=path)
-    os.makedirs(cache_root, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_root) as tmp:  # preprocess reads conversation JSON files
-        conv = os.path.join(tmp, "conversations.json")
-        with open(conv, "w", encoding="utf-8") as f:
-            json.dump(records, f, ensure_ascii=False)
-        summary = preprocess_qa([conv], load_tokenizer(vocab_file), seq_length, out, packing=packing,
-                                num_proc=max(1, min(num_proc, len(records) // RECORDS_PER_PROCESS)))
+    summary = preprocess_conversations([(path, records)], load_tokenizer(vocab_file), seq_length, out,
+                                       packing=packing,
+                                       num_proc=max(1, min(num_proc, len(records) // RECORDS_PER_PROCESS)))
     logger.info("Dataset %s (%s records) tokenized into %s: %s", path, "alpaca" if alpaca else "conversation",
                 out, summary.line())
     return out
