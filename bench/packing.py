@@ -123,13 +123,18 @@ def check_correctness(device) -> None:
               f"{grad_err:.2e} (bf16)")
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_mftune(config, data, steps, device) -> float:
     model = mftune_model(config, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     real = 0
     for i, b in enumerate(data[:steps + 2]):
         if i == 2:
-            torch.cuda.synchronize(device) if device.type == "cuda" else None
+            sync(device)
             start, real = time.perf_counter(), 0
         loss, n = model(b["input_ids"], b["labels"], reduction="sum", positions=b.get("position_ids"),
                         packed="position_ids" in b)
@@ -137,8 +142,7 @@ def run_mftune(config, data, steps, device) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
         real += int((b["input_ids"][:, :-1] != 0).sum())
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     del model, opt
     return real / (time.perf_counter() - start)
 
@@ -166,7 +170,7 @@ def run_peer(config, samples, mb, steps, device) -> float | None:
         labels = torch.tensor([s[1] + [IGNORE_TOKEN_ID] * (width - len(s[1])) for s in chunk], device=device)
         mask = torch.tensor([[1] * len(s[0]) + [0] * (width - len(s[0])) for s in chunk], device=device)
         if i == 2:
-            torch.cuda.synchronize(device) if device.type == "cuda" else None
+            sync(device)
             start, real = time.perf_counter(), 0
         # every micro-batch has a new width: keep SDPA off cuDNN, which plans per shape
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
@@ -175,8 +179,7 @@ def run_peer(config, samples, mb, steps, device) -> float | None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         real += int(mask[:, :-1].sum())
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return real / (time.perf_counter() - start)
 
 
