@@ -35,6 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+from parallel_parity import free_port  # noqa: E402  (standard library only)
 GB = 1e9
 LAYOUTS = {"A": (8, 1), "B": (2, 4)}
 
@@ -64,18 +65,11 @@ def strategies(workdir: str, layers: int) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "8",
-               "--master-addr", "127.0.0.1", "--master-port", str(_port()), os.path.abspath(__file__),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), os.path.abspath(__file__),
                "--strategy-worker", out, "--dp", str(dp), "--mp", str(mp), "--layers", str(layers)]
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(f"strategy run failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
-
-
-def _port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def strategy_worker(out: str, dp: int, mp: int, layers: int) -> int:

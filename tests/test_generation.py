@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import tiny_hf
-from mftune.checkpoint.names import hf_config_to_model_config, hf_to_mftune
 from mftune.generation import (
     apply_repetition_penalty,
     apply_top_k,
@@ -21,7 +20,6 @@ from mftune.generation import (
     process_logits,
 )
 from mftune.models.attention import KVCache
-from mftune.models.llama import LlamaForCausalLM
 from mftune.pet import get_pet_model, lora_layers, merge_lora
 
 transformers = pytest.importorskip("transformers")
@@ -42,13 +40,7 @@ def hf_model(n_kv_heads: int = HEADS, seed: int = 0) -> "transformers.LlamaForCa
     return tiny_hf.hf_model(n_kv_heads=n_kv_heads, seed=seed)
 
 
-def mftune_from_hf(hf) -> LlamaForCausalLM:
-    """mftune model from the HF config (names.py), fp32 compute for exact comparison, HF weights renamed."""
-    mc = hf_config_to_model_config(hf.config.to_dict())
-    mc.update(compute_dtype="float32", param_init_type="float32")
-    model = LlamaForCausalLM(mc)
-    model.load_state_dict({hf_to_mftune(k): v for k, v in hf.state_dict().items()}, strict=True)
-    return model.eval()
+mftune_from_hf = tiny_hf.mftune_from_hf
 
 
 def prompts(seed: int = 1) -> list[list[int]]:
@@ -136,11 +128,7 @@ def test_cached_logits_match_full_forward(n_kv_heads: int) -> None:
 def test_cached_bf16_compute_close_to_full_forward() -> None:
     """bf16 autocast: the cache holds bf16 keys/values and cached logits stay within bf16 rounding of the
     full forward (expected values: the uncached bf16 forward; different matmul shapes round differently)."""
-    hf = hf_model()
-    mc = hf_config_to_model_config(hf.config.to_dict())
-    mc.update(compute_dtype="bfloat16", param_init_type="float32")
-    model = LlamaForCausalLM(mc)
-    model.load_state_dict({hf_to_mftune(k): v for k, v in hf.state_dict().items()}, strict=True)
+    model = mftune_from_hf(hf_model(), compute_dtype="bfloat16")
     x = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full, cache = model.eval()(x), KVCache(LAYERS, max_len=10)

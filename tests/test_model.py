@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tiny_hf
 from mftune.checkpoint.names import hf_config_to_model_config, hf_to_mftune
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -19,34 +20,11 @@ VOCAB, HIDDEN, HEADS, LAYERS, FFN = 128, 64, 4, 2, 96
 
 
 def hf_model(n_kv_heads: int = HEADS, seed: int = 0, **overrides) -> "transformers.LlamaForCausalLM":
-    """A tiny transformers Llama (eager attention) with non-trivial random weights, norms included."""
-    kwargs = dict(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=n_kv_heads, max_position_embeddings=64,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0,
-    )
-    kwargs.update(overrides)
-    config = transformers.LlamaConfig(**kwargs)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.1)
-    return model
+    """The shared tiny transformers Llama (tests/tiny_hf.py), all heads by default."""
+    return tiny_hf.hf_model(n_kv_heads=n_kv_heads, seed=seed, **overrides)
 
 
-def mftune_from_hf(hf, **overrides) -> LlamaForCausalLM:
-    """mftune model built from the HF config (names.py) and loaded with the HF weights renamed."""
-    mc = hf_config_to_model_config(hf.config.to_dict())
-    mc.update({"compute_dtype": "float32", "param_init_type": "float32", **overrides})
-    model = LlamaForCausalLM(mc)
-    sd = {hf_to_mftune(k): v for k, v in hf.state_dict().items()}
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+mftune_from_hf = tiny_hf.mftune_from_hf
 
 
 def tokens(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:

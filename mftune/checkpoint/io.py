@@ -208,13 +208,14 @@ def load_recorded_base(model: nn.Module, recorded: dict, origin: str) -> dict:
         raise CheckpointError(f"checkpoint {origin} holds only the trained tensors and its base checkpoint "
                               f"{path or '(not recorded)'} is not found. Restore the base at that path, or "
                               f"pass a directory holding both the base and this checkpoint.")
-    if recorded.get("fingerprint") and fingerprint(path) != recorded["fingerprint"]:
+    actual = fingerprint(path)
+    if recorded.get("fingerprint") and actual != recorded["fingerprint"]:
         raise CheckpointError(f"base checkpoint {path} changed since the run that wrote {origin} started "
-                              f"(fingerprint {fingerprint(path)}, recorded {recorded['fingerprint']}). "
+                              f"(fingerprint {actual}, recorded {recorded['fingerprint']}). "
                               f"Restore the original base.")
     logger.info("Loading the base checkpoint %s recorded in %s", path, origin)
     load_entries(model, open_checkpoint(path), path)
-    return {"path": os.path.abspath(path), "fingerprint": fingerprint(path)}
+    return {"path": os.path.abspath(path), "fingerprint": actual}
 
 
 def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 
 Block = tuple[slice, ...]
 ST_DTYPES: dict[torch.dtype, str] = {
@@ -117,12 +116,11 @@ def _merge(path: str, parts: list[dict[str, Entry]]) -> dict[str, Entry]:
 
 def safetensors_entries(path: str, rename: Callable[[str], str | None] = lambda n: n) -> dict[str, Entry]:
     """The tensors of one safetensors file (renamed; ``rename`` returning None skips a tensor)."""
-    with open_safetensors(path) as f:
-        if "mftune_shards" in (f.metadata() or {}):
-            raise CheckpointError(
-                f"checkpoint {path} holds one rank's shards of a distributed checkpoint; pass the "
-                f"directory that holds its rank_*/ folders to load the whole checkpoint.")
-    _, header, _ = safetensors_header(path)
+    _, header, metadata = safetensors_header(path)
+    if "mftune_shards" in metadata:
+        raise CheckpointError(
+            f"checkpoint {path} holds one rank's shards of a distributed checkpoint; pass the "
+            f"directory that holds its rank_*/ folders to load the whole checkpoint.")
     entries = {}
     for key, info in header.items():
         name = rename(key)
@@ -219,18 +217,6 @@ def _pread(path: str, offset: int, out: torch.Tensor) -> torch.Tensor:
                 raise CheckpointError(f"checkpoint {path} ends before the data of a tensor: it is truncated.")
             done += n
     return out
-
-
-def open_safetensors(path: str):
-    """``safe_open`` with mftune's errors: a missing, foreign or truncated file is a CheckpointError."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file {path} does not exist. Check load_checkpoint.")
-    try:
-        return safe_open(path, framework="pt")
-    except Exception as exc:  # safetensors raises its own error types for foreign/truncated files
-        raise CheckpointError(
-            f"checkpoint {path} is not a readable safetensors file ({exc}). mftune reads "
-            f".safetensors files (checkpoints, Hugging Face weights).") from None
 
 
 def _hf_entries(hf_dir: str) -> dict[str, Entry]:
@@ -340,13 +326,15 @@ def distributed_entries(root: str, files: list[str] | None = None) -> dict[str, 
     complete file), each assembled from the rank files' pieces."""
     pieces: dict[str, list[tuple[str, tuple[tuple[int, int], ...]]]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for file in files or rank_files(root):
+        header = safetensors_header(file)[1]  # cached: file_blocks parses the same header
         for key, (shape, block) in file_blocks(file).items():
-            shapes[key] = shape
+            shapes[key], dtypes[key] = shape, FROM_ST[header[key]["dtype"]]
             if not any(b == block for _, b in pieces.setdefault(key, [])):  # replicas: read one copy
                 pieces[key].append((file, block))
     return {name: Entry(shapes[name], lambda block, name=name: _assemble(name, block, pieces[name]),
-                        root) for name in pieces}
+                        root, dtypes[name]) for name in pieces}
 
 
 def _assemble(name: str, block: Block, pieces: list) -> torch.Tensor:

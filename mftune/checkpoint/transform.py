@@ -112,10 +112,11 @@ def check_source_strategy(strategy_path: str, files: list[str]) -> None:
         blocks = file_blocks(file)
         for name, info in records[rank]["tensors"].items():
             for key in (name, *(p + name for p in OPTIMIZER_PREFIXES)):
-                if key in blocks and [list(b) for b in blocks[key][1]] != info["block"]:
+                held = [list(b) for b in blocks[key][1]] if key in blocks else None
+                if held is not None and held != info["block"]:
                     raise CheckpointError(
                         f"src_strategy {strategy_path} does not describe checkpoint {file}: tensor "
-                        f"{key} is block {[list(b) for b in blocks[key][1]]} in the file, {info['block']} in "
+                        f"{key} is block {held} in the file, {info['block']} in "
                         f"the strategy. Pass the strategy of the run that saved it, or none (mftune's rank "
                         f"files record their own layout).")
 

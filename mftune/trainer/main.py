@@ -314,7 +314,7 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelCon
     if point:  # frozen weights from the run's base; trained ones come with the optimizer state
         model.tie_weights()
         init_lora_weights(model, fill_from_full)
-        base_info = load_base(model, point, fallback="") or point.base_checkpoint
+        base_info = load_base(model, point) or point.base_checkpoint
         if cfg.auto_trans_ckpt:  # counters and RNG states still come from the saved files
             point.entries = distributed_entries(*transform(cfg.load_checkpoint, files=point.files))
     elif cfg.load_checkpoint:

@@ -114,15 +114,13 @@ def _newest_common(root: str) -> list[str]:
     return [steps[step] for steps in per_rank]
 
 
-def load_base(model: nn.Module, point: ResumePoint, fallback: str) -> dict:
+def load_base(model: nn.Module, point: ResumePoint) -> dict:
     """Frozen weights for a resumed run whose checkpoint holds only what was trained: the base
-    checkpoint recorded in the header (its fingerprint checked), else ``fallback``."""
+    checkpoint recorded in the header (its fingerprint checked)."""
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if not frozen or all(n in point.entries for n in frozen):
         return {}
-    recorded = dict(point.base_checkpoint)
-    recorded["path"] = recorded.get("path") or fallback
-    return load_recorded_base(model, recorded, point.files[0])
+    return load_recorded_base(model, point.base_checkpoint, point.files[0])
 
 
 def same_layout(point: ResumePoint, layout: dict) -> bool:
