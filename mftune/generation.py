@@ -84,6 +84,13 @@ def apply_repetition_penalty(scores: Tensor, token_ids: Tensor, valid: Tensor, p
     return torch.where(seen[:, :vocab], penalised, scores)
 
 
+def check_generation(**settings) -> None:
+    """``generation_errors(**settings)`` as one ValueError listing them all (nothing when all are valid)."""
+    errors = generation_errors(**settings)
+    if errors:
+        raise ValueError("invalid generation settings:\n  " + "\n  ".join(errors))
+
+
 def apply_top_k(scores: Tensor, top_k: int) -> Tensor:
     """Keep the ``top_k`` highest scores (ties with the k-th included), -inf elsewhere."""
     kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]  # (bs, 1)
@@ -152,11 +159,8 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts is invalid: give at least one prompt, each with at least one token "
                          "(e.g. the bos token).")
-    errors = generation_errors(max_new_tokens=max_new_tokens, num_prompts=len(prompts), do_sample=do_sample,
-                               top_k=top_k, top_p=top_p, temperature=temperature,
-                               repetition_penalty=repetition_penalty)
-    if errors:
-        raise ValueError("invalid generation settings:\n  " + "\n  ".join(errors))
+    check_generation(max_new_tokens=max_new_tokens, num_prompts=len(prompts), do_sample=do_sample, top_k=top_k,
+                     top_p=top_p, temperature=temperature, repetition_penalty=repetition_penalty)
     device = next(model.parameters()).device
     budget = torch.tensor([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
                           else list(max_new_tokens), device=device)  # (bs,)
@@ -173,6 +177,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     produced = torch.zeros_like(budget)  # tokens generated per row, eos included
 
     feed, attention_mask = ids, valid
+    slots = torch.cat([valid, valid.new_ones((bs, steps))], dim=1)  # attention_mask grows into this
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (bs, prompt_len); padding's value is never read
     parallel = dist.is_initialized() and dist.get_world_size() > 1
     was_training = model.training
@@ -181,9 +186,9 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
         for step in range(steps):
             if bool(done.all()):
                 break
-            logits = model(feed, positions=positions, attention_mask=attention_mask, cache=cache)
+            logits = model(feed, positions=positions, attention_mask=attention_mask, cache=cache, last_only=True)
             if isinstance(logits, DTensor):  # vocabulary-parallel lm_head
-                logits = logits[:, -1:].full_tensor()
+                logits = logits.full_tensor()
             logits = logits[:, -1]  # (bs, vocab)
             scores = process_logits(logits, history, seen, do_sample=do_sample, top_k=top_k, top_p=top_p,
                                     temperature=temperature, repetition_penalty=repetition_penalty)
@@ -199,7 +204,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
             produced += alive.long()
             done = done | torch.isin(token, eos) | (produced >= budget)
             feed, positions = token[:, None], positions[:, -1:] + 1  # (bs, 1) each
-            attention_mask = torch.cat([attention_mask, torch.ones_like(alive[:, None])], dim=1)
+            attention_mask = slots[:, :prompt_len + step + 1]
     finally:
         model.train(was_training)
     generated = history[:, prompt_len:].tolist()

@@ -45,6 +45,13 @@ def setup(tmp_path_factory):
     return d, config, hf, LlamaTokenizer(tok)
 
 
+def _hf_greedy(hf, ids: list[int]) -> list[int]:
+    """transformers' greedy continuation of ``ids`` up to max_decode_length 24 (prompt included)."""
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      do_sample=False, max_new_tokens=24 - len(ids), eos_token_id=2, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
 def _predict(config, out, *args):
     return subprocess.run([sys.executable, "run_finetune.py", "--config", str(config), "--run_mode", "predict",
                            "--use_parallel", "False", "--output_dir", str(out), *args],
@@ -62,9 +69,7 @@ def test_greedy_predict_equals_transformers_generate(setup, tmp_path):
         ids = tokenizer.encode(x["prompt"], add_bos=True)
         assert x["input_ids"] == ids
         budget = 24 - len(ids)  # max_decode_length counts the prompt
-        expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                               do_sample=False, max_new_tokens=budget, eos_token_id=2, pad_token_id=0)
-        assert x["output_ids"] == expected[0, len(ids):].tolist()
+        assert x["output_ids"] == _hf_greedy(hf, ids)
         assert 0 < len(x["output_ids"]) <= budget
         assert x["text"] == tokenizer.decode(x["output_ids"])
         assert f"output: {x['text']}" in r.stdout
@@ -108,9 +113,7 @@ def test_predict_on_4_ranks_equals_one_process(setup, tmp_path):
     assert [x["prompt"] for x in results] == PROMPTS
     for x in results:
         ids = tokenizer.encode(x["prompt"], add_bos=True)
-        expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                               do_sample=False, max_new_tokens=24 - len(ids), eos_token_id=2, pad_token_id=0)
-        assert x["output_ids"] == expected[0, len(ids):].tolist()
+        assert x["output_ids"] == _hf_greedy(hf, ids)
     with open(tmp_path / "log" / "rank_0" / "info.log") as f:
         assert "use_seq_parallel is off" in f.read()
     workers = [(tmp_path / "msrun_log" / f"worker_{r}.log").read_text() for r in range(4)]

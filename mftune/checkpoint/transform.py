@@ -195,13 +195,19 @@ def _write_rank(entries: dict[str, Entry], blocks: dict, rank_dir: str, file_nam
     return path
 
 
+def inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (symbolic links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
 def refuse_overlap(src: str, out_root: str) -> None:
     """The destination must neither be inside the source nor hold it: it is cleared before writing."""
-    a, b = os.path.realpath(src), os.path.realpath(out_root)
-    if a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep):
+    holds = inside(src, out_root)
+    if holds or inside(out_root, src):
         raise CheckpointError(
             f"the transformed checkpoint would be written to {out_root}, which "
-            f"{'holds' if a.startswith(b + os.sep) or a == b else 'is inside'} the source {src}; the "
+            f"{'holds' if holds else 'is inside'} the source {src}; the "
             f"source would be overwritten. Load it without auto_trans_ckpt (mftune reshards on load), or "
             f"write the transform elsewhere (another output_dir / --dst_checkpoint_dir).")
 

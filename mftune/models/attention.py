@@ -97,15 +97,22 @@ def _varlen_attn() -> Callable | None:
     return attend
 
 
-def packed_samples(positions: Tensor, *, varlen: bool) -> PackedSamples:
-    """``PackedSamples`` of ``positions`` (bs, seqlen): a new sample starts at every 0 and at each row start."""
+def packed_samples(positions: Tensor, *, varlen: bool, device: torch.device | None = None) -> PackedSamples:
+    """``PackedSamples`` of ``positions`` (bs, seqlen) for attention on ``device`` (default: where
+    ``positions`` are): a new sample starts at
+    every 0 and at each row start. ``cu_seqlens`` are found where ``positions`` live (CPU positions, as
+    the trainer passes them, need no device sync for ``max_len``) and copied over; the mask is built on
+    ``device``."""
     bs, seqlen = positions.shape
-    starts = positions == 0
-    starts[:, 0] = True
+    device = positions.device if device is None else device
     if varlen:
+        starts = positions.cpu() == 0
+        starts[:, 0] = True
         flat = torch.nonzero(starts.flatten()).flatten().to(torch.int32)  # (num_samples,)
         cu = torch.cat([flat, flat.new_tensor([bs * seqlen])])
-        return PackedSamples(cu_seqlens=cu, max_len=int((cu[1:] - cu[:-1]).max()))
+        return PackedSamples(cu_seqlens=cu.to(device, non_blocking=True), max_len=int((cu[1:] - cu[:-1]).max()))
+    starts = positions.to(device) == 0
+    starts[:, 0] = True
     sample = starts.cumsum(dim=1)  # (bs, seqlen) sample index within the row
-    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=positions.device).tril()
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()
     return PackedSamples(mask=((sample[:, :, None] == sample[:, None, :]) & causal).unsqueeze(1))

@@ -337,7 +337,7 @@ class LlamaModel(nn.Module):
         cos, sin = rope_cos_sin(self.config, seqlen, tokens.device, positions)  # ([bs,] seqlen, head_dim) each
         mask: Tensor | PackedSamples | None = None  # training path: SDPA's own causal mask
         if packed:
-            mask = packed_samples(positions, varlen=self._use_varlen(tokens))
+            mask = packed_samples(positions, varlen=self._use_varlen(tokens), device=tokens.device)
         elif cache is not None or attention_mask is not None:
             mask = attention_mask_4d(seqlen, past, attention_mask, tokens.device)
         h = self.tok_embeddings(tokens).to(to_dtype(self.config.compute_dtype))  # (bs, seqlen, hidden)
@@ -413,11 +413,12 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self, input_ids: Tensor, labels: Tensor | None = None, reduction: Literal["mean", "sum"] = "mean", *,
         positions: Tensor | None = None, attention_mask: Tensor | None = None, cache: KVCache | None = None,
-        packed: bool = False,
+        packed: bool = False, last_only: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits, or the next-token loss.
 
-        - ``labels is None``: ``input_ids`` (bs, seqlen) -> float32 logits (bs, seqlen, vocab).
+        - ``labels is None``: ``input_ids`` (bs, seqlen) -> float32 logits (bs, seqlen, vocab); with
+          ``last_only``, of the last position only (bs, 1, vocab), which is all decoding reads.
         - ``labels`` given: ``input_ids`` and ``labels`` are records of seq_length+1 tokens; the model
           reads ``input_ids[:, :-1]`` and predicts ``labels[:, 1:]``. The float32 cross-entropy is
           summed over targets != ``ignore_token_id``; ``reduction="mean"`` returns sum / count (0 with a
@@ -457,6 +458,8 @@ class LlamaForCausalLM(nn.Module):
         with amp:
             hidden = self.model(tokens, positions=positions, attention_mask=attention_mask, cache=cache,
                                 packed=packed)
+            if last_only and labels is None:
+                hidden = hidden[:, -1:]
             logits = self.lm_head(hidden).float()  # (bs, seqlen, vocab)
         if labels is None:
             return logits

@@ -44,6 +44,13 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, compute_dtype: torch.dtype
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
 
 
+def reshard(model: nn.Module) -> None:
+    """Free the parameters FSDP2 gathered for forwards that no backward followed (no_grad evaluation)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def all_reduce_grads(params: list[nn.Parameter], dp_group: dist.ProcessGroup) -> None:
     """Sum the local gradients of replicated-over-dp ``params`` across ``dp_group`` (coalesced)."""
     grads = [local(p.grad) for p in params if p.grad is not None]

@@ -39,6 +39,11 @@ class ParallelContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dp_group(self):
+        """The data-parallel process group, None without data parallelism."""
+        return self.mesh.get_group("dp") if self.dp_size > 1 else None
+
 
 def env_world() -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) from torchrun's environment, or None outside torchrun."""

@@ -11,7 +11,6 @@ divided by their number once, over all ranks:
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections.abc import Iterator
 
@@ -20,9 +19,8 @@ import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
 from mftune.data.loader import TrainData
+from mftune.parallel.data_parallel import reshard
 from mftune.parallel.layout import local
-
-logger = logging.getLogger("mftune")
 
 
 def eval_batches(data: TrainData, ignore_token_id: int,
@@ -39,6 +37,14 @@ def eval_batches(data: TrainData, ignore_token_id: int,
         yield batch
 
 
+def batch_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed loss, supervised tokens)`` of a loader batch; packed records pass their position ids
+    (left on the CPU: the model reads where samples start without a device sync)."""
+    positions = batch.get("position_ids")
+    return model(batch["input_ids"].to(device), batch["labels"].to(device), reduction="sum",
+                 positions=positions, packed=positions is not None)
+
+
 @torch.no_grad()
 def evaluate(model, data: TrainData, *, device: torch.device, dp_group=None, vocab_sharded: bool = False) -> dict:
     """``{"loss", "ppl", "tokens", "records"}`` of ``model`` on ``data`` (every rank gets the same)."""
@@ -49,15 +55,11 @@ def evaluate(model, data: TrainData, *, device: torch.device, dp_group=None, voc
     try:
         for batch in eval_batches(data, ignore, model.config.pad_token_id):
             with loss_parallel() if vocab_sharded else contextlib.nullcontext():
-                positions = batch["position_ids"].to(device) if "position_ids" in batch else None  # packed
-                loss_sum, tokens = model(batch["input_ids"].to(device), batch["labels"].to(device), reduction="sum",
-                                         positions=positions, packed=positions is not None)
+                loss_sum, tokens = batch_loss(model, batch, device)
             total += torch.stack([local(loss_sum).double(), local(tokens).double()])
     finally:
         model.train(was_training)
-        for module in model.modules():  # FSDP2: no backward follows, so free the gathered weights
-            if hasattr(module, "reshard") and hasattr(module, "unshard"):
-                module.reshard()
+        reshard(model)  # FSDP2: no backward follows, so free the gathered weights
     if dp_group is not None:
         dist.all_reduce(total, group=dp_group)
     loss_sum, tokens = float(total[0]), int(total[1])

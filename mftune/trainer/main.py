@@ -23,7 +23,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from mftune.checkpoint.io import CheckpointError, fingerprint, load_checkpoint
 from mftune.checkpoint.sources import distributed_entries
-from mftune.checkpoint.transform import auto_transform
+from mftune.checkpoint.transform import auto_transform, inside
 from mftune.config import ConfigError, MFConfig, save_config
 from mftune.data.loader import TrainData
 from mftune.data.preprocess import DataError
@@ -40,9 +40,9 @@ from mftune.parallel.recompute import apply_recompute
 from mftune.pet import get_pet_model, init_lora_weights, trainable_summary
 from mftune.trainer.checkpointing import CheckpointMonitor, save_strategy
 from mftune.trainer.monitor import LossMonitor, StepStats, fresh_metrics_file, progress_bar, report
-from mftune.trainer.evaluate import evaluate
+from mftune.trainer.evaluate import batch_loss, evaluate
 from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
-from mftune.trainer.predict import predict, read_prompts
+from mftune.trainer.predict import encode_prompts, predict, read_prompts
 from mftune.trainer.resume import ResumePoint, find_resume_point, load_base, restore, same_layout
 
 logger = logging.getLogger("mftune")
@@ -177,16 +177,15 @@ def _predict(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContex
         raise UserError("processor.tokenizer.vocab_file is empty: run_mode predict needs the tokenizer "
                         "(the tokenizer.model file). Set it in the YAML or with "
                         "--processor.tokenizer.vocab_file PATH.")
-    try:
+    try:  # every input check before the model is built
         tokenizer, prompts = LlamaTokenizer(vocab_file), read_prompts(cfg.input_data)
-    except (ValueError, OSError) as exc:
+        ids, budgets = encode_prompts(tokenizer, prompts, model_config)
+    except (ValueError, OSError) as exc:  # also generation settings, prompts longer than max_decode_length
         raise UserError(str(exc)) from None
     model, _, _ = build_model(cfg, model_config, dist_info)
-    try:
-        predict(model, tokenizer, prompts, model.config, batch_size=cfg.predict_batch_size or model_config.batch_size,
-                output_dir=output_dir, seed=cfg.seed, is_main=dist_info.is_main)
-    except ValueError as exc:  # generation settings, prompts longer than max_decode_length
-        raise UserError(str(exc)) from None
+    predict(model, tokenizer, prompts, ids, budgets, model.config,
+            batch_size=cfg.predict_batch_size or model_config.batch_size, output_dir=output_dir, seed=cfg.seed,
+            is_main=dist_info.is_main)
     return 0
 
 
@@ -246,7 +245,7 @@ def _check_supported(cfg: MFConfig) -> None:
         raise UserError("auto_trans_ckpt=True needs a checkpoint to transform: pass --load_checkpoint "
                         "(a complete or distributed checkpoint), or drop --auto_trans_ckpt.")
     own = os.path.join(os.path.abspath(cfg.output_dir), "strategy")
-    if cfg.src_strategy_path_or_dir and _inside(cfg.src_strategy_path_or_dir, own):
+    if cfg.src_strategy_path_or_dir and inside(cfg.src_strategy_path_or_dir, own):
         raise UserError(f"src_strategy_path_or_dir={cfg.src_strategy_path_or_dir} is inside this run's own "
                         f"strategy folder {own}, which the run rewrites with its layout at start-up. Copy the "
                         f"source run's strategy elsewhere and point there, or leave it empty (mftune's rank "
@@ -258,11 +257,6 @@ def _check_supported(cfg: MFConfig) -> None:
                     ("parallel_config.use_seq_parallel", cfg.parallel_config.use_seq_parallel)):
         if on and not cfg.use_parallel:
             logger.warning("%s=True has no effect on one process (use_parallel False)", key)
-
-
-def _inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder + os.sep)
 
 
 def build_model(cfg: MFConfig, model_config: LlamaConfig, dist_info: ParallelContext,
@@ -419,10 +413,9 @@ def _evaluate(cfg: MFConfig, model, data: TrainData, dist_info: ParallelContext,
               step: int | None = None) -> dict:
     """Perplexity of ``model`` on ``data`` (mftune.trainer.evaluate); logged, and written by rank 0 to
     eval_results.json (run_mode eval) or appended to eval_metrics.jsonl (do_eval, with the step)."""
-    dp_group = dist_info.mesh.get_group("dp") if dist_info.dp_size > 1 else None
     try:
-        result = evaluate(model, data, device=dist_info.device, dp_group=dp_group,
-                          vocab_sharded=dist_info.tp_size > 1 and not cfg.parallel_config.vocab_emb_dp)
+        result = evaluate(model, data, device=dist_info.device, dp_group=dist_info.dp_group,
+                          vocab_sharded=_vocab_sharded(cfg, dist_info))
     except ValueError as exc:
         raise UserError(str(exc)) from None
     logger.info("Eval result%s: loss: %.6f, PPL: %.6f (%d tokens, %d records)",
@@ -493,7 +486,7 @@ def _train_step(micro_batches, lr, *, model, optimizer, scaler, cfg, dist_info: 
     """
     device, ignore = dist_info.device, model.config.ignore_token_id
     trainable = [p for p in model.parameters() if p.requires_grad]
-    dp_group = dist_info.mesh.get_group("dp") if dist_info.dp_size > 1 else None
+    dp_group = dist_info.dp_group
     fsdp = hasattr(model, "set_requires_gradient_sync")
     pad = model.config.pad_token_id
     counts = torch.tensor([[int((mb["labels"][:, 1:] != ignore).sum()), int((mb["input_ids"][:, :-1] != pad).sum())]
@@ -501,15 +494,13 @@ def _train_step(micro_batches, lr, *, model, optimizer, scaler, cfg, dist_info: 
     if dp_group is not None:  # supervised tokens, non-pad input tokens of the global batch
         dist.all_reduce(counts, group=dp_group)
     denom = max(float(counts[0]), 1.0)
-    vocab_sharded = dist_info.tp_size > 1 and not cfg.parallel_config.vocab_emb_dp
+    vocab_sharded = _vocab_sharded(cfg, dist_info)
     total = torch.zeros((), device=device)
     for k, mb in enumerate(micro_batches):
         if fsdp:  # reduce-scatter once, after the last micro-batch
             model.set_requires_gradient_sync(k == len(micro_batches) - 1)
         with loss_parallel() if vocab_sharded else contextlib.nullcontext():
-            positions = mb["position_ids"].to(device) if "position_ids" in mb else None  # packed records
-            loss_sum, _ = model(mb["input_ids"].to(device), mb["labels"].to(device), reduction="sum",
-                                positions=positions, packed=positions is not None)
+            loss_sum, _ = batch_loss(model, mb, device)
             loss_sum = local(loss_sum)  # a replicated DTensor under loss_parallel
             (loss_sum * (scaler.scale / denom)).backward()
         total += loss_sum.detach()  # no host sync per micro-batch
@@ -545,6 +536,11 @@ def _saved_model_config(model_config: LlamaConfig, pet_config: dict | None) -> d
     d = model_config.to_dict()
     d["pet_config"] = pet_config
     return d
+
+
+def _vocab_sharded(cfg: MFConfig, ctx: ParallelContext) -> bool:
+    """Whether the logits are split over the vocabulary (then the loss runs under loss_parallel)."""
+    return ctx.tp_size > 1 and not cfg.parallel_config.vocab_emb_dp
 
 
 def _layout(ctx: ParallelContext) -> dict:

@@ -24,7 +24,7 @@ import time
 import torch
 
 from mftune.data.tokenizer import LlamaTokenizer
-from mftune.generation import generate, max_new_tokens_for
+from mftune.generation import check_generation, generate, max_new_tokens_for
 
 logger = logging.getLogger("mftune")
 RESULTS = "predict_results.jsonl"
@@ -62,13 +62,23 @@ def _prompts_file(path: str) -> list[str]:
     return prompts
 
 
-def predict(model, tokenizer: LlamaTokenizer, prompts: list[str], model_config, *, batch_size: int,
-            output_dir: str, seed: int, is_main: bool = True) -> list[dict]:
-    """Generate for every prompt; print each result and write ``predict_results.jsonl`` (``is_main``:
-    on several ranks every rank generates the same, rank 0 prints and writes)."""
+def encode_prompts(tokenizer: LlamaTokenizer, prompts: list[str], model_config) -> tuple[list[list[int]], list[int]]:
+    """Each prompt's token ids (bos added) and generation budget (``max_decode_length``); ValueError
+    for a prompt that leaves no room or an invalid decoding setting, before any model is built."""
     mc = model_config
     ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
     budgets = max_new_tokens_for(ids, mc.max_decode_length)
+    check_generation(max_new_tokens=budgets, num_prompts=len(ids), do_sample=mc.do_sample, top_k=mc.top_k,
+                     top_p=mc.top_p, temperature=mc.temperature, repetition_penalty=mc.repetition_penalty)
+    return ids, budgets
+
+
+def predict(model, tokenizer: LlamaTokenizer, prompts: list[str], ids: list[list[int]], budgets: list[int],
+            model_config, *, batch_size: int, output_dir: str, seed: int, is_main: bool = True) -> list[dict]:
+    """Generate for every prompt (``encode_prompts``' ids and budgets); print each result and write
+    ``predict_results.jsonl`` (``is_main``: on several ranks every rank generates the same, rank 0
+    prints and writes)."""
+    mc = model_config
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     results, start = [], time.perf_counter()
     for i in range(0, len(ids), batch_size):
