@@ -37,6 +37,12 @@ logger = logging.getLogger("mftune")
 Spec = tuple[str, torch.dtype, tuple[int, ...]]  # (name, dtype, shape)
 Progress = Callable[[Iterable, int], Iterable]  # (items, total) -> the same items, e.g. tqdm
 
+
+def with_progress(progress: Progress | None, items: Iterable, total: int) -> Iterable:
+    """``items`` through ``progress`` (a bar), or as they are without one."""
+    return items if progress is None else progress(items, total)
+
+
 # transformers' weight files, in the order it prefers them.
 HF_WEIGHTS = (("model.safetensors.index.json", "safetensors"), ("model.safetensors", "safetensors"),
               ("pytorch_model.bin.index.json", "bin"), ("pytorch_model.bin", "bin"))
@@ -253,7 +259,7 @@ def convert_hf_to_mftune(input_path: str, output_path: str, dtype: str | None = 
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         # the progress bar counts ints: an iterator holds its last item, and that must not be a tensor
-        ticks = iter((progress or (lambda it, n: it))(range(len(specs)), len(specs)))
+        ticks = iter(with_progress(progress, range(len(specs)), len(specs)))
         for path in src.files:
             for name, tensor in _read_file(path, src.kind):
                 if name not in skipped:
@@ -346,7 +352,7 @@ def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int |
         tensor = read_tensor(src, name)
         return tensor.to(_cast(tensor.dtype, target))
 
-    names = iter((progress or (lambda it, n: it))(expected, len(specs)))  # the bar holds a name, not a tensor
+    names = iter(with_progress(progress, expected, len(specs)))  # the bar holds a name, not a tensor
     stream = ((mftune_to_hf(n), read(n)) for n in names)
     total = sum(write_safetensors_streaming(os.path.join(out, file), shard, itertools.islice(stream, len(shard)),
                                             {"format": "pt"}) for file, shard in zip(files, shards, strict=True))

@@ -35,6 +35,7 @@ from mftune.checkpoint.convert import (
     _check_weights,
     _expected_weights,
     convert_mftune_to_hf,
+    with_progress,
     write_safetensors_streaming,
 )
 from mftune.checkpoint.io import (
@@ -196,7 +197,7 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     specs = [(n, model[n].dtype, expected[n]) for n in names]
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
-        for name in (progress or (lambda it, n: it))(names, len(specs)):  # the bar holds names, not tensors
+        for name in with_progress(progress, names, len(specs)):  # the bar holds names, not tensors
             w = model[name].full()
             if name in pairs:
                 a, b = pairs[name]

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from mftune.checkpoint.convert import Progress, write_safetensors_streaming
+from mftune.checkpoint.convert import Progress, with_progress, write_safetensors_streaming
 from mftune.checkpoint.io import OPTIMIZER_PREFIXES, SCALAR_KEYS, atomic_open, checkpoint_header
 from mftune.checkpoint.sources import (CheckpointError, Entry, distributed_entries, file_blocks, open_checkpoint,
                                       rank_files, safetensors_header, source_kind)
@@ -181,7 +181,7 @@ def _write_rank(entries: dict[str, Entry], blocks: dict, rank_dir: str, file_nam
         metadata["mftune_shards"] = json.dumps({"rank": rank, "tensors": shards})
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
-        items = names if progress is None else progress(names, len(names))
+        items = with_progress(progress, names, len(names))
         for n in items:
             yield n, entries[n].read(blocks[n])
 
