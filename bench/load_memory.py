@@ -7,7 +7,7 @@
     python bench/load_memory.py --checkpoint /tmp/mftune-rss/l2.safetensors --layers 2
 
 ``--make-checkpoint`` writes a complete mftune checkpoint (safetensors, MindFormers names, the
-model_config in the header as ``mftune.checkpoint.io.save_complete`` puts it) with the shapes of
+model_config in the header as ``mftune.checkpoint.save_complete`` puts it) with the shapes of
 ``configs/llama2/lora_llama2_7b.yaml``'s model_config, param_init_type bfloat16, and random bf16
 values. The file is written by hand, streaming: header first, then the tensors' bytes generated and
 written 64 MB at a time, so the writer holds ~0.1 GB besides torch instead of the 13.5 GB model.
@@ -129,7 +129,7 @@ def make_checkpoint(args) -> int:
     mc.pop("pet_config", None)  # a base checkpoint, as a pretrained Llama2-7B file would be
     model_config = LlamaConfig.from_dict(mc)
     specs = checkpoint_specs(model_config)
-    metadata = {"format": "pt",  # what mftune.checkpoint.io.save_complete writes
+    metadata = {"format": "pt",  # what mftune.checkpoint.save_complete writes
                 "mftune_model_config": json.dumps(model_config.to_dict(), default=str)}
     header, offset = {}, 0
     for name, shape in specs:
@@ -176,7 +176,7 @@ def verify_file(path: str, specs, model_config) -> None:
     import torch
     from safetensors import safe_open
 
-    from mftune.checkpoint.io import read_metadata
+    from mftune.checkpoint.safetensors_io import read_metadata
 
     with safe_open(path, framework="pt") as f:
         keys = list(f.keys())
@@ -222,7 +222,7 @@ def launch(args) -> int:
     """Check that the run fits in memory, then exec torchrun on this script."""
     import logging
 
-    from mftune.checkpoint.io import read_metadata
+    from mftune.checkpoint.safetensors_io import read_metadata
     from mftune.models.llama import LlamaConfig
 
     logging.getLogger("mftune").setLevel(logging.WARNING)

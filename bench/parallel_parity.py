@@ -52,7 +52,8 @@ def make_workdir(d: str) -> str:
     import torch
     import yaml
 
-    from mftune.checkpoint.io import save_complete, unique_state_dict
+    from mftune.checkpoint.formats.single_file import save_complete
+    from mftune.checkpoint.load import unique_state_dict
     from mftune.models.llama import LlamaForCausalLM
 
     g = torch.Generator().manual_seed(0)

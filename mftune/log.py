@@ -1,13 +1,21 @@
 """Logging in MindFormers' layout: stdout ``time - mftune[file:line] - LEVEL - msg`` and
-``<output_dir>/log/rank_<r>/info.log``."""
+``<output_dir>/log/rank_<r>/info.log``; progress of long tool runs (``with_progress``)."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterable
 
 FORMAT = "%(asctime)s - mftune[%(filename)s:%(lineno)d] - %(levelname)s - %(message)s"
 logger = logging.getLogger("mftune")
+
+Progress = Callable[[Iterable, int], Iterable]  # (items, total) -> the same items, e.g. tqdm
+
+
+def with_progress(progress: Progress | None, items: Iterable, total: int) -> Iterable:
+    """``items`` through ``progress`` (a bar), or as they are without one."""
+    return items if progress is None else progress(items, total)
 
 
 class _Early(logging.Handler):

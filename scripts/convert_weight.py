@@ -23,7 +23,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from tqdm import tqdm
 
 from mftune.checkpoint.convert import convert_hf_to_mftune, convert_mftune_to_hf
-from mftune.checkpoint.io import CheckpointError
+from mftune.errors import CheckpointError
 from mftune.log import setup_logging
 
 MODELS = ("llama", "llama2")

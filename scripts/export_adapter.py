@@ -19,8 +19,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mftune.checkpoint.io import CheckpointError
-from mftune.checkpoint.peft import CONFIG_NAME, SAFETENSORS_NAME, export_peft_adapter
+from mftune.errors import CheckpointError
+from mftune.checkpoint.export import export_peft_adapter
+from mftune.checkpoint.formats.peft_adapter import CONFIG_NAME, SAFETENSORS_NAME
 
 
 def main(argv=None) -> int:

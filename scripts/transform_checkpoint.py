@@ -30,8 +30,9 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from tqdm import tqdm
 
-from mftune.checkpoint.io import CheckpointError
-from mftune.checkpoint.sources import rank_dirs, rank_files, source_kind
+from mftune.errors import CheckpointError
+from mftune.checkpoint.formats.distributed import rank_dirs, rank_files
+from mftune.checkpoint.formats import distributed, recognise
 from mftune.checkpoint.transform import (DEFAULT_PREFIX, check_destination, check_source_strategy, checkpoint_name,
                                          read_strategy, refuse_overlap, transform, worker_ranks, write_marker)
 
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
         if not os.path.exists(src):
             raise CheckpointError(f"--src_checkpoint {src} does not exist.")
         if _none(args.src_strategy):
-            if source_kind(src) == "distributed":
+            if recognise(src) is distributed:
                 check_source_strategy(args.src_strategy, rank_files(src))
             else:
                 print(f"Note: --src_strategy is ignored: {src} is a complete checkpoint.", file=sys.stderr)

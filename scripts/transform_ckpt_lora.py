@@ -23,7 +23,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mftune.checkpoint.io import CheckpointError
+from mftune.errors import CheckpointError
 from mftune.checkpoint.merge import FORMATS, merge_lora_checkpoint
 
 

@@ -26,8 +26,9 @@ from tiny_hf import VOCAB, hf_model  # noqa: E402
 
 from mftune import LlamaConfig, LlamaForCausalLM
 from mftune.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_complete
-from mftune.checkpoint.convert import (convert_hf_to_mftune, convert_mftune_to_hf, iter_hf_tensors,
-                                       parse_size, write_safetensors_streaming)
+from mftune.checkpoint.convert import convert_hf_to_mftune, convert_mftune_to_hf, parse_size
+from mftune.checkpoint.formats.huggingface import iter_hf_tensors
+from mftune.checkpoint.safetensors_io import write_safetensors_streaming
 
 transformers = pytest.importorskip("transformers")
 

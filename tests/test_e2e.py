@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from mftune.checkpoint.io import load_tensors, read_metadata
+from mftune.checkpoint.safetensors_io import load_tensors, read_metadata
 from mftune.data.loader import TrainData
 from mftune.data.sample import SAMPLE_ALPACA_PATH, train_sample_tokenizer
 from mftune.models.llama import LlamaForCausalLM

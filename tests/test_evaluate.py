@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import parallel_parity as pp  # noqa: E402
 
-from mftune.checkpoint.io import load_checkpoint  # noqa: E402
+from mftune.checkpoint.load import load_checkpoint  # noqa: E402
 from mftune.data.loader import TrainData  # noqa: E402
 from mftune.data.preprocess import pack_dataset  # noqa: E402
 from mftune.models.llama import LlamaForCausalLM  # noqa: E402

@@ -8,9 +8,11 @@ import pytest
 import torch
 import transformers
 
-from mftune.checkpoint.io import CheckpointError, fingerprint, load_checkpoint, save_complete, unique_state_dict
+from mftune.checkpoint.formats.single_file import save_complete
+from mftune.checkpoint.load import fingerprint, load_checkpoint, unique_state_dict
+from mftune.errors import CheckpointError
 from mftune.checkpoint.names import hf_config_to_model_config
-from mftune.checkpoint.sources import open_checkpoint
+from mftune.checkpoint.formats import open_checkpoint
 from mftune.models.llama import LlamaForCausalLM
 from mftune.pet import get_pet_model
 
@@ -190,7 +192,7 @@ def test_peft_adapter_directory_with_its_base_beside_it(tmp_path):
     model it came from."""
     import shutil
 
-    from mftune.checkpoint.peft import export_peft_adapter
+    from mftune.checkpoint.export import export_peft_adapter
 
     src = _model(lora=True)
     state = _state(src)
@@ -232,7 +234,7 @@ def test_read_block_reads_exactly_the_block(tmp_path):
     plain slicing; a file cut short is an error naming it."""
     from safetensors.torch import save_file
 
-    from mftune.checkpoint.sources import read_block
+    from mftune.checkpoint.safetensors_io import read_block
 
     path = str(tmp_path / "t.safetensors")
     t = {"m": torch.randn(37, 53), "c": torch.randn(4, 5, 6).to(torch.bfloat16), "s": torch.tensor(3.0)}

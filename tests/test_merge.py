@@ -17,15 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mftune.checkpoint.io import (
-    CheckpointError,
-    fingerprint,
-    load_checkpoint,
-    load_tensors,
-    read_metadata,
-    save_complete,
-    unique_state_dict,
-)
+from mftune.checkpoint.formats.single_file import save_complete
+from mftune.checkpoint.load import fingerprint, load_checkpoint, unique_state_dict
+from mftune.checkpoint.safetensors_io import load_tensors, read_metadata
+from mftune.errors import CheckpointError
 from mftune.checkpoint.merge import MERGED_NAME, merge_lora_checkpoint
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM
 from mftune.pet import get_pet_model, lora_layers, lora_state_dict, merge_lora
@@ -134,7 +129,7 @@ def test_script_hf_output_loads_in_transformers(ckpt, tmp_path):
 
 
 def test_peft_adapter_source_gives_the_same_merge(ckpt, tmp_path):
-    from mftune.checkpoint.peft import export_peft_adapter
+    from mftune.checkpoint.export import export_peft_adapter
     adapter = tmp_path / "adapter"
     export_peft_adapter(ckpt.lora_path, str(adapter), fallback={"lora_dropout": 0.0})
     with pytest.raises(CheckpointError, match="model_config"):  # a PEFT adapter records no base

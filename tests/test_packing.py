@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from mftune.checkpoint.io import save_complete, unique_state_dict
+from mftune.checkpoint.formats.single_file import save_complete
+from mftune.checkpoint.load import unique_state_dict
 from mftune.data.loader import TrainData
 from mftune.data.preprocess import convert_alpaca, pack_samples, write_json_atomic
 from mftune.data.sample import SAMPLE_ALPACA_PATH, train_sample_tokenizer

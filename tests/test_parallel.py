@@ -19,9 +19,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import parallel_parity as pp  # noqa: E402
 
-from mftune.checkpoint.io import CheckpointError, load_checkpoint, load_tensors, read_metadata  # noqa: E402
-from mftune.checkpoint.peft import export_peft_adapter, mftune_to_peft_name  # noqa: E402
-from mftune.checkpoint.sources import distributed_entries, open_checkpoint  # noqa: E402
+from mftune.checkpoint.load import load_checkpoint  # noqa: E402
+from mftune.checkpoint.safetensors_io import load_tensors, read_metadata  # noqa: E402
+from mftune.errors import CheckpointError  # noqa: E402
+from mftune.checkpoint.export import export_peft_adapter  # noqa: E402
+from mftune.checkpoint.formats.peft_adapter import mftune_to_peft_name  # noqa: E402
+from mftune.checkpoint.formats import open_checkpoint  # noqa: E402
+from mftune.checkpoint.formats.distributed import distributed_entries  # noqa: E402
 from mftune.config import ParallelConfig  # noqa: E402
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from mftune.parallel.data_parallel import clip_grad_norm_  # noqa: E402

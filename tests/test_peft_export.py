@@ -22,23 +22,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mftune.checkpoint.io import (
-    CheckpointError,
-    fingerprint,
-    load_tensors,
-    read_metadata,
-    save_complete,
-)
+from mftune.checkpoint.formats.single_file import save_complete
+from mftune.checkpoint.load import fingerprint
+from mftune.checkpoint.safetensors_io import load_tensors, read_metadata
+from mftune.errors import CheckpointError
 from mftune.checkpoint.names import (
     hf_config_to_model_config,
     hf_to_mftune,
     is_hf_buffer,
 )
-from mftune.checkpoint.peft import (
-    mftune_to_peft_name,
-    peft_to_mftune_name,
-    read_peft_adapter,
-)
+from mftune.checkpoint.formats.peft_adapter import mftune_to_peft_name, peft_to_mftune_name, read_peft_adapter
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM
 from mftune.pet import LORA_MARK, get_pet_model, lora_layers
 from mftune.trainer.checkpointing import CheckpointMonitor

@@ -1,7 +1,8 @@
 """Recompute gives the same gradients; tied embeddings save once and load back."""
 import torch
 
-from mftune.checkpoint.io import load_checkpoint, save_complete, unique_state_dict
+from mftune.checkpoint.formats.single_file import save_complete
+from mftune.checkpoint.load import load_checkpoint, unique_state_dict
 from mftune.models.llama import LlamaForCausalLM
 from mftune.parallel.recompute import apply_recompute
 

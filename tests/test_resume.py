@@ -185,7 +185,7 @@ def test_auto_trans_ckpt_writes_the_base_for_2_tensor_parallel_ranks(workdir, si
                         os.path.join(out, "msrun_log"), "True", "600"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
     assert pp.compare(pp.losses(single), pp.losses(out)) <= pp.RTOL
-    from mftune.checkpoint.io import load_tensors
+    from mftune.checkpoint.safetensors_io import load_tensors
     base = load_tensors(os.path.join(d, "base.safetensors"))
     wq, norm = "model.layers.0.attention.wq.weight", "model.norm_out.weight"
     half = base[wq].shape[0] // 2

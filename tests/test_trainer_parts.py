@@ -9,7 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from mftune.checkpoint.io import CheckpointError, load_checkpoint, read_metadata, save_complete
+from mftune.checkpoint.formats.single_file import save_complete
+from mftune.checkpoint.load import load_checkpoint
+from mftune.checkpoint.safetensors_io import read_metadata
+from mftune.errors import CheckpointError
 from mftune.config import LRScheduleConfig, OptimizerConfig, RunnerWrapperConfig
 from mftune.trainer.checkpointing import CheckpointMonitor
 from mftune.trainer.monitor import LossMonitor, StepStats

@@ -11,7 +11,10 @@ import sys
 import pytest
 import torch
 
-from mftune.checkpoint.io import CheckpointError, load_checkpoint, load_tensors, read_metadata, save_complete
+from mftune.checkpoint.formats.single_file import save_complete
+from mftune.checkpoint.load import load_checkpoint
+from mftune.checkpoint.safetensors_io import load_tensors, read_metadata
+from mftune.errors import CheckpointError
 from mftune.checkpoint.transform import (check_source_strategy, read_strategy, refuse_overlap, transform,
                                          worker_ranks)
 from mftune.models.llama import LlamaForCausalLM

@@ -8,7 +8,7 @@ model_config without ``pet_config`` (``load_checkpoint`` and ``convert_weight.py
 or a Hugging Face directory (through ``convert.convert_mftune_to_hf``).
 
 Invariants:
-- Sources are whatever ``sources.open_checkpoint`` reads: the LoRA side may be a complete LoRA file,
+- Sources are whatever ``formats.open_checkpoint`` reads: the LoRA side may be a complete LoRA file,
   a distributed ``rank_*/`` directory or a PEFT adapter directory; the base is the checkpoint the
   LoRA header records (its fingerprint checked) unless one is given.
 - Model tensors held by the LoRA source (e.g. norms unfrozen with ``freeze_exclude``, or a network
@@ -20,39 +20,31 @@ Invariants:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from mftune.checkpoint.convert import (
-    Progress,
-    _check_weights,
-    _expected_weights,
-    convert_mftune_to_hf,
-    with_progress,
-    write_safetensors_streaming,
-)
-from mftune.checkpoint.io import (
-    LORA_MARK,
-    OPTIMIZER_PREFIXES,
-    SCALAR_KEYS,
-    CheckpointError,
-    checkpoint_header,
-    fingerprint,
-)
-from mftune.checkpoint.sources import Entry, open_checkpoint
+from mftune.checkpoint.convert import convert_mftune_to_hf
+from mftune.checkpoint.entries import Entry
+from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
+from mftune.checkpoint.keys import LORA_A, LORA_B, LORA_MARK, is_lora, is_training_state
+from mftune.checkpoint.load import fingerprint
+from mftune.checkpoint.model_weights import check_weights, expected_weights
+from mftune.checkpoint.safetensors_io import encode_metadata, write_safetensors_streaming
+from mftune.errors import CheckpointError
+from mftune.log import Progress, with_progress
 from mftune.pet.lora import lora_delta_weight
 
 logger = logging.getLogger("mftune")
 
 MERGED_NAME = "merged_lora.safetensors"  # MindFormers writes dst/merged_lora.ckpt
-SUFFIX_A, SUFFIX_B = f".{LORA_MARK}_a", f".{LORA_MARK}_b"
+SUFFIX_A, SUFFIX_B = f".{LORA_A}", f".{LORA_B}"
 FORMATS = ("mftune", "hf")
 
 
@@ -113,61 +105,107 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
         raise CheckpointError(f"output_format={output_format} is invalid: use one of {', '.join(FORMATS)}.")
     header = checkpoint_header(lora_path)
     source = open_checkpoint(lora_path)
-    recorded = header.get("base_checkpoint") or {}
-    base_path = base_path or recorded.get("path") or None
-    base: dict[str, Entry] = {}
-    if base_path:
-        if not os.path.exists(base_path):
-            given = "recorded in " + lora_path if base_path == recorded.get("path") else "given"
-            raise CheckpointError(f"base checkpoint {base_path} ({given}) does not exist. Pass the base the LoRA "
-                                  f"was trained on with --base_checkpoint PATH.")
-        want = recorded.get("fingerprint")
-        if want and not ignore_fingerprint and fingerprint(base_path) != want:
-            raise CheckpointError(f"base checkpoint {base_path} has fingerprint {fingerprint(base_path)} but "
-                                  f"{lora_path} was trained on {recorded.get('path')} with fingerprint {want}. Pass "
-                                  f"the original base with --base_checkpoint, or --ignore_fingerprint if you are sure.")
-        base = open_checkpoint(base_path)
+    base_path, base = _open_base(lora_path, header, base_path, ignore_fingerprint)
     base_header = checkpoint_header(base_path) if base_path else {}
     mc = dict(header.get("model_config") or base_header.get("model_config") or {})
     if not mc:
         raise CheckpointError(f"neither {lora_path} nor {base_path or 'a base checkpoint'} records a model_config. "
                               f"Pass --base_checkpoint with a complete mftune file or a Hugging Face directory.")
     pet_config = mc.pop("pet_config", None) or header.get("pet_config")
-    cfg, expected = _expected_weights(mc, lora_path)
+    cfg, expected = expected_weights(mc, lora_path)
+    parts = _sort_tensors(source, base, base_path, lora_path, expected, cfg.tie_word_embeddings)
+    pairs = _pairs(parts.lora, lora_path)
+    _check_fit(pairs, parts.model, parts.lora, lora_path)
+    scaling = _scaling(pet_config, lora_scaling, {parts.lora[a].shape[0] for a, _ in pairs.values()}, lora_path)
+    target = _destination(dst_dir, output_format, lora_path, base_path)
 
-    # Sort the tensors: adapters, model tensors (LoRA source overrides the base), dropped.
+    names = list(expected)  # model order
+    specs = [(n, parts.model[n].dtype, expected[n]) for n in names]
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in with_progress(progress, names, len(specs)):  # the bar holds names, not tensors
+            w = parts.model[name].full()
+            if name in pairs:
+                a, b = pairs[name]
+                w = (w.float() + lora_delta_weight(parts.lora[a].full(), parts.lora[b].full(), scaling)).to(w.dtype)
+            yield name, w
+            del w  # before the next one is read
+
+    info = {"format": "lora_merge", "lora": os.path.abspath(lora_path),
+            "base": os.path.abspath(base_path) if base_path else None, "lora_scaling": scaling,
+            "merged": sorted(pairs)}
+    output = _write(target, output_format, specs, stream(), encode_metadata({"model_config": mc, "source": info}))
+    return {"output": output, "merged": len(pairs), "copied": len(names) - len(pairs),
+            "overridden": sorted(parts.overridden), "dropped": len(parts.dropped) + 2 * len(pairs),
+            "scaling": scaling, "base": base_path, "seconds": time.perf_counter() - start}
+
+
+def _open_base(lora_path: str, header: dict, base_path: str | None,
+               ignore_fingerprint: bool) -> tuple[str | None, dict[str, Entry]]:
+    """(the base's path, its tensors): the given one, else the one the LoRA header records (its
+    fingerprint checked unless ``ignore_fingerprint``); (None, {}) when there is neither."""
+    recorded = header.get("base_checkpoint") or {}
+    base_path = base_path or recorded.get("path") or None
+    if not base_path:
+        return None, {}
+    if not os.path.exists(base_path):
+        given = "recorded in " + lora_path if base_path == recorded.get("path") else "given"
+        raise CheckpointError(f"base checkpoint {base_path} ({given}) does not exist. Pass the base the LoRA "
+                              f"was trained on with --base_checkpoint PATH.")
+    want = recorded.get("fingerprint")
+    if want and not ignore_fingerprint and fingerprint(base_path) != want:
+        raise CheckpointError(f"base checkpoint {base_path} has fingerprint {fingerprint(base_path)} but "
+                              f"{lora_path} was trained on {recorded.get('path')} with fingerprint {want}. Pass "
+                              f"the original base with --base_checkpoint, or --ignore_fingerprint if you are sure.")
+    return base_path, open_checkpoint(base_path)
+
+
+@dataclass
+class _Parts:
+    lora: dict[str, Entry]  # the adapters
+    model: dict[str, Entry]  # the weights of the merged model (LoRA source over the base)
+    dropped: list[str]  # optimizer moments, counters, a tied lm_head
+    overridden: list[str]  # base weights the LoRA source holds trained values of
+
+
+def _sort_tensors(source: dict[str, Entry], base: dict[str, Entry], base_path: str | None, lora_path: str,
+                  expected: dict[str, tuple[int, ...]], tie: bool) -> _Parts:
+    """Adapters, model tensors (the LoRA source overrides the base), dropped; every weight checked."""
     def dropped_kind(name: str) -> bool:  # optimizer moments (of adapters too), counters, a tied lm_head
-        return name.startswith(OPTIMIZER_PREFIXES) or name in SCALAR_KEYS or (
-            cfg.tie_word_embeddings and name == "lm_head.weight")
+        return is_training_state(name) or (tie and name == "lm_head.weight")
 
-    lora = {n: e for n, e in source.items() if LORA_MARK in n and not dropped_kind(n)}
-    if not lora:
+    parts = _Parts({n: e for n, e in source.items() if is_lora(n) and not dropped_kind(n)}, {}, [], [])
+    if not parts.lora:
         raise CheckpointError(f"{lora_path} holds no LoRA tensors (*{LORA_MARK}*). Pass the LoRA checkpoint as "
                               f"--src_ckpt_path_or_dir.")
-    model: dict[str, Entry] = {}
-    dropped, unknown, overridden = [], [], []
+    unknown = []
     for entries, is_source in ((base, False), (source, True)):
         for name, entry in entries.items():
             if dropped_kind(name):
-                dropped.append(name)
-            elif LORA_MARK in name:
+                parts.dropped.append(name)
+            elif is_lora(name):
                 if not is_source:
                     raise CheckpointError(f"base checkpoint {base_path} holds LoRA tensor {name}. Pass a base "
                                           f"without adapters as --base_checkpoint.")
             elif name not in expected:
                 unknown.append(f"{name} ({entry.origin})")
             else:
-                if is_source and name in model:
-                    overridden.append(name)
-                model[name] = entry
+                if is_source and name in parts.model:
+                    parts.overridden.append(name)
+                parts.model[name] = entry
     if unknown:
         raise CheckpointError(f"{len(unknown)} tensor(s) are not weights of the model_config's Llama: "
                               f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. Check the base "
                               f"checkpoint and the LoRA checkpoint belong together.")
-    _check_weights({n: e.shape for n, e in model.items()}, expected,
-                   f"the base weights ({base_path or lora_path})" if base_path else
-                   f"{lora_path} (no base recorded; pass --base_checkpoint)")
-    pairs = _pairs(lora, lora_path)
+    check_weights({n: e.shape for n, e in parts.model.items()}, expected,
+                  f"the base weights ({base_path or lora_path})" if base_path else
+                  f"{lora_path} (no base recorded; pass --base_checkpoint)")
+    return parts
+
+
+def _check_fit(pairs: dict[str, tuple[str, str]], model: dict[str, Entry], lora: dict[str, Entry],
+               lora_path: str) -> None:
+    """Every adapter pair adapts a weight of the model, with shapes that fit it."""
     problems = []
     for w, (a, b) in pairs.items():
         if w not in model:
@@ -179,9 +217,10 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     if problems:
         raise CheckpointError(f"{lora_path} does not fit its base: {'; '.join(problems)}. Use the base it was "
                               f"trained on.")
-    scaling = _scaling(pet_config, lora_scaling, {lora[a].shape[0] for a, _ in pairs.values()}, lora_path)
 
-    # Outputs never replace or land inside an input.
+
+def _destination(dst_dir: str, output_format: str, lora_path: str, base_path: str | None) -> str:
+    """The file (mftune) or directory (hf) to write; outputs never replace or land inside an input."""
     dst = os.path.realpath(dst_dir)
     in_files, in_dirs = _inputs(lora_path)
     if base_path:
@@ -192,35 +231,19 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
             or dst in in_dirs:
         raise CheckpointError(f"dst_ckpt_dir={dst_dir} is invalid: writing there would replace or mix with an input "
                               f"checkpoint. Choose a new directory.")
+    return target if output_format == "mftune" else dst
 
-    names = list(expected)  # model order
-    specs = [(n, model[n].dtype, expected[n]) for n in names]
 
-    def stream() -> Iterator[tuple[str, torch.Tensor]]:
-        for name in with_progress(progress, names, len(specs)):  # the bar holds names, not tensors
-            w = model[name].full()
-            if name in pairs:
-                a, b = pairs[name]
-                w = (w.float() + lora_delta_weight(lora[a].full(), lora[b].full(), scaling)).to(w.dtype)
-            yield name, w
-            del w  # before the next one is read
-
-    info = {"format": "lora_merge", "lora": os.path.abspath(lora_path),
-            "base": os.path.abspath(base_path) if base_path else None, "lora_scaling": scaling,
-            "merged": sorted(pairs)}
-    metadata = {"format": "pt", "mftune_model_config": json.dumps(mc, default=str),
-                "mftune_source": json.dumps(info)}
-    tensors = stream()
+def _write(target: str, output_format: str, specs: list, tensors: Iterator[tuple[str, torch.Tensor]],
+           metadata: dict[str, str]) -> str:
+    """Stream the merged tensors to ``target``; a HF directory goes through a temporary mftune file,
+    converted and removed (disk: about twice the model)."""
     if output_format == "mftune":
         write_safetensors_streaming(target, specs, tensors, metadata)
-        output = target
-    else:  # through a temporary mftune file, converted and removed (disk: about twice the model)
-        os.makedirs(dst, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".merge_", dir=dst) as tmp:
-            merged = os.path.join(tmp, MERGED_NAME)
-            write_safetensors_streaming(merged, specs, tensors, metadata)
-            convert_mftune_to_hf(merged, dst)
-        output = dst
-    return {"output": output, "merged": len(pairs), "copied": len(names) - len(pairs),
-            "overridden": sorted(overridden), "dropped": len(dropped) + 2 * len(pairs), "scaling": scaling,
-            "base": base_path, "seconds": time.perf_counter() - start}
+        return target
+    os.makedirs(target, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".merge_", dir=target) as tmp:
+        merged = os.path.join(tmp, MERGED_NAME)
+        write_safetensors_streaming(merged, specs, tensors, metadata)
+        convert_mftune_to_hf(merged, target)
+    return target

@@ -1,6 +1,6 @@
 """Checkpoint transformation (MindFormers' ``auto_trans_ckpt`` and ``transform_checkpoint.py``).
 
-A source checkpoint (anything ``sources.open_checkpoint`` reads: complete file, directory of complete
+A source checkpoint (anything ``formats.open_checkpoint`` reads: complete file, directory of complete
 files, Hugging Face or PEFT directory, distributed ``rank_*/`` directory) is rewritten for a
 destination layout described by strategy files (``ckpt_strategy_rank_{r}.json``, written by every
 run into ``<output_dir>/strategy`` and by ``--only_save_strategy``) as
@@ -37,14 +37,17 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from mftune.checkpoint.convert import Progress, with_progress, write_safetensors_streaming
-from mftune.checkpoint.io import OPTIMIZER_PREFIXES, SCALAR_KEYS, atomic_open, checkpoint_header
-from mftune.checkpoint.sources import (CheckpointError, Entry, distributed_entries, file_blocks, open_checkpoint,
-                                      rank_files, safetensors_header, source_kind)
+from mftune.checkpoint.entries import Entry
+from mftune.checkpoint.formats import checkpoint_header, distributed, open_checkpoint, recognise
+from mftune.checkpoint.formats.distributed import distributed_entries, file_blocks, rank_files
+from mftune.checkpoint.keys import PER_RANK_KEYS, SCALAR_KEYS, moment_names, parameter_of
+from mftune.checkpoint.safetensors_io import encode_metadata, safetensors_header, write_safetensors_streaming
+from mftune.errors import CheckpointError
+from mftune.fileio import atomic_open, inside
+from mftune.log import Progress, with_progress
 
 logger = logging.getLogger("mftune")
 
-PER_RANK_KEYS = ("rng_state", "cuda_rng_state")
 STRATEGY_FILE = re.compile(r"ckpt_strategy_rank_(\d+)\.json$")
 MARKER = re.compile(r"transform_(succeed|failed)_rank_(\d+)\.txt$")
 DEFAULT_PREFIX = "checkpoint_"
@@ -111,7 +114,7 @@ def check_source_strategy(strategy_path: str, files: list[str]) -> None:
             continue
         blocks = file_blocks(file)
         for name, info in records[rank]["tensors"].items():
-            for key in (name, *(p + name for p in OPTIMIZER_PREFIXES)):
+            for key in (name, *moment_names(name)):
                 held = [list(b) for b in blocks[key][1]] if key in blocks else None
                 if held is not None and held != info["block"]:
                     raise CheckpointError(
@@ -128,7 +131,7 @@ def destination_blocks(entries: dict[str, Entry], record: dict | None) -> dict[s
     out: dict[str, tuple[slice, ...] | None] = {}
     for name, entry in entries.items():
         full = tuple(slice(0, n) for n in entry.shape)
-        param = next((name[len(p):] for p in OPTIMIZER_PREFIXES if name.startswith(p)), name)
+        param = parameter_of(name)
         if name in PER_RANK_KEYS:
             out[name] = None
         elif param in params:
@@ -175,10 +178,8 @@ def _write_rank(entries: dict[str, Entry], blocks: dict, rank_dir: str, file_nam
     specs = [(n, entries[n].dtype, tuple(s.stop - s.start for s in blocks[n])) for n in names]
     shards = {n: {"global_shape": list(entries[n].shape), "block": [[s.start, s.stop] for s in blocks[n]]}
               for n in names if tuple(s.stop - s.start for s in blocks[n]) != entries[n].shape}
-    metadata = {"format": "pt", **{f"mftune_{k}": json.dumps(v, default=str) for k, v in header.items()
-                                   if k != "shards"}}
-    if shards:
-        metadata["mftune_shards"] = json.dumps({"rank": rank, "tensors": shards})
+    metadata = encode_metadata({**{k: v for k, v in header.items() if k != "shards"},
+                                **({"shards": {"rank": rank, "tensors": shards}} if shards else {})})
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         items = with_progress(progress, names, len(names))
@@ -193,12 +194,6 @@ def _write_rank(entries: dict[str, Entry], blocks: dict, rank_dir: str, file_nam
     logger.info("Transformed rank %d: %s (%d tensors, %.2f GB) in %.1f s", rank, path, len(names),
                 size / 1e9, time.time() - start)
     return path
-
-
-def inside(path: str, folder: str) -> bool:
-    """Whether ``path`` is ``folder`` or lies below it (symbolic links resolved)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder + os.sep)
 
 
 def refuse_overlap(src: str, out_root: str) -> None:
@@ -311,7 +306,7 @@ def auto_transform(src: str, output_dir: str, *, rank: int, world_size: int, pro
     error = None
     try:
         refuse_overlap(src, out_root)
-        if src_strategy and (source_kind(src) == "distributed" or len(files or []) > 1):
+        if src_strategy and (recognise(src) is distributed or len(files or []) > 1):
             check_source_strategy(src_strategy, files or rank_files(src))
         elif src_strategy:
             logger.warning("src_strategy_path_or_dir=%s ignored: %s is a complete checkpoint", src_strategy, src)

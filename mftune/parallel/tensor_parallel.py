@@ -25,9 +25,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                SequenceParallel, parallelize_module)
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
-from mftune.pet.lora import LoRALinear
-
-LORA_A, LORA_B = "mindpet_delta_lora_a", "mindpet_delta_lora_b"
+from mftune.pet.lora import LORA_A, LORA_B, LoRALinear
 
 
 class PlaceParams(ParallelStyle):

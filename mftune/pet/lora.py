@@ -27,6 +27,7 @@ from mftune.pet.config import LoraConfig
 logger = logging.getLogger("mftune")
 
 LORA_MARK = "mindpet_delta_lora"  # every adapter parameter name contains it (MindPet convention)
+LORA_A, LORA_B = f"{LORA_MARK}_a", f"{LORA_MARK}_b"  # LoRALinear's factors A [r, in] and B [out, r]
 BACKBONE_ATTRS = ("backbone", "model", "transformer", "llm_model")  # MindFormers LoraModel.add_adapter order
 
 

@@ -19,7 +19,9 @@ import time
 import torch
 from torch import nn
 
-from mftune.checkpoint.io import atomic_open, save_complete, unique_state_dict
+from mftune.checkpoint.formats.single_file import save_complete
+from mftune.checkpoint.load import unique_state_dict
+from mftune.fileio import atomic_open
 from mftune.parallel.layout import local, shard_layout, strategy
 
 logger = logging.getLogger("mftune")

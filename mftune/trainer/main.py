@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
-from mftune.checkpoint.io import CheckpointError, fingerprint, load_checkpoint
-from mftune.checkpoint.sources import distributed_entries
+from mftune.checkpoint.load import fingerprint, load_checkpoint
+from mftune.errors import CheckpointError
+from mftune.checkpoint.formats.distributed import distributed_entries
 from mftune.checkpoint.transform import auto_transform, inside
 from mftune.config import ConfigError, MFConfig, save_config
 from mftune.data.loader import TrainData

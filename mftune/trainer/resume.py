@@ -26,9 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mftune.checkpoint.io import load_entries, load_recorded_base, load_tensors, read_metadata
-from mftune.checkpoint.sources import (CheckpointError, Entry, distributed_entries, rank_dirs, rank_files, read_tensor,
-                                      safetensors_entries, safetensors_header)
+from mftune.checkpoint.load import load_entries, load_recorded_base
+from mftune.checkpoint.safetensors_io import load_tensors, read_metadata
+from mftune.checkpoint.entries import Entry, safetensors_entries
+from mftune.checkpoint.formats.distributed import distributed_entries, rank_dirs, rank_files
+from mftune.checkpoint.safetensors_io import read_tensor, safetensors_header
+from mftune.errors import CheckpointError
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")

@@ -1,44 +1,39 @@
-"""mftune LoRA <-> Hugging Face PEFT adapter directories (reference/peft-lora-formats.md §2).
+"""A Hugging Face PEFT LoRA adapter directory (reference/peft-lora-formats.md §2), read and described.
 
-A PEFT LoRA adapter is a directory with ``adapter_config.json`` and ``adapter_model.safetensors``
-(older: ``adapter_model.bin``) holding, per adapted Linear,
-``base_model.model.<HF module>.lora_A.weight`` ``[r, in]`` and ``....lora_B.weight`` ``[out, r]``:
-no adapter name inside the key (peft strips ``.default`` on save and re-inserts it on load).
-mftune's ``mindpet_delta_lora_a``/``_b`` have the same orientation and the same scaling
-``lora_alpha / r`` (PEFT recomputes it from the config, so nothing is baked into B), and RoPE is
-rotate-half on both sides, so converting is a rename: module paths go through
-``names.mftune_to_hf`` / ``names.hf_to_mftune``; the LoRA parameter names through the table below.
+An adapter is a directory with ``adapter_config.json`` and ``adapter_model.safetensors`` (older:
+``adapter_model.bin``) holding, per adapted Linear, ``base_model.model.<HF module>.lora_A.weight``
+``[r, in]`` and ``....lora_B.weight`` ``[out, r]``: no adapter name inside the key (peft strips
+``.default`` on save and re-inserts it on load). mftune's LoRA factors have the same orientation and
+the same scaling ``lora_alpha / r`` (PEFT recomputes it from the config, so nothing is baked into B),
+and RoPE is rotate-half on both sides, so converting is a rename: module paths go through
+``names.mftune_to_hf`` / ``names.hf_to_mftune``, the factor names through the table below.
 
-mftune applies LoRA inside ``model.layers`` only, with one rank and one alpha, to the same
-module types in every adapted layer (``target_modules`` matches local names, ``exclude_layers``
-removes whole layers or module types). So an adapter is always a grid (layers x module types);
-PEFT says the same with a list ``target_modules`` of leaf names plus ``layers_to_transform``.
+mftune applies LoRA inside ``model.layers`` only, with one rank and one alpha, to the same module
+types in every adapted layer (``target_modules`` matches local names, ``exclude_layers`` removes whole
+layers or module types). So an adapter is always a grid (layers x module types); PEFT says the same
+with a list ``target_modules`` of leaf names plus ``layers_to_transform``.
+
+As a ``load_checkpoint`` source, the directory provides its adapters plus any complete ``.safetensors``
+file placed beside them (the base). Writing an adapter is ``mftune.checkpoint.export``.
 """
 from __future__ import annotations
 
-import fnmatch
+import glob
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from mftune.checkpoint.io import (
-    LORA_MARK,
-    OPTIMIZER_PREFIXES,
-    SCALAR_KEYS,
-    CheckpointError,
-    load_tensors,
-    read_metadata,
-)
+from mftune.checkpoint.entries import Entry, merge_entries, safetensors_entries, tensor_entries
+from mftune.checkpoint.keys import LORA_A, LORA_B
 from mftune.checkpoint.names import MFTUNE_TO_HF_LAYER, hf_to_mftune, mftune_to_hf
+from mftune.checkpoint.safetensors_io import load_tensors
+from mftune.errors import CheckpointError
 
+NAME = "peft"
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -46,8 +41,8 @@ PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM.base_model (LoraModel)
 
 # mftune LoRA parameter (on the adapted module) -> PEFT parameter (on the same HF module).
 MFTUNE_TO_PEFT_PARAM: dict[str, str] = {
-    "mindpet_delta_lora_a": "lora_A.weight",  # [r, in]
-    "mindpet_delta_lora_b": "lora_B.weight",  # [out, r]
+    LORA_A: "lora_A.weight",  # [r, in]
+    LORA_B: "lora_B.weight",  # [out, r]
 }
 PEFT_TO_MFTUNE_PARAM: dict[str, str] = {v: k for k, v in MFTUNE_TO_PEFT_PARAM.items()}
 
@@ -81,7 +76,7 @@ BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 # ----------------------------------------------------------------------------------------------
-# names
+# names and the layer x module grid
 # ----------------------------------------------------------------------------------------------
 
 def mftune_to_peft_name(name: str) -> str:
@@ -115,7 +110,7 @@ def _is_lora_module(module: str) -> bool:
     return bool(m) and m.group(2) in LINEAR_LEAVES
 
 
-def _grid(modules: set[str], where: str) -> tuple[list[int], list[str]]:
+def lora_grid(modules: set[str], where: str) -> tuple[list[int], list[str]]:
     """mftune module paths -> (layer indices, local leaves like ``attention.wq`` in table order).
 
     A CheckpointError if the modules are not every combination of the two (mftune cannot express that)."""
@@ -134,7 +129,7 @@ def _grid(modules: set[str], where: str) -> tuple[list[int], list[str]]:
     return layers, leaves
 
 
-def _pair_and_rank(tensors: dict[str, torch.Tensor], where: str) -> tuple[set[str], int]:
+def pair_and_rank(tensors: dict[str, torch.Tensor], where: str) -> tuple[set[str], int]:
     """Check every module has A ``[r, in]`` and B ``[out, r]`` with one r; returns (modules, r)."""
     modules = {k.rpartition(".")[0] for k in tensors}
     ranks = set()
@@ -153,73 +148,6 @@ def _pair_and_rank(tensors: dict[str, torch.Tensor], where: str) -> tuple[set[st
         raise CheckpointError(f"{where}: LoRA modules have different ranks {sorted(ranks)}; mftune has one "
                               f"lora_rank. Use an adapter with a single rank.")
     return modules, ranks.pop()
-
-
-# ----------------------------------------------------------------------------------------------
-# export: mftune LoRA checkpoint -> PEFT adapter directory
-# ----------------------------------------------------------------------------------------------
-
-def export_peft_adapter(src_checkpoint: str, output_dir: str, *, base_model_name_or_path: str | None = None,
-                        overwrite: bool = False, fallback: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the LoRA adapters of the complete mftune checkpoint ``src_checkpoint`` as a PEFT adapter
-    directory ``output_dir``; return the adapter_config written.
-
-    ``lora_rank``/``lora_alpha``/``lora_dropout`` come from the checkpoint's pet_config header; a key
-    missing there is an error unless ``fallback`` gives it (a fallback that contradicts the header is
-    an error too). ``base_model_name_or_path`` defaults to the header's base checkpoint path.
-    The directory appears complete or not at all (written next to it, then renamed); a non-empty
-    ``output_dir`` is replaced only with ``overwrite``. Errors are CheckpointError (user mistakes).
-    """
-    out = os.path.abspath(output_dir)
-    if os.path.commonpath([os.path.abspath(src_checkpoint), out]) == out:
-        raise CheckpointError(f"output_dir={output_dir} is invalid: it contains src_checkpoint, which writing the "
-                              f"adapter there would remove. Choose a new directory.")
-    meta, keys, load = _source(src_checkpoint)
-    pet_config = meta.get("pet_config") or (meta.get("model_config") or {}).get("pet_config")
-    if pet_config is not None and not isinstance(pet_config, dict):
-        raise CheckpointError(f"pet_config={pet_config!r} is invalid: {src_checkpoint}'s header holds no mapping. "
-                              f"Export a checkpoint written by run_finetune.py --run_mode finetune.")
-    if not pet_config:
-        raise CheckpointError(
-            f"src_checkpoint={src_checkpoint} is invalid: its header has no pet_config, so it is not a LoRA "
-            f"checkpoint (run_mode {meta.get('run_mode', 'unknown')}). Export a checkpoint written by "
-            f"run_finetune.py --run_mode finetune with a pet_config.")
-    if str(pet_config.get("pet_type", "lora")).lower() != "lora":
-        raise CheckpointError(f"pet_config.pet_type={pet_config['pet_type']!r} is invalid: only LoRA exports to "
-                              f"PEFT. Export a LoRA checkpoint.")
-    hparams = _lora_hparams(pet_config, fallback or {}, src_checkpoint)
-
-    lora_keys = [k for k in keys if LORA_MARK in k and not k.startswith(OPTIMIZER_PREFIXES)]
-    if not lora_keys:
-        raise CheckpointError(f"src_checkpoint={src_checkpoint} is invalid: it holds no LoRA tensors "
-                              f"(*{LORA_MARK}*). Export the checkpoint of a LoRA run.")
-    trained = _trained_base_tensors(keys, pet_config)
-    if trained:
-        raise CheckpointError(
-            f"src_checkpoint={src_checkpoint} is invalid: besides LoRA it holds trained base tensors "
-            f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}; pet_config.freeze_exclude="
-            f"{pet_config.get('freeze_exclude')!r}), which a PEFT LoRA adapter cannot carry. Export from a run "
-            f"that trains only the adapters.")
-    tensors = load(lora_keys)
-    modules, rank = _pair_and_rank(tensors, src_checkpoint)
-    if rank != hparams["lora_rank"]:
-        raise CheckpointError(f"pet_config.lora_rank={hparams['lora_rank']} is invalid: the LoRA tensors of "
-                              f"{src_checkpoint} have rank {rank}. Check the checkpoint and its header.")
-    try:
-        peft_tensors = {mftune_to_peft_name(k): v.contiguous() for k, v in tensors.items()}
-    except KeyError as exc:
-        raise CheckpointError(f"src_checkpoint={src_checkpoint} is invalid: {exc.args[0]}. mftune exports LoRA on "
-                              f"decoder-layer Linear layers (wq wk wv wo w1 w2 w3) only.") from None
-    layers, leaves = _grid(modules, src_checkpoint)
-    num_layers = (meta.get("model_config") or {}).get("num_layers")
-    if num_layers is None:
-        raise CheckpointError(f"model_config.num_layers=None is invalid: {src_checkpoint}'s header does not "
-                              f"record it. Export a checkpoint written by run_finetune.py.")
-    if base_model_name_or_path is None:
-        base_model_name_or_path = (meta.get("base_checkpoint") or {}).get("path") or ""
-    config = peft_adapter_config(hparams, layers, leaves, num_layers, base_model_name_or_path)
-    _write_adapter_dir(output_dir, config, peft_tensors, overwrite)
-    return config
 
 
 def peft_adapter_config(hparams: dict[str, Any], layers: list[int], leaves: list[str], num_layers: int,
@@ -254,117 +182,26 @@ def peft_adapter_config(hparams: dict[str, Any], layers: list[int], leaves: list
     }
 
 
-def _source(path: str) -> tuple[dict[str, Any], list[str], Any]:
-    """(header metadata, tensor names, load(names) -> full tensors) of a complete checkpoint file or
-    of a distributed checkpoint directory (rank_*/: the adapters are reassembled from the shards)."""
-    from mftune.checkpoint.sources import distributed_entries, rank_dirs, rank_file
-
-    if os.path.isdir(path) and rank_dirs(path):
-        entries = distributed_entries(path)
-        meta = read_metadata(rank_file(rank_dirs(path)[0]))  # the ranks share it, but for shards
-        meta.pop("shards", None)
-
-        def load(names):
-            return {n: entries[n].read(tuple(slice(0, d) for d in entries[n].shape)) for n in names}
-        return meta, list(entries), load
-    _check_source(path)
-    meta = read_metadata(path)
-    if "shards" in meta:
-        raise CheckpointError(
-            f"src_checkpoint={path} is invalid: it holds one rank's shards of a distributed checkpoint "
-            f"(tensor parallel or FSDP2). Pass the directory that holds its rank_*/ folders.")
-    with safe_open(path, framework="pt") as f:
-        keys = list(f.keys())
-    return meta, keys, lambda names: load_tensors(path, names)
-
-
-def _check_source(path: str) -> None:
-    if os.path.isdir(path):
-        hint = ""
-        meta_json = os.path.join(path, "meta.json")
-        if os.path.isfile(meta_json):
-            try:
-                with open(meta_json) as f:
-                    hint = f" (the newest here: {os.path.join(path, json.load(f)['last_ckpt_file'])})"
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-        raise CheckpointError(f"src_checkpoint={path} is invalid: it is a directory. Pass one checkpoint "
-                              f"file{hint}.")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"src_checkpoint={path} is invalid: no such file. Pass a .safetensors "
-                              f"checkpoint written by run_finetune.py --run_mode finetune.")
-
-
-def _lora_hparams(pet_config: dict, fallback: dict[str, Any], where: str) -> dict[str, Any]:
-    out = {}
-    for key in ("lora_rank", "lora_alpha", "lora_dropout"):
-        recorded, given = pet_config.get(key), fallback.get(key)
-        if recorded is None and given is None:
-            raise CheckpointError(
-                f"pet_config.{key}=None is invalid: {where}'s header does not record it, and the adapter "
-                f"needs it. Pass --{key} with the value the run used (mftune's default applies when the "
-                f"YAML left it out).")
-        if recorded is not None and given is not None and recorded != given:
-            raise CheckpointError(f"--{key}={given} is invalid: {where} records pet_config.{key}={recorded}. "
-                                  f"Drop --{key}.")
-        out[key] = recorded if recorded is not None else given
-    return out
-
-
-def _trained_base_tensors(keys: list[str], pet_config: dict) -> list[str]:
-    """Non-LoRA model tensors the run trained: they have Adam moments, or freeze_exclude made them
-    trainable (mftune.pet.lora.freeze_lora's rule on names)."""
-    def patterns(key):
-        v = pet_config.get(key) or []
-        return [v] if isinstance(v, str) else list(v)
-
-    include, exclude = patterns("freeze_include"), patterns("freeze_exclude")
-    keyset = set(keys)
-    out = []
-    for k in keys:
-        if LORA_MARK in k or k.startswith(OPTIMIZER_PREFIXES) or k in SCALAR_KEYS:
-            continue
-        by_rule = (any(fnmatch.fnmatchcase(k, p) for p in exclude)
-                   and not any(fnmatch.fnmatchcase(k, p) for p in include))
-        if by_rule or f"adam_m.{k}" in keyset:
-            out.append(k)
-    return sorted(out)
-
-
-def _write_adapter_dir(output_dir: str, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool) -> None:
-    """Write both files into a fresh sibling directory, then rename it to ``output_dir``."""
-    out = os.path.abspath(output_dir)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CheckpointError(f"output_dir={output_dir} is invalid: it is a file. Pass a directory path.")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise CheckpointError(f"output_dir={output_dir} is invalid: it exists and is not empty. Pass "
-                              f"--overwrite to replace it, or choose another directory.")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    trash = None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)  # as peft writes it
-            f.write("\n")
-        save_file(tensors, os.path.join(tmp, SAFETENSORS_NAME), metadata={"format": "pt"})
-        if os.path.isdir(out) and os.listdir(out):  # overwrite: move the old one aside first
-            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.rename(out, os.path.join(trash, "old"))
-        os.replace(tmp, out)  # also replaces an empty directory
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------------------------
-# import: PEFT adapter directory -> mftune tensors + pet_config
+# reading: PEFT adapter directory -> mftune tensors + pet_config
 # ----------------------------------------------------------------------------------------------
+
+def matches(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_NAME))
+
+
+def entries(path: str) -> dict[str, Entry]:
+    """The adapters (renamed) plus the complete ``.safetensors`` files beside them (a base)."""
+    tensors, _ = read_peft_adapter(path)
+    others = [f for f in glob.glob(os.path.join(glob.escape(path), "*.safetensors"))
+              if os.path.basename(f) != SAFETENSORS_NAME]
+    return merge_entries(path, [tensor_entries(tensors, path)] + [safetensors_entries(f) for f in sorted(others)])
+
+
+def header(path: str) -> dict[str, Any]:
+    """``{"pet_config": ...}``: the mftune pet_config equivalent to the adapter's config."""
+    return {"pet_config": read_peft_adapter(path)[1]}
+
 
 def read_peft_adapter(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a PEFT LoRA adapter directory: its tensors under mftune names
@@ -405,11 +242,11 @@ def read_peft_adapter(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[s
             f"up_proj) only. Use an adapter without embedding/lm_head LoRA, biases or DoRA vectors.")
     if not tensors:
         raise CheckpointError(f"{weights_path} is invalid: it holds no tensors. Re-save the adapter.")
-    modules, rank = _pair_and_rank(tensors, weights_path)
+    modules, rank = pair_and_rank(tensors, weights_path)
     if rank != config.get("r", 8):  # peft's default r
         raise CheckpointError(f"{config_path}: r={config.get('r', 8)} is invalid: the tensors in {weights_path} have "
                               f"rank {rank}. Use the adapter's own adapter_config.json.")
-    layers, leaves = _grid(modules, weights_path)
+    layers, leaves = lora_grid(modules, weights_path)
     wanted = config.get("layers_to_transform")
     if wanted is not None:
         wanted = sorted({wanted} if isinstance(wanted, int) else set(wanted))

@@ -1,137 +1,27 @@
-"""Complete mftune checkpoints: one safetensors file, MindFormers names, configs in the header.
+"""``load_checkpoint``: fill a model (plain, tensor parallel or FSDP2) in place from any checkpoint.
 
-A complete file may hold, besides model tensors, optimizer moments (``adam_m.<name>``,
-``adam_v.<name>``) and MindFormers' scalar counters (``epoch_num``, ``step_num``, ``global_step``,
-``loss_scale``, ``global_batch_size``). Loading into a model takes only the model's tensors.
-Writes are atomic (temporary file + ``os.replace``), so a crash never leaves a half file.
+The path's format is recognised by ``mftune.checkpoint.formats``; tensors are read through its
+entries one at a time, each rank reading only the block it holds. Optimizer moments and counters
+are left to resuming (``mftune.trainer.resume``).
 """
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
-import json
 import logging
 import os
-import struct
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from mftune.checkpoint.sources import (CheckpointError, Entry, open_checkpoint, rank_dirs,
-                                      rank_file, read_tensor, safetensors_header)
+from mftune.checkpoint.entries import Entry
+from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
+from mftune.checkpoint.keys import is_lora, is_training_state
+from mftune.checkpoint.safetensors_io import raw_header
+from mftune.errors import CheckpointError
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")
-
-OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")
-SCALAR_KEYS = ("epoch_num", "step_num", "global_step", "loss_scale", "global_batch_size",
-               "consumed_samples", "optimizer_step", "loss_scale_good_steps", "rng_state", "cuda_rng_state")
-LORA_MARK = "mindpet_delta_lora"
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """Write ``tensors`` to ``path`` as safetensors; readers never see a partial file: a temporary
-    name, fsync, rename, fsync of the folder (so a crash leaves the old file or the new one)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    try:
-        save_file(contiguous, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        fsync_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w"):
-    """A temporary sibling of ``path`` to write; fsynced and renamed onto ``path`` on success,
-    removed on failure (readers see the old file or the new one, never a part)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            yield f
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        fsync_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def fsync_replace(tmp: str, path: str) -> None:
-    """``os.replace(tmp, path)`` after flushing ``tmp`` to disk, then flush the folder entry."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def save_complete(path: str, tensors: dict[str, torch.Tensor], *, model_config: dict[str, Any],
-                  extra_metadata: dict[str, Any] | None = None) -> None:
-    """Save a complete checkpoint whose header carries ``model_config`` (with its pet_config)."""
-    metadata = {"format": "pt", "mftune_model_config": json.dumps(model_config, default=str)}
-    for key, value in (extra_metadata or {}).items():
-        metadata[f"mftune_{key}"] = json.dumps(value, default=str)
-    atomic_save(tensors, path, metadata)
-
-
-def read_metadata(path: str) -> dict[str, Any]:
-    """The ``mftune_*`` header entries of a checkpoint, JSON-decoded, without the prefix."""
-    raw = safetensors_header(path)[2]  # parsed once per file version, no memory map
-    out = {}
-    for key, value in raw.items():
-        if key.startswith("mftune_"):
-            try:
-                out[key[len("mftune_"):]] = json.loads(value)
-            except json.JSONDecodeError:
-                out[key[len("mftune_"):]] = value
-    return out
-
-
-def checkpoint_header(path: str) -> dict[str, Any]:
-    """The mftune header of any checkpoint ``open_checkpoint`` reads (model_config, pet_config,
-    base_checkpoint when recorded): a file's own; a distributed directory's rank-0 file; a directory of
-    complete files merged (a file with a pet_config first); a HF directory's config.json translated;
-    a PEFT adapter's pet_config."""
-    if os.path.isfile(path):
-        return read_metadata(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} does not exist. Give a checkpoint file or directory.")
-    if os.path.exists(os.path.join(path, "adapter_config.json")):
-        from mftune.checkpoint.peft import read_peft_adapter
-        return {"pet_config": read_peft_adapter(path)[1]}
-    if os.path.exists(os.path.join(path, "config.json")):
-        from mftune.checkpoint.names import hf_config_to_model_config
-        try:
-            with open(os.path.join(path, "config.json")) as f:
-                return {"model_config": hf_config_to_model_config(json.load(f))}
-        except ValueError as exc:
-            raise CheckpointError(f"{path}/config.json: {exc}") from None
-    ranks = rank_dirs(path)
-    if ranks:
-        return read_metadata(rank_file(ranks[0]))
-    header: dict[str, Any] = {}
-    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
-    for meta in sorted((read_metadata(f) for f in files), key=lambda m: "pet_config" not in m):
-        for key, value in meta.items():
-            header.setdefault(key, value)
-    return header
 
 
 def fingerprint(path: str) -> str:
@@ -147,17 +37,7 @@ def fingerprint(path: str) -> str:
 
 def _size_and_header(file: str) -> bytes:
     out = str(os.path.getsize(file)).encode()
-    if file.endswith(".safetensors"):
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            out += f.read(n)
-    return out
-
-
-def load_tensors(path: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Read tensors (all, or ``names``) one at a time from a safetensors file."""
-    keys = list(safetensors_header(path)[1]) if names is None else names
-    return {k: read_tensor(path, k) for k in keys}
+    return out + raw_header(file) if file.endswith(".safetensors") else out
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -176,7 +56,7 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     """Load ``path`` into ``model`` in place: a complete mftune file, a directory of complete files
     (loaded together), a Hugging Face directory, a PEFT adapter directory or a distributed
-    checkpoint directory (``mftune.checkpoint.sources``).
+    checkpoint directory (``mftune.checkpoint.formats``).
 
     Every base (non-LoRA) parameter of the model must be provided with the same shape (a tied
     weight under either of its names); LoRA tensors missing from the checkpoint keep their fresh
@@ -191,7 +71,7 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     """
     entries = open_checkpoint(path)
     names = set(model.state_dict())
-    if any(LORA_MARK not in n and n not in entries for n in names):
+    if any(not is_lora(n) and n not in entries for n in names):
         recorded = checkpoint_header(path).get("base_checkpoint") or {}
         if recorded.get("path"):
             base = load_recorded_base(model, recorded, path)
@@ -228,7 +108,7 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
         if only is None or name in only:
             groups.setdefault(_storage_key(tensor), []).append(name)
     missing = [names[0] for names in groups.values()
-               if not entries.keys() & set(names) and (only is not None or LORA_MARK not in names[0])]
+               if not entries.keys() & set(names) and (only is not None or not is_lora(names[0]))]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(
@@ -255,9 +135,8 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
             else:
                 dst.copy_(entry.read(local_block(target)).to(dst.dtype))
         loaded.append(source)
-    unused = sorted(k for k in entries.keys() - set(state)
-                    if not k.startswith(OPTIMIZER_PREFIXES) and k not in SCALAR_KEYS)
-    lost = [k for k in unused if LORA_MARK in k]
+    unused = sorted(k for k in entries.keys() - set(state) if not is_training_state(k))
+    lost = [k for k in unused if is_lora(k)]
     if lost:
         raise CheckpointError(
             f"checkpoint {path} holds LoRA adapters this model does not have (e.g. {lost[0]}, {len(lost)} in all): "

@@ -1,0 +1,185 @@
+"""mftune LoRA checkpoint -> Hugging Face PEFT adapter directory (``scripts/export_adapter.py``).
+
+The adapter's format and its ``adapter_config.json`` are ``mftune.checkpoint.formats.peft_adapter``'s;
+this module checks that a checkpoint is a pure LoRA checkpoint and writes the directory atomically.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mftune.checkpoint.formats import distributed
+from mftune.checkpoint.formats.peft_adapter import (CONFIG_NAME, SAFETENSORS_NAME, lora_grid, mftune_to_peft_name,
+                                                    pair_and_rank, peft_adapter_config)
+from mftune.checkpoint.keys import LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, is_lora, moment_names
+from mftune.checkpoint.safetensors_io import load_tensors, read_metadata, safetensors_header
+from mftune.errors import CheckpointError
+from mftune.fileio import atomic_directory
+
+Loader = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+def export_peft_adapter(src_checkpoint: str, output_dir: str, *, base_model_name_or_path: str | None = None,
+                        overwrite: bool = False, fallback: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the LoRA adapters of the complete mftune checkpoint ``src_checkpoint`` as a PEFT adapter
+    directory ``output_dir``; return the adapter_config written.
+
+    ``lora_rank``/``lora_alpha``/``lora_dropout`` come from the checkpoint's pet_config header; a key
+    missing there is an error unless ``fallback`` gives it (a fallback that contradicts the header is
+    an error too). ``base_model_name_or_path`` defaults to the header's base checkpoint path.
+    The directory appears complete or not at all (written next to it, then renamed); a non-empty
+    ``output_dir`` is replaced only with ``overwrite``. Errors are CheckpointError (user mistakes).
+    """
+    out = os.path.abspath(output_dir)
+    if os.path.commonpath([os.path.abspath(src_checkpoint), out]) == out:
+        raise CheckpointError(f"output_dir={output_dir} is invalid: it contains src_checkpoint, which writing the "
+                              f"adapter there would remove. Choose a new directory.")
+    meta, keys, load = _source(src_checkpoint)
+    pet_config = _lora_pet_config(meta, src_checkpoint)
+    hparams = _lora_hparams(pet_config, fallback or {}, src_checkpoint)
+    tensors = load(_adapter_keys(keys, pet_config, src_checkpoint))
+    modules, rank = pair_and_rank(tensors, src_checkpoint)
+    if rank != hparams["lora_rank"]:
+        raise CheckpointError(f"pet_config.lora_rank={hparams['lora_rank']} is invalid: the LoRA tensors of "
+                              f"{src_checkpoint} have rank {rank}. Check the checkpoint and its header.")
+    try:
+        peft_tensors = {mftune_to_peft_name(k): v.contiguous() for k, v in tensors.items()}
+    except KeyError as exc:
+        raise CheckpointError(f"src_checkpoint={src_checkpoint} is invalid: {exc.args[0]}. mftune exports LoRA on "
+                              f"decoder-layer Linear layers (wq wk wv wo w1 w2 w3) only.") from None
+    layers, leaves = lora_grid(modules, src_checkpoint)
+    num_layers = (meta.get("model_config") or {}).get("num_layers")
+    if num_layers is None:
+        raise CheckpointError(f"model_config.num_layers=None is invalid: {src_checkpoint}'s header does not "
+                              f"record it. Export a checkpoint written by run_finetune.py.")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = (meta.get("base_checkpoint") or {}).get("path") or ""
+    config = peft_adapter_config(hparams, layers, leaves, num_layers, base_model_name_or_path)
+    _write_adapter_dir(output_dir, config, peft_tensors, overwrite)
+    return config
+
+
+def _lora_pet_config(meta: dict[str, Any], src: str) -> dict[str, Any]:
+    """The LoRA pet_config a checkpoint's header records; an error when it records none or another method."""
+    pet_config = meta.get("pet_config") or (meta.get("model_config") or {}).get("pet_config")
+    if pet_config is not None and not isinstance(pet_config, dict):
+        raise CheckpointError(f"pet_config={pet_config!r} is invalid: {src}'s header holds no mapping. "
+                              f"Export a checkpoint written by run_finetune.py --run_mode finetune.")
+    if not pet_config:
+        raise CheckpointError(
+            f"src_checkpoint={src} is invalid: its header has no pet_config, so it is not a LoRA "
+            f"checkpoint (run_mode {meta.get('run_mode', 'unknown')}). Export a checkpoint written by "
+            f"run_finetune.py --run_mode finetune with a pet_config.")
+    if str(pet_config.get("pet_type", "lora")).lower() != "lora":
+        raise CheckpointError(f"pet_config.pet_type={pet_config['pet_type']!r} is invalid: only LoRA exports to "
+                              f"PEFT. Export a LoRA checkpoint.")
+    return pet_config
+
+
+def _adapter_keys(keys: list[str], pet_config: dict, src: str) -> list[str]:
+    """The LoRA factors of a checkpoint that holds nothing else a PEFT adapter would lose."""
+    lora_keys = [k for k in keys if is_lora(k) and not k.startswith(OPTIMIZER_PREFIXES)]
+    if not lora_keys:
+        raise CheckpointError(f"src_checkpoint={src} is invalid: it holds no LoRA tensors "
+                              f"(*{LORA_MARK}*). Export the checkpoint of a LoRA run.")
+    trained = _trained_base_tensors(keys, pet_config)
+    if trained:
+        raise CheckpointError(
+            f"src_checkpoint={src} is invalid: besides LoRA it holds trained base tensors "
+            f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}; pet_config.freeze_exclude="
+            f"{pet_config.get('freeze_exclude')!r}), which a PEFT LoRA adapter cannot carry. Export from a run "
+            f"that trains only the adapters.")
+    return lora_keys
+
+
+def _source(path: str) -> tuple[dict[str, Any], list[str], Loader]:
+    """(header metadata, tensor names, load(names) -> full tensors) of a complete checkpoint file or
+    of a distributed checkpoint directory (rank_*/: the adapters are reassembled from the shards)."""
+    if os.path.isdir(path) and distributed.matches(path):
+        entries = distributed.entries(path)
+
+        def load(names):
+            return {n: entries[n].full() for n in names}
+        return distributed.header(path), list(entries), load
+    _check_source(path)
+    meta = read_metadata(path)
+    if "shards" in meta:
+        raise CheckpointError(
+            f"src_checkpoint={path} is invalid: it holds one rank's shards of a distributed checkpoint "
+            f"(tensor parallel or FSDP2). Pass the directory that holds its rank_*/ folders.")
+    return meta, list(safetensors_header(path)[1]), lambda names: load_tensors(path, names)
+
+
+def _check_source(path: str) -> None:
+    if os.path.isdir(path):
+        hint = ""
+        meta_json = os.path.join(path, "meta.json")
+        if os.path.isfile(meta_json):
+            try:
+                with open(meta_json) as f:
+                    hint = f" (the newest here: {os.path.join(path, json.load(f)['last_ckpt_file'])})"
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        raise CheckpointError(f"src_checkpoint={path} is invalid: it is a directory. Pass one checkpoint "
+                              f"file{hint}.")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"src_checkpoint={path} is invalid: no such file. Pass a .safetensors "
+                              f"checkpoint written by run_finetune.py --run_mode finetune.")
+
+
+def _lora_hparams(pet_config: dict, fallback: dict[str, Any], where: str) -> dict[str, Any]:
+    out = {}
+    for key in ("lora_rank", "lora_alpha", "lora_dropout"):
+        recorded, given = pet_config.get(key), fallback.get(key)
+        if recorded is None and given is None:
+            raise CheckpointError(
+                f"pet_config.{key}=None is invalid: {where}'s header does not record it, and the adapter "
+                f"needs it. Pass --{key} with the value the run used (mftune's default applies when the "
+                f"YAML left it out).")
+        if recorded is not None and given is not None and recorded != given:
+            raise CheckpointError(f"--{key}={given} is invalid: {where} records pet_config.{key}={recorded}. "
+                                  f"Drop --{key}.")
+        out[key] = recorded if recorded is not None else given
+    return out
+
+
+def _trained_base_tensors(keys: list[str], pet_config: dict) -> list[str]:
+    """Non-LoRA model tensors the run trained: they have Adam moments, or freeze_exclude made them
+    trainable (mftune.pet.lora.freeze_lora's rule on names)."""
+    def patterns(key):
+        v = pet_config.get(key) or []
+        return [v] if isinstance(v, str) else list(v)
+
+    include, exclude = patterns("freeze_include"), patterns("freeze_exclude")
+    keyset = set(keys)
+    out = []
+    for k in keys:
+        if is_lora(k) or k.startswith(OPTIMIZER_PREFIXES) or k in SCALAR_KEYS:
+            continue
+        by_rule = (any(fnmatch.fnmatchcase(k, p) for p in exclude)
+                   and not any(fnmatch.fnmatchcase(k, p) for p in include))
+        if by_rule or moment_names(k)[0] in keyset:
+            out.append(k)
+    return sorted(out)
+
+
+def _write_adapter_dir(output_dir: str, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool) -> None:
+    """Write both files into a fresh directory next to ``output_dir``, then rename it into place."""
+    out = os.path.abspath(output_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"output_dir={output_dir} is invalid: it is a file. Pass a directory path.")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise CheckpointError(f"output_dir={output_dir} is invalid: it exists and is not empty. Pass "
+                              f"--overwrite to replace it, or choose another directory.")
+    with atomic_directory(out) as stage:
+        os.makedirs(stage.path)
+        with open(os.path.join(stage.path, CONFIG_NAME), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)  # as peft writes it
+            f.write("\n")
+        save_file(tensors, os.path.join(stage.path, SAFETENSORS_NAME), metadata={"format": "pt"})

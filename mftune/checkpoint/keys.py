@@ -1,0 +1,38 @@
+"""Names inside a checkpoint besides the model's parameters, and how to tell them apart.
+
+A checkpoint file may hold, next to model tensors (MindFormers names, ``mftune.checkpoint.names``):
+LoRA factors (their names contain ``LORA_MARK``, defined with the LoRA layer in ``mftune.pet.lora``),
+AdamW moments of a trainable parameter (``adam_m.<name>``, ``adam_v.<name>``), MindFormers' scalar
+counters (``epoch_num``, ``step_num``, ...) and per-rank RNG states.
+"""
+from __future__ import annotations
+
+from mftune.pet.lora import LORA_A, LORA_B, LORA_MARK
+
+__all__ = ["LORA_A", "LORA_B", "LORA_MARK", "OPTIMIZER_PREFIXES", "PER_RANK_KEYS", "SCALAR_KEYS", "is_lora",
+           "is_training_state", "moment_names", "parameter_of"]
+
+OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")  # AdamW exp_avg, exp_avg_sq of the parameter named after the dot
+PER_RANK_KEYS = ("rng_state", "cuda_rng_state")  # belong to the saving rank of the saving layout
+SCALAR_KEYS = ("epoch_num", "step_num", "global_step", "loss_scale", "global_batch_size",
+               "consumed_samples", "optimizer_step", "loss_scale_good_steps", *PER_RANK_KEYS)
+
+
+def is_lora(name: str) -> bool:
+    """Whether ``name`` is a LoRA factor (or an optimizer moment of one)."""
+    return LORA_MARK in name
+
+
+def is_training_state(name: str) -> bool:
+    """Optimizer moments and counters: what resuming restores, never weights of the model."""
+    return name.startswith(OPTIMIZER_PREFIXES) or name in SCALAR_KEYS
+
+
+def moment_names(name: str) -> tuple[str, str]:
+    """``(adam_m.<name>, adam_v.<name>)``: where a parameter's AdamW moments are stored."""
+    return tuple(f"{prefix}{name}" for prefix in OPTIMIZER_PREFIXES)  # type: ignore[return-value]
+
+
+def parameter_of(name: str) -> str:
+    """The parameter an optimizer moment belongs to (``adam_m.x`` -> ``x``); other names unchanged."""
+    return next((name[len(p):] for p in OPTIMIZER_PREFIXES if name.startswith(p)), name)
