@@ -78,9 +78,9 @@ def strategy_worker(out: str, dp: int, mp: int, layers: int) -> int:
     from load_memory import CONFIG
 
     from mftune.config import load_config
-    from mftune.models.llama import LlamaConfig
+    from mftune.models.config import LlamaConfig
     from mftune.parallel.mesh import init_distributed, shutdown
-    from mftune.trainer.main import build_model
+    from mftune.trainer.build import build_model
 
     logging.basicConfig(level=logging.WARNING)
     cfg = load_config(CONFIG, check_files=False, overrides={

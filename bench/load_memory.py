@@ -13,7 +13,7 @@ values. The file is written by hand, streaming: header first, then the tensors' 
 written 64 MB at a time, so the writer holds ~0.1 GB besides torch instead of the 13.5 GB model.
 
 The default mode re-launches itself under torchrun (``--ranks`` ranks, gloo on CPU). Every rank
-runs the trainer's real path, ``mftune.trainer.main.build_model``: meta build -> LoRA (the 7B
+runs the trainer's real path, ``mftune.trainer.build.build_model``: meta build -> LoRA (the 7B
 YAML's pet_config) -> tensor parallel (data_parallel 1, model_parallel 8) -> ``to_empty`` ->
 ``load_checkpoint`` (each rank reads only its block, tensor by tensor). Each rank reports its
 share (bytes of its local parameters), its peak RSS (VmHWM = ``ru_maxrss``), its current RSS and
@@ -121,7 +121,7 @@ def make_checkpoint(args) -> int:
     import numpy as np
     import torch
 
-    from mftune.models.llama import LlamaConfig
+    from mftune.models.config import LlamaConfig
 
     start = time.perf_counter()
     cfg = load_cfg(args)
@@ -223,7 +223,7 @@ def launch(args) -> int:
     import logging
 
     from mftune.checkpoint.safetensors_io import read_metadata
-    from mftune.models.llama import LlamaConfig
+    from mftune.models.config import LlamaConfig
 
     logging.getLogger("mftune").setLevel(logging.WARNING)
     path = os.path.abspath(args.checkpoint)
@@ -339,10 +339,10 @@ def worker(args) -> int:
 
     import torch.distributed as dist
 
-    from mftune.models.llama import LlamaConfig
+    from mftune.models.config import LlamaConfig
     from mftune.parallel.layout import local
     from mftune.parallel.mesh import env_world, init_distributed, layout_errors
-    from mftune.trainer.main import build_model
+    from mftune.trainer.build import build_model
 
     logging.basicConfig(level=logging.WARNING)
     cfg = load_cfg(args, os.path.abspath(args.checkpoint))
@@ -358,7 +358,7 @@ def worker(args) -> int:
     sampler.start()
     dist.barrier()
     t0 = time.perf_counter()
-    model, _, _ = build_model(cfg, model_config, dist_info)
+    model = build_model(cfg, model_config, dist_info).model
     load_s = time.perf_counter() - t0
     sampler.stop.set()
     sampler.join()

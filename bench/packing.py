@@ -32,7 +32,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mftune.data.preprocess import IGNORE_TOKEN_ID, pack_dataset  # noqa: E402
+from mftune.data.labelling import IGNORE_TOKEN_ID  # noqa: E402
+from mftune.data.packing import pack_dataset  # noqa: E402
 from mftune.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel  # noqa: E402
 from mftune.pet import get_pet_model  # noqa: E402
 

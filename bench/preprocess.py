@@ -25,8 +25,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mftune.data.preprocess import (conversation_prompt, conversation_turns, convert_alpaca,  # noqa: E402
-                                    write_json_atomic)
+from mftune.data.preprocess import write_json_atomic
+from mftune.data.records import conversation_prompt, conversation_turns, convert_alpaca
 from mftune.data.sample import generate_records, train_sample_tokenizer  # noqa: E402
 from mftune.data.tokenizer import LlamaTokenizer  # noqa: E402
 

@@ -8,9 +8,13 @@ and the status below, never a traceback; anything else is a bug and keeps its tr
 - 1: the run cannot go on although the input was valid (training diverged), and the launcher's
   own usage errors (msrun_launcher.sh exits 1 on bad arguments; its users' scripts test for it).
 
-No torch import here: the launcher reads this module before torchrun starts.
+A command catches ``UserError`` (and ``OSError``: a path it was given cannot be read or written),
+``TrainingError`` where it trains, and ends with ``report``. No torch import here: the launcher
+reads this module before torchrun starts.
 """
 from __future__ import annotations
+
+import sys
 
 USER_MISTAKE = 2
 CANNOT_GO_ON = 1
@@ -75,8 +79,23 @@ def format_errors(errors: list[str], path: str | None = None) -> str:
 
 
 def exit_status(exc: BaseException) -> int:
-    """The status a command ends with after ``exc`` (2 for user mistakes, 1 otherwise)."""
+    """The status a command ends with after ``exc``: its type's, 2 for an ``OSError`` (a path the user
+    gave), 1 for anything else."""
+    if isinstance(exc, OSError):
+        return USER_MISTAKE
     return getattr(exc, "exit_status", CANNOT_GO_ON)
+
+
+def report(prog: str, exc: BaseException, *, fold: bool = False) -> int:
+    """Print ``exc`` for the user of command ``prog`` on stderr, without a traceback, and return the
+    command's exit status. ``fold``: the message on one line."""
+    if isinstance(exc, ConfigError):
+        text = str(exc)  # already "mftune: N configuration error(s) ..." with one line each
+    else:
+        label = "training stopped" if isinstance(exc, TrainingError) else "error"
+        text = f"{prog}: {label}: {one_line(exc) if fold else exc}"
+    print(text, file=sys.stderr)
+    return exit_status(exc)
 
 
 def one_line(exc: BaseException) -> str:

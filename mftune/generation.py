@@ -19,6 +19,8 @@ turns it into the per-row budgets that ``generate`` takes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from mftune.models.attention import KVCache
+from mftune.models.config import LlamaConfig
 
 
 def max_new_tokens_for(prompts: Sequence[Sequence[int]], max_decode_length: int) -> list[int]:
@@ -137,6 +140,28 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.
     return ids.to(device), valid.to(device)
 
 
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings. MindFormers keeps them in ``model.model_config`` (``LlamaConfig``); they are
+    read from there once (``from_model_config``) and used only here and by predict."""
+
+    max_decode_length: int = 512  # prompt + generated tokens, per row
+    do_sample: bool = False
+    top_k: int = 5
+    top_p: float = 1.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def from_model_config(cls, mc: LlamaConfig) -> "GenerationConfig":
+        return cls(mc.max_decode_length, mc.do_sample, mc.top_k, mc.top_p, mc.temperature, mc.repetition_penalty)
+
+    def sampling(self) -> dict[str, Any]:
+        """The keywords ``generate`` and ``process_logits`` take."""
+        return {"do_sample": self.do_sample, "top_k": self.top_k, "top_p": self.top_p,
+                "temperature": self.temperature, "repetition_penalty": self.repetition_penalty}
+
+
 @torch.inference_mode()
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
              eos_token_id: int | Sequence[int] | None, pad_token_id: int, do_sample: bool = False, top_k: int = 0,
@@ -159,53 +184,66 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_toke
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts is invalid: give at least one prompt, each with at least one token "
                          "(e.g. the bos token).")
-    check_generation(max_new_tokens=max_new_tokens, num_prompts=len(prompts), do_sample=do_sample, top_k=top_k,
-                     top_p=top_p, temperature=temperature, repetition_penalty=repetition_penalty)
+    settings = {"do_sample": do_sample, "top_k": top_k, "top_p": top_p, "temperature": temperature,
+                "repetition_penalty": repetition_penalty}
+    check_generation(max_new_tokens=max_new_tokens, num_prompts=len(prompts), **settings)
     device = next(model.parameters()).device
     budget = torch.tensor([max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int)
                           else list(max_new_tokens), device=device)  # (bs,)
     eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)  # (n_eos,)
-
-    ids, valid = left_pad(prompts, pad_token_id, device)  # (bs, prompt_len) each
-    bs, prompt_len = ids.shape
-    steps = int(budget.max())
-    history = torch.cat([ids, ids.new_full((bs, steps), pad_token_id)], dim=1)  # (bs, prompt_len + steps)
-    seen = torch.cat([valid, valid.new_zeros((bs, steps))], dim=1)  # which history slots the penalty reads
-    cache = KVCache(model.config.num_layers, prompt_len + steps)
+    rows = _Rows(prompts, int(budget.max()), pad_token_id, device)
+    cache = KVCache(model.config.num_layers, rows.prompt_len + rows.steps)
     done = budget == 0  # (bs,)
     produced = torch.zeros_like(budget)  # tokens generated per row, eos included
-
-    feed, attention_mask = ids, valid
-    slots = torch.cat([valid, valid.new_ones((bs, steps))], dim=1)  # attention_mask grows into this
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (bs, prompt_len); padding's value is never read
-    parallel = dist.is_initialized() and dist.get_world_size() > 1
+    feed, positions, attention_mask = rows.ids, rows.positions, rows.valid
     was_training = model.training
     model.eval()
     try:
-        for step in range(steps):
+        for step in range(rows.steps):
             if bool(done.all()):
                 break
             logits = model(feed, positions=positions, attention_mask=attention_mask, cache=cache, last_only=True)
-            if isinstance(logits, DTensor):  # vocabulary-parallel lm_head
-                logits = logits.full_tensor()
-            logits = logits[:, -1]  # (bs, vocab)
-            scores = process_logits(logits, history, seen, do_sample=do_sample, top_k=top_k, top_p=top_p,
-                                    temperature=temperature, repetition_penalty=repetition_penalty)
-            if do_sample:
-                token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)  # (bs,)
-            else:
-                token = scores.argmax(dim=-1)  # (bs,)
-            if parallel:  # identical on every rank in exact arithmetic; make it so in floating point
-                dist.broadcast(token, src=0)
+            token = _choose(logits, rows, settings, generator)  # (bs,)
             alive = ~done
             token = torch.where(alive, token, pad_token_id)  # finished rows are fed padding, never read
-            history[:, prompt_len + step], seen[:, prompt_len + step] = token, alive
+            rows.append(step, token, alive)
             produced += alive.long()
             done = done | torch.isin(token, eos) | (produced >= budget)
             feed, positions = token[:, None], positions[:, -1:] + 1  # (bs, 1) each
-            attention_mask = slots[:, :prompt_len + step + 1]
+            attention_mask = rows.slots[:, :rows.prompt_len + step + 1]
     finally:
         model.train(was_training)
-    generated = history[:, prompt_len:].tolist()
+    generated = rows.history[:, rows.prompt_len:].tolist()
     return [row[:n] for row, n in zip(generated, produced.tolist())]
+
+
+class _Rows:
+    """The token history of a batch being decoded: left-padded prompts then generated tokens."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], steps: int, pad_token_id: int, device: torch.device):
+        self.ids, self.valid = left_pad(prompts, pad_token_id, device)  # (bs, prompt_len) each
+        bs, self.prompt_len = self.ids.shape
+        self.steps = steps
+        self.history = torch.cat([self.ids, self.ids.new_full((bs, steps), pad_token_id)], dim=1)  # (bs, len + steps)
+        self.seen = torch.cat([self.valid, self.valid.new_zeros((bs, steps))], dim=1)  # the slots the penalty reads
+        self.slots = torch.cat([self.valid, self.valid.new_ones((bs, steps))], dim=1)  # attention_mask grows into this
+        self.positions = (self.valid.long().cumsum(-1) - 1).clamp(min=0)  # (bs, prompt_len); padding's never read
+
+    def append(self, step: int, token: Tensor, alive: Tensor) -> None:
+        self.history[:, self.prompt_len + step], self.seen[:, self.prompt_len + step] = token, alive
+
+
+def _choose(logits: Tensor, rows: _Rows, settings: dict[str, Any], generator: torch.Generator | None) -> Tensor:
+    """The next token of every row (bs,): penalised, warped, then argmax or a draw; on several ranks
+    rank 0's choice (identical on every rank in exact arithmetic; made so in floating point)."""
+    if isinstance(logits, DTensor):  # vocabulary-parallel lm_head
+        logits = logits.full_tensor()
+    scores = process_logits(logits[:, -1], rows.history, rows.seen, **settings)  # (bs, vocab)
+    if settings["do_sample"]:
+        token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    else:
+        token = scores.argmax(dim=-1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(token, src=0)
+    return token

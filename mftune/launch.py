@@ -38,6 +38,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from mftune.errors import UsageError, exit_status
+
 __all__ = ["LaunchArgs", "UsageError", "USAGE", "parse_args", "build_command", "worker_env", "main"]
 
 USAGE = """\
@@ -73,14 +75,6 @@ NUMBERS: dict[str, tuple[int, int | None, str]] = {
     "CLUSTER_TIME_OUT": (1, None, "Give a timeout in seconds, e.g. 7200."),
 }
 PYTHON_WORD = re.compile(r"python[0-9.]*")
-
-
-class UsageError(Exception):
-    """Mistakes in the launcher's arguments, one ``"<ARG>=<value> is invalid: <why>. <fix>"`` line each."""
-
-    def __init__(self, errors: list[str]):
-        super().__init__("\n".join(errors))
-        self.errors = errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print("\n".join(f"error: {line}" for line in exc.errors), file=sys.stderr)
         print(USAGE, file=sys.stderr)
-        return 1
+        return exit_status(exc)
     return launch(args)
 
 

@@ -15,7 +15,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mftune.data.preprocess import DataError, convert_alpaca, read_json_records, write_json_atomic
+from mftune.data.preprocess import write_json_atomic
+from mftune.data.records import convert_alpaca, read_json_records
+from mftune.errors import UserError, report
 
 MAX_REPORTED = 10
 
@@ -32,9 +34,8 @@ def main(argv=None) -> int:
         data = read_json_records(args.data_path)
         records, summary = convert_alpaca(data, on_error=args.on_error, file=args.data_path)
         write_json_atomic(records, args.output_path)
-    except (DataError, OSError) as e:  # OSError: an output path that cannot be written
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:  # OSError: an output path that cannot be written
+        return report(prog, e)
     for e in summary.errors[:MAX_REPORTED]:
         print(f"{prog}: skipped {e}", file=sys.stderr)
     if len(summary.errors) > MAX_REPORTED:

@@ -23,7 +23,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from tqdm import tqdm
 
 from mftune.checkpoint.convert import convert_hf_to_mftune, convert_mftune_to_hf
-from mftune.errors import CheckpointError
+from mftune.errors import CheckpointError, UserError, report
 from mftune.log import setup_logging
 
 MODELS = ("llama", "llama2")
@@ -73,12 +73,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        report = run(args)
-    except (CheckpointError, OSError) as e:  # OSError: an unreadable input or unwritable output
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    print(f"Converted {report['tensors']} tensors ({report['bytes'] / 2**20:.1f} MiB) in {report['seconds']:.1f} s "
-          f"to {report['output']}")
+        result = run(args)
+    except (UserError, OSError) as e:  # OSError: an unreadable input or unwritable output
+        return report(parser.prog, e)
+    print(f"Converted {result['tensors']} tensors ({result['bytes'] / 2**20:.1f} MiB) in {result['seconds']:.1f} s "
+          f"to {result['output']}")
     return 0
 
 

@@ -19,7 +19,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mftune.errors import CheckpointError
+from mftune.errors import UserError, report
 from mftune.checkpoint.export import export_peft_adapter
 from mftune.checkpoint.formats.peft_adapter import CONFIG_NAME, SAFETENSORS_NAME
 
@@ -40,9 +40,8 @@ def main(argv=None) -> int:
     try:
         config = export_peft_adapter(args.src_checkpoint, args.output_dir, overwrite=args.overwrite,
                                      base_model_name_or_path=args.base_model_name_or_path, fallback=fallback)
-    except (CheckpointError, OSError) as e:  # OSError: an output path that cannot be written
-        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:  # OSError: an output path that cannot be written
+        return report(parser.prog, e, fold=True)
     layers = config["layers_to_transform"]
     print(f"Wrote {os.path.join(args.output_dir, CONFIG_NAME)} and {SAFETENSORS_NAME}: r={config['r']}, "
           f"lora_alpha={config['lora_alpha']}, target_modules={config['target_modules']}, "

@@ -21,8 +21,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mftune.data.preprocess import (DataError, expand_input_glob, load_tokenizer, preprocess_qa,
-                                    preprocess_wiki)
+from mftune.data.preprocess import expand_input_glob, load_tokenizer, preprocess_qa, preprocess_wiki
+from mftune.errors import DataError, UserError, report
 
 MAX_REPORTED = 10
 
@@ -90,9 +90,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (DataError, OSError) as e:  # OSError: an output path that cannot be written
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:  # OSError: an output path that cannot be written
+        return report(parser.prog, e)
 
 
 if __name__ == "__main__":

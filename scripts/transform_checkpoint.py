@@ -30,7 +30,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from tqdm import tqdm
 
-from mftune.errors import CheckpointError
+from mftune.errors import CheckpointError, UserError, report
 from mftune.checkpoint.formats.distributed import rank_dirs, rank_files
 from mftune.checkpoint.formats import distributed, recognise
 from mftune.checkpoint.transform import (DEFAULT_PREFIX, check_destination, check_source_strategy, checkpoint_name,
@@ -108,9 +108,8 @@ def main(argv=None) -> int:
             write_marker(out_root, args.rank_id, f"{type(exc).__name__}: {exc}")
             raise
         write_marker(out_root, args.rank_id, None)
-    except (CheckpointError, OSError) as e:  # OSError: an output path that cannot be written
-        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:  # OSError: an output path that cannot be written
+        return report(parser.prog, e, fold=True)
     for path in written:
         print(f"Wrote {path}")
     print("......Transform finished!......")

@@ -23,7 +23,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mftune.errors import CheckpointError
+from mftune.errors import UserError, report
 from mftune.checkpoint.merge import FORMATS, merge_lora_checkpoint
 
 
@@ -53,17 +53,16 @@ def main(argv=None) -> int:
         if getattr(args, name) not in ("", "None", None):
             print(f"Note: --{name} is ignored: mftune checkpoints record their own layout.", file=sys.stderr)
     try:
-        report = merge_lora_checkpoint(args.src_ckpt_path_or_dir, args.dst_ckpt_dir,
+        result = merge_lora_checkpoint(args.src_ckpt_path_or_dir, args.dst_ckpt_dir,
                                        base_path=args.base_checkpoint, lora_scaling=args.lora_scaling,
                                        ignore_fingerprint=args.ignore_fingerprint,
                                        output_format=args.output_format)
-    except (CheckpointError, OSError) as e:  # OSError: an output path that cannot be written
-        print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(f"Merged {report['merged']} LoRA weights (scaling {report['scaling']:g}), copied {report['copied']} "
-          f"tensors, dropped {report['dropped']} (adapters, optimizer moments, counters)"
-          + (f", {len(report['overridden'])} trained tensors taken from the LoRA checkpoint" if report["overridden"]
-             else "") + f" -> {report['output']} ({report['seconds']:.1f}s)")
+    except (UserError, OSError) as e:  # OSError: an output path that cannot be written
+        return report(parser.prog, e, fold=True)
+    print(f"Merged {result['merged']} LoRA weights (scaling {result['scaling']:g}), copied {result['copied']} "
+          f"tensors, dropped {result['dropped']} (adapters, optimizer moments, counters)"
+          + (f", {len(result['overridden'])} trained tensors taken from the LoRA checkpoint" if result["overridden"]
+             else "") + f" -> {result['output']} ({result['seconds']:.1f}s)")
     return 0
 
 

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import yaml
 
-from mftune import cli
+from mftune.config import cli
 from mftune.config import (
     IGNORED_KEYS,
     CallbackConfig,
@@ -554,7 +554,7 @@ def test_model_rules_are_reported_with_every_other_error(tmp_path):
 
 def test_config_model_and_pet_config_accept_the_same_dtype_names():
     """One table (models.llama.DTYPES, any case): what LlamaConfig accepts, validation accepts."""
-    from mftune.models.llama import DTYPES, LlamaConfig, model_config_errors
+    from mftune.models.config import DTYPES, LlamaConfig, model_config_errors
 
     for name in [*DTYPES, "BF16", "Float32", "float64", "fp8"]:
         known = name.lower() in DTYPES

@@ -20,8 +20,9 @@ import torch
 
 from mftune.data import IGNORE_TOKEN_ID, LlamaTokenizer, TrainData, tokenize_prompt, train_sentencepiece
 from mftune.data.conversation import PROMPT_DICT, alpaca_prompt, vicuna_prompt
-from mftune.data.preprocess import (conversation_prompt, conversation_turns, preprocess_qa, tokenize_prompt,
-                                    tokenize_prompts)
+from mftune.data.labelling import tokenize_prompt, tokenize_prompts
+from mftune.data.preprocess import preprocess_qa
+from mftune.data.records import conversation_prompt, conversation_turns
 from mftune.data.sample import generate_records, load_sample_records, train_sample_tokenizer, write_tokenizer_corpus
 
 REPO = Path(__file__).resolve().parents[1]

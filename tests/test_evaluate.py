@@ -18,7 +18,7 @@ import parallel_parity as pp  # noqa: E402
 
 from mftune.checkpoint.load import load_checkpoint  # noqa: E402
 from mftune.data.loader import TrainData  # noqa: E402
-from mftune.data.preprocess import pack_dataset  # noqa: E402
+from mftune.data.packing import pack_dataset  # noqa: E402
 from mftune.models.llama import LlamaForCausalLM  # noqa: E402
 from mftune.trainer.evaluate import eval_batches  # noqa: E402
 

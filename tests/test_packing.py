@@ -15,7 +15,9 @@ import yaml
 from mftune.checkpoint.formats.single_file import save_complete
 from mftune.checkpoint.load import unique_state_dict
 from mftune.data.loader import TrainData
-from mftune.data.preprocess import convert_alpaca, pack_samples, write_json_atomic
+from mftune.data.packing import pack_samples
+from mftune.data.preprocess import write_json_atomic
+from mftune.data.records import convert_alpaca
 from mftune.data.sample import SAMPLE_ALPACA_PATH, train_sample_tokenizer
 from mftune.models.attention import packed_samples
 from mftune.models.llama import LlamaForCausalLM

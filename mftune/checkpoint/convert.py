@@ -34,7 +34,7 @@ from mftune.checkpoint.safetensors_io import (Spec, encode_metadata, read_metada
 from mftune.errors import CheckpointError
 from mftune.fileio import atomic_open
 from mftune.log import Progress, with_progress
-from mftune.models.llama import to_dtype
+from mftune.models.config import to_dtype
 
 logger = logging.getLogger("mftune")
 

@@ -6,7 +6,8 @@ from typing import Any
 import torch
 
 from mftune.errors import CheckpointError
-from mftune.models.llama import LlamaConfig, LlamaForCausalLM
+from mftune.models.config import LlamaConfig
+from mftune.models.llama import LlamaForCausalLM
 
 
 def expected_weights(mc: dict[str, Any], where: str) -> tuple[LlamaConfig, dict[str, tuple[int, ...]]]:

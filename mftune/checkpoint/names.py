@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mftune.models.llama import DTYPES
+from mftune.models.config import DTYPES, LlamaConfig, rope_method
 
 # Names outside the decoder layers.
 HF_TO_MFTUNE_TOP: dict[str, str] = {
@@ -144,10 +144,8 @@ def model_config_to_hf_config(mc: dict[str, Any]) -> dict[str, Any]:
     ``intermediate_size`` is the resolved FFN size (the Llama2 rule unless given); ``torch_dtype`` is
     ``param_init_type``. ``extend_method: NTK`` is a ValueError: HF only has *dynamic* NTK, which differs.
     """
-    from mftune.models.llama import LlamaConfig, rope_method
-
     cfg = LlamaConfig.from_dict(mc)
-    method = rope_method(cfg)
+    method = rope_method(cfg.extend_method)
     if method == "NTK":
         raise ValueError("extend_method='NTK' is invalid for HF export: HF has no static NTK RoPE. Use PI or None.")
     return {

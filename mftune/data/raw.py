@@ -19,8 +19,9 @@ import os
 import pyarrow.parquet as pq
 
 from mftune.data.conversation import get_default_conv_template
-from mftune.data.preprocess import (DataError, convert_alpaca, is_dataset_dir, load_tokenizer,
-                                    preprocess_conversations, read_json_records)
+from mftune.data.preprocess import is_dataset_dir, load_tokenizer, preprocess_conversations
+from mftune.data.records import convert_alpaca, read_json_records
+from mftune.errors import DataError
 
 logger = logging.getLogger("mftune")
 RAW_SUFFIXES = (".json", ".jsonl", ".parquet")

@@ -1,4 +1,5 @@
 from mftune.models.attention import KVCache
-from mftune.models.llama import LlamaConfig, LlamaForCausalLM
+from mftune.models.config import LlamaConfig
+from mftune.models.llama import LlamaForCausalLM
 
 __all__ = ["KVCache", "LlamaConfig", "LlamaForCausalLM"]

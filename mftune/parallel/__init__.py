@@ -22,7 +22,8 @@ logger = logging.getLogger("mftune")
 
 def parallelize(model: nn.Module, ctx: ParallelContext, *, vocab_emb_dp: bool, use_seq_parallel: bool,
                 parallel_optimizer: bool, recompute: bool, compute_dtype: torch.dtype) -> None:
-    """Apply the layout of ``ctx.mesh`` (dims ``dp``, ``tp``) to ``model`` in place."""
+    """Apply the layout of ``ctx.mesh`` (dims ``dp``, ``tp``) to ``model`` in place; on one process
+    (no mesh) only activation checkpointing applies."""
     if ctx.tp_size > 1:
         frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
         apply_tensor_parallel(model, ctx.mesh["tp"], vocab_parallel=not vocab_emb_dp,
@@ -35,6 +36,8 @@ def parallelize(model: nn.Module, ctx: ParallelContext, *, vocab_emb_dp: bool, u
     fsdp = parallel_optimizer and ctx.dp_size > 1
     if fsdp:
         apply_fsdp(model, ctx.mesh["dp"], compute_dtype)
+    if ctx.mesh is None:
+        return
     logger.info("Parallel layout: data_parallel=%d (%s), model_parallel=%d (%s%s)",
                 ctx.dp_size, "FSDP2: weights, gradients and optimizer state sharded" if fsdp
                 else "replicas, gradient all-reduce", ctx.tp_size,

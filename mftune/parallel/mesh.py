@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from mftune.config import ParallelConfig
+from mftune.config.schema import ParallelConfig
 from mftune.models.llama import LlamaConfig
 
 DEFAULT_TIMEOUT_S = 7200  # msrun_launcher.sh's CLUSTER_TIME_OUT
@@ -34,6 +34,7 @@ class ParallelContext:
     dp_rank: int = 0
     dp_size: int = 1
     tp_size: int = 1
+    vocab_parallel: bool = False  # embedding, lm_head and logits split over the vocabulary (vocab_emb_dp False)
 
     @property
     def is_main(self) -> bool:
@@ -99,7 +100,7 @@ def layout_errors(parallel_config: ParallelConfig, model_config: LlamaConfig,
     return errors
 
 
-def init_distributed(parallel_config) -> ParallelContext:
+def init_distributed(parallel_config: ParallelConfig) -> ParallelContext:
     """Join the process group and build the (dp, tp) mesh. Call after ``layout_errors`` is empty."""
     rank, world_size, local_rank = env_world()
     if torch.cuda.is_available():
@@ -114,7 +115,8 @@ def init_distributed(parallel_config) -> ParallelContext:
     dp, mp = parallel_config.data_parallel, parallel_config.model_parallel
     mesh = init_device_mesh(device.type, (dp, mp), mesh_dim_names=("dp", "tp"))
     return ParallelContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device, mesh=mesh,
-                dp_rank=mesh.get_local_rank("dp"), dp_size=dp, tp_size=mp)
+                           dp_rank=mesh.get_local_rank("dp"), dp_size=dp, tp_size=mp,
+                           vocab_parallel=mp > 1 and not parallel_config.vocab_emb_dp)
 
 
 def seed_ranks(seed: int, ctx: ParallelContext) -> None:

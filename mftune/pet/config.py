@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mftune.models.llama import DTYPES
+from mftune.models.config import DTYPES
 
 DEFAULT_KEY_PREFIX = "model.model_config.pet_config"
 
@@ -110,25 +110,35 @@ def pet_config_errors(pet_config: dict, key_prefix: str = DEFAULT_KEY_PREFIX) ->
     def err(key: str, why: str, fix: str) -> str:
         return f"{key_prefix}.{key}={pet_config.get(key)!r} is invalid: {why}. {fix}"
 
+    pet_type = pet_config.get("pet_type", "lora")
+    if isinstance(pet_type, str) and pet_type.lower() in UNSUPPORTED_PET_TYPES:
+        return [err("pet_type", f"the MindFormers PET method {pet_type!r} is not supported yet by mftune "
+                    f"(supported: {', '.join(SUPPORTED_PET_TYPES)})", "Use pet_type: lora.")]
+    return _key_errors(pet_config, err) + _value_errors(pet_config, err) + _pattern_key_errors(pet_config, err)
+
+
+def _key_errors(pet_config: dict, err) -> list[str]:
+    """The PET method and the key names."""
     errors: list[str] = []
     pet_type = pet_config.get("pet_type", "lora")
     if not isinstance(pet_type, str):
         errors.append(err("pet_type", "must be a string", "Use pet_type: lora."))
-    elif pet_type.lower() in UNSUPPORTED_PET_TYPES:
-        return [err("pet_type", f"the MindFormers PET method {pet_type!r} is not supported yet by mftune "
-                    f"(supported: {', '.join(SUPPORTED_PET_TYPES)})", "Use pet_type: lora.")]
     elif pet_type.lower() not in SUPPORTED_PET_TYPES:
         close = difflib.get_close_matches(pet_type.lower(), SUPPORTED_PET_TYPES + UNSUPPORTED_PET_TYPES, n=1)
         hint = f"Did you mean {close[0]!r}? " if close else ""
         errors.append(err("pet_type", "unknown PET method", f"{hint}Use pet_type: lora."))
-
     names = LoraConfig.field_names()
     for key in pet_config:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             fix = f"Did you mean {close[0]!r}?" if close else f"Valid keys: {', '.join(names)}."
             errors.append(err(key, "unknown pet_config key for pet_type lora", fix))
+    return errors
 
+
+def _value_errors(pet_config: dict, err) -> list[str]:
+    """Rank, alpha, dropout, the ignored init names, dtypes."""
+    errors: list[str] = []
     if "lora_rank" in pet_config:
         v = pet_config["lora_rank"]
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -156,7 +166,12 @@ def pet_config_errors(pet_config: dict, key_prefix: str = DEFAULT_KEY_PREFIX) ->
             hint = f"Did you mean {close[0]!r}? " if close else ""
             errors.append(err(key, "must be float32, float16 or bfloat16",
                               f"{hint}Or remove it to inherit the layer's dtype."))
+    return errors
 
+
+def _pattern_key_errors(pet_config: dict, err) -> list[str]:
+    """target_modules (required), exclude_layers, freeze_include / freeze_exclude."""
+    errors: list[str] = []
     target = pet_config.get("target_modules")
     if target is None:
         errors.append(err("target_modules",

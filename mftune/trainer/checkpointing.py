@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mftune.checkpoint.formats.single_file import save_complete
+from mftune.checkpoint.keys import moment_names
 from mftune.checkpoint.load import unique_state_dict
 from mftune.fileio import atomic_open
 from mftune.parallel.layout import local, shard_layout, strategy
@@ -69,10 +70,11 @@ class CheckpointMonitor:
         state = optimizer.state
         for name, param in trainable.items():
             if param in state and "exp_avg" in state[param]:
-                tensors[f"adam_m.{name}"] = local(state[param]["exp_avg"]).float()
-                tensors[f"adam_v.{name}"] = local(state[param]["exp_avg_sq"]).float()
+                m, v = moment_names(name)
+                tensors[m] = local(state[param]["exp_avg"]).float()
+                tensors[v] = local(state[param]["exp_avg_sq"]).float()
                 if name in sharded:
-                    sharded[f"adam_m.{name}"] = sharded[f"adam_v.{name}"] = sharded[name]
+                    sharded[m] = sharded[v] = sharded[name]
         base_metadata = extra_metadata
         if sharded:
             extra_metadata = {**extra_metadata, "shards": {"rank": self.rank, "tensors": sharded}}

@@ -11,7 +11,10 @@ divided by their number once, over all ranks:
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -19,8 +22,12 @@ import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
 from mftune.data.loader import TrainData
+from mftune.errors import DataError
 from mftune.parallel.data_parallel import reshard
 from mftune.parallel.layout import local
+from mftune.parallel.mesh import ParallelContext
+
+logger = logging.getLogger("mftune")
 
 
 def eval_batches(data: TrainData, ignore_token_id: int,
@@ -64,8 +71,25 @@ def evaluate(model, data: TrainData, *, device: torch.device, dp_group=None, voc
         dist.all_reduce(total, group=dp_group)
     loss_sum, tokens = float(total[0]), int(total[1])
     if tokens == 0:
-        raise ValueError(f"eval_dataset {data.dataset_dir} has no supervised tokens (every label is "
+        raise DataError(f"eval_dataset {data.dataset_dir} has no supervised tokens (every label is "
                          f"ignore_token_id={ignore}). Use a dataset with labels to score.")
     loss = loss_sum / tokens
     return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf, "tokens": tokens,
             "records": data.num_records}
+
+
+def run_evaluation(model, data: TrainData, ctx: ParallelContext, output_dir: str, step: int | None = None) -> dict:
+    """``evaluate`` in ``ctx``'s layout, logged, and written by rank 0 to eval_results.json (run_mode
+    eval) or appended to eval_metrics.jsonl (do_eval, with the global ``step``)."""
+    result = evaluate(model, data, device=ctx.device, dp_group=ctx.dp_group, vocab_sharded=ctx.vocab_parallel)
+    logger.info("Eval result%s: loss: %.6f, PPL: %.6f (%d tokens, %d records)",
+                "" if step is None else f" at step {step}", result["loss"], result["ppl"], result["tokens"],
+                result["records"])
+    if ctx.is_main:
+        if step is None:
+            with open(os.path.join(output_dir, "eval_results.json"), "w") as f:
+                json.dump(result, f, indent=1)
+        else:
+            with open(os.path.join(output_dir, "eval_metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, **result}) + "\n")
+    return result

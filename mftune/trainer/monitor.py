@@ -172,7 +172,7 @@ class _NoBar:
         pass
 
 
-def report(output_dir: str, metrics_path: str, saver) -> None:
+def report_outputs(output_dir: str, metrics_path: str, saver) -> None:
     png = plot_loss_curve(os.path.join(output_dir, "loss_curve.png"),
                           {"loss": read_losses(metrics_path)}) if os.path.exists(metrics_path) else None
     lines = [f"Training finished. Outputs in {output_dir}:",

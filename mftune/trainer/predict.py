@@ -23,11 +23,37 @@ import time
 
 import torch
 
+from mftune.config.schema import MFConfig
 from mftune.data.tokenizer import LlamaTokenizer
-from mftune.generation import check_generation, generate, max_new_tokens_for
+from mftune.errors import UserError
+from mftune.generation import GenerationConfig, check_generation, generate, max_new_tokens_for
+from mftune.models.config import LlamaConfig
+from mftune.parallel.mesh import ParallelContext
+from mftune.trainer.build import build_model
 
 logger = logging.getLogger("mftune")
 RESULTS = "predict_results.jsonl"
+
+
+def run_predict(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext, output_dir: str) -> None:
+    """``run_mode predict``: the model as fine-tuned (pet_config applied, load_checkpoint loaded), the
+    prompts of ``input_data``, results in predict_results.jsonl. Every input is checked before the
+    model is built."""
+    vocab_file = cfg.processor.tokenizer.vocab_file
+    if not vocab_file:
+        raise UserError("processor.tokenizer.vocab_file is empty: run_mode predict needs the tokenizer "
+                        "(the tokenizer.model file). Set it in the YAML or with "
+                        "--processor.tokenizer.vocab_file PATH.")
+    try:
+        tokenizer, prompts = LlamaTokenizer(vocab_file), read_prompts(cfg.input_data)
+        generation = GenerationConfig.from_model_config(model_config)
+        ids, budgets = encode_prompts(tokenizer, prompts, generation)
+    except (ValueError, OSError) as exc:  # also generation settings, prompts longer than max_decode_length
+        raise UserError(str(exc)) from None
+    model = build_model(cfg, model_config, ctx).model
+    predict(model, tokenizer, prompts, ids, budgets, generation,
+            batch_size=cfg.predict_batch_size or model_config.batch_size, output_dir=output_dir, seed=cfg.seed,
+            is_main=ctx.is_main)
 
 
 def read_prompts(input_data: str | list[str] | None) -> list[str]:
@@ -62,30 +88,29 @@ def _prompts_file(path: str) -> list[str]:
     return prompts
 
 
-def encode_prompts(tokenizer: LlamaTokenizer, prompts: list[str], model_config) -> tuple[list[list[int]], list[int]]:
+def encode_prompts(tokenizer: LlamaTokenizer, prompts: list[str],
+                   generation: GenerationConfig) -> tuple[list[list[int]], list[int]]:
     """Each prompt's token ids (bos added) and generation budget (``max_decode_length``); ValueError
     for a prompt that leaves no room or an invalid decoding setting, before any model is built."""
-    mc = model_config
     ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
-    budgets = max_new_tokens_for(ids, mc.max_decode_length)
-    check_generation(max_new_tokens=budgets, num_prompts=len(ids), do_sample=mc.do_sample, top_k=mc.top_k,
-                     top_p=mc.top_p, temperature=mc.temperature, repetition_penalty=mc.repetition_penalty)
+    budgets = max_new_tokens_for(ids, generation.max_decode_length)
+    check_generation(max_new_tokens=budgets, num_prompts=len(ids), **generation.sampling())
     return ids, budgets
 
 
 def predict(model, tokenizer: LlamaTokenizer, prompts: list[str], ids: list[list[int]], budgets: list[int],
-            model_config, *, batch_size: int, output_dir: str, seed: int, is_main: bool = True) -> list[dict]:
-    """Generate for every prompt (``encode_prompts``' ids and budgets); print each result and write
-    ``predict_results.jsonl`` (``is_main``: on several ranks every rank generates the same, rank 0
-    prints and writes)."""
-    mc = model_config
+            generation: GenerationConfig, *, batch_size: int, output_dir: str, seed: int,
+            is_main: bool = True) -> list[dict]:
+    """Generate for every prompt (``encode_prompts``' ids and budgets; eos and pad ids from the model's
+    config); print each result and write ``predict_results.jsonl`` (``is_main``: on several ranks every
+    rank generates the same, rank 0 prints and writes)."""
+    mc = model.config
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     results, start = [], time.perf_counter()
     for i in range(0, len(ids), batch_size):
         outputs = generate(model, ids[i:i + batch_size], max_new_tokens=budgets[i:i + batch_size],
-                           eos_token_id=mc.eos_token_id, pad_token_id=mc.pad_token_id, do_sample=mc.do_sample,
-                           top_k=mc.top_k, top_p=mc.top_p, temperature=mc.temperature,
-                           repetition_penalty=mc.repetition_penalty, generator=generator)
+                           eos_token_id=mc.eos_token_id, pad_token_id=mc.pad_token_id, generator=generator,
+                           **generation.sampling())
         for prompt, prompt_ids, out in zip(prompts[i:i + batch_size], ids[i:i + batch_size], outputs):
             text = tokenizer.decode(out)
             results.append({"prompt": prompt, "input_ids": prompt_ids, "output_ids": out, "text": text})

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mftune.checkpoint.load import load_entries, load_recorded_base
-from mftune.checkpoint.safetensors_io import load_tensors, read_metadata
 from mftune.checkpoint.entries import Entry, safetensors_entries
 from mftune.checkpoint.formats.distributed import distributed_entries, rank_dirs, rank_files
-from mftune.checkpoint.safetensors_io import read_tensor, safetensors_header
+from mftune.checkpoint.keys import moment_names
+from mftune.checkpoint.load import load_entries, load_recorded_base
+from mftune.checkpoint.safetensors_io import load_tensors, read_metadata, read_tensor, safetensors_header
 from mftune.errors import CheckpointError
 from mftune.parallel.layout import local, local_block
 
@@ -38,7 +38,7 @@ logger = logging.getLogger("mftune")
 STEP_IN_NAME = re.compile(r"-(\d+)_(\d+)\.safetensors$")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResumePoint:
     files: list[str]  # one per saved rank (one for a single-process checkpoint)
     entries: dict[str, Entry]
@@ -138,7 +138,7 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, point: ResumePoi
     """Trainable parameters, AdamW state and (same layout) this rank's RNG state."""
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     load_entries(model, point.entries, point.files[0], only=set(trainable))
-    missing = [n for n in trainable if f"adam_m.{n}" not in point.entries]
+    missing = [n for n in trainable if moment_names(n)[0] not in point.entries]
     if missing:
         raise CheckpointError(f"checkpoint {point.files[0]} has no optimizer moments for {missing[0]}: "
                               f"it cannot be resumed exactly. Start a new run from it with "
@@ -146,9 +146,9 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, point: ResumePoi
     for name, param in trainable.items():
         state = optimizer.state[param]
         state["step"] = torch.tensor(float(point.optimizer_step), dtype=torch.float32)
-        for key, prefix in (("exp_avg", "adam_m."), ("exp_avg_sq", "adam_v.")):
+        for key, stored in zip(("exp_avg", "exp_avg_sq"), moment_names(name)):
             moment = torch.zeros_like(param, memory_format=torch.preserve_format)
-            local(moment).copy_(point.entries[prefix + name].read(local_block(param)))
+            local(moment).copy_(point.entries[stored].read(local_block(param)))
             state[key] = moment
     if same_layout:  # from the saved file itself (an auto_trans_ckpt transform drops RNG states)
         if "rng_state" in safetensors_header(point.files[rank])[1]:

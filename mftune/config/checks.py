@@ -1,8 +1,8 @@
-"""Checks on a built ``MFConfig`` (used by ``mftune.config.load_config`` after ``mftune.config_validate``).
+"""Checks on a built ``MFConfig`` (``mftune.config.load`` runs them after ``mftune.config.coerce``).
 
 Passes, in order: which keys present are ignored (``ignored_keys_present``, on the raw mapping),
 values (``check_values``: ranges, choices, unsupported layouts, and the model's own rules from
-``mftune.models.llama.model_config_errors``), files (``check_files``: paths that must exist), then
+``mftune.models.config.model_config_errors``), files (``check_files``: paths that must exist), then
 MindFormers' rewrites (``finalize``). Each problem is one message
 ``"<dotted.key>=<value> is invalid: <why>. <fix>"``; the caller raises them together.
 """
@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from typing import Any
 
-from mftune.config import CALLBACK_KEYS, IGNORED_CALLBACK_TYPES, IGNORED_KEYS, MFConfig
-from mftune.config_validate import did_you_mean, invalid
+from mftune.config.coerce import did_you_mean, invalid
+from mftune.config.schema import CALLBACK_KEYS, IGNORED_CALLBACK_TYPES, IGNORED_KEYS, MFConfig
+from mftune.models.config import LlamaConfig, model_config_errors
 
 logger = logging.getLogger("mftune")
 
@@ -195,8 +196,6 @@ def _check_model(c: _Checker, model_config: dict[str, Any]) -> None:
     ``model_config`` holds the keys that passed the type checks; the others take LlamaConfig's
     defaults here, as they would in the model.
     """
-    from mftune.models.llama import LlamaConfig, model_config_errors
-
     c.errors.extend(f"model.model_config.{e}" for e in model_config_errors(LlamaConfig(**model_config)))
 
 

@@ -1,30 +1,26 @@
-"""Raw config mapping -> ``MFConfig``, collecting every problem (used by ``mftune.config.load_config``).
+"""Raw config mapping -> ``MFConfig`` typed by ``mftune.config.schema``, collecting every problem.
 
 Passes, in order: overrides onto the raw mapping (``apply_override``), then types
 (``build_config``: unknown keys, wrong types; null means "not set", as in MindFormers). Values,
-files and MindFormers' rewrites follow in ``mftune.config_checks``. Each problem is one message
+files and MindFormers' rewrites follow in ``mftune.config.checks``. Each problem is one message
 ``"<dotted.key>=<value> is invalid: <why>. <fix>"`` (``invalid``); the caller raises them together.
+``model.model_config`` stays a mapping (``LlamaConfig(**model_config)`` takes it), typed field by field
+against ``LlamaConfig``; its ``pet_config`` is typed and checked by ``mftune.pet.config.pet_config_errors``.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import logging
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
 
-from mftune.config import (
-    CALLBACK_ALIASES,
-    CALLBACK_KEYS,
-    IGNORED_CALLBACK_TYPES,
-    CallbackConfig,
-    MFConfig,
-    ModelConfig,
-    RunnerWrapperConfig,
-)
+from mftune.config.schema import (CALLBACK_ALIASES, CALLBACK_KEYS, IGNORED_CALLBACK_TYPES, CallbackConfig, MFConfig,
+                                  ModelConfig, RunnerWrapperConfig, _hints, section_type)
+from mftune.models.config import LlamaConfig
+from mftune.pet.config import pet_config_errors
 
 logger = logging.getLogger("mftune")
 
@@ -100,11 +96,6 @@ def _type_error(key: str, value: Any, want: str, errors: list[str]) -> object:
 
 
 # ----------------------------------------------------------------------------- types
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
 
 def _nullable(tp: Any) -> bool:
     return tp is Any or (get_origin(tp) in (Union, types.UnionType) and _NoneType in get_args(tp))
@@ -191,9 +182,6 @@ def build_config(raw: Mapping, errors: list[str]) -> MFConfig:
 
 def _model_config(value: Any, key: str, errors: list[str]) -> Any:
     """``model.model_config`` stays a plain dict (for ``LlamaConfig(**model_config)``), typed per field."""
-    from mftune.models.llama import LlamaConfig
-    from mftune.pet.config import pet_config_errors
-
     if not isinstance(value, Mapping):
         return _type_error(key, value, "a mapping", errors)
     hints = _hints(LlamaConfig)
@@ -299,26 +287,20 @@ _SPECIAL = {
 def _child_schema(schema: Any, node: Mapping, seg: str) -> Any:
     """What lies under key ``seg`` of a section: a dataclass, ``_FREE``, ``("list", cls)``, a leaf
     annotation, or None when ``seg`` is not a key there."""
-    from mftune.models.llama import LlamaConfig
-
     if schema is _FREE:
         return _FREE if seg in node else None
     hints = _hints(schema)
     if seg not in hints:
         return None
-    if (schema, seg) == (ModelConfig, "model_config"):
-        return LlamaConfig
     if (schema, seg) == (LlamaConfig, "pet_config"):
         return _FREE
+    section = section_type(schema, seg)
+    if section is not None:
+        return section
     tp = hints[seg]
     options = [a for a in get_args(tp) if a is not _NoneType] if get_origin(tp) in (Union, types.UnionType) else [tp]
-    for option in options:
-        if dataclasses.is_dataclass(option):
-            return option
-        if get_origin(option) is list and dataclasses.is_dataclass(get_args(option)[0]):
-            return ("list", get_args(option)[0])
-        if get_origin(option) is dict or option is dict:
-            return _FREE
+    if any(get_origin(option) is dict or option is dict for option in options):
+        return _FREE
     return tp
 
 

@@ -1,0 +1,96 @@
+"""The dataset a run reads (``train_dataset`` / ``eval_dataset``), checked against the model before
+the model is built: a tokenized directory as written, or a raw data file tokenized on first use
+(``mftune.data.raw``: rank 0 builds the cache, every rank reads it)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch.distributed as dist
+
+from mftune.config.schema import MFConfig
+from mftune.data.loader import TrainData
+from mftune.data.raw import cached_dataset, is_raw
+from mftune.errors import DataError
+from mftune.models.config import LlamaConfig
+
+logger = logging.getLogger("mftune")
+
+
+def open_dataset(cfg: MFConfig, model_config: LlamaConfig, *, dp_rank: int, dp_size: int,
+                 which: str = "train_dataset") -> TrainData:
+    """This data-parallel rank's part of every global batch (batch_size x data_parallel x
+    gradient_accumulation_steps sequences), checked against the model's seq_length and vocab_size.
+    ``eval_dataset``: in order, ``eval_dataset.batch_size`` records per rank and step, every record once
+    (``mftune.trainer.evaluate.eval_batches``). A mistake is a DataError naming the key and the fix."""
+    runner, dataset = cfg.runner_config, getattr(cfg, which)
+    loader_cfg, train = dataset.data_loader, which == "train_dataset"
+    if not loader_cfg.dataset_dir:
+        raise DataError(f"{which}.data_loader.dataset_dir is empty. Pass --{which}_dir DIR "
+                        f"(a directory written by scripts/llama_preprocess.py, or a raw .json / .jsonl / "
+                        f".parquet file with processor.tokenizer.vocab_file set).")
+    dataset_dir = loader_cfg.dataset_dir
+    if is_raw(dataset_dir):  # tokenized on first use (rank 0), cached in output_dir, reused afterwards
+        dataset_dir = _raw_dataset(cfg, model_config, dataset_dir, loader_cfg.packing, dataset.num_parallel_workers)
+    elif loader_cfg.packing:
+        raise DataError(f"{which}.data_loader.packing=True packs raw data files, but dataset_dir={dataset_dir} "
+                        f"is a tokenized directory, read as written. Pack it with scripts/llama_preprocess.py "
+                        f"--packing, or set packing to False.")
+    try:
+        data = TrainData(dataset_dir, micro_batch_size=runner.batch_size if train else dataset.batch_size,
+                         grad_accum=runner.gradient_accumulation_steps if train else 1,
+                         dp_rank=dp_rank, dp_size=dp_size, shuffle=loader_cfg.shuffle if train else False,
+                         seed=cfg.seed, drop_remainder=dataset.drop_remainder if train else False,
+                         num_samples=loader_cfg.num_samples)
+    except ValueError as exc:
+        raise DataError(f"{which}: {exc}") from None
+    check_against_model(data, model_config, loader_cfg.dataset_dir)
+    if train:
+        logger.info("Dataset %s: %d records, global batch %d, %d steps per epoch, %d epochs",
+                    loader_cfg.dataset_dir, data.num_records, data.global_batch_size,
+                    data.steps_per_epoch, runner.epochs)
+    else:
+        logger.info("Eval dataset %s: %d records", loader_cfg.dataset_dir, data.num_records)
+    return data
+
+
+def check_against_model(data: TrainData, model_config: LlamaConfig, dataset_dir: str) -> None:
+    """Records of seq_length + 1 tokens, token ids and labels within the vocabulary."""
+    if data.record_length != model_config.seq_length + 1:
+        raise DataError(
+            f"model.model_config.seq_length={model_config.seq_length} but the records in "
+            f"{dataset_dir} hold {data.record_length} tokens (seq_length "
+            f"{data.record_length - 1} + 1). Set seq_length to {data.record_length - 1} or "
+            f"re-run scripts/llama_preprocess.py with --seq_length {model_config.seq_length}.")
+    vocab, ignore = model_config.vocab_size, model_config.ignore_token_id
+    for column, exclude in (("input_ids", None), ("labels", ignore)):
+        found = data.value_range(column, exclude)
+        if found and (found[0] < 0 or found[1] >= vocab):
+            raise DataError(
+                f"model.model_config.vocab_size={vocab} but the {column} in {dataset_dir} "
+                f"hold values in [{found[0]}, {found[1]}]"
+                + (f" besides ignore_token_id={ignore}" if exclude is not None else "") +
+                f". Set vocab_size to the tokenizer's vocabulary size (at least {found[1] + 1}), "
+                f"ignore_token_id to the label of masked positions, or re-tokenize.")
+
+
+def _raw_dataset(cfg: MFConfig, model_config: LlamaConfig, path: str, packing: bool, num_proc: int) -> str:
+    """The tokenized cache of a raw data file (mftune.data.raw): built by rank 0, read by all."""
+    args = (path, cfg.processor.tokenizer.vocab_file, model_config.seq_length,
+            os.path.join(os.path.abspath(cfg.output_dir), "dataset_cache"), packing, num_proc)
+
+    def build() -> str:
+        try:
+            return cached_dataset(*args)
+        except (DataError, OSError) as exc:  # the same error on every rank
+            raise DataError(f"dataset_dir={path}: {exc}") from None
+
+    if not dist.is_initialized():
+        return build()
+    if dist.get_rank() == 0:
+        try:
+            return build()
+        finally:
+            dist.barrier()  # the others read what rank 0 wrote (or fail as it did)
+    dist.barrier()
+    return build()

@@ -1,0 +1,163 @@
+"""Instruction records: reading them, validating them, and the text they become.
+
+MindFormers' ``alpaca_converter.py`` step: alpaca records ``{instruction, input, output}`` ->
+``{"id", "conversations": [{"from": "human", "value": <alpaca prompt>}, {"from": "gpt", "value":
+output}]}``; a conversation's validated turns -> its Vicuna v1.1 text. Malformed records are
+``RecordError`` (file, record index, field); ``on_error="skip"`` drops and counts them,
+``on_error="fail"`` raises the first. ``Summary`` is the report every data tool prints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any, Literal
+
+from mftune.data.conversation import alpaca_prompt, get_default_conv_template
+from mftune.errors import DataError, RecordError
+
+OnError = Literal["skip", "fail"]
+_ROLES = {"human": 0, "gpt": 1}  # "from" value -> index into the template's roles (USER, ASSISTANT)
+
+
+@dataclasses.dataclass
+class Summary:
+    """Counts printed after a run (the first line is MindFormers' "Transformed N records.")."""
+
+    records: int = 0          # records written
+    samples: int = 0          # samples (conversations or paragraphs) in them
+    skipped: int = 0          # malformed records dropped (on_error="skip")
+    truncated: int = 0        # samples longer than seq_length + 1 tokens, cut
+    fully_masked: int = 0     # samples whose labels are all -100 (template length mismatch, or cut before the answer)
+    tokens: int = 0           # non-pad tokens written
+    positions: int = 0        # all positions written (records * (seq_length + 1))
+    ignored_labels: int = 0   # label positions equal to -100 (qa only)
+    packed: bool = False      # several samples per record (--packing)
+    seconds: float = 0.0      # tokenizing (and packing) time
+    errors: list[RecordError] = dataclasses.field(default_factory=list)
+
+    def line(self, qa: bool = True) -> str:
+        speed = f" Took {self.seconds:.1f} s, {self.tokens / self.seconds:,.0f} tokens/s." if self.seconds else ""
+        if not qa:
+            return f"Transformed {self.records} records. {self.tokens} tokens.{speed}"
+        frac = self.ignored_labels / self.positions if self.positions else 0.0
+        fill = self.tokens / self.positions if self.positions else 0.0
+        packed = f"Packed {self.samples} samples into them; skipped" if self.packed else "Skipped"
+        return (f"Transformed {self.records} records. {packed} {self.skipped} malformed, "
+                f"truncated {self.truncated}, fully masked {self.fully_masked}; {self.tokens} tokens in "
+                f"{self.positions} positions ({fill:.1%} filled); {frac:.1%} of labels are -100.{speed}")
+
+
+
+def read_json_records(path: str) -> list:
+    """The JSON list in `path`; DataError naming the file when missing, unreadable or not a list."""
+    if not os.path.isfile(path):
+        raise DataError(f"input file {path!r} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}).") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({e}).") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}.")
+    return data
+
+
+def _type(x: Any) -> str:
+    return "null" if x is None else type(x).__name__
+
+
+def alpaca_to_conversation(example: Any, index: int) -> dict:
+    """One alpaca record -> MindFormers' conversation record (id is the 1-based source position)."""
+    if not isinstance(example, dict):
+        raise RecordError(index, "<record>", f"must be an object with instruction/input/output, got {_type(example)}")
+    for key in ("instruction", "output"):
+        if key not in example:
+            raise RecordError(index, key, "is missing")
+        if not isinstance(example[key], str):
+            raise RecordError(index, key, f"must be a string, got {_type(example[key])}")
+    inp = example.get("input", "")
+    if inp is None:
+        inp = ""
+    if not isinstance(inp, str):
+        raise RecordError(index, "input", f"must be a string, got {_type(inp)}")
+    return {"id": str(index + 1),
+            "conversations": [{"from": "human", "value": alpaca_prompt(example["instruction"], inp)},
+                              {"from": "gpt", "value": example["output"]}]}
+
+
+def conversation_turns(record: Any, index: int) -> list[tuple[int, str]]:
+    """Validated `(role index, text)` turns of a conversation record.
+
+    As MindFormers: a leading "gpt" turn is dropped; then turns must alternate human, gpt, ...
+    Stricter than MindFormers (which would emit a fully masked sample): empty texts and
+    conversations without a gpt answer are malformed.
+    """
+    if not isinstance(record, dict):
+        raise RecordError(index, "<record>", f"must be an object with 'conversations', got {_type(record)}")
+    if "conversations" not in record:
+        raise RecordError(index, "conversations", "is missing")
+    convs = record["conversations"]
+    if not isinstance(convs, list):
+        raise RecordError(index, "conversations", f"must be a list of turns, got {_type(convs)}")
+    if not convs:
+        raise RecordError(index, "conversations", "is empty")
+    turns = []
+    for j, turn in enumerate(convs):
+        field = f"conversations[{j}]"
+        if not isinstance(turn, dict):
+            raise RecordError(index, field, f"must be an object with 'from' and 'value', got {_type(turn)}")
+        for key in ("from", "value"):
+            if key not in turn:
+                raise RecordError(index, f"{field}.{key}", "is missing")
+        if turn["from"] not in _ROLES:
+            raise RecordError(index, f"{field}.from", f"is {turn['from']!r}; expected 'human' or 'gpt'")
+        if not isinstance(turn["value"], str):
+            raise RecordError(index, f"{field}.value", f"must be a string, got {_type(turn['value'])}")
+        if turn["value"] == "":
+            raise RecordError(index, f"{field}.value", "is empty")
+        turns.append((j, _ROLES[turn["from"]], turn["value"]))
+    if turns[0][1] != 0:
+        turns = turns[1:]  # MindFormers: "Skip the first one if it is not from human"
+    for k, (j, role, _) in enumerate(turns):
+        if role != k % 2:
+            want, got = ("human", "gpt") if k % 2 == 0 else ("gpt", "human")
+            raise RecordError(index, f"conversations[{j}].from",
+                              f"is {got!r}; turns must alternate and {want!r} comes here")
+    if not any(role == 1 for _, role, _ in turns):
+        raise RecordError(index, "conversations", "has no 'human' turn followed by a 'gpt' answer")
+    return [(role, text) for _, role, text in turns]
+
+
+def conversation_prompt(turns: list[tuple[int, str]]) -> str:
+    """The Vicuna v1.1 text of validated turns: `system USER: q ASSISTANT: a</s>USER: ...`."""
+    conv = get_default_conv_template("vicuna")
+    for role, text in turns:
+        conv.append_message(conv.roles[role], text)
+    return conv.get_prompt()
+
+
+
+def collect(items, file: str, on_error: OnError, summary: Summary, fn: Callable[[Any, int], Any]) -> list:
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(fn(item, i))
+        except RecordError as e:
+            e.file = file
+            if on_error == "fail":
+                raise
+            summary.skipped += 1
+            summary.errors.append(e)
+    return out
+
+
+def convert_alpaca(data: list, *, on_error: OnError = "skip", file: str | None = None) -> tuple[list[dict], Summary]:
+    """Alpaca records -> conversation records (step 1); malformed records skipped or raised."""
+    summary = Summary()
+    out = collect(data, file, on_error, summary, alpaca_to_conversation)
+    summary.records = len(out)
+    return out, summary

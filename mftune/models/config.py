@@ -1,0 +1,296 @@
+"""``model.model_config``: ``LlamaConfig``, the YAML and Python API contract, and what the model is
+built from: ``ModelArgs`` (the architecture) and ``DtypePolicy`` (the dtypes).
+
+``LlamaConfig`` takes a MindFormers ``model_config`` block as it is (``LlamaConfig(**model_config)``);
+it also carries settings that are not the model's: decoding (read by ``mftune.generation``), the
+predict batch size, and keys accepted for MindFormers compatibility with no effect here (their field
+metadata says why). ``model_config_errors`` is the single list of rules on its values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+# Every dtype string mftune accepts (any case): the one table that the model, config validation,
+# pet_config (mftune.pet.config) and the HF config translation (mftune.checkpoint.names) read.
+# MindFormers' long names plus MindPet's short ones.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+RopeMethod = Literal["None", "PI", "NTK"]
+
+
+def to_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map a MindFormers dtype string ("bfloat16", "float16", "float32") to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(set(DTYPES))}") from None
+
+
+def ignored(default: Any, why: str) -> Any:
+    """A field accepted for MindFormers compatibility that has no effect here (``why`` says so; the
+    config loader reports such keys once, docs/config.md lists them). A callable ``default`` (``dict``)
+    is a default factory."""
+    if callable(default):
+        return field(default_factory=default, metadata={"ignored": why})
+    return field(default=default, metadata={"ignored": why})
+
+
+@dataclass
+class LlamaConfig:
+    """``model.model_config`` of a MindFormers Llama YAML; every field is a YAML key."""
+
+    type: str = "LlamaConfig"  # YAML registry name; only LlamaConfig exists
+    batch_size: int = 1  # predict batch size (training uses runner_config.batch_size)
+    # architecture (-> ModelArgs)
+    seq_length: int = 2048  # tokens the model sees per sample (records hold seq_length + 1)
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    n_kv_heads: int | None = None  # grouped-query attention; None = num_heads
+    max_position_embedding: int | None = None  # None = seq_length
+    vocab_size: int = 32000
+    multiple_of: int = 256  # Llama2 FFN size rounding
+    ffn_dim_multiplier: float | None = None
+    intermediate_size: int | None = None  # explicit FFN size; overrides the rule above
+    rms_norm_eps: float = 1e-5
+    theta: float = 10000.0  # RoPE base
+    scaling_factor: float = 1.0  # RoPE position interpolation factor (extend_method PI)
+    extend_method: str = "None"  # None | PI | NTK
+    # token ids
+    bos_token_id: int = 1
+    eos_token_id: int | list[int] = 2
+    pad_token_id: int = 0
+    ignore_token_id: int = -100  # labels equal to it are not trained on
+    # dtypes (-> DtypePolicy)
+    compute_dtype: str = "float16"
+    layernorm_compute_type: str = "float32"
+    softmax_compute_type: str = "float32"  # SDPA accumulates softmax in float32 whatever this says
+    rotary_dtype: str = "float32"
+    param_init_type: str = "float32"
+    # architecture, continued
+    initializer_range: float = 0.02  # std of the normal init of weights
+    tie_word_embeddings: bool = False
+    use_past: bool = False  # KV cache for predict (predict always decodes with one)
+    use_flash_attention: bool = True  # SDPA picks the fused kernel; False forces the math path
+    qkv_concat: bool = ignored(False, "mftune keeps wq/wk/wv separate")
+    offset: int = ignored(0, "pipeline layer offset; mftune has no pipeline parallelism")
+    checkpoint_name_or_path: str = ignored("", "weights come from load_checkpoint")
+    # decoding (-> mftune.generation.GenerationConfig)
+    repetition_penalty: float = 1.0
+    max_decode_length: int = 512  # prompt + generated tokens
+    top_k: int = 5
+    top_p: float = 1.0
+    temperature: float = 1.0
+    do_sample: bool = False
+    block_size: int = ignored(16, "paged attention (MindSpore inference)")
+    num_blocks: int = ignored(512, "paged attention (MindSpore inference)")
+    is_dynamic: bool = ignored(False, "MindSpore dynamic-shape inference")
+    pet_config: dict[str, Any] | None = None  # PET settings, consumed by mftune.pet
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.num_heads
+        if self.max_position_embedding is None:
+            self.max_position_embedding = self.seq_length
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+        """Build from a ``model_config`` mapping; an unknown key is a ValueError naming the closest key."""
+        names = cls.field_names()
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, names, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError("unknown model_config key(s): " + ", ".join(hints))
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        """Llama2's FFN size rule (Meta ``FeedForward``), unless ``intermediate_size`` is given."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        hidden = int(2 * (4 * self.hidden_size) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """What ``LlamaForCausalLM``'s modules are built from: the architecture (and the loss's ignore id)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    n_kv_heads: int
+    ffn_hidden_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_method: RopeMethod  # "PI": positions / rope_scaling_factor; "NTK": a larger base
+    rope_scaling_factor: float
+    initializer_range: float
+    tie_word_embeddings: bool
+    use_flash_attention: bool
+    ignore_token_id: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class DtypePolicy:
+    """Where each dtype applies: parameters are stored in ``param``; the forward runs under autocast to
+    ``compute`` (none when float32); norms compute in ``layernorm``, RoPE rotates in ``rotary``."""
+
+    param: torch.dtype
+    compute: torch.dtype
+    layernorm: torch.dtype
+    rotary: torch.dtype
+
+
+def model_args(cfg: LlamaConfig) -> ModelArgs:
+    """The architecture of a valid ``cfg`` (``check_model_config``)."""
+    return ModelArgs(cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.n_kv_heads,
+                     cfg.ffn_hidden_size, cfg.rms_norm_eps, float(cfg.theta), rope_method(cfg.extend_method),
+                     float(cfg.scaling_factor), cfg.initializer_range, cfg.tie_word_embeddings,
+                     cfg.use_flash_attention, cfg.ignore_token_id)
+
+
+def dtype_policy(cfg: LlamaConfig) -> DtypePolicy:
+    """The dtypes of a valid ``cfg`` (``check_model_config``)."""
+    return DtypePolicy(to_dtype(cfg.param_init_type), to_dtype(cfg.compute_dtype),
+                       to_dtype(cfg.layernorm_compute_type), to_dtype(cfg.rotary_dtype))
+
+
+def rope_method(extend_method: Any) -> RopeMethod:
+    """Normalise ``extend_method`` (None | "None" | "PI" | "NTK"); anything else is a ValueError."""
+    method = "None" if extend_method is None else str(extend_method)
+    if method.lower() == "none":
+        return "None"
+    if method.upper() in ("PI", "NTK"):
+        return method.upper()  # type: ignore[return-value]
+    raise ValueError(f"extend_method={extend_method!r} is invalid: expected None, 'PI' or 'NTK'.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules on the values
+# ----------------------------------------------------------------------------------------------
+
+def check_model_config(cfg: LlamaConfig) -> None:
+    """Raise every ``model_config_errors(cfg)`` message in one ValueError (nothing when valid)."""
+    errors = model_config_errors(cfg)
+    if errors:
+        raise ValueError("invalid model_config:\n  " + "\n  ".join(errors))
+
+
+def model_config_errors(cfg: LlamaConfig) -> list[str]:
+    """Every value problem of ``cfg``, each ``"<key>=<value> is invalid: <why>. <fix>"`` (keys of model_config).
+
+    The single list of model checks: config validation prefixes ``model.model_config.`` and reports
+    these with the rest of the config; ``LlamaForCausalLM`` raises them (``check_model_config``). A
+    rule that reads several keys runs only when each of them is valid on its own.
+    """
+    errors: list[str] = []
+
+    def bad(key: str, why: str, fix: str) -> None:
+        errors.append(f"{key}={getattr(cfg, key)!r} is invalid: {why}. {fix}")
+
+    _check_sizes(cfg, bad)
+    _check_shapes(cfg, bad)
+    dtypes = _check_dtypes(cfg, bad)
+    try:
+        rope_method(cfg.extend_method)
+    except ValueError:
+        bad("extend_method", "unknown RoPE extension", "Use None, PI or NTK.")
+    compute, params = dtypes.get("compute_dtype"), dtypes.get("param_init_type")
+    if compute == torch.float32 and params not in (None, torch.float32):
+        half = str(params).removeprefix("torch.")
+        bad("compute_dtype", f"float32 compute needs float32 parameters (param_init_type={cfg.param_init_type!r}): "
+            f"without autocast, {half} weights would meet float32 activations",
+            f"Set compute_dtype: {half} (the forward then runs under autocast), or param_init_type: float32.")
+    return errors
+
+
+def _check_sizes(cfg: LlamaConfig, bad) -> None:
+    """Each size and scalar on its own."""
+    for key, fix in (("seq_length", "Use e.g. seq_length: 4096 (records hold seq_length + 1 tokens)."),
+                     ("vocab_size", "Use the tokenizer's size, e.g. vocab_size: 32000."),
+                     ("num_layers", "Use e.g. num_layers: 32."), ("num_heads", "Use e.g. num_heads: 32."),
+                     ("hidden_size", "Use e.g. hidden_size: 4096."), ("n_kv_heads", "Use e.g. n_kv_heads: 8.")):
+        value = getattr(cfg, key)
+        if not (isinstance(value, int) and value > 0) and not (key == "n_kv_heads" and value == cfg.num_heads):
+            bad(key, "must be a positive int", fix)  # n_kv_heads = num_heads: num_heads' error says it
+    if not (isinstance(cfg.rms_norm_eps, (int, float)) and cfg.rms_norm_eps > 0):
+        bad("rms_norm_eps", "must be > 0", "Use rms_norm_eps: 1.0e-5.")
+    for key, fix in (("theta", "Use theta: 10000.0 (Llama2's RoPE base)."),
+                     ("scaling_factor", "Use scaling_factor: 1.0 (no position interpolation).")):
+        if not (isinstance(getattr(cfg, key), (int, float)) and getattr(cfg, key) > 0):
+            bad(key, "must be > 0", fix)
+    if not (isinstance(cfg.initializer_range, (int, float)) and cfg.initializer_range >= 0):
+        bad("initializer_range", "must be >= 0 (it is a standard deviation)", "Use initializer_range: 0.02.")
+    if not (isinstance(cfg.multiple_of, int) and cfg.multiple_of >= 1):
+        bad("multiple_of", "must be an int >= 1", "Use multiple_of: 256.")
+    if cfg.intermediate_size is not None and not (isinstance(cfg.intermediate_size, int)
+                                                  and cfg.intermediate_size >= 1):
+        bad("intermediate_size", "must be an int >= 1 when set", "Remove it to use the Llama2 FFN rule.")
+
+
+def _check_shapes(cfg: LlamaConfig, bad) -> None:
+    """How the head counts and the hidden size fit together (when each is a positive int)."""
+    heads, kv, hidden = cfg.num_heads, cfg.n_kv_heads, cfg.hidden_size
+    if not all(isinstance(v, int) and v > 0 for v in (heads, kv, hidden)):
+        return
+    if hidden % heads:
+        even = heads * max(2, hidden // heads // 2 * 2)
+        bad("hidden_size", f"it is not divisible by num_heads={heads}",
+            f"Use num_heads x an even head_dim (e.g. {even}), or change num_heads.")
+    elif hidden // heads % 2:
+        bad("hidden_size", f"head_dim = hidden_size / num_heads = {hidden // heads} is odd "
+            "(RoPE rotates pairs of channels)",
+            f"Use num_heads x an even head_dim (e.g. {heads * (hidden // heads + 1)}), or change num_heads.")
+    if heads % kv:
+        bad("num_heads", f"it is not divisible by n_kv_heads={kv} (grouped-query attention)",
+            "Use n_kv_heads dividing num_heads (n_kv_heads = num_heads disables GQA).")
+
+
+def _check_dtypes(cfg: LlamaConfig, bad) -> dict[str, torch.dtype]:
+    """The dtype keys that name a known dtype, by key; an error for each that does not."""
+    dtypes: dict[str, torch.dtype] = {}
+    for key in ("compute_dtype", "layernorm_compute_type", "softmax_compute_type", "rotary_dtype", "param_init_type"):
+        name = getattr(cfg, key)
+        try:
+            dtype = to_dtype(name)
+        except ValueError:
+            dtype = None
+        if dtype in DTYPES.values():
+            dtypes[key] = dtype
+        else:
+            close = difflib.get_close_matches(str(name).lower(), list(DTYPES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            bad(key, f"unknown dtype{hint}", "Use float32, float16 or bfloat16 (or fp32, fp16, bf16).")
+    return dtypes

@@ -1,0 +1,73 @@
+"""The model of a run: built on the meta device, PET applied, parallelized, materialised, weights in.
+
+Trainable parameters are float32 (master weights; frozen ones keep ``param_init_type``), set while
+still on meta (free) and before FSDP2 records dtypes. Every rank then holds only its blocks, reads
+only those from the checkpoint, or draws them as one process would (``mftune.parallel.layout``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from mftune.config.schema import MFConfig
+from mftune.errors import UserError
+from mftune.models.config import LlamaConfig, to_dtype
+from mftune.models.llama import LlamaForCausalLM
+from mftune.parallel import parallelize
+from mftune.parallel.mesh import ParallelContext
+from mftune.pet import LoraConfig, get_pet_model, trainable_summary
+from mftune.trainer.checkpointing import save_strategy
+from mftune.trainer.resume import ResumePoint
+from mftune.trainer.weights import LoadedWeights, load_weights, plan_weights
+
+logger = logging.getLogger("mftune")
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    model: LlamaForCausalLM
+    pet_config: dict | None  # the pet_config applied (None: every parameter trains)
+    weights: LoadedWeights  # where the weights came from (empty after only_save_strategy)
+
+
+def build_model(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext,
+                point: ResumePoint | None = None) -> BuiltModel:
+    """The run's model in ``ctx``'s layout with its starting weights (``mftune.trainer.weights``);
+    with ``only_save_strategy``, the strategy files written and no weights."""
+    pet_config = model_config.pet_config if cfg.run_mode != "train" else None  # finetune, eval, predict
+    if cfg.run_mode == "train" and model_config.pet_config:
+        logger.info("run_mode train trains all parameters: pet_config is not applied "
+                    "(use --run_mode finetune for LoRA)")
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(model_config)
+        if pet_config:
+            get_pet_model(model, LoraConfig(**pet_config))  # validated with the config
+    except ValueError as exc:  # e.g. target_modules matches no layer
+        raise UserError(str(exc)) from None
+    for param in model.parameters():  # on meta: free, and before FSDP2 records dtypes
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    seq_parallel = cfg.parallel_config.use_seq_parallel
+    if seq_parallel and cfg.run_mode == "predict" and ctx.tp_size > 1:
+        logger.info("run_mode predict: use_seq_parallel is off (decoding feeds one token at a time)")
+        seq_parallel = False
+    parallelize(model, ctx, vocab_emb_dp=cfg.parallel_config.vocab_emb_dp, use_seq_parallel=seq_parallel,
+                parallel_optimizer=cfg.parallel.enable_parallel_optimizer,
+                recompute=cfg.recompute_config.recompute or cfg.recompute_config.select_recompute,
+                compute_dtype=to_dtype(model_config.compute_dtype))
+    if cfg.run_mode in ("train", "finetune") or cfg.auto_trans_ckpt or cfg.only_save_strategy:
+        save_strategy(os.path.join(os.path.abspath(cfg.output_dir), "strategy"), model, ctx,
+                      parallel_config=dataclasses.asdict(cfg.parallel_config),
+                      enable_parallel_optimizer=cfg.parallel.enable_parallel_optimizer)
+    if cfg.only_save_strategy:
+        return BuiltModel(model, pet_config, LoadedWeights({}, None))
+    model.to_empty(device=ctx.device)
+    weights = load_weights(model, plan_weights(cfg, point), cfg, ctx)
+    if not pet_config:  # get_pet_model logs it for PET runs
+        logger.info(trainable_summary(model))
+    return BuiltModel(model, pet_config, weights)

@@ -1,0 +1,85 @@
+"""Where a run's weights come from: a resumed run, a checkpoint, or random initialisation.
+
+``plan_weights`` is the one decision (from ``load_checkpoint``, ``resume_training`` and
+``auto_trans_ckpt``); ``load_weights`` carries it out on a model that is built, parallelized and
+materialised: with ``auto_trans_ckpt`` the checkpoint is first written in this run's layout (every
+rank takes part), then each rank reads only its blocks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from mftune.checkpoint.formats.distributed import distributed_entries
+from mftune.checkpoint.load import fingerprint, load_checkpoint
+from mftune.checkpoint.transform import auto_transform
+from mftune.config.schema import MFConfig
+from mftune.parallel.layout import fill_from_full
+from mftune.parallel.mesh import ParallelContext
+from mftune.pet import init_lora_weights
+from mftune.trainer.resume import ResumePoint, load_base
+
+logger = logging.getLogger("mftune")
+
+
+@dataclass(frozen=True)
+class WeightsPlan:
+    """``source``: "resume" (trained tensors from ``resume``'s files, frozen ones from its base),
+    "checkpoint" (everything from ``path``) or "init" (random, drawn as one process would)."""
+
+    source: Literal["resume", "checkpoint", "init"]
+    path: str = ""  # load_checkpoint
+    transform: bool = False  # auto_trans_ckpt: write ``path`` in this run's layout, then read that
+    resume: ResumePoint | None = None
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    base_checkpoint: dict  # {"path", "fingerprint"} of the base weights ({} when random)
+    resume: ResumePoint | None  # the resume point, its entries read from the transformed copy if any
+
+
+def plan_weights(cfg: MFConfig, point: ResumePoint | None) -> WeightsPlan:
+    """The decision, from the configuration alone (``point``: the resume point when resuming)."""
+    if point is not None:
+        return WeightsPlan("resume", cfg.load_checkpoint, cfg.auto_trans_ckpt, point)
+    if cfg.load_checkpoint:
+        return WeightsPlan("checkpoint", cfg.load_checkpoint, cfg.auto_trans_ckpt)
+    return WeightsPlan("init")
+
+
+def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: ParallelContext) -> LoadedWeights:
+    """Fill the materialised ``model`` as ``plan`` says; returns what the run's checkpoints record."""
+    if plan.source == "init":
+        model.init_weights(fill_from_full)
+        if cfg.run_mode != "train":
+            logger.warning("load_checkpoint is empty: %s with randomly initialised weights", cfg.run_mode)
+        return LoadedWeights({}, None)
+    model.tie_weights()
+    init_lora_weights(model, fill_from_full)  # adapters a checkpoint lacks start fresh
+    if plan.source == "resume":  # frozen weights from the run's base; trained ones come with the optimizer state
+        point = plan.resume
+        base = load_base(model, point) or point.base_checkpoint
+        if plan.transform:  # counters and RNG states still come from the saved files
+            point = dataclasses.replace(point, entries=distributed_entries(*_transform(cfg, ctx, point.files)))
+        return LoadedWeights(base, point)
+    # every base tensor must be in the checkpoint (or in the base its header records, for a LoRA-only one)
+    report = load_checkpoint(model, _transform(cfg, ctx)[0] if plan.transform else plan.path)
+    if report["fresh_lora"] and cfg.run_mode in ("eval", "predict"):
+        logger.warning("%d LoRA tensors are not in load_checkpoint=%s: they start fresh (B = 0), so "
+                       "the %s uses the base model alone", len(report["fresh_lora"]), plan.path, cfg.run_mode)
+    return LoadedWeights(report.get("base") or {"path": os.path.abspath(plan.path),
+                                                "fingerprint": fingerprint(plan.path)}, None)
+
+
+def _transform(cfg: MFConfig, ctx: ParallelContext, files: list[str] | None = None) -> tuple[str, list[str]]:
+    """``auto_trans_ckpt``: ``load_checkpoint`` written in this run's layout (``files``: the rank files
+    of a resume point); returns the folder and this layout's rank files."""
+    return auto_transform(cfg.load_checkpoint, os.path.abspath(cfg.output_dir), rank=ctx.rank,
+                          world_size=ctx.world_size, process_num=cfg.transform_process_num,
+                          src_strategy=cfg.src_strategy_path_or_dir, files=files)
