@@ -34,8 +34,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-from parallel_parity import free_port  # noqa: E402  (standard library only)
+sys.path.insert(0, os.path.join(ROOT, "bench"))  # load_memory (this bench's workers import it)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from parity import free_port  # noqa: E402  (standard library only)
 GB = 1e9
 LAYOUTS = {"A": (8, 1), "B": (2, 4)}
 

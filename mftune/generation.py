@@ -1,7 +1,7 @@
 """Batched text generation with a KV cache: the core of ``--run_mode predict`` (MindFormers ``model.generate``).
 
 Semantics are transformers' ``generate`` for a decoder-only model, so that the same weights give the
-same tokens (tested against it in tests/test_generation.py):
+same tokens (tested against it in tests/unit/test_generation.py):
 - prompts are LEFT padded to one length; padding is masked out of attention and position ids count
   real tokens only (``cumsum(mask) - 1``), so a row's output does not depend on its batch mates;
 - per step the last position's float32 logits go through, in transformers' order,

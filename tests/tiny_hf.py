@@ -1,5 +1,9 @@
-"""A tiny random transformers Llama shared by the tests that compare against transformers."""
+"""A tiny random transformers Llama shared by the tests that compare against transformers, and
+Hugging Face directories of it written in each layout transformers uses (``CASES``)."""
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 import transformers
@@ -33,3 +37,44 @@ def mftune_from_hf(hf, **overrides) -> LlamaForCausalLM:
     model = LlamaForCausalLM(mc)
     model.load_state_dict({hf_to_mftune(k): v for k, v in hf.state_dict().items()}, strict=True)
     return model.eval()
+
+
+def save_bin(model, directory: str, shards: int) -> None:
+    """transformers 4's ``save_pretrained(safe_serialization=False)`` layout, written by hand."""
+    model.config.save_pretrained(directory)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    if shards == 1:
+        torch.save(sd, os.path.join(directory, "pytorch_model.bin"))
+        return
+    names, weight_map = list(sd), {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {k: sd[k] for k in names[i::shards]}
+        torch.save(part, os.path.join(directory, file))
+        weight_map.update(dict.fromkeys(part, file))
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    with open(os.path.join(directory, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+
+
+CASES = {  # name -> (model kwargs, how transformers / save_bin writes it)
+    "single_safetensors_gqa": (dict(n_kv_heads=2), dict()),
+    "sharded_safetensors": (dict(n_kv_heads=4), dict(max_shard_size="100KB")),
+    "bin_sharded": (dict(n_kv_heads=2), dict(bin_shards=3)),
+    "bin_single_tied": (dict(n_kv_heads=2, tie=True), dict(bin_shards=1)),
+    "tied_safetensors": (dict(n_kv_heads=4, tie=True), dict()),
+}
+
+
+def hf_dirs(make_dir, cases) -> dict[str, tuple["transformers.LlamaForCausalLM", str]]:
+    """Each case's transformers model and the directory it is saved in (``make_dir(case)`` makes it)."""
+    out = {}
+    for case in cases:
+        model_kwargs, save_kwargs = CASES[case]
+        model, directory = hf_model(**model_kwargs), str(make_dir(case))
+        if "bin_shards" in save_kwargs:
+            save_bin(model, directory, save_kwargs["bin_shards"])
+        else:
+            model.save_pretrained(directory, **save_kwargs)
+        out[case] = (model, directory)
+    return out

@@ -6,7 +6,8 @@
 - ``entries``: ``Entry``, one tensor that reads any block of itself;
 - ``formats``: one module per on-disk format, each turning a path into entries and a header, and
   the one function that recognises a path's format;
-- ``load``: ``load_checkpoint`` into a model of any layout;
+- ``load``: ``load_checkpoint`` into a model of any layout; ``model_weights``: the weights a
+  model_config has;
 - ``convert``, ``transform``, ``merge``, ``export``: the tools, consumers of entries.
 """
 from mftune.checkpoint.formats.single_file import save_complete

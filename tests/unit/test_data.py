@@ -1,4 +1,5 @@
-"""Data pipeline: tokenizer, templates, alpaca_converter / llama_preprocess, TrainData.
+"""Data pipeline: tokenizer, templates, alpaca_converter / llama_preprocess (their main() in-process;
+as subprocesses: tests/e2e/test_data_scripts.py), TrainData.
 
 Expected values come from MindFormers r1.3.0 `mindformers/tools/dataset_preprocess/llama/`
 (conversation.py, alpaca_converter.py, llama_preprocess.py; reference/mindformers.md §7.1): the
@@ -10,22 +11,22 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
 
-from mftune.data import IGNORE_TOKEN_ID, LlamaTokenizer, TrainData, tokenize_prompt, train_sentencepiece
+from data_fixtures import index_dataset
+
+from mftune.data import IGNORE_TOKEN_ID, LlamaTokenizer, TrainData, train_sentencepiece
 from mftune.data.conversation import PROMPT_DICT, alpaca_prompt, vicuna_prompt
 from mftune.data.labelling import tokenize_prompt, tokenize_prompts
 from mftune.data.preprocess import preprocess_qa
 from mftune.data.records import conversation_prompt, conversation_turns
 from mftune.data.sample import generate_records, load_sample_records, train_sample_tokenizer, write_tokenizer_corpus
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONVERTER = REPO / "scripts" / "alpaca_converter.py"
 PREPROCESS = REPO / "scripts" / "llama_preprocess.py"
 SEQ = 96
@@ -38,11 +39,6 @@ def _load_script(path: Path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _run(script: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 def _write_json(path: Path, obj) -> str:
@@ -65,28 +61,6 @@ def model_file(work) -> str:
 def tok(model_file) -> LlamaTokenizer:
     return LlamaTokenizer(model_file)
 
-
-@pytest.fixture(scope="module")
-def conv_json(work) -> str:
-    """The bundled sample converted by the real script (a subprocess: the user's path)."""
-    out = work / "conv.json"
-    r = _run(CONVERTER, "--data_path", str(REPO / "mftune/data/sample_alpaca.json"), "--output_path", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "Converted 2000 records" in r.stdout
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def qa_dir(work, conv_json, model_file) -> str:
-    out = work / "alpaca-fastchat96.mindrecord"
-    r = _run(PREPROCESS, "--dataset_type", "qa", "--input_glob", conv_json, "--model_file", model_file,
-             "--seq_length", str(SEQ), "--output_file", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "Transformed 2000 records." in r.stdout
-    return str(out)
-
-
-# ------------------------------------------------------------------ tokenizer and templates
 
 def test_tokenizer_is_llama_like_and_deterministic(work, tok, model_file):
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 0)
@@ -126,20 +100,6 @@ def test_sample_data_is_deterministic_and_committed():
     assert os.path.getsize(REPO / "mftune/data/sample_alpaca.json") < 500_000
 
 
-# ------------------------------------------------------------------ alpaca_converter
-
-def test_converter_format(conv_json):
-    recs = json.loads(Path(conv_json).read_text(encoding="utf-8"))
-    src = load_sample_records()
-    assert len(recs) == len(src) == 2000
-    for i in (0, 1, 2):
-        r = recs[i]
-        assert r["id"] == str(i + 1)
-        assert [t["from"] for t in r["conversations"]] == ["human", "gpt"]
-        assert r["conversations"][0]["value"] == alpaca_prompt(src[i]["instruction"], src[i]["input"])
-        assert r["conversations"][1]["value"] == src[i]["output"]
-
-
 def test_converter_skips_malformed(tmp_path, capsys):
     data = [{"instruction": "a", "input": "", "output": "b"}, ["not", "a", "dict"], {"instruction": "a"},
             {"instruction": 3, "output": "x"}, {"instruction": "c", "input": "d", "output": "e"}]
@@ -152,28 +112,6 @@ def test_converter_skips_malformed(tmp_path, capsys):
     assert "record 2: field 'output' is missing" in cap.err
     assert "record 3: field 'instruction' must be a string" in cap.err
     assert [r["id"] for r in json.loads(out.read_text())] == ["1", "5"]
-
-
-# ------------------------------------------------------------------ llama_preprocess (qa)
-
-def test_qa_records_and_labels(qa_dir, conv_json, tok):
-    ds = datasets.load_from_disk(qa_dir)
-    assert ds.column_names == ["input_ids", "labels"]
-    assert ds.features["input_ids"].feature.dtype == "int32" and ds.features["labels"].feature.dtype == "int32"
-    convs = json.loads(Path(conv_json).read_text(encoding="utf-8"))
-    for i in range(0, len(ds), 97):
-        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
-        assert len(ids) == len(labels) == SEQ + 1
-        human, answer = (t["value"] for t in convs[i]["conversations"])
-        # Prompt part: <s> + "system USER: {human} ASSISTANT:" is masked (MindFormers' instruction_len).
-        n_prompt = len(tok.encode(vicuna_prompt(human), add_bos=True))
-        n_real = n_prompt + len(tok.encode(answer, add_bos=False)) + 1  # "▁answer" + </s>
-        assert all(x == IGNORE_TOKEN_ID for x in labels[:n_prompt])
-        assert labels[n_prompt:n_real] == ids[n_prompt:n_real]
-        assert ids[n_real - 1] == tok.eos_token_id
-        assert all(x == tok.pad_token_id for x in ids[n_real:]) and all(x == IGNORE_TOKEN_ID for x in labels[n_real:])
-        trained = [x for x, y in zip(ids, labels) if y != IGNORE_TOKEN_ID]
-        assert tok.decode(trained[:-1]) == answer and trained[-1] == tok.eos_token_id
 
 
 def test_multi_round_labels(tok):
@@ -254,18 +192,6 @@ def test_malformed_records_skipped_and_reported(tmp_path, model_file, capsys):
     assert len(datasets.load_from_disk(str(tmp_path / "out"))) == 2
 
 
-def test_on_error_fail_exits_2_without_traceback(tmp_path, model_file):
-    src = _write_json(tmp_path / "bad.json", [_conv("q", "a"), {"conversations": [{"from": "gpt"}]}])
-    out = tmp_path / "out"
-    r = _run(PREPROCESS, "--dataset_type", "qa", "--input_glob", src, "--model_file", model_file,
-             "--output_file", str(out), "--on_error", "fail")
-    assert r.returncode == 2
-    assert "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.splitlines() if "error" in line]
-    assert lines == [f"llama_preprocess.py: error: {src}: record 1: field 'conversations[0].value' is missing"]
-    assert not out.exists() and os.listdir(tmp_path) == ["bad.json"]
-
-
 def test_missing_files_exit_2(tmp_path, model_file, capsys):
     main = _load_script(PREPROCESS).main
     src = _write_json(tmp_path / "c.json", [_conv("q", "a")])
@@ -322,33 +248,14 @@ def test_wiki_chunks(tmp_path, model_file, tok, capsys):
     assert torch.equal(batch["labels"], batch["input_ids"])  # no labels column: labels = input_ids
 
 
-# ------------------------------------------------------------------ TrainData
-
 @pytest.fixture(scope="module")
 def index_dir(work) -> str:
-    """20 records of length 5 whose tokens are the record index (so batches reveal the order)."""
-    path = str(work / "index_ds")
-    datasets.Dataset.from_dict({"input_ids": [[i] * 5 for i in range(20)],
-                                "labels": [[-100] + [i] * 4 for i in range(20)]}).save_to_disk(path)
-    return path
+    return index_dataset(str(work / "index_ds"))
 
 
 def _order(data: TrainData, epoch: int, start_step: int = 0) -> list[list[list[int]]]:
     """Per step, per micro-step, the record indices seen."""
     return [[mb["input_ids"][:, 0].tolist() for mb in step] for step in data.epoch(epoch, start_step)]
-
-
-def test_loader_shapes_and_sizes(qa_dir, index_dir):
-    d = TrainData(qa_dir, micro_batch_size=4, grad_accum=2, dp_size=2, dp_rank=1)
-    assert (d.num_records, d.record_length, d.global_batch_size, d.steps_per_epoch) == (2000, SEQ + 1, 16, 125)
-    step = next(d.epoch(0))
-    assert len(step) == 2
-    for mb in step:
-        assert set(mb) == {"input_ids", "labels"}
-        assert mb["input_ids"].shape == mb["labels"].shape == (4, SEQ + 1)
-        assert mb["input_ids"].dtype == mb["labels"].dtype == torch.long
-    mb = next(TrainData(index_dir, micro_batch_size=3, shuffle=False).epoch(0))[0]
-    assert mb["labels"].tolist() == [[-100, i, i, i, i] for i in range(3)]
 
 
 def test_loader_order_per_seed_and_epoch(index_dir):

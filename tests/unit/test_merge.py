@@ -1,18 +1,15 @@
 """LoRA merge (mftune.checkpoint.merge, scripts/transform_ckpt_lora.py; MindFormers' transform_ckpt_lora.py).
 
 Expected values: the merged plain model gives the LoRA model's logits (fp32, atol 1e-5) and holds the same
-weights as ``mftune.pet.merge_lora`` applied to the LoRA model in memory; the HF output gives the same logits
-in transformers. The LoRA checkpoint is written as the trainer's CheckpointMonitor writes it: adapters,
-AdamW moments and counters, with pet_config and base_checkpoint {path, fingerprint} in the header.
+weights as ``mftune.pet.merge_lora`` applied to the LoRA model in memory. The LoRA checkpoint is written as
+the trainer's CheckpointMonitor writes it (tests/lora_checkpoint.py). The script's Hugging Face output in
+transformers: tests/e2e/test_merge_script.py.
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
 import os
-import subprocess
-import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,57 +19,22 @@ from mftune.checkpoint.load import fingerprint, load_checkpoint, unique_state_di
 from mftune.checkpoint.safetensors_io import load_tensors, read_metadata
 from mftune.errors import CheckpointError
 from mftune.checkpoint.merge import MERGED_NAME, merge_lora_checkpoint
-from mftune.models.llama import LlamaConfig, LlamaForCausalLM
-from mftune.pet import get_pet_model, lora_layers, lora_state_dict, merge_lora
+from mftune.models.llama import LlamaForCausalLM
+from mftune.pet import lora_layers, merge_lora
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import lora_checkpoint
+from lora_checkpoint import PET, TINY, save_lora
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "transform_ckpt_lora.py")
 _spec = importlib.util.spec_from_file_location("transform_ckpt_lora", SCRIPT)
 transform_ckpt_lora = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(transform_ckpt_lora)
 
-TINY = {"vocab_size": 128, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "n_kv_heads": 2, "seq_length": 16,
-        "intermediate_size": 96, "compute_dtype": "float32", "param_init_type": "float32", "initializer_range": 0.1}
-PET = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".*wq|.*wv"}  # scaling 2
-
-
-def _tokens() -> torch.Tensor:
-    return torch.randint(0, TINY["vocab_size"], (2, TINY["seq_length"]), generator=torch.Generator().manual_seed(3))
-
-
-def _save_lora(path, tensors, model_config, base_checkpoint):
-    save_complete(path, tensors, model_config={**model_config, "pet_config": PET},
-                  extra_metadata={"run_mode": "finetune", "pet_config": PET, "base_checkpoint": base_checkpoint})
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("merge")
-    torch.manual_seed(0)
-    mc = LlamaConfig(**TINY).to_dict()
-    base_model = LlamaForCausalLM(dict(TINY)).eval()
-    base_path = str(d / "base.safetensors")
-    save_complete(base_path, unique_state_dict(base_model), model_config=mc, extra_metadata={"run_mode": "train"})
-    lora_model = copy.deepcopy(base_model)
-    get_pet_model(lora_model, PET).eval()  # the new LoRA dropout modules start in training mode
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, layer in lora_layers(lora_model):
-            for p in (layer.mindpet_delta_lora_a, layer.mindpet_delta_lora_b):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    adapters = lora_state_dict(lora_model)
-    tensors = {**adapters, **{f"adam_m.{k}": torch.rand_like(v) for k, v in adapters.items()},
-               **{f"adam_v.{k}": torch.rand_like(v) for k, v in adapters.items()},
-               "epoch_num": torch.tensor(1), "step_num": torch.tensor(3), "global_step": torch.tensor(3),
-               "loss_scale": torch.tensor(1.0)}
-    recorded = {"path": base_path, "fingerprint": fingerprint(base_path)}
-    lora_path = str(d / "lora_rank_0-1_3.safetensors")
-    _save_lora(lora_path, tensors, mc, recorded)
-    x = _tokens()
-    with torch.no_grad():
-        lora_logits, base_logits = lora_model(x), base_model(x)
-    return SimpleNamespace(dir=d, mc=mc, base_path=base_path, lora_path=lora_path, lora_model=lora_model,
-                           tensors=tensors, recorded=recorded, x=x, lora_logits=lora_logits, base_logits=base_logits)
+    return lora_checkpoint.build(tmp_path_factory.mktemp("merge"))
 
 
 def test_merged_checkpoint_is_the_lora_model(ckpt, tmp_path):
@@ -110,24 +72,6 @@ def test_lora_scaling_overrides_the_header(ckpt, tmp_path):
                                atol=0, rtol=0)  # not adapted: copied as is
 
 
-def test_script_hf_output_loads_in_transformers(ckpt, tmp_path):
-    """One real subprocess: MindFormers' argument names, --output_format hf, summary on stdout."""
-    transformers = pytest.importorskip("transformers")
-    out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, SCRIPT, "--src_ckpt_strategy", "strategy/ckpt_strategy_rank_0.ckpt",
-                           "--src_ckpt_path_or_dir", ckpt.lora_path, "--dst_ckpt_dir", str(out),
-                           "--prefix", "checkpoint_", "--output_format", "hf"],
-                          check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "Merged 4 LoRA weights" in proc.stdout and str(out) in proc.stdout
-    assert "--src_ckpt_strategy is ignored" in proc.stderr
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
-    hf = transformers.LlamaForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = hf(input_ids=ckpt.x).logits
-    torch.testing.assert_close(logits, ckpt.lora_logits, atol=1e-5, rtol=0)
-
-
 def test_peft_adapter_source_gives_the_same_merge(ckpt, tmp_path):
     from mftune.checkpoint.export import export_peft_adapter
     adapter = tmp_path / "adapter"
@@ -160,7 +104,7 @@ def test_missing_adapter_half_is_an_error(ckpt, tmp_path, capsys):
     broken = dict(ckpt.tensors)
     del broken["model.layers.0.attention.wv.mindpet_delta_lora_b"]
     path = str(tmp_path / "broken.safetensors")
-    _save_lora(path, broken, ckpt.mc, ckpt.recorded)
+    save_lora(path, broken, ckpt.mc, ckpt.recorded)
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.attention\.wv\.mindpet_delta_lora_a has no"):
         merge_lora_checkpoint(path, str(tmp_path / "out"))
     assert transform_ckpt_lora.main(["--src_ckpt_path_or_dir", path, "--dst_ckpt_dir", str(tmp_path / "out")]) == 2

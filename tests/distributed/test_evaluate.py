@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import parallel_parity as pp  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import parity as pp  # noqa: E402
 
 from mftune.checkpoint.load import load_checkpoint  # noqa: E402
 from mftune.data.loader import TrainData  # noqa: E402

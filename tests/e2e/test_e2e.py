@@ -20,7 +20,7 @@ from mftune.data.sample import SAMPLE_ALPACA_PATH, train_sample_tokenizer
 from mftune.models.llama import LlamaForCausalLM
 from mftune.pet import get_pet_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEQ = 96
 VOCAB = 1000  # the sample tokenizer at 1000 fits every templated record in 97 tokens
 SIZES = {"seq_length": SEQ, "max_position_embedding": SEQ, "hidden_size": 64, "num_layers": 2,

@@ -14,7 +14,7 @@ from mftune.checkpoint.names import hf_config_to_model_config
 from mftune.data.sample import train_sample_tokenizer
 from mftune.data.tokenizer import LlamaTokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 1000
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France? Answer briefly please"]
 
@@ -97,8 +97,7 @@ def test_predict_on_4_ranks_equals_one_process(setup, tmp_path):
     """(dp 2 x mp 2) with FSDP2, the vocabulary-parallel lm_head and use_seq_parallel (switched off
     for decoding): the same greedy tokens as transformers' generate; rank 0 writes the results."""
     d, config, hf, tokenizer = setup
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import parallel_parity as pp
+    import parity as pp
 
     args = ["run_finetune.py", "--config", str(config), "--run_mode", "predict", "--use_parallel", "True",
             "--output_dir", str(tmp_path), "--predict_data", *[f"'{p}'" for p in PROMPTS], "--predict_batch_size", "2",

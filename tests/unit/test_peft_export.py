@@ -1,4 +1,5 @@
-"""PEFT adapter export / import (mftune.checkpoint.peft, scripts/export_adapter.py).
+"""PEFT adapter export / import (mftune.checkpoint.export, mftune.checkpoint.formats.peft_adapter, and
+scripts/export_adapter.py in-process; the real subprocess: tests/e2e/test_export_script.py).
 
 The reference is peft itself (installed version; checked with 0.21.2): an exported adapter must load
 with ``PeftModel.from_pretrained`` on the transformers model holding the same base weights without a
@@ -13,95 +14,37 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from mftune.checkpoint.formats.single_file import save_complete
-from mftune.checkpoint.load import fingerprint
 from mftune.checkpoint.safetensors_io import load_tensors, read_metadata
 from mftune.errors import CheckpointError
-from mftune.checkpoint.names import (
-    hf_config_to_model_config,
-    hf_to_mftune,
-    is_hf_buffer,
-)
 from mftune.checkpoint.formats.peft_adapter import mftune_to_peft_name, peft_to_mftune_name, read_peft_adapter
-from mftune.models.llama import LlamaConfig, LlamaForCausalLM
-from mftune.pet import LORA_MARK, get_pet_model, lora_layers
-from mftune.trainer.checkpointing import CheckpointMonitor
+from mftune.pet import LORA_MARK, lora_layers
+
+import peft_base
+from peft_base import ATTN, MLP, SUBSET, lora_checkpoint, mftune_model
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "export_adapter.py")
 # The script's main() in-process for the many error cases (a subprocess costs seconds of imports each).
 _spec = importlib.util.spec_from_file_location("export_adapter", SCRIPT)
 export_adapter = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(export_adapter)
 
-VOCAB = 128
-HF_CONFIG = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
-             "tie_word_embeddings": False}
-ATTN = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.05,
-        "target_modules": ".*wq|.*wk|.*wv|.*wo"}  # configs/llama2/lora_llama2_7b.yaml's, smaller rank
-SUBSET = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 16, "lora_dropout": 0.0,
-          "target_modules": ".*wq|.*wv", "exclude_layers": "1"}  # layer "1" is skipped
-MLP = {"pet_type": "lora", "lora_rank": 2, "lora_alpha": 3.5, "lora_dropout": 0.1, "target_modules": ".*w1|.*w2|.*w3"}
 SUSPICIOUS = ("missing", "unexpected", "not found", "mismatch", "unused", "ignored")
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A random fp32 transformers Llama (GQA: 4 heads, 2 KV heads) saved as an mftune complete base checkpoint."""
-    d = tmp_path_factory.mktemp("peft_base")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**HF_CONFIG)
-    hf = transformers.LlamaForCausalLM(cfg).float()
-    hf_state = {k: v for k, v in hf.state_dict().items() if not is_hf_buffer(k)}
-    # compute_dtype float32: MindFormers' default float16 matmuls would differ from the fp32 reference by ~1e-3.
-    model_config = LlamaConfig.from_dict({**hf_config_to_model_config(cfg.to_dict()), "compute_dtype": "float32"}).to_dict()
-    path = str(d / "base.safetensors")
-    save_complete(path, {hf_to_mftune(k): v for k, v in hf_state.items()}, model_config=model_config,
-                  extra_metadata={"run_mode": "train"})
-    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(7))
-    return SimpleNamespace(cfg=cfg, hf_state=hf_state, model_config=model_config, path=path, ids=ids, dir=d)
-
-
-def _mftune_model(base, pet_config) -> LlamaForCausalLM:
-    model = LlamaForCausalLM(dict(base.model_config))
-    get_pet_model(model, pet_config)
-    missing, unexpected = model.load_state_dict(load_tensors(base.path), strict=False)
-    assert not unexpected and missing and all(LORA_MARK in k for k in missing)
-    return model
-
-
-def _lora_checkpoint(base, pet_config, name, seed=1):
-    """(mftune model in eval mode, checkpoint path): random non-zero A/B, one AdamW step, saved by CheckpointMonitor."""
-    model = _mftune_model(base, pet_config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            for p in (layer.mindpet_delta_lora_a, layer.mindpet_delta_lora_b):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model(base.ids).pow(2).mean().backward()
-    optimizer.step()
-    model.eval()
-    monitor = CheckpointMonitor(str(base.dir / name), "llama_lora")
-    extra = {"run_mode": "finetune", "pet_config": pet_config,
-             "base_checkpoint": {"path": base.path, "fingerprint": fingerprint(base.path)}}
-    path = monitor.save(model, optimizer, epoch=1, step_in_epoch=1, global_step=1, loss_scale=1.0,
-                        global_batch_size=2, model_config={**base.model_config, "pet_config": pet_config},
-                        extra_metadata=extra)
-    return model, path
+    return peft_base.build_base(tmp_path_factory.mktemp("peft_base"))
 
 
 def _peft_load(base, adapter_dir, caplog):
@@ -134,7 +77,7 @@ def _export(src, out, *extra) -> int:
     (MLP, None, ["gate_proj", "down_proj", "up_proj"]),
 ], ids=["attention", "wq_wv_exclude_layer_1", "mlp"])
 def test_exported_adapter_loads_in_peft_with_mftune_logits(base, tmp_path, caplog, pet_config, layers, targets):
-    model, ckpt = _lora_checkpoint(base, pet_config, f"run_{len(targets)}_{layers}")
+    model, ckpt = lora_checkpoint(base, pet_config, f"run_{len(targets)}_{layers}")
     out = tmp_path / "adapter"
     assert _export(ckpt, out) == 0
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -157,7 +100,7 @@ def test_exported_adapter_loads_in_peft_with_mftune_logits(base, tmp_path, caplo
 
 def test_adapter_config_and_keys_written(base, tmp_path):
     """The exact file for the attention case, and peft's key format (no adapter name inside keys)."""
-    _, ckpt = _lora_checkpoint(base, ATTN, "run_cfg")
+    _, ckpt = lora_checkpoint(base, ATTN, "run_cfg")
     out = tmp_path / "adapter"
     assert _export(ckpt, out) == 0
     assert json.loads((out / "adapter_config.json").read_text()) == {
@@ -180,7 +123,7 @@ def test_adapter_config_and_keys_written(base, tmp_path):
 
 def test_missing_key_warning_is_seen(base, tmp_path, caplog):
     """Negative control for the warning capture above: drop one tensor and peft must complain."""
-    _, ckpt = _lora_checkpoint(base, SUBSET, "run_missing")
+    _, ckpt = lora_checkpoint(base, SUBSET, "run_missing")
     out = tmp_path / "adapter"
     assert _export(ckpt, out) == 0
     tensors = load_file(str(out / "adapter_model.safetensors"))
@@ -192,7 +135,7 @@ def test_missing_key_warning_is_seen(base, tmp_path, caplog):
 
 @pytest.mark.parametrize("pet_config", [ATTN, SUBSET], ids=["attention", "wq_wv_exclude_layer_1"])
 def test_read_peft_adapter_round_trip(base, tmp_path, pet_config):
-    model, ckpt = _lora_checkpoint(base, pet_config, f"run_rt_{pet_config['lora_alpha']}")
+    model, ckpt = lora_checkpoint(base, pet_config, f"run_rt_{pet_config['lora_alpha']}")
     assert _export(ckpt, tmp_path / "adapter") == 0
     tensors, read_config = read_peft_adapter(str(tmp_path / "adapter"))
     original = {k: v for k, v in load_tensors(ckpt).items() if LORA_MARK in k and not k.startswith("adam_")}
@@ -201,7 +144,7 @@ def test_read_peft_adapter_round_trip(base, tmp_path, pet_config):
     for key in ("lora_rank", "lora_alpha", "lora_dropout"):
         assert read_config[key] == pet_config[key]
     # Equivalent: the same layers get LoRA, and base + read tensors give the original logits.
-    again = _mftune_model(base, read_config)
+    again = mftune_model(base, read_config)
     assert [n for n, _ in lora_layers(again)] == [n for n, _ in lora_layers(model)]
     again.load_state_dict(tensors, strict=False)
     with torch.no_grad():
@@ -224,7 +167,7 @@ def test_read_adapter_saved_by_peft(base, tmp_path):
     assert bin_config == pet_config and all(torch.equal(bin_tensors[k], v) for k, v in tensors.items())
     assert pet_config == {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 12, "lora_dropout": 0.0,
                           "target_modules": ".*wq|.*wo|.*w3", "exclude_layers": r"(?!(?:1)$)\d+$"}
-    model = _mftune_model(base, pet_config)
+    model = mftune_model(base, pet_config)
     assert [n for n, _ in lora_layers(model)] == ["model.layers.1.attention.wq", "model.layers.1.attention.wo",
                                                   "model.layers.1.feed_forward.w3"]
     model.load_state_dict(tensors, strict=False)
@@ -234,7 +177,7 @@ def test_read_adapter_saved_by_peft(base, tmp_path):
 
 @pytest.fixture(scope="module")
 def adapter_dir(base, tmp_path_factory):
-    _, ckpt = _lora_checkpoint(base, ATTN, "run_err")
+    _, ckpt = lora_checkpoint(base, ATTN, "run_err")
     out = tmp_path_factory.mktemp("peft_err") / "adapter"
     assert _export(ckpt, out) == 0
     return out
@@ -322,7 +265,7 @@ def _export_error(capsys, src, out, *extra) -> str:
 
 
 def test_export_user_errors(base, tmp_path, capsys):
-    _, ckpt = _lora_checkpoint(base, ATTN, "run_user_err")
+    _, ckpt = lora_checkpoint(base, ATTN, "run_user_err")
     out = tmp_path / "adapter"
     assert "its header has no pet_config" in _export_error(capsys, base.path, out)
     shard = _rewrite_header(ckpt, tmp_path / "shard.safetensors", shards={"rank": 0, "tensors": {}})
@@ -343,13 +286,13 @@ def test_export_user_errors(base, tmp_path, capsys):
 
 def test_export_refuses_trained_base_tensors(base, tmp_path, capsys):
     pet_config = {**ATTN, "freeze_exclude": ["*attention_norm*"]}  # norms trained too: not a pure adapter
-    _, ckpt = _lora_checkpoint(base, pet_config, "run_norm")
+    _, ckpt = lora_checkpoint(base, pet_config, "run_norm")
     err = _export_error(capsys, ckpt, tmp_path / "adapter")
     assert "trained base tensors (model.layers.0.attention_norm.weight" in err
 
 
 def test_export_never_overwrites_without_flag(base, tmp_path, capsys):
-    _, ckpt = _lora_checkpoint(base, ATTN, "run_overwrite")
+    _, ckpt = lora_checkpoint(base, ATTN, "run_overwrite")
     out = tmp_path / "adapter"
     out.mkdir()
     assert _export(ckpt, out) == 0  # an empty directory is fine
@@ -361,15 +304,3 @@ def test_export_never_overwrites_without_flag(base, tmp_path, capsys):
     assert _export(ckpt, out, "--overwrite") == 0
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary directories left behind
-
-
-def test_script_subprocess(base, tmp_path):
-    _, ckpt = _lora_checkpoint(base, SUBSET, "run_cli")
-    out = tmp_path / "adapter"
-    cmd = [sys.executable, SCRIPT, "--src_checkpoint", ckpt, "--output_dir", str(out)]
-    r = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "r=4, lora_alpha=16, target_modules=['q_proj', 'v_proj'], layers=[0, 2]" in r.stdout
-    r = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().count("\n") == 0 and "export_adapter.py: error: output_dir=" in r.stderr

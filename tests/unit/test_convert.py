@@ -3,7 +3,7 @@
 The reference is transformers itself: its ``save_pretrained`` writes the inputs and its
 ``from_pretrained`` reads our reversed output; tensors must come back bit-identical, and the converted
 mftune file must give transformers' logits. transformers 5 writes safetensors only (it ignores
-``safe_serialization=False``), so the ``.bin`` inputs are written here in transformers 4's layout:
+``safe_serialization=False``), so the ``.bin`` inputs are written in transformers 4's layout (tests/tiny_hf.py):
 ``torch.save`` state dict shards named ``pytorch_model-0000i-of-0000N.bin`` plus
 ``pytorch_model.bin.index.json``.
 """
@@ -13,16 +13,14 @@ import gc
 import json
 import os
 import shutil
-import subprocess
-import sys
 import weakref
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from tiny_hf import VOCAB, hf_model  # noqa: E402
+import tiny_hf
+from tiny_hf import CASES, VOCAB
 
 from mftune import LlamaConfig, LlamaForCausalLM
 from mftune.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_complete
@@ -32,49 +30,11 @@ from mftune.checkpoint.safetensors_io import write_safetensors_streaming
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "scripts", "convert_weight.py")
-
-
-def save_bin(model, directory: str, shards: int) -> None:
-    """transformers 4's ``save_pretrained(safe_serialization=False)`` layout, written by hand."""
-    model.config.save_pretrained(directory)
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    if shards == 1:
-        torch.save(sd, os.path.join(directory, "pytorch_model.bin"))
-        return
-    names, weight_map = list(sd), {}
-    for i in range(shards):
-        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
-        part = {k: sd[k] for k in names[i::shards]}
-        torch.save(part, os.path.join(directory, file))
-        weight_map.update(dict.fromkeys(part, file))
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    with open(os.path.join(directory, "pytorch_model.bin.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-
-
-CASES = {  # name -> (model kwargs, how transformers / save_bin writes it)
-    "single_safetensors_gqa": (dict(n_kv_heads=2), dict()),
-    "sharded_safetensors": (dict(n_kv_heads=4), dict(max_shard_size="100KB")),
-    "bin_sharded": (dict(n_kv_heads=2), dict(bin_shards=3)),
-    "bin_single_tied": (dict(n_kv_heads=2, tie=True), dict(bin_shards=1)),
-    "tied_safetensors": (dict(n_kv_heads=4, tie=True), dict()),
-}
-
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """Each case's transformers model and its saved directory (written once per module)."""
-    out = {}
-    for case, (model_kwargs, save_kwargs) in CASES.items():
-        model, directory = hf_model(**model_kwargs), str(tmp_path_factory.mktemp(case))
-        if "bin_shards" in save_kwargs:
-            save_bin(model, directory, save_kwargs["bin_shards"])
-        else:
-            model.save_pretrained(directory, **save_kwargs)
-        out[case] = (model, directory)
-    return out
+    return tiny_hf.hf_dirs(tmp_path_factory.mktemp, CASES)
 
 
 def tokens() -> torch.Tensor:
@@ -160,49 +120,6 @@ def test_dtype_bf16_forward_and_reverse(hf_dirs, tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "float16"
     with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float16
-
-
-def test_script_forward_and_reversed(hf_dirs, tmp_path, capsys):
-    """The CLI (MindFormers' argument names): exit 0, a summary line, a file transformers reads back."""
-    hf, directory = hf_dirs["bin_sharded"]
-    ckpt, out = str(tmp_path / "llama.safetensors"), str(tmp_path / "hf")
-    fwd = subprocess.run([sys.executable, SCRIPT, "--model", "llama", "--input_path",
-                          os.path.join(directory, "pytorch_model.bin.index.json"), "--output_path", ckpt,
-                          "--dtype", "fp32"], capture_output=True, text=True, timeout=120)
-    assert fwd.returncode == 0, fwd.stderr
-    assert "Converted 21 tensors" in fwd.stdout and ckpt in fwd.stdout
-    sys.path.insert(0, os.path.dirname(SCRIPT))
-    try:
-        import convert_weight  # the same main(), in-process: one interpreter start is enough
-    finally:
-        sys.path.pop(0)
-    assert convert_weight.main(["--reversed", "--input_path", ckpt, "--output_path", out,
-                                "--max_shard_size", "100KB"]) == 0
-    assert "Converted 21 tensors" in capsys.readouterr().out
-    back = transformers.LlamaForCausalLM.from_pretrained(out)
-    assert all(torch.equal(back.state_dict()[k], v) for k, v in hf.state_dict().items())
-
-
-def test_script_unknown_tensor_names_exit_2_naming_all(hf_dirs, tmp_path):
-    _, directory = hf_dirs["single_safetensors_gqa"]
-    bad = tmp_path / "bad"
-    shutil.copytree(directory, bad)
-    with safe_open(str(bad / "model.safetensors"), "pt") as f:
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    sd["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
-    sd["vision_tower.proj.weight"] = torch.zeros(2, 2)
-    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(8)  # a buffer: skipped, not an error
-    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    out = tmp_path / "x.safetensors"
-    proc = subprocess.run([sys.executable, SCRIPT, "--input_path", str(bad), "--output_path", str(out)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "model.layers.0.self_attn.q_proj.bias" in proc.stderr and "vision_tower.proj.weight" in proc.stderr
-    assert "inv_freq" not in proc.stderr and not out.exists()
-    for name in ("model.layers.0.self_attn.q_proj.bias", "vision_tower.proj.weight"):
-        del sd[name]
-    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    assert convert_hf_to_mftune(str(bad), str(out))["skipped"] == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
 
 
 def test_missing_shard_file_is_named(hf_dirs, tmp_path):

@@ -7,7 +7,6 @@ full-parameter run).
 """
 import glob
 import json
-import math
 import os
 import subprocess
 import sys
@@ -15,9 +14,8 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import parallel_parity as pp  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import parity as pp  # noqa: E402
 
 from mftune.checkpoint.load import load_checkpoint  # noqa: E402
 from mftune.checkpoint.safetensors_io import load_tensors, read_metadata  # noqa: E402
@@ -26,10 +24,7 @@ from mftune.checkpoint.export import export_peft_adapter  # noqa: E402
 from mftune.checkpoint.formats.peft_adapter import mftune_to_peft_name  # noqa: E402
 from mftune.checkpoint.formats import open_checkpoint  # noqa: E402
 from mftune.checkpoint.formats.distributed import distributed_entries  # noqa: E402
-from mftune.config import ParallelConfig  # noqa: E402
-from mftune.models.llama import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from mftune.parallel.data_parallel import clip_grad_norm_  # noqa: E402
-from mftune.parallel.mesh import layout_errors  # noqa: E402
+from mftune.models.llama import LlamaForCausalLM  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -208,54 +203,6 @@ def test_launcher_with_use_parallel_false_is_refused(parity):
     assert r.returncode == 2 and "--use_parallel True" in r.stderr
 
 
-def _model(**kw) -> LlamaConfig:
-    base = dict(pp.MODEL)
-    base.update(kw)
-    return LlamaConfig.from_dict(base)
-
-
-@pytest.mark.parametrize("layout, model, world, expect", [
-    ((4, 2), {}, 8, []),
-    ((4, 4), {}, 8, ["data_parallel x model_parallel=4x4=16 is invalid"]),
-    ((1, 3), {}, 3, ["num_heads=8", "n_kv_heads=8", "FFN hidden size", "vocab_size=1000"]),
-    ((1, 8), {"num_heads": 8, "n_kv_heads": 2}, 8, ["n_kv_heads=2 is invalid"]),
-    ((2, 4), {"vocab_size": 1002}, 8, ["vocab_size=1002 is invalid"]),
-    ((2, 4), {"tie_word_embeddings": True}, 8, ["tie_word_embeddings=True is invalid"]),
-    ((8, 1), {"vocab_size": 1002, "n_kv_heads": 2}, 8, []),  # no tensor parallel: no rule
-])
-def test_layout_errors_name_the_key_and_the_fix(layout, model, world, expect):
-    pc = ParallelConfig(data_parallel=layout[0], model_parallel=layout[1], vocab_emb_dp=False)
-    errors = layout_errors(pc, _model(**model), (0, world, 0))
-    assert len(errors) == len(expect), errors
-    for error, want in zip(errors, expect):
-        assert want in error and ("Use" in error or "Set" in error), error
-
-
-def test_sequence_parallel_needs_divisible_seq_length():
-    pc = ParallelConfig(data_parallel=1, model_parallel=8, use_seq_parallel=True)
-    errors = layout_errors(pc, _model(seq_length=100), (0, 8, 0))
-    assert len(errors) == 1 and "seq_length=100" in errors[0] and "use_seq_parallel: False" in errors[0]
-
-
-def test_clip_grad_norm_matches_torch_on_plain_tensors():
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
-    for p in params:
-        p.grad = torch.randn_like(p) * 3
-    ref = [p.grad.clone() for p in params]
-    torch_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    for p, g in zip(torch_params, ref):
-        p.grad = g.clone()
-    torch_norm = torch.nn.utils.clip_grad_norm_(torch_params, 1.0)
-    norm = clip_grad_norm_(params, 1.0)
-    assert norm > 1.0 and math.isclose(norm, float(torch_norm), rel_tol=1e-6)
-    for p, q in zip(params, torch_params):
-        torch.testing.assert_close(p.grad, q.grad)
-    for p in params:
-        p.grad[0, 0] = float("nan")
-    assert not math.isfinite(clip_grad_norm_(params, 1.0))
-
-
 FP16 = {"model.model_config.compute_dtype": "float16", "model.model_config.param_init_type": "float16",
         "runner_wrapper.scale_sense.type": "DynamicLossScaleUpdateCell",
         "runner_wrapper.scale_sense.loss_scale_value": 1024, "runner_wrapper.scale_sense.scale_factor": 2,
@@ -278,26 +225,3 @@ def test_fp16_with_dynamic_loss_scale_on_2_fsdp_ranks(parity):
     assert r.returncode == 0, r.stdout[-3000:]
     assert pp.losses(multi, "loss_scale") == pp.losses(single, "loss_scale") == [1024, 1024, 2048, 2048, 4096, 4096]
     assert pp.compare(pp.losses(single), pp.losses(multi)) < 1e-3
-
-
-def test_fsdp2_in_bf16_computes_what_one_process_computes(tmp_path):
-    """One FSDP2 rank (gloo, in this process) against the plain model under bf16 autocast: the
-    same loss bit for bit. FSDP2 gathers weights in bf16, which autocast would round them to
-    anyway; it must not also round the float32 RoPE tables passed into every layer."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from mftune.parallel.data_parallel import apply_fsdp
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        cfg = dict(pp.MODEL, compute_dtype="bfloat16", rotary_dtype="float32", seq_length=64)
-        torch.manual_seed(0)
-        plain = LlamaForCausalLM(cfg)
-        sharded = LlamaForCausalLM(cfg)
-        sharded.load_state_dict(plain.state_dict())
-        apply_fsdp(sharded, init_device_mesh("cpu", (1,), mesh_dim_names=("dp",)), torch.bfloat16)
-        ids = torch.randint(0, 1000, (2, 65), generator=torch.Generator().manual_seed(0))
-        assert torch.equal(plain(ids, ids), sharded(ids, ids))
-    finally:
-        dist.destroy_process_group()
