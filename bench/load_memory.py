@@ -34,35 +34,17 @@ import resource
 import socket
 import struct
 import sys
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from measure import PeakSampler, mem_available, proc_status  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "llama2", "lora_llama2_7b.yaml")
 GB = 1e9
 CHUNK_ELEMENTS = 32 * 2 ** 20  # the checkpoint writer generates and writes 64 MB at a time
 PER_RANK_OVERHEAD_GUESS = 0.6 * GB  # a rank's memory besides its share (python, torch, gloo, transients)
-
-
-def _mem() -> dict[str, int]:
-    """This process's VmRSS, VmHWM (peak RSS), RssAnon, RssFile in bytes (/proc/self/status)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def _mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _overrides(args, checkpoint: str | None) -> dict:
@@ -166,7 +148,7 @@ def make_checkpoint(args) -> int:
             os.remove(tmp)
     written = time.perf_counter() - start
     print(f"wrote {path}: {len(specs)} tensors, {total / GB:.2f} GB ({total} bytes), {written:.0f} s; "
-          f"writer peak RSS {_mem()['VmHWM'] / GB:.2f} GB")
+          f"writer peak RSS {proc_status()['VmHWM'] / GB:.2f} GB")
     verify_file(path, specs, model_config)
     return 0
 
@@ -238,7 +220,7 @@ def launch(args) -> int:
     model_config = LlamaConfig.from_dict(load_cfg(args, path).model.model_config)
     share = estimate_share(args, model_config)
     need = args.ranks * (share + PER_RANK_OVERHEAD_GUESS) + 0.3 * GB  # + torchrun itself
-    avail = _mem_available()
+    avail = mem_available()
     print(f"estimate: {args.ranks} ranks x ({share / GB:.2f} GB share + "
           f"{PER_RANK_OVERHEAD_GUESS / GB:.1f} GB) + torchrun = {need / GB:.1f} GB; "
           f"MemAvailable {avail / GB:.1f} GB", flush=True)
@@ -265,20 +247,6 @@ def launch(args) -> int:
 
 
 # ---------------------------------------------------------------------------------- worker
-
-class PeakSampler(threading.Thread):
-    """Samples /proc/self/status every 5 ms: the largest RssAnon and RssFile seen (separately)."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.stop, self.anon, self.file = threading.Event(), 0, 0
-
-    def run(self):
-        while not self.stop.is_set():
-            m = _mem()
-            self.anon, self.file = max(self.anon, m["RssAnon"]), max(self.file, m["RssFile"])
-            time.sleep(0.005)
-
 
 def _block_bounds(n: int, parts: int, index: int) -> tuple[int, int]:
     size = -(-n // parts)
@@ -353,7 +321,7 @@ def worker(args) -> int:
         return 2
     dist_info = init_distributed(cfg.parallel_config)
     dist.barrier()
-    base = _mem()  # torch + mftune imported, gloo process group and mesh up; no model yet
+    base = proc_status()  # torch + mftune imported, gloo process group and mesh up; no model yet
     sampler = PeakSampler()
     sampler.start()
     dist.barrier()
@@ -362,7 +330,7 @@ def worker(args) -> int:
     load_s = time.perf_counter() - t0
     sampler.stop.set()
     sampler.join()
-    after = _mem()
+    after = proc_status()
     ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     share = share_lora = full = 0
     dtypes = {}

@@ -136,7 +136,7 @@ def pair_and_rank(tensors: dict[str, torch.Tensor], where: str) -> tuple[set[str
     for module in sorted(modules):
         a, b = (tensors.get(f"{module}.{p}") for p in MFTUNE_TO_PEFT_PARAM)
         if a is None or b is None:
-            half = "mindpet_delta_lora_b (lora_B)" if b is None else "mindpet_delta_lora_a (lora_A)"
+            half = f"{LORA_B} (lora_B)" if b is None else f"{LORA_A} (lora_A)"
             raise CheckpointError(f"{where}: LoRA module {module} lacks {half}. Use a complete adapter.")
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise CheckpointError(
