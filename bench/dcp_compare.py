@@ -31,7 +31,7 @@ What it does (CPU, gloo, every step a separate process so that peak RSS is its o
              (zeroed) before the load, so memory growth is the loader's own overhead.
   part 2     offline, one process, torch.distributed NOT initialised (no process group):
              extract rank --rank's dp=4 block (rows) of every tensor:
-               mftune-style  safetensors header + os.preadv of the rows (what mftune's engine does)
+               mftune        ``mftune.checkpoint.safetensors_io.read_block``: header parsed once, os.preadv of the rows
                safe_open     ``safetensors.safe_open(...).get_slice(name)[rows]`` (same file)
                DCP keys      ``_load_state_dict_from_keys({name})`` one tensor at a time, then slice
                DCP planner   ``dcp.load(no_dist=True)`` with a LoadPlanner asking only for the block
@@ -45,9 +45,9 @@ What it does (CPU, gloo, every step a separate process so that peak RSS is its o
 
 Prints one table per part with ratios DCP / mftune (this row / the table's mftune row), then the facts.
 OMP_NUM_THREADS=1 in every worker. Saves run --repeats times after an os.sync() (best reported; fsync
-timings on a shared VM are noisy). Only mftune.LlamaForCausalLM (built from a LlamaConfig dict),
-mftune.checkpoint.load_checkpoint and mftune.checkpoint.save_complete are used from mftune; the
-"mftune-style" offline reader is this benchmark's own header + os.preadv code (what mftune's engine does).
+timings on a shared VM are noisy). From mftune: LlamaForCausalLM (built from a LlamaConfig dict),
+mftune.checkpoint.load_checkpoint and save_complete, and mftune.checkpoint.safetensors_io.read_block
+(the offline block reader).
 The files stay in --workdir (default: a temporary directory, removed at the end unless --keep).
 
 This file is the driver: it starts every step as ``python bench/dcp_tasks.py TASK ...`` (under
@@ -185,7 +185,7 @@ LOAD_LABELS = {"mftune": "mftune load_checkpoint (complete file)",
                "dcp_sharded": "DCP dcp.load (saved 4 ranks, Shard(1))",
                "hf_full": "DCP HF reader (saved by 1 process)",
                "hf_sharded": "DCP HF reader (saved 4 ranks, Shard(1))"}
-BLOCK_LABELS = {"pread": "mftune-style: header + preadv of the rows",
+BLOCK_LABELS = {"pread": "mftune read_block: header + preadv of the rows",
                 "safeopen": "safetensors safe_open get_slice (mftune file)",
                 "keys:dcp_full": "DCP _load_state_dict_from_keys per key (1-proc)",
                 "keys:dcp_sharded": "DCP _load_state_dict_from_keys per key (4-rank)",

@@ -316,30 +316,15 @@ def _offline(m: Meter, verified: dict) -> dict:
 
 
 def task_block_pread(args):
-    """mftune-style: parse the safetensors header, preadv the rows of the block into a fresh tensor."""
-    import torch
+    """mftune's own reader (``mftune.checkpoint.safetensors_io``): the header parsed once, then each
+    tensor's rows of the block read with os.preadv straight into a fresh tensor."""
+    from mftune.checkpoint.safetensors_io import read_block, safetensors_header
     path = os.path.join(args.workdir, "mftune.safetensors")
     blocks = {}
     with Meter() as m:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            n = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
-            header = json.loads(os.pread(fd, n, 8))
-            base = 8 + n
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                shape, dtype = info["shape"], getattr(torch, DTYPES[info["dtype"]])
-                lo, hi = row_block(shape[0], args.rank)
-                t = torch.empty([hi - lo, *shape[1:]], dtype=dtype)
-                row = t[0].numel() * t.element_size() if t.shape[0] else 0
-                view = memoryview(t.numpy()).cast("B")
-                start, done = base + info["data_offsets"][0] + lo * row, 0
-                while done < len(view):
-                    done += os.preadv(fd, [view[done:]], start + done)
-                blocks[name] = t
-        finally:
-            os.close(fd)
+        for name, info in safetensors_header(path)[1].items():
+            lo, hi = row_block(info["shape"][0], args.rank)
+            blocks[name] = read_block(path, name, (slice(lo, hi), *(slice(None) for _ in info["shape"][1:])))
     return _offline(m, _verify_blocks(blocks, args.workdir, args.rank))
 
 

@@ -12,15 +12,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from mftune.checkpoint.formats import distributed
+from mftune.checkpoint.formats import distributed, recognise
 from mftune.checkpoint.formats.peft_adapter import (CONFIG_NAME, SAFETENSORS_NAME, lora_grid, mftune_to_peft_name,
                                                     pair_and_rank, peft_adapter_config)
 from mftune.checkpoint.keys import LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, is_lora, moment_names
-from mftune.checkpoint.safetensors_io import load_tensors, read_metadata, safetensors_header
+from mftune.checkpoint.safetensors_io import load_tensors, read_metadata, safetensors_header, save_safetensors
 from mftune.errors import CheckpointError
-from mftune.fileio import atomic_directory
+from mftune.fileio import atomic_directory, atomic_open
 
 Loader = Callable[[list[str]], dict[str, torch.Tensor]]
 
@@ -101,7 +100,7 @@ def _adapter_keys(keys: list[str], pet_config: dict, src: str) -> list[str]:
 def _source(path: str) -> tuple[dict[str, Any], list[str], Loader]:
     """(header metadata, tensor names, load(names) -> full tensors) of a complete checkpoint file or
     of a distributed checkpoint directory (rank_*/: the adapters are reassembled from the shards)."""
-    if os.path.isdir(path) and distributed.matches(path):
+    if os.path.isdir(path) and recognise(path) is distributed:
         entries = distributed.entries(path)
 
         def load(names):
@@ -113,7 +112,7 @@ def _source(path: str) -> tuple[dict[str, Any], list[str], Loader]:
         raise CheckpointError(
             f"src_checkpoint={path} is invalid: it holds one rank's shards of a distributed checkpoint "
             f"(tensor parallel or FSDP2). Pass the directory that holds its rank_*/ folders.")
-    return meta, list(safetensors_header(path)[1]), lambda names: load_tensors(path, names)
+    return meta, sorted(safetensors_header(path)[1]), lambda names: load_tensors(path, names)
 
 
 def _check_source(path: str) -> None:
@@ -179,7 +178,7 @@ def _write_adapter_dir(output_dir: str, config: dict, tensors: dict[str, torch.T
                               f"--overwrite to replace it, or choose another directory.")
     with atomic_directory(out) as stage:
         os.makedirs(stage.path)
-        with open(os.path.join(stage.path, CONFIG_NAME), "w") as f:
+        with atomic_open(os.path.join(stage.path, CONFIG_NAME)) as f:
             json.dump(config, f, indent=2, sort_keys=True)  # as peft writes it
             f.write("\n")
-        save_file(tensors, os.path.join(stage.path, SAFETENSORS_NAME), metadata={"format": "pt"})
+        save_safetensors(tensors, os.path.join(stage.path, SAFETENSORS_NAME), {"format": "pt"})

@@ -103,6 +103,8 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     start = time.perf_counter()
     if output_format not in FORMATS:
         raise CheckpointError(f"output_format={output_format} is invalid: use one of {', '.join(FORMATS)}.")
+    if not os.path.exists(lora_path):
+        raise CheckpointError(f"checkpoint {lora_path} does not exist. Give a checkpoint file or directory.")
     header = checkpoint_header(lora_path)
     source = open_checkpoint(lora_path)
     base_path, base = _open_base(lora_path, header, base_path, ignore_fingerprint)

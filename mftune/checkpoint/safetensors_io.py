@@ -48,6 +48,15 @@ def safetensors_header(path: str) -> tuple[int, dict, dict]:
     return _parse_header(path, stat.st_size, stat.st_mtime_ns)
 
 
+def raw_header(path: str) -> bytes:
+    """The header's bytes as stored (names, shapes, offsets, metadata), not parsed or checked: what
+    ``mftune.checkpoint.load.fingerprint`` hashes, for any file, damaged ones included (a leftover
+    partial file in a checkpoint folder changes the fingerprint instead of failing it)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+        return f.read(n)
+
+
 @functools.lru_cache(maxsize=256)
 def _parse_header(path: str, size: int, mtime_ns: int) -> tuple[int, dict, dict]:
     try:
@@ -67,13 +76,6 @@ def _parse_header(path: str, size: int, mtime_ns: int) -> tuple[int, dict, dict]
                               f"{exc}); it may be truncated or foreign. mftune reads .safetensors files "
                               f"(checkpoints, Hugging Face weights).") from None
     return 8 + n, header, metadata
-
-
-def raw_header(path: str) -> bytes:
-    """The JSON header's bytes as stored (names, shapes, offsets, metadata), without parsing them."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return f.read(n)
 
 
 def tensor_specs(path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:

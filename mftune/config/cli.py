@@ -9,7 +9,7 @@ working directory first, then in the repository root (the directory of run_finet
 MindFormers looks only next to run_mindformer.py. ``parse_cli`` raises ConfigError for every
 mistake it finds (bad str2bool values, unpaired or unknown dotted overrides, and everything
 ``load_config`` reports); argparse itself exits with status 2 on malformed usage such as
-``--epochs two``. Callers print ``format_errors(exc.errors, exc.path)`` and exit 2, as
+``--epochs two``. Callers print it with ``mftune.errors.report`` and exit 2, as
 ``check_main`` here (``python -m mftune.cli``) and ``mftune.trainer.main.cli`` do.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import yaml
 
 from mftune.config.load import config_to_dict, load_config
 from mftune.config.schema import MFConfig
-from mftune.errors import ConfigError, format_errors
+from mftune.errors import ConfigError, report
 
 __all__ = ["build_parser", "parse_cli", "parse_value", "check_main", "resolve_config_path"]
 
@@ -302,7 +302,6 @@ def check_main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_cli(argv)
     except ConfigError as exc:
-        print(format_errors(exc.errors, exc.path), file=sys.stderr)
-        return 2
+        return report("mftune", exc)
     sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
     return 0

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
 
 from mftune.config.schema import (CALLBACK_ALIASES, CALLBACK_KEYS, IGNORED_CALLBACK_TYPES, CallbackConfig, MFConfig,
-                                  ModelConfig, RunnerWrapperConfig, _hints, section_type)
+                                  ModelConfig, RunnerWrapperConfig, section_type, type_hints)
 from mftune.models.config import LlamaConfig
 from mftune.pet.config import pet_config_errors
 
@@ -159,7 +159,7 @@ def convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
 
 def build_section(cls: type, raw: Mapping, prefix: str, errors: list[str]) -> Any:
     """An instance of dataclass ``cls`` from a mapping; bad or unknown keys are recorded and skipped."""
-    hints = _hints(cls)
+    hints = type_hints(cls)
     names = list(hints)
     kwargs = {}
     for name, value in raw.items():
@@ -184,7 +184,7 @@ def _model_config(value: Any, key: str, errors: list[str]) -> Any:
     """``model.model_config`` stays a plain dict (for ``LlamaConfig(**model_config)``), typed per field."""
     if not isinstance(value, Mapping):
         return _type_error(key, value, "a mapping", errors)
-    hints = _hints(LlamaConfig)
+    hints = type_hints(LlamaConfig)
     out: dict[str, Any] = {}
     for name, v in value.items():
         k = f"{key}.{name}"
@@ -289,7 +289,7 @@ def _child_schema(schema: Any, node: Mapping, seg: str) -> Any:
     annotation, or None when ``seg`` is not a key there."""
     if schema is _FREE:
         return _FREE if seg in node else None
-    hints = _hints(schema)
+    hints = type_hints(schema)
     if seg not in hints:
         return None
     if (schema, seg) == (LlamaConfig, "pet_config"):
@@ -325,7 +325,7 @@ def apply_override(raw: dict, dotted: str, value: Any, errors: list[str]) -> Non
             continue
         child = _child_schema(schema, node, seg)
         if child is None:
-            names = list(node) if schema is _FREE else list(_hints(schema))
+            names = list(node) if schema is _FREE else list(type_hints(schema))
             hint = did_you_mean(seg, names)
             errors.append(invalid(dotted, value, f"{seg!r} is not a key of {where}{hint}",
                                   "Fix the key." if hint else f"Valid keys there: {', '.join(map(str, names))}."))

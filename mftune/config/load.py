@@ -30,7 +30,7 @@ def load_config(path: str, overrides: dict[str, Any] | None = None, *,
     """Read ``path`` (and its ``base_config`` files), apply ``overrides``, validate, return the config.
 
     ``overrides`` maps dotted keys (``"runner_config.epochs"``, ``"callbacks.1.prefix"``) to
-    values and is applied in insertion order on top of the YAML (``mftune.cli`` builds it in
+    values and is applied in insertion order on top of the YAML (``mftune.config.cli`` builds it in
     MindFormers' precedence order). Every intermediate key must exist in the schema.
     ``check_files=False`` skips the existence checks (``load_checkpoint``, dataset directories,
     ``vocab_file``), e.g. to validate a shipped YAML without data. Missing keys, and keys set to
@@ -121,8 +121,6 @@ def config_to_dict(cfg: MFConfig) -> dict[str, Any]:
         out[list_key] = [{k: v for k, v in cb.items() if k in CALLBACK_KEYS.get(cb["type"], ("type",))}
                          for cb in out[list_key]]
     return out
-
-
 
 
 def save_config(cfg: MFConfig, path: str) -> None:

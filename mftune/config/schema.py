@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
 
-from mftune.models.config import LlamaConfig, ignored
+from mftune.models.config import LlamaConfig, ignored  # ignored() lives there: LlamaConfig needs it too
 
 RunMode = Literal["train", "finetune", "eval", "predict"]
 
@@ -265,7 +265,7 @@ def section_type(cls: type, name: str) -> type | tuple[str, type] | None:
     fld = {f.name: f for f in dataclasses.fields(cls)}[name]
     if keys_of(fld):
         return keys_of(fld)
-    tp = _hints(cls)[name]
+    tp = type_hints(cls)[name]
     for option in get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,):
         if dataclasses.is_dataclass(option):
             return option
@@ -275,7 +275,8 @@ def section_type(cls: type, name: str) -> type | tuple[str, type] | None:
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
+def type_hints(cls: type) -> dict[str, Any]:
+    """A schema dataclass's field annotations, resolved (cached)."""
     return typing.get_type_hints(cls)
 
 

@@ -52,7 +52,6 @@ def load_tokenizer(model_file: str) -> LlamaTokenizer:
         raise DataError(str(e)) from None
 
 
-
 def preprocess_qa(input_files: list[str], tokenizer: LlamaTokenizer, seq_length: int, output_dir: str,
                   **kwargs: Any) -> Summary:
     """Conversation JSON files -> dataset directory (``preprocess_conversations``, same keywords)."""

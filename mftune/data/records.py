@@ -49,7 +49,6 @@ class Summary:
                 f"{self.positions} positions ({fill:.1%} filled); {frac:.1%} of labels are -100.{speed}")
 
 
-
 def read_json_records(path: str) -> list:
     """The JSON list in `path`; DataError naming the file when missing, unreadable or not a list."""
     if not os.path.isfile(path):
@@ -138,7 +137,6 @@ def conversation_prompt(turns: list[tuple[int, str]]) -> str:
     for role, text in turns:
         conv.append_message(conv.roles[role], text)
     return conv.get_prompt()
-
 
 
 def collect(items, file: str, on_error: OnError, summary: Summary, fn: Callable[[Any, int], Any]) -> list:

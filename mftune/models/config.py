@@ -140,18 +140,19 @@ class LlamaConfig:
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """What ``LlamaForCausalLM``'s modules are built from: the architecture (and the loss's ignore id)."""
+    """What ``LlamaForCausalLM``'s modules are built from: the architecture (and the loss's ignore id).
+    Fields keep their ``model_config`` names, so a YAML key leads here and on to the code by grep."""
 
     vocab_size: int
     hidden_size: int
     num_layers: int
     num_heads: int
     n_kv_heads: int
-    ffn_hidden_size: int
+    ffn_hidden_size: int  # intermediate_size, or the Llama2 rule (LlamaConfig.ffn_hidden_size)
     rms_norm_eps: float
-    rope_theta: float
-    rope_method: RopeMethod  # "PI": positions / rope_scaling_factor; "NTK": a larger base
-    rope_scaling_factor: float
+    theta: float  # RoPE base
+    extend_method: RopeMethod  # normalised: "PI" divides positions by scaling_factor; "NTK" raises the base
+    scaling_factor: float
     initializer_range: float
     tie_word_embeddings: bool
     use_flash_attention: bool
@@ -164,27 +165,31 @@ class ModelArgs:
 
 @dataclass(frozen=True)
 class DtypePolicy:
-    """Where each dtype applies: parameters are stored in ``param``; the forward runs under autocast to
-    ``compute`` (none when float32); norms compute in ``layernorm``, RoPE rotates in ``rotary``."""
+    """The torch dtypes of the ``model_config`` dtype keys: parameters are stored in ``param_init_type``;
+    the forward runs under autocast to ``compute_dtype`` (none when float32); norms compute in
+    ``layernorm_compute_type``, RoPE rotates in ``rotary_dtype``."""
 
-    param: torch.dtype
-    compute: torch.dtype
-    layernorm: torch.dtype
-    rotary: torch.dtype
+    param_init_type: torch.dtype
+    compute_dtype: torch.dtype
+    layernorm_compute_type: torch.dtype
+    rotary_dtype: torch.dtype
 
 
 def model_args(cfg: LlamaConfig) -> ModelArgs:
     """The architecture of a valid ``cfg`` (``check_model_config``)."""
-    return ModelArgs(cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.n_kv_heads,
-                     cfg.ffn_hidden_size, cfg.rms_norm_eps, float(cfg.theta), rope_method(cfg.extend_method),
-                     float(cfg.scaling_factor), cfg.initializer_range, cfg.tie_word_embeddings,
-                     cfg.use_flash_attention, cfg.ignore_token_id)
+    return ModelArgs(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                     num_heads=cfg.num_heads, n_kv_heads=cfg.n_kv_heads, ffn_hidden_size=cfg.ffn_hidden_size,
+                     rms_norm_eps=cfg.rms_norm_eps, theta=float(cfg.theta),
+                     extend_method=rope_method(cfg.extend_method), scaling_factor=float(cfg.scaling_factor),
+                     initializer_range=cfg.initializer_range, tie_word_embeddings=cfg.tie_word_embeddings,
+                     use_flash_attention=cfg.use_flash_attention, ignore_token_id=cfg.ignore_token_id)
 
 
 def dtype_policy(cfg: LlamaConfig) -> DtypePolicy:
     """The dtypes of a valid ``cfg`` (``check_model_config``)."""
-    return DtypePolicy(to_dtype(cfg.param_init_type), to_dtype(cfg.compute_dtype),
-                       to_dtype(cfg.layernorm_compute_type), to_dtype(cfg.rotary_dtype))
+    return DtypePolicy(param_init_type=to_dtype(cfg.param_init_type), compute_dtype=to_dtype(cfg.compute_dtype),
+                       layernorm_compute_type=to_dtype(cfg.layernorm_compute_type),
+                       rotary_dtype=to_dtype(cfg.rotary_dtype))
 
 
 def rope_method(extend_method: Any) -> RopeMethod:

@@ -69,10 +69,10 @@ class LLamaAttention(nn.Module):
 
     def __init__(self, args: ModelArgs, dtypes: DtypePolicy) -> None:
         super().__init__()
-        pdt, hd = dtypes.param, args.head_dim
+        pdt, hd = dtypes.param_init_type, args.head_dim
         self.head_dim = hd
         self.use_flash_attention = args.use_flash_attention
-        self.rotary_dtype = dtypes.rotary
+        self.rotary_dtype = dtypes.rotary_dtype
         self.wq = nn.Linear(args.hidden_size, args.num_heads * hd, bias=False, dtype=pdt)
         self.wk = nn.Linear(args.hidden_size, args.n_kv_heads * hd, bias=False, dtype=pdt)
         self.wv = nn.Linear(args.hidden_size, args.n_kv_heads * hd, bias=False, dtype=pdt)
@@ -112,7 +112,7 @@ class LlamaFeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs, dtypes: DtypePolicy) -> None:
         super().__init__()
-        pdt, dim, inner = dtypes.param, args.hidden_size, args.ffn_hidden_size
+        pdt, dim, inner = dtypes.param_init_type, args.hidden_size, args.ffn_hidden_size
         self.w1 = nn.Linear(dim, inner, bias=False, dtype=pdt)
         self.w2 = nn.Linear(inner, dim, bias=False, dtype=pdt)
         self.w3 = nn.Linear(dim, inner, bias=False, dtype=pdt)
@@ -127,9 +127,10 @@ class LLamaDecodeLayer(nn.Module):
     def __init__(self, args: ModelArgs, dtypes: DtypePolicy, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.attention_norm = LlamaRMSNorm(args.hidden_size, args.rms_norm_eps, dtypes.layernorm, dtypes.param)
+        ln, pdt = dtypes.layernorm_compute_type, dtypes.param_init_type
+        self.attention_norm = LlamaRMSNorm(args.hidden_size, args.rms_norm_eps, ln, pdt)
         self.attention = LLamaAttention(args, dtypes)
-        self.ffn_norm = LlamaRMSNorm(args.hidden_size, args.rms_norm_eps, dtypes.layernorm, dtypes.param)
+        self.ffn_norm = LlamaRMSNorm(args.hidden_size, args.rms_norm_eps, ln, pdt)
         self.feed_forward = LlamaFeedForward(args, dtypes)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | PackedSamples | None = None,
@@ -149,9 +150,10 @@ class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs, dtypes: DtypePolicy) -> None:
         super().__init__()
         self.args, self.dtypes = args, dtypes
-        self.tok_embeddings = LlamaEmbedding(args.vocab_size, args.hidden_size, dtypes.param)
+        ln, pdt = dtypes.layernorm_compute_type, dtypes.param_init_type
+        self.tok_embeddings = LlamaEmbedding(args.vocab_size, args.hidden_size, pdt)
         self.layers = nn.ModuleList(LLamaDecodeLayer(args, dtypes, i) for i in range(args.num_layers))
-        self.norm_out = LlamaRMSNorm(args.hidden_size, args.rms_norm_eps, dtypes.layernorm, dtypes.param)
+        self.norm_out = LlamaRMSNorm(args.hidden_size, args.rms_norm_eps, ln, pdt)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, attention_mask: Tensor | None = None,
                 cache: KVCache | None = None, *, packed: bool = False) -> Tensor:
@@ -170,7 +172,7 @@ class LlamaModel(nn.Module):
             mask = packed_samples(positions, varlen=self._use_varlen(tokens), device=tokens.device)
         elif cache is not None or attention_mask is not None:
             mask = attention_mask_4d(seqlen, past, attention_mask, tokens.device)
-        h = self.tok_embeddings(tokens).to(self.dtypes.compute)  # (bs, seqlen, hidden)
+        h = self.tok_embeddings(tokens).to(self.dtypes.compute_dtype)  # (bs, seqlen, hidden)
         for layer in self.layers:
             h = layer(h, cos, sin, mask=mask, cache=cache)
         if cache is not None:
@@ -182,7 +184,7 @@ class LlamaModel(nn.Module):
         flash supports (multiple of 8, <= 256), use_flash_attention; else the SDPA mask."""
         args = self.args
         if not (tokens.device.type == "cuda" and args.use_flash_attention and _varlen_attn() is not None
-                and self.dtypes.compute in (torch.float16, torch.bfloat16)
+                and self.dtypes.compute_dtype in (torch.float16, torch.bfloat16)
                 and args.head_dim % 8 == 0 and args.head_dim <= 256):
             return False
         return torch.cuda.get_device_capability(tokens.device) >= (8, 0)
@@ -206,7 +208,8 @@ class LlamaForCausalLM(nn.Module):
         check_model_config(self.config)
         self.args, self.dtypes = model_args(self.config), dtype_policy(self.config)
         self.model = LlamaModel(self.args, self.dtypes)
-        self.lm_head = nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False, dtype=self.dtypes.param)
+        self.lm_head = nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False,
+                                 dtype=self.dtypes.param_init_type)
         self.init_weights()
 
     def tie_weights(self) -> None:
@@ -268,7 +271,7 @@ class LlamaForCausalLM(nn.Module):
         gets alone.
         """
         tokens, positions = _model_inputs(input_ids, labels, reduction, positions, cache, packed)
-        compute = self.dtypes.compute
+        compute = self.dtypes.compute_dtype
         amp = (
             torch.autocast(device_type=input_ids.device.type, dtype=compute)
             if compute != torch.float32 else nullcontext()

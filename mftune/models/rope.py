@@ -19,16 +19,16 @@ def rope_cos_sin(args: ModelArgs, seq_len: int, device: torch.device,
     ``theta * scaling_factor ** (head_dim / (head_dim - 2))`` (MindFormers' static NTK; HF's dynamic
     NTK reaches this base only at one sequence length). Always computed in float32, outside autocast.
     """
-    dim, base = args.head_dim, args.rope_theta
-    if args.rope_method == "NTK":
-        base = base * args.rope_scaling_factor ** (dim / (dim - 2))
+    dim, base = args.head_dim, args.theta
+    if args.extend_method == "NTK":
+        base = base * args.scaling_factor ** (dim / (dim - 2))
     with torch.autocast(device_type=device.type, enabled=False):
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))  # (dim/2,)
         if positions is None:
             positions = torch.arange(seq_len, device=device)
         pos = positions.to(device=device, dtype=torch.float32)  # (seqlen,) or (bs, seqlen)
-        if args.rope_method == "PI":
-            pos = pos / args.rope_scaling_factor
+        if args.extend_method == "PI":
+            pos = pos / args.scaling_factor
         freqs = pos[..., None] * inv_freq  # (..., seqlen, dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (..., seqlen, dim)
         return emb.cos(), emb.sin()

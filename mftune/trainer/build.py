@@ -15,7 +15,7 @@ import torch
 
 from mftune.config.schema import MFConfig
 from mftune.errors import UserError
-from mftune.models.config import LlamaConfig, to_dtype
+from mftune.models.config import LlamaConfig
 from mftune.models.llama import LlamaForCausalLM
 from mftune.parallel import parallelize
 from mftune.parallel.mesh import ParallelContext
@@ -59,7 +59,7 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext,
     parallelize(model, ctx, vocab_emb_dp=cfg.parallel_config.vocab_emb_dp, use_seq_parallel=seq_parallel,
                 parallel_optimizer=cfg.parallel.enable_parallel_optimizer,
                 recompute=cfg.recompute_config.recompute or cfg.recompute_config.select_recompute,
-                compute_dtype=to_dtype(model_config.compute_dtype))
+                compute_dtype=model.dtypes.compute_dtype)
     if cfg.run_mode in ("train", "finetune") or cfg.auto_trans_ckpt or cfg.only_save_strategy:
         save_strategy(os.path.join(os.path.abspath(cfg.output_dir), "strategy"), model, ctx,
                       parallel_config=dataclasses.asdict(cfg.parallel_config),

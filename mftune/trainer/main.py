@@ -85,9 +85,12 @@ def _train(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext, outpu
         logger.info("only_save_strategy: strategy files written to %s; exiting", os.path.join(output_dir, "strategy"))
         return
     seed_ranks(cfg.seed, ctx)  # dropout: independent per data-parallel rank
-    run, start = _train_run(cfg, built, data, ctx, output_dir), Position()
-    if built.weights.resume:
-        start = _resume(run, built.weights.resume)
+    optimizer, schedule, scaler = _optimization(cfg, built, data)
+    start = _resume(built, optimizer, scaler, ctx) if built.weights.resume else Position()
+    # the monitor moves an earlier metrics.jsonl aside and the saver picks its file prefix: only once
+    # the run can start (a failed resume leaves output_dir as it was)
+    run = TrainRun(built.model, optimizer, scaler, schedule, data, _loss_monitor(cfg, data, ctx, output_dir), ctx,
+                   _checkpoint_monitor(cfg, output_dir, ctx.rank), _checkpoint_metadata(cfg, built, ctx))
     if eval_data:
         run.evaluate = lambda step: _note_eval(run, step, run_evaluation(built.model, eval_data, ctx, output_dir, step))
     settings = LoopSettings.from_config(cfg)
@@ -100,34 +103,40 @@ def _train(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext, outpu
         report_outputs(output_dir, run.monitor.metrics_path, run.saver)
 
 
-def _train_run(cfg: MFConfig, built: BuiltModel, data: TrainData, ctx: ParallelContext, output_dir: str) -> TrainRun:
-    """Optimizer, schedule, loss scale, monitor and checkpoint saver around a built model."""
-    runner, model = cfg.runner_config, built.model
-    schedule = build_schedule(cfg.lr_schedule, cfg.optimizer, data.steps_per_epoch, runner.epochs)
+def _optimization(cfg: MFConfig, built: BuiltModel, data: TrainData) -> tuple:
+    """(AdamW over the trainable parameters, the LR schedule, the loss scaler)."""
+    schedule = build_schedule(cfg.lr_schedule, cfg.optimizer, data.steps_per_epoch, cfg.runner_config.epochs)
     try:
-        optimizer = build_optimizer(model, cfg.optimizer, schedule(0))
+        optimizer = build_optimizer(built.model, cfg.optimizer, schedule(0))
     except ValueError as exc:  # nothing left to train (freeze_include)
         raise UserError(str(exc)) from None
-    loss_cb = cfg.callback("MFLossMonitor")
-    monitor = LossMonitor(fresh_metrics_file(output_dir) if ctx.is_main else None, epochs=runner.epochs,
-                          steps_per_epoch=data.steps_per_epoch, world_size=ctx.world_size, device=ctx.device,
-                          sink_mode=runner.sink_mode, per_print_times=loss_cb.per_print_times if loss_cb else 1)
-    model_config = {**model.config.to_dict(), "pet_config": built.pet_config}
-    metadata = {"model_config": model_config,
-                "extra_metadata": {"run_mode": cfg.run_mode, "pet_config": built.pet_config,
-                                   "base_checkpoint": built.weights.base_checkpoint, "layout": _layout(ctx)}}
-    return TrainRun(model, optimizer, LossScaler(cfg.runner_wrapper), schedule, data, monitor, ctx,
-                    _checkpoint_monitor(cfg, output_dir, ctx.rank), metadata)
+    return optimizer, schedule, LossScaler(cfg.runner_wrapper)
 
 
-def _resume(run: TrainRun, point: ResumePoint) -> Position:
-    """Trainable weights, optimizer state, loss scale and RNG from ``point``; returns where it stands."""
-    restore(run.model, run.optimizer, point, run.ctx.rank, same_layout=same_layout(point, _layout(run.ctx)))
-    run.scaler.scale, run.scaler.good_steps = point.loss_scale, point.loss_scale_good_steps
+def _resume(built: BuiltModel, optimizer, scaler: LossScaler, ctx: ParallelContext) -> Position:
+    """Trainable weights, optimizer state, loss scale and RNG from the resume point; returns where it stands."""
+    point = built.weights.resume
+    restore(built.model, optimizer, point, ctx.rank, same_layout=same_layout(point, _layout(ctx)))
+    scaler.scale, scaler.good_steps = point.loss_scale, point.loss_scale_good_steps
     start = Position(point.epoch, point.step_in_epoch, point.global_step)
     logger.info("Resuming from %s: epoch %d, step %d (global step %d)", point.files[0], start.epoch,
                 start.done_in_epoch, start.global_step)
     return start
+
+
+def _loss_monitor(cfg: MFConfig, data: TrainData, ctx: ParallelContext, output_dir: str) -> LossMonitor:
+    """The MFLossMonitor callback: MindFormers' log lines, metrics.jsonl on rank 0."""
+    runner, loss_cb = cfg.runner_config, cfg.callback("MFLossMonitor")
+    return LossMonitor(fresh_metrics_file(output_dir) if ctx.is_main else None, epochs=runner.epochs,
+                       steps_per_epoch=data.steps_per_epoch, world_size=ctx.world_size, device=ctx.device,
+                       sink_mode=runner.sink_mode, per_print_times=loss_cb.per_print_times if loss_cb else 1)
+
+
+def _checkpoint_metadata(cfg: MFConfig, built: BuiltModel, ctx: ParallelContext) -> dict:
+    """What every checkpoint's header records besides its tensors."""
+    return {"model_config": {**built.model.config.to_dict(), "pet_config": built.pet_config},
+            "extra_metadata": {"run_mode": cfg.run_mode, "pet_config": built.pet_config,
+                               "base_checkpoint": built.weights.base_checkpoint, "layout": _layout(ctx)}}
 
 
 def _note_eval(run: TrainRun, step: int, result: dict) -> None:

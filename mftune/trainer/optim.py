@@ -9,6 +9,7 @@ from torch import nn
 
 from mftune.config.schema import LRScheduleConfig, OptimizerConfig, RunnerWrapperConfig
 
+
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; 1-D parameters and biases get no weight decay.
 

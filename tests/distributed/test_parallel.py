@@ -1,8 +1,9 @@
-"""Multi-rank training (torchrun + gloo on CPU) against one process, and the layout checks.
+"""Multi-rank training (torchrun + gloo on CPU) against one process (the layout checks in one process:
+tests/unit/test_parallel_parts.py).
 
 Expected numbers come from a one-process run of the same config, global batch and seed
-(bench/parallel_parity.py has the setup and the tolerance's justification; it runs every layout,
-this file a representative subset: 8 ranks single-node, 8 ranks as two 4-rank "nodes", and a
+(tests/parity.py has the setup and the tolerance's justification; bench/parallel_parity.py runs every
+layout, this file a representative subset: 8 ranks single-node, 8 ranks as two 4-rank "nodes", and a
 full-parameter run).
 """
 import glob

@@ -1,7 +1,8 @@
 """The unit tier runs in this one process: a test here that starts a process (a script, torchrun,
-the launcher) belongs in tests/e2e or tests/distributed, and fails here saying so."""
+the launcher, a worker pool) belongs in tests/e2e or tests/distributed, and fails here saying so."""
 from __future__ import annotations
 
+import multiprocessing.process
 import os
 import subprocess
 
@@ -16,3 +17,5 @@ def no_processes(monkeypatch):
 
     monkeypatch.setattr(subprocess, "Popen", refuse)
     monkeypatch.setattr(os, "system", refuse)
+    monkeypatch.setattr(os, "fork", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)

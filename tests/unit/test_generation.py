@@ -2,8 +2,8 @@
 
 Where each expected value comes from: transformers' ``LlamaForCausalLM.generate`` on the same weights
 (greedy and seeded sampling, left-padded batches), transformers' logits processors on the same
-random logits, mftune's own full (uncached) forward, which tests/test_model.py checks against
-transformers, and the unmerged LoRA model, which tests/test_lora.py checks against peft.
+random logits, mftune's own full (uncached) forward, which tests/unit/test_model.py checks against
+transformers, and the unmerged LoRA model, which tests/unit/test_lora.py checks against peft.
 """
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def test_cache_and_labels_are_exclusive() -> None:
 # (c) LoRA: unmerged generation equals merged ----------------------------------------------------------
 
 def test_lora_unmerged_equals_merged() -> None:
-    """Expected: the merged model's tokens (merge is checked against peft in tests/test_lora.py).
+    """Expected: the merged model's tokens (merge is checked against peft in tests/unit/test_lora.py).
     The model is left in train mode with LoRA dropout on: generate must run it in eval mode."""
     model = mftune_from_hf(hf_model())
     batch = prompts()

@@ -18,6 +18,7 @@ from mftune.models.llama import LlamaForCausalLM
 from tiny_checkpoints import CFG, LORA
 from tiny_checkpoints import tiny_model as _model  # the name these tests were written with
 
+
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -208,3 +209,37 @@ def test_lora_checkpoint_brings_its_recorded_base(tmp_path):
         assert torch.equal(v, trained.get(k, state[k])), k
     with pytest.raises(CheckpointError, match="LoRA adapters this model does not have"):
         load_checkpoint(_model(), ckpt)
+
+
+def test_one_recognition_gives_both_the_tensors_and_the_header(tmp_path):
+    """A directory's format is decided once (``formats.recognise``), and both its tensors and its header
+    come from that format. Expected: a folder holding a LoRA checkpoint and a stray config.json (no
+    Hugging Face weights) is a directory of complete files, so its header is the file's (the recorded
+    base, loaded first), not config.json translated; with Hugging Face weights beside config.json it is a
+    Hugging Face directory, and config.json gives the header."""
+    import json
+
+    from mftune.checkpoint.formats import checkpoint_header, file_dir, huggingface, recognise
+
+    src = _model(lora=True)
+    state = _state(src)
+    base_path = str(tmp_path / "base.safetensors")
+    save_complete(base_path, {k: v for k, v in state.items() if "lora" not in k}, model_config=dict(CFG))
+    run = tmp_path / "run"
+    save_complete(str(run / "lora.safetensors"), {k: v for k, v in state.items() if "lora" in k},
+                  model_config=dict(CFG), extra_metadata={"base_checkpoint": {"path": base_path,
+                                                                              "fingerprint": fingerprint(base_path)}})
+    (run / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4,
+                                                 "num_hidden_layers": 2, "vocab_size": 64}))
+    assert recognise(str(run)) is file_dir
+    assert checkpoint_header(str(run))["base_checkpoint"]["path"] == base_path
+    dst = _model(lora=True, seed=1)
+    assert load_checkpoint(dst, str(run))["base"]["path"] == os.path.abspath(base_path)
+    assert all(torch.equal(v, state[k]) for k, v in dst.state_dict().items())
+
+    hf = tmp_path / "hf"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=16)).save_pretrained(hf)
+    assert recognise(str(hf)) is huggingface
+    assert checkpoint_header(str(hf))["model_config"]["hidden_size"] == 32

@@ -37,6 +37,7 @@ def header(path: str) -> dict[str, Any]:
     meta.pop("shards", None)
     return meta
 
+
 def rank_file(rank_dir: str) -> str:
     """The file of one rank: the one its meta.json names (the last complete save), else the newest."""
     meta = os.path.join(rank_dir, "meta.json")

@@ -7,7 +7,7 @@ Read in place, nothing written: tensor names translate through ``mftune.checkpoi
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import os
 import re
@@ -30,12 +30,17 @@ WEIGHT_FILES = (("model.safetensors.index.json", "safetensors"), ("model.safeten
 
 @dataclass
 class HFSource:
-    """A Hugging Face model directory: config.json and its weight files, in reading order."""
+    """A Hugging Face model directory: its weight files in reading order; config.json read when asked."""
     directory: str
-    config: dict[str, Any]
     files: list[str]  # absolute paths
     kind: str  # "safetensors" | "bin"
     weight_map: dict[str, str] | None  # tensor name -> file name, from the index
+    key: str = "input_path"  # how the user named the path, for messages
+
+    @functools.cached_property
+    def config(self) -> dict[str, Any]:
+        """config.json (reading the weights does not need it)."""
+        return _read_json(os.path.join(self.directory, "config.json"), self.key, self.directory)
 
 
 def matches(path: str) -> bool:
@@ -44,11 +49,12 @@ def matches(path: str) -> bool:
         os.path.exists(os.path.join(path, name)) for name, _ in WEIGHT_FILES)
 
 
-def find_source(input_path: str) -> HFSource:
-    """Resolve a HF directory, or a weight/index file inside one (MindFormers users pass a file)."""
+def find_source(input_path: str, key: str = "input_path") -> HFSource:
+    """Resolve a HF directory, or a weight/index file inside one (MindFormers users pass a file);
+    ``key`` is the option that named it, for messages."""
     path = os.path.abspath(input_path)
     if not os.path.exists(path):
-        raise CheckpointError(f"input_path={input_path} is invalid: it does not exist. Pass a Hugging Face "
+        raise CheckpointError(f"{key}={input_path} is invalid: it does not exist. Pass a Hugging Face "
                               f"model directory (config.json + weights) or a weight file inside one.")
     directory, given = (path, "") if os.path.isdir(path) else os.path.split(path)
     candidates = [(n, k) for n, k in WEIGHT_FILES if os.path.isfile(os.path.join(directory, n))]
@@ -57,23 +63,33 @@ def find_source(input_path: str) -> HFSource:
         candidates = [(n, k) for n, k in candidates if kind and k == kind[1]]
     if not os.path.isfile(os.path.join(directory, "config.json")) or not candidates:
         raise CheckpointError(
-            f"input_path={input_path} is invalid: {directory} needs config.json and one of "
+            f"{key}={input_path} is invalid: {directory} needs config.json and one of "
             f"{', '.join(n for n, _ in WEIGHT_FILES)}. Pass a directory written by transformers' save_pretrained "
             f"(or downloaded from the Hub), or a weight file inside it.")
     name, kind = candidates[0]
-    try:
-        with open(os.path.join(directory, "config.json")) as f:
-            config = json.load(f)
-        with open(os.path.join(directory, name)) if name.endswith(".json") else contextlib.nullcontext() as f:
-            weight_map = json.load(f)["weight_map"] if f else None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"input_path={input_path} is invalid: unreadable JSON in {directory} ({exc}).") from None
+    weight_map = _read_json(os.path.join(directory, name), key, input_path).get("weight_map") \
+        if name.endswith(".json") else None
+    if name.endswith(".json") and not isinstance(weight_map, dict):
+        raise CheckpointError(f"{key}={input_path} is invalid: {name} in {directory} has no weight_map. "
+                              f"Download the index again or pass a complete directory.")
     files = list(dict.fromkeys(weight_map.values())) if weight_map else [name]
     missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
     if missing:
         raise CheckpointError(f"{os.path.join(directory, name)} lists shard file(s) that are missing: "
                               f"{', '.join(missing)}. Download them again or pass a complete directory.")
-    return HFSource(directory, config, [os.path.join(directory, f) for f in files], kind, weight_map)
+    return HFSource(directory, [os.path.join(directory, f) for f in files], kind, weight_map, key)
+
+
+def _read_json(path: str, key: str, given: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        return data
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{key}={given} is invalid: unreadable JSON in {os.path.dirname(path)} "
+                              f"({exc}).") from None
 
 
 def load_bin(path: str) -> dict[str, torch.Tensor]:
@@ -126,7 +142,7 @@ def entries(path: str) -> dict[str, Entry]:
             return None
 
     out: dict[str, Entry] = {}
-    src = find_source(path)
+    src = find_source(path, key="load_checkpoint")
     for file in src.files:
         if src.kind == "safetensors":
             out.update(safetensors_entries(file, rename))
