@@ -292,8 +292,6 @@ def _child_schema(schema: Any, node: Mapping, seg: str) -> Any:
     hints = type_hints(schema)
     if seg not in hints:
         return None
-    if (schema, seg) == (LlamaConfig, "pet_config"):
-        return _FREE
     section = section_type(schema, seg)
     if section is not None:
         return section

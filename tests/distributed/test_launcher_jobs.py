@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+
+from parity import free_port
 
 from mftune import launch
 
@@ -46,12 +47,6 @@ if dist.get_rank() == 1:
     sys.exit(3)
 time.sleep(60)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_launcher(*args: str, cwd: Path, timeout: float = 45) -> subprocess.CompletedProcess:

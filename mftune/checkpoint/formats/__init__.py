@@ -1,6 +1,6 @@
 """What a checkpoint path is, and its tensors and header, whatever its format.
 
-Each on-disk format is one module with ``NAME``, ``matches(path)``, ``entries(path)`` (``{mftune
+Each on-disk format is one module with ``matches(path)``, ``entries(path)`` (``{mftune
 name: Entry}``) and ``header(path)`` (the mftune header: model_config, pet_config, base_checkpoint,
 ... when recorded). ``FORMATS`` lists them in the order they are tried: a path is read by the first
 that matches. Adding a format is a new module plus one line in ``FORMATS``.

@@ -19,8 +19,6 @@ from mftune.checkpoint.entries import Entry
 from mftune.checkpoint.safetensors_io import FROM_ST, Block, read_block, read_metadata, safetensors_header
 from mftune.errors import CheckpointError
 
-NAME = "distributed"
-
 
 def matches(path: str) -> bool:
     return bool(rank_dirs(path))

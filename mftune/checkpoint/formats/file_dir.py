@@ -13,8 +13,6 @@ from mftune.checkpoint.entries import Entry, merge_entries, safetensors_entries
 from mftune.checkpoint.safetensors_io import read_metadata
 from mftune.errors import CheckpointError
 
-NAME = "files"
-
 
 def matches(path: str) -> bool:
     return os.path.isdir(path)

@@ -22,7 +22,6 @@ from mftune.checkpoint.names import hf_config_to_model_config, hf_to_mftune, is_
 from mftune.checkpoint.safetensors_io import read_tensor, tensor_specs
 from mftune.errors import CheckpointError
 
-NAME = "hf"
 # transformers' weight files, in the order it prefers them.
 WEIGHT_FILES = (("model.safetensors.index.json", "safetensors"), ("model.safetensors", "safetensors"),
                 ("pytorch_model.bin.index.json", "bin"), ("pytorch_model.bin", "bin"))

@@ -33,7 +33,6 @@ from mftune.checkpoint.names import MFTUNE_TO_HF_LAYER, hf_to_mftune, mftune_to_
 from mftune.checkpoint.safetensors_io import load_tensors
 from mftune.errors import CheckpointError
 
-NAME = "peft"
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"

@@ -15,8 +15,6 @@ import torch
 from mftune.checkpoint.entries import Entry, safetensors_entries
 from mftune.checkpoint.safetensors_io import encode_metadata, read_metadata, save_safetensors
 
-NAME = "file"
-
 
 def matches(path: str) -> bool:
     return os.path.isfile(path)
