@@ -1,13 +1,20 @@
-"""Hugging Face Llama <-> complete mftune checkpoint (MindFormers' convert_weight.py).
+"""Hugging Face Llama <-> complete mftune checkpoint or MindSpore .ckpt (MindFormers' convert_weight.py).
 
     python scripts/convert_weight.py --input_path llama-2-7b-hf --output_path llama2_7b.safetensors [--dtype bf16]
+    python scripts/convert_weight.py --input_path llama-2-7b-hf --output_path llama2_7b.ckpt  # for MindFormers
     python scripts/convert_weight.py --reversed --input_path llama2_7b.safetensors --output_path llama-2-7b-hf \
         [--max_shard_size 5GB] [--dtype fp16]
+    python scripts/convert_weight.py --reversed --input_path llama2_7b.ckpt --output_path llama-2-7b-hf \
+        --config configs/llama2/lora_llama2_7b.yaml
 
 Forward: --input_path is a Hugging Face directory (config.json + model.safetensors, sharded safetensors
 with model.safetensors.index.json, or pytorch_model*.bin) or a weight file inside one; the output is one
 safetensors file with MindFormers names and the model_config in its header. --reversed writes a directory
-that transformers' from_pretrained reads. Tensors are streamed one at a time (peak memory ~ one tensor).
+that transformers' from_pretrained reads. The output's extension decides its format: .ckpt writes a MindSpore
+checkpoint (the same MindFormers names; mindspore.load_checkpoint reads it, no model config inside), anything
+else an mftune .safetensors file. --reversed also reads a MindSpore .ckpt (MindFormers' llama2_7b.ckpt), which
+records no model config: --config names the YAML whose model.model_config describes it (--config overrides a
+file's recorded config too). Tensors are streamed one at a time (peak memory ~ one tensor).
 --dtype casts (default: keep the source dtype). --model is accepted for MindFormers compatibility
 (llama/llama2 only); MindFormers' other model-specific flags are accepted and ignored.
 """
@@ -22,7 +29,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from tqdm import tqdm
 
-from mftune.checkpoint.convert import convert_hf_to_mftune, convert_mftune_to_hf
+from mftune.checkpoint.convert import convert_hf_to_mftune, convert_mftune_to_hf, yaml_model_config
 from mftune.errors import CheckpointError, UserError, report
 from mftune.log import setup_logging
 
@@ -36,12 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_path", type=str, required=True,
                    help="Hugging Face directory (or a weight file in it); --reversed: mftune .safetensors file")
     p.add_argument("--output_path", type=str, required=True,
-                   help="mftune .safetensors file; --reversed: Hugging Face directory")
+                   help="mftune .safetensors or MindSpore .ckpt file; --reversed: Hugging Face directory")
     p.add_argument("--dtype", type=str, default=None, choices=["fp32", "bf16", "fp16"],
                    help="cast floating tensors (default: keep the source dtype)")
     p.add_argument("--reversed", action="store_true", help="mftune complete file -> Hugging Face directory")
     p.add_argument("--max_shard_size", type=str, default="5GB",
                    help="--reversed: largest shard, e.g. 5GB (default), 500MB, or bytes")
+    p.add_argument("--config", type=str, default=None,
+                   help="--reversed: a YAML whose model.model_config describes the input (needed for a .ckpt)")
     for name in IGNORED:
         p.add_argument(f"--{name}", type=str, default=None, help=argparse.SUPPRESS)
     for name in ("qkv_concat", "is_lora"):  # MindFormers r1.5 options mftune does not implement
@@ -63,8 +72,11 @@ def run(args) -> dict:
               file=sys.stderr)
     progress = lambda it, total: tqdm(it, total=total, unit="tensor", desc="convert", disable=None)  # noqa: E731
     if args.reversed:
+        model_config = yaml_model_config(args.config) if args.config else None
         return convert_mftune_to_hf(args.input_path, args.output_path, max_shard_size=args.max_shard_size,
-                                    dtype=args.dtype, progress=progress)
+                                    dtype=args.dtype, progress=progress, model_config=model_config)
+    if args.config:
+        print("convert_weight.py: ignoring --config (the model config comes from config.json)", file=sys.stderr)
     return convert_hf_to_mftune(args.input_path, args.output_path, dtype=args.dtype, progress=progress)
 
 

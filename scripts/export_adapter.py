@@ -7,7 +7,10 @@
 Load it with ``PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(<converted base>), output_dir)``.
 r, lora_alpha and lora_dropout come from the checkpoint's pet_config header; --lora_rank/--lora_alpha/
 --lora_dropout only fill in a value the header does not record. --src_checkpoint may also be a distributed
-checkpoint directory (rank_*/ folders): the adapters are reassembled from the ranks' shards.
+checkpoint directory (rank_*/ folders): the adapters are reassembled from the ranks' shards; or MindSpore
+checkpoints (a .ckpt file or directory; rank_*/ folders of .ckpt files with --src_strategy, the strategy they were
+saved with), which record no LoRA settings: pass --lora_rank, --lora_alpha and --lora_dropout (and --num_layers
+when the file holds the adapters only and not every layer has them).
 Errors: one line on stderr, exit status 2.
 """
 import argparse
@@ -27,19 +30,23 @@ from mftune.checkpoint.formats.peft_adapter import CONFIG_NAME, SAFETENSORS_NAME
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--src_checkpoint", required=True,
-                        help="a complete mftune LoRA checkpoint (.safetensors written by run_finetune.py --run_mode finetune)")
+                        help="a complete mftune LoRA checkpoint (.safetensors written by run_finetune.py --run_mode "
+                             "finetune), a rank_*/ directory, or MindSpore .ckpt checkpoints")
     parser.add_argument("--output_dir", required=True, help="the PEFT adapter directory to write")
     parser.add_argument("--base_model_name_or_path", default=None,
                         help="written to adapter_config.json (default: the base checkpoint path in the header, else '')")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
-    for key, kind in (("lora_rank", int), ("lora_alpha", float), ("lora_dropout", float)):
+    parser.add_argument("--src_strategy", default="", help="strategy of a MindSpore rank_*/ checkpoint")
+    keys = (("lora_rank", int), ("lora_alpha", float), ("lora_dropout", float), ("num_layers", int))
+    for key, kind in keys:
         parser.add_argument(f"--{key}", type=kind, default=None,
-                            help=f"{key} when the checkpoint's pet_config does not record it")
+                            help=f"{key} when the checkpoint does not record it (MindSpore .ckpt files)")
     args = parser.parse_args(argv)
-    fallback = {k: getattr(args, k) for k in ("lora_rank", "lora_alpha", "lora_dropout") if getattr(args, k) is not None}
+    fallback = {k: getattr(args, k) for k, _ in keys if getattr(args, k) is not None}
     try:
         config = export_peft_adapter(args.src_checkpoint, args.output_dir, overwrite=args.overwrite,
-                                     base_model_name_or_path=args.base_model_name_or_path, fallback=fallback)
+                                     base_model_name_or_path=args.base_model_name_or_path, fallback=fallback,
+                                     src_strategy=args.src_strategy)
     except (UserError, OSError) as e:  # OSError: an output path that cannot be written
         return report(parser.prog, e, fold=True)
     layers = config["layers_to_transform"]

@@ -9,14 +9,22 @@
     python scripts/transform_checkpoint.py ... --transform_process_num 2 --rank_id 0 &
     python scripts/transform_checkpoint.py ... --transform_process_num 2 --rank_id 4
 
+    # -> MindSpore: a complete .ckpt, or the rank files of a MindFormers layout (its strategy/ folder of .ckpt files)
+    python scripts/transform_checkpoint.py --src_checkpoint output/checkpoint --dst_checkpoint_dir ms \
+        --output_format ckpt [--dst_strategy mindformers_output/strategy]
+
 Output: <dst_checkpoint_dir>/<name>/rank_{r}/<prefix><r>.safetensors (+ meta.json) for every destination rank
 this process handles, and transform_succeed_rank_<rank_id>.txt; <name> is the source file's name without
 extension or the source directory's name. Without --dst_strategy: one complete file, rank_0/<prefix>0.safetensors.
+--output_format ckpt writes MindSpore .ckpt files instead (rank_{r}/<prefix><r>.ckpt, MindFormers' names and
+counters); a distributed .ckpt output needs a MindSpore --dst_strategy (ckpt_strategy_rank_*.ckpt files or a
+merged strategy file), which is also accepted for .safetensors outputs.
 --src_checkpoint: anything --load_checkpoint takes (complete file, directory of complete files, Hugging Face
-directory, PEFT adapter directory, rank_*/ directory). --src_strategy is optional: mftune's rank files record
-their own blocks; when given it is checked against them. --world_size (the destination's) defaults to the
-strategy's; --transform_by_rank is accepted and ignored (every transform is by rank). The source is never
-modified. Errors: one line on stderr, exit status 2.
+directory, PEFT adapter directory, rank_*/ directory, MindSpore .ckpt file, directory or rank_*/ set).
+--src_strategy is needed for a MindSpore rank_*/ set (the strategy of the run that saved it); for mftune's rank
+files it is optional (they record their own blocks) and checked against them. --world_size (the destination's)
+defaults to the strategy's; --transform_by_rank is accepted and ignored (every transform is by rank). The source
+is never modified. Errors: one line on stderr, exit status 2.
 """
 import argparse
 import os
@@ -32,9 +40,11 @@ from tqdm import tqdm
 
 from mftune.errors import CheckpointError, UserError, report
 from mftune.checkpoint.formats.distributed import rank_dirs, rank_files
-from mftune.checkpoint.formats import distributed, recognise
-from mftune.checkpoint.transform import (DEFAULT_PREFIX, check_destination, check_source_strategy, checkpoint_name,
-                                         read_strategy, refuse_overlap, transform, worker_ranks, write_marker)
+from mftune.checkpoint.formats import distributed, mindspore_ranks, recognise
+from mftune.checkpoint.mindspore.strategy import is_mindspore_strategy, load_strategy
+from mftune.checkpoint.transform import (DEFAULT_PREFIX, OUTPUT_FORMATS, check_destination, check_source_strategy,
+                                         checkpoint_name, read_strategy, refuse_overlap, transform, worker_ranks,
+                                         write_marker)
 
 
 def _none(value: str | None) -> str | None:
@@ -46,14 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src_checkpoint", required=True, help="checkpoint file or directory to transform")
     p.add_argument("--dst_checkpoint_dir", default=os.path.join(os.getcwd(), "transformed_checkpoint"),
                    help="where <name>/rank_*/ is written (default: ./transformed_checkpoint)")
-    p.add_argument("--src_strategy", default=None, help="strategy of a distributed source (optional, checked)")
+    p.add_argument("--src_strategy", default=None,
+                   help="strategy of a distributed source: needed for MindSpore rank files, optional (checked) "
+                        "for mftune's")
     p.add_argument("--dst_strategy", default=None,
-                   help="strategy directory (or one rank's file) of the destination layout; None: complete")
+                   help="strategy directory (or one rank's file) of the destination layout, mftune's or MindSpore's; "
+                        "None: complete")
     p.add_argument("--prefix", default=DEFAULT_PREFIX, help="file name prefix (default checkpoint_)")
     p.add_argument("--rank_id", type=int, default=0, help="first destination rank of this process")
     p.add_argument("--world_size", type=int, default=None, help="destination world size (default: the strategy's)")
     p.add_argument("--transform_process_num", type=int, default=1, help="processes sharing the work")
     p.add_argument("--transform_by_rank", default=None, help="accepted for MindFormers compatibility, ignored")
+    p.add_argument("--output_format", default="mftune", choices=sorted(OUTPUT_FORMATS),
+                   help="mftune (.safetensors, default) or ckpt / mindspore (MindSpore .ckpt files)")
     return p
 
 
@@ -66,18 +81,31 @@ def plan(args) -> tuple[dict | None, list[int], int]:
                                   f"{args.transform_process_num} need --dst_strategy (the layout of those ranks); "
                                   f"without it the result is one complete checkpoint, written by one process.")
         return None, [0], 1
+    if is_mindspore_strategy(dst):  # a MindFormers run's layout (any rank's file describes every rank)
+        strategy = load_strategy(dst)
+        return strategy, _ranks_of(args, strategy.world_size), strategy.world_size
     strategy = read_strategy(dst)
     world = int(next(iter(strategy.values()))["world_size"])
-    if args.world_size is not None and args.world_size != world:
-        raise CheckpointError(f"--world_size {args.world_size} but the strategy {dst} is of a {world}-rank layout. "
-                              f"Drop --world_size or pass the matching strategy.")
     if os.path.isfile(dst):  # one rank's strategy: that rank only
+        _check_world(args, world)
         return strategy, list(strategy), world
+    return strategy, _ranks_of(args, world), world
+
+
+def _ranks_of(args, world: int) -> list[int]:
+    """The destination ranks this process writes (--rank_id, --transform_process_num)."""
+    _check_world(args, world)
     workers = worker_ranks(world, args.transform_process_num)
     if args.rank_id not in workers:
         raise CheckpointError(f"--rank_id {args.rank_id} is not a transform rank for --transform_process_num "
                               f"{args.transform_process_num} of {world} ranks: use one of {sorted(workers)}.")
-    return strategy, workers[args.rank_id], world
+    return workers[args.rank_id]
+
+
+def _check_world(args, world: int) -> None:
+    if args.world_size is not None and args.world_size != world:
+        raise CheckpointError(f"--world_size {args.world_size} but the strategy {args.dst_strategy} is of a "
+                              f"{world}-rank layout. Drop --world_size or pass the matching strategy.")
 
 
 def main(argv=None) -> int:
@@ -88,7 +116,8 @@ def main(argv=None) -> int:
         src = args.src_checkpoint
         if not os.path.exists(src):
             raise CheckpointError(f"--src_checkpoint {src} does not exist.")
-        if _none(args.src_strategy):
+        src_strategy = _none(args.src_strategy) or ""
+        if src_strategy and recognise(src) is not mindspore_ranks:
             if recognise(src) is distributed:
                 check_source_strategy(args.src_strategy, rank_files(src))
             else:
@@ -102,7 +131,8 @@ def main(argv=None) -> int:
                 shutil.rmtree(stale)
         progress = lambda it, total: tqdm(it, total=total, unit="tensor", desc="transform", disable=None)  # noqa: E731
         try:
-            written = transform(src, args.dst_checkpoint_dir, strategy, ranks, prefix=args.prefix, progress=progress)
+            written = transform(src, args.dst_checkpoint_dir, strategy, ranks, prefix=args.prefix, progress=progress,
+                                src_strategy=src_strategy, output_format=args.output_format)
         except Exception as exc:
             os.makedirs(out_root, exist_ok=True)
             write_marker(out_root, args.rank_id, f"{type(exc).__name__}: {exc}")

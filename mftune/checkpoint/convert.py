@@ -1,4 +1,5 @@
-"""Hugging Face Llama directory <-> complete mftune safetensors file, one tensor at a time.
+"""Hugging Face Llama directory <-> complete mftune safetensors file (or MindSpore ``.ckpt`` file), one
+tensor at a time.
 
 Names and config.json keys translate through ``mftune.checkpoint.names`` (the one table, STYLE #6);
 the Hugging Face directory is read by ``mftune.checkpoint.formats.huggingface``; this module only
@@ -9,6 +10,9 @@ moves bytes. Invariants:
 - Everything is checked before a byte is written: unknown names (all of them), missing shard files,
   missing weights, shapes against the model config.
 - Outputs go to a temporary name, are fsynced and renamed into place; inputs are never modified.
+- A ``.ckpt`` output is a MindSpore checkpoint (``mftune.checkpoint.mindspore.ckpt``): the same names,
+  no header (MindSpore's files hold tensors only); a ``.ckpt`` input records no model_config, so the
+  reversed conversion takes one (``model_config``: the YAML's ``model.model_config``).
 """
 from __future__ import annotations
 
@@ -19,19 +23,22 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from mftune.checkpoint.formats.huggingface import HFSource, file_specs, find_source, read_file
+from mftune.checkpoint.formats.mindspore_ckpt import file_entries
 from mftune.checkpoint.keys import LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS
+from mftune.checkpoint.mindspore.ckpt import is_ckpt, write_ckpt_streaming
 from mftune.checkpoint.model_weights import check_weights, expected_weights
 from mftune.checkpoint.names import (hf_config_to_model_config, hf_to_mftune, is_hf_buffer, mftune_to_hf,
                                      model_config_to_hf_config)
 from mftune.checkpoint.safetensors_io import (Spec, encode_metadata, read_metadata, read_tensor, tensor_specs,
                                               write_safetensors_streaming)
-from mftune.errors import CheckpointError
+from mftune.config.load import read_yaml
+from mftune.errors import CheckpointError, ConfigError
 from mftune.fileio import atomic_open
 from mftune.log import Progress, with_progress
 from mftune.models.config import to_dtype
@@ -62,13 +69,24 @@ def _long(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def yaml_model_config(path: str) -> dict[str, Any]:
+    """``model.model_config`` of a MindFormers YAML (``base_config`` merged): the model config of a
+    checkpoint that records none (a MindSpore ``.ckpt``)."""
+    mc = (read_yaml(path).get("model") or {}).get("model_config")
+    if not isinstance(mc, dict):
+        raise ConfigError([f"config={path!r} is invalid: it has no model.model_config mapping. Pass the YAML "
+                           f"the checkpoint was trained with (e.g. configs/llama2/lora_llama2_7b.yaml)."], path)
+    return dict(mc)
+
+
 # ----------------------------------------------------------------------------------------------
 # Hugging Face -> mftune
 # ----------------------------------------------------------------------------------------------
 
 def convert_hf_to_mftune(input_path: str, output_path: str, dtype: str | None = None,
                          progress: Progress | None = None) -> dict[str, Any]:
-    """HF Llama directory (or a weight file in it) -> one complete mftune safetensors file.
+    """HF Llama directory (or a weight file in it) -> one complete mftune safetensors file, or a
+    MindSpore ``.ckpt`` file when ``output_path`` ends with ``.ckpt`` (the same names, no header).
 
     The header carries what ``save_complete`` writes (``format``, ``mftune_model_config``) plus
     ``mftune_source``. ``dtype`` casts floating tensors and sets ``param_init_type``; default: keep.
@@ -78,7 +96,7 @@ def convert_hf_to_mftune(input_path: str, output_path: str, dtype: str | None = 
     out = os.path.abspath(output_path)
     if out == os.path.abspath(input_path) or out in src.files or os.path.isdir(out):
         raise CheckpointError(f"output_path={output_path} is invalid: it is the input or a directory. "
-                              f"Name a new .safetensors file.")
+                              f"Name a new .safetensors (or MindSpore .ckpt) file.")
     try:
         mc = hf_config_to_model_config(src.config)
     except ValueError as exc:
@@ -106,7 +124,11 @@ def convert_hf_to_mftune(input_path: str, output_path: str, dtype: str | None = 
 
     source = {"format": "huggingface", "path": src.directory, "files": [os.path.basename(f) for f in src.files],
               "dtype": _long(target) if target else "source"}
-    size = write_safetensors_streaming(out, specs, stream(), encode_metadata({"model_config": mc, "source": source}))
+    if is_ckpt(out):
+        size = write_ckpt_streaming(out, specs, stream())
+    else:
+        metadata = encode_metadata({"model_config": mc, "source": source})
+        size = write_safetensors_streaming(out, specs, stream(), metadata)
     return {"output": out, "files": [out], "tensors": len(specs), "bytes": size, "skipped": sorted(skipped),
             "seconds": time.perf_counter() - start}
 
@@ -169,23 +191,29 @@ def _skip_reason(name: str, tie: bool) -> str | None:
 
 
 def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int | str = "5GB",
-                         dtype: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Complete mftune file -> HF directory: config.json, ``model.safetensors`` or shards of at most
-    ``max_shard_size`` named ``model-0000i-of-0000N.safetensors`` plus transformers' index. Tensors
-    that are not base weights are skipped with one log line per kind; stale shards of an earlier
-    save in ``output_dir`` are removed (as transformers does) so that the new index is the only one."""
+                         dtype: str | None = None, progress: Progress | None = None,
+                         model_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Complete mftune file (or MindSpore ``.ckpt``) -> HF directory: config.json, ``model.safetensors``
+    or shards of at most ``max_shard_size`` named ``model-0000i-of-0000N.safetensors`` plus
+    transformers' index. Tensors that are not base weights are skipped with one log line per kind;
+    stale shards of an earlier save in ``output_dir`` are removed (as transformers does) so that the
+    new index is the only one. ``model_config``: the model's config when the file records none."""
     start, src, out = time.perf_counter(), os.path.abspath(input_path), os.path.abspath(output_dir)
     if os.path.isdir(src) or os.path.isfile(out) or out == os.path.dirname(src):
         raise CheckpointError(f"input_path={input_path}, output_path={output_dir} is invalid: reversed conversion "
-                              f"reads one mftune .safetensors file and writes a new directory next to it.")
-    meta, limit = read_metadata(src), parse_size(max_shard_size)
-    if "model_config" not in meta or "shards" in meta:
-        raise CheckpointError(f"input_path={input_path} is invalid: it is not a complete mftune checkpoint (no "
-                              f"mftune_model_config header, or one rank's shards). Pass a file written by "
-                              f"convert_weight.py or a complete checkpoint of run_finetune.py.")
-    mc = dict(meta["model_config"])
+                              f"reads one mftune .safetensors (or MindSpore .ckpt) file and writes a new directory "
+                              f"next to it.")
+    meta, found, read = _complete_source(src, input_path)
+    limit = parse_size(max_shard_size)
+    mc = dict(model_config or meta.get("model_config") or {})
+    if not mc:
+        what = ("a MindSpore .ckpt, which records no model config" if is_ckpt(src) else
+                "not a complete mftune checkpoint (no mftune_model_config header)")
+        raise CheckpointError(f"input_path={input_path} is invalid: it is {what}. Pass --config with the YAML of "
+                              f"the model (its model.model_config is used), or a file written by convert_weight.py "
+                              f"or run_finetune.py.")
     cfg, expected = expected_weights(mc, src)
-    header, skipped = _checked_mftune_header(src, expected, cfg.tie_word_embeddings)
+    header, skipped = _checked_mftune_header(src, found, expected, cfg.tie_word_embeddings)
     target = to_dtype(dtype) if dtype else None
     specs = [(mftune_to_hf(n), _cast(header[n][0], target), expected[n]) for n in expected]  # model order
     try:
@@ -195,7 +223,7 @@ def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int |
     dtypes = {d for _, d, _ in specs}
     if len(dtypes) == 1:  # what the files hold, whatever param_init_type says
         hf_config["torch_dtype"] = _long(dtypes.pop())
-    total, written = _write_hf_weights(src, out, specs, list(expected), _plan_shards(specs, limit), target, progress)
+    total, written = _write_hf_weights(read, out, specs, list(expected), _plan_shards(specs, limit), target, progress)
     _write_json(os.path.join(out, "config.json"), hf_config)
     for stale in sorted(set(os.listdir(out)) - set(written)):
         if _HF_OUTPUT.match(stale):
@@ -205,11 +233,25 @@ def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int |
             "skipped": skipped, "seconds": time.perf_counter() - start}
 
 
-def _checked_mftune_header(src: str, expected: dict[str, tuple[int, ...]],
-                           tie: bool) -> tuple[dict[str, Any], dict[str, int]]:
+def _complete_source(src: str, input_path: str) -> tuple[dict[str, Any], dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                                                       Callable[[str], torch.Tensor]]:
+    """(header, ``{name: (dtype, shape)}``, read(name)) of a complete mftune file or a ``.ckpt`` file."""
+    if is_ckpt(src):
+        entries = file_entries(src)
+        return {}, {n: (e.dtype, e.shape) for n, e in entries.items()}, lambda n: entries[n].full()
+    meta = read_metadata(src)
+    if "shards" in meta:
+        raise CheckpointError(f"input_path={input_path} is invalid: it is not a complete mftune checkpoint (it "
+                              f"holds one rank's shards). Merge the rank files first with "
+                              f"scripts/transform_checkpoint.py.")
+    return meta, tensor_specs(src), lambda n: read_tensor(src, n)
+
+
+def _checked_mftune_header(src: str, header: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                           expected: dict[str, tuple[int, ...]], tie: bool) -> tuple[dict[str, Any], dict[str, int]]:
     """The file's ``{name: (dtype, shape)}``, checked (no unknown name, every weight of its model
     there), and how many tensors of each kind that is not a base weight it holds."""
-    header, skipped, unknown = tensor_specs(src), {}, []
+    skipped, unknown = {}, []
     for name in header:
         reason = None if name in expected else _skip_reason(name, tie)
         if reason:
@@ -225,14 +267,15 @@ def _checked_mftune_header(src: str, expected: dict[str, tuple[int, ...]],
     return header, skipped
 
 
-def _write_hf_weights(src: str, out: str, specs: list[Spec], names: list[str], shards: list[list[Spec]],
-                      target: torch.dtype | None, progress: Progress | None) -> tuple[int, list[str]]:
+def _write_hf_weights(read_source: Callable[[str], torch.Tensor], out: str, specs: list[Spec], names: list[str],
+                      shards: list[list[Spec]], target: torch.dtype | None,
+                      progress: Progress | None) -> tuple[int, list[str]]:
     """The weight files (and the index when sharded) of ``out``; returns (data bytes, files written)."""
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
 
     def read(name: str) -> torch.Tensor:
-        tensor = read_tensor(src, name)
+        tensor = read_source(name)
         return tensor.to(_cast(tensor.dtype, target))
 
     ticks = iter(with_progress(progress, names, len(specs)))  # the bar holds a name, not a tensor

@@ -6,6 +6,7 @@ rank reads only the block it holds, whatever the format.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,3 +69,29 @@ def merge_entries(path: str, parts: list[dict[str, Entry]]) -> dict[str, Entry]:
                     f"{entry.origin}. Keep one of them in the directory.")
             entries[name] = entry
     return entries
+
+
+Pieces = list[tuple[str, tuple[tuple[int, int], ...]]]  # (file, the block of the global tensor it holds), replicas once
+
+
+def assemble(name: str, block: Block, pieces: Pieces, read: Callable[[str, str, Block], torch.Tensor],
+             dtype: torch.dtype, where: str) -> torch.Tensor:
+    """The ``block`` of global tensor ``name`` put together from the rank files' ``pieces`` that overlap
+    it, each read with ``read(file, name, block of the piece)``; values missing are an error naming
+    ``where`` (a rank folder missing or incomplete). An empty block has ``dtype`` and no bytes."""
+    out, filled = None, 0
+    want = [(s.start or 0, s.stop) for s in block]
+    for file, held in pieces:
+        inter = [(max(lo, plo), min(hi, phi)) for (lo, hi), (plo, phi) in zip(want, held)]
+        if any(lo >= hi for lo, hi in inter):
+            continue
+        src = read(file, name, tuple(slice(lo - plo, hi - plo) for (lo, hi), (plo, _) in zip(inter, held)))
+        if out is None:
+            out = torch.empty([hi - lo for lo, hi in want], dtype=src.dtype)
+        out[tuple(slice(lo - wlo, hi - wlo) for (lo, hi), (wlo, _) in zip(inter, want))] = src
+        filled += src.numel()
+    numel = math.prod(hi - lo for lo, hi in want)
+    if filled != numel:
+        raise CheckpointError(f"distributed checkpoint {where}: the rank files hold {filled} of the {numel} values "
+                              f"of {name} this rank needs; a rank_*/ folder is missing or incomplete.")
+    return out if out is not None else torch.empty([hi - lo for lo, hi in want], dtype=dtype)

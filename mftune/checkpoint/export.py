@@ -2,6 +2,9 @@
 
 The adapter's format and its ``adapter_config.json`` are ``mftune.checkpoint.formats.peft_adapter``'s;
 this module checks that a checkpoint is a pure LoRA checkpoint and writes the directory atomically.
+A MindSpore checkpoint (a ``.ckpt`` file or directory, a ``rank_*/`` set with its strategy) records
+no pet_config: r, lora_alpha and lora_dropout then come from ``fallback`` (the command line), and
+the number of layers from ``fallback`` or, failing that, the highest ``model.layers.N`` it holds.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from typing import Any
 
 import torch
 
-from mftune.checkpoint.formats import distributed, recognise
+from mftune.checkpoint.formats import (checkpoint_header, distributed, mindspore_ckpt, mindspore_ranks,
+                                       open_checkpoint, recognise)
 from mftune.checkpoint.formats.peft_adapter import (CONFIG_NAME, SAFETENSORS_NAME, lora_grid, mftune_to_peft_name,
                                                     pair_and_rank, peft_adapter_config)
 from mftune.checkpoint.keys import LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, is_lora, moment_names
@@ -25,7 +29,8 @@ Loader = Callable[[list[str]], dict[str, torch.Tensor]]
 
 
 def export_peft_adapter(src_checkpoint: str, output_dir: str, *, base_model_name_or_path: str | None = None,
-                        overwrite: bool = False, fallback: dict[str, Any] | None = None) -> dict[str, Any]:
+                        overwrite: bool = False, fallback: dict[str, Any] | None = None,
+                        src_strategy: str = "") -> dict[str, Any]:
     """Write the LoRA adapters of the complete mftune checkpoint ``src_checkpoint`` as a PEFT adapter
     directory ``output_dir``; return the adapter_config written.
 
@@ -39,7 +44,9 @@ def export_peft_adapter(src_checkpoint: str, output_dir: str, *, base_model_name
     if os.path.commonpath([os.path.abspath(src_checkpoint), out]) == out:
         raise CheckpointError(f"output_dir={output_dir} is invalid: it contains src_checkpoint, which writing the "
                               f"adapter there would remove. Choose a new directory.")
-    meta, keys, load = _source(src_checkpoint)
+    meta, keys, load = _source(src_checkpoint, src_strategy)
+    if _is_mindspore(src_checkpoint):  # no header: the command line's LoRA settings
+        meta = {"pet_config": {"pet_type": "lora"}, "model_config": {"num_layers": _num_layers(keys, fallback or {})}}
     pet_config = _lora_pet_config(meta, src_checkpoint)
     hparams = _lora_hparams(pet_config, fallback or {}, src_checkpoint)
     tensors = load(_adapter_keys(keys, pet_config, src_checkpoint))
@@ -56,7 +63,7 @@ def export_peft_adapter(src_checkpoint: str, output_dir: str, *, base_model_name
     num_layers = (meta.get("model_config") or {}).get("num_layers")
     if num_layers is None:
         raise CheckpointError(f"model_config.num_layers=None is invalid: {src_checkpoint}'s header does not "
-                              f"record it. Export a checkpoint written by run_finetune.py.")
+                              f"record it. Export a checkpoint written by run_finetune.py, or pass --num_layers.")
     if base_model_name_or_path is None:
         base_model_name_or_path = (meta.get("base_checkpoint") or {}).get("path") or ""
     config = peft_adapter_config(hparams, layers, leaves, num_layers, base_model_name_or_path)
@@ -97,15 +104,27 @@ def _adapter_keys(keys: list[str], pet_config: dict, src: str) -> list[str]:
     return lora_keys
 
 
-def _source(path: str) -> tuple[dict[str, Any], list[str], Loader]:
-    """(header metadata, tensor names, load(names) -> full tensors) of a complete checkpoint file or
-    of a distributed checkpoint directory (rank_*/: the adapters are reassembled from the shards)."""
-    if os.path.isdir(path) and recognise(path) is distributed:
-        entries = distributed.entries(path)
+def _is_mindspore(path: str) -> bool:
+    return os.path.exists(path) and recognise(path) in (mindspore_ckpt, mindspore_ranks)
+
+
+def _num_layers(keys: list[str], fallback: dict[str, Any]) -> int | None:
+    """``fallback``'s num_layers, else one more than the highest ``model.layers.N`` of ``keys``."""
+    layers = [int(k.split(".")[2]) for k in keys if k.startswith("model.layers.") and k.split(".")[2].isdigit()]
+    return fallback.get("num_layers") or (max(layers) + 1 if layers else None)
+
+
+def _source(path: str, src_strategy: str = "") -> tuple[dict[str, Any], list[str], Loader]:
+    """(header metadata, tensor names, load(names) -> full tensors) of a complete checkpoint file, of
+    a distributed checkpoint directory (rank_*/: the adapters are reassembled from the shards) or of
+    MindSpore checkpoints (a .ckpt file or directory, a rank_*/ set read with ``src_strategy``)."""
+    kind = recognise(path) if os.path.exists(path) else None
+    if kind in (distributed, mindspore_ckpt, mindspore_ranks):
+        entries = open_checkpoint(path, src_strategy)
 
         def load(names):
             return {n: entries[n].full() for n in names}
-        return distributed.header(path), list(entries), load
+        return checkpoint_header(path), list(entries), load
     _check_source(path)
     meta = read_metadata(path)
     if "shards" in meta:

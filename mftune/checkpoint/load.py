@@ -53,10 +53,11 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
+def load_checkpoint(model: nn.Module, path: str, src_strategy: str = "") -> dict[str, Any]:
     """Load ``path`` into ``model`` in place: a complete mftune file, a directory of complete files
-    (loaded together), a Hugging Face directory, a PEFT adapter directory or a distributed
-    checkpoint directory (``mftune.checkpoint.formats``).
+    (loaded together), a Hugging Face directory, a PEFT adapter directory, a distributed
+    checkpoint directory, or MindSpore .ckpt checkpoints (a file, a directory of them, or rank_*/
+    folders of them with the ``src_strategy`` they were saved with) (``mftune.checkpoint.formats``).
 
     Every base (non-LoRA) parameter of the model must be provided with the same shape (a tied
     weight under either of its names); LoRA tensors missing from the checkpoint keep their fresh
@@ -69,7 +70,7 @@ def load_checkpoint(model: nn.Module, path: str) -> dict[str, Any]:
     norms) whose header records its base checkpoint loads that base first (its fingerprint
     checked), then its own tensors over it; the report's ``base`` then names it.
     """
-    entries = open_checkpoint(path)
+    entries = open_checkpoint(path, src_strategy)
     names = set(model.state_dict())
     if any(not is_lora(n) and n not in entries for n in names):
         recorded = checkpoint_header(path).get("base_checkpoint") or {}

@@ -5,12 +5,17 @@ For every adapted Linear ``W`` with adapters ``A [r, in]``, ``B [out, r]``:
 Every other model tensor is copied as is; LoRA tensors, optimizer moments (``adam_m.*``, ``adam_v.*``)
 and counters are dropped. The result is a plain model: a complete mftune file whose header holds the
 model_config without ``pet_config`` (``load_checkpoint`` and ``convert_weight.py --reversed`` read it),
-or a Hugging Face directory (through ``convert.convert_mftune_to_hf``).
+a Hugging Face directory (through ``convert.convert_mftune_to_hf``), or a MindSpore ``merged_lora.ckpt``
+(what MindFormers' tool writes; MindFormers' names).
 
 Invariants:
 - Sources are whatever ``formats.open_checkpoint`` reads: the LoRA side may be a complete LoRA file,
-  a distributed ``rank_*/`` directory or a PEFT adapter directory; the base is the checkpoint the
-  LoRA header records (its fingerprint checked) unless one is given.
+  a distributed ``rank_*/`` directory, a PEFT adapter directory or MindSpore ``.ckpt`` checkpoints (a
+  rank set with its ``src_strategy``); the base is the checkpoint the LoRA header records (its
+  fingerprint checked) unless one is given.
+- The model config comes from the given ``model_config`` (a YAML's), the LoRA header or the base's.
+  A MindSpore checkpoint records none: without one, every weight present is merged or copied as
+  MindFormers' tool does, checked only for fitting its adapters (not for the model's full set).
 - Model tensors held by the LoRA source (e.g. norms unfrozen with ``freeze_exclude``, or a network
   checkpoint holding base + LoRA) override the base's: they are the trained values.
 - Everything is checked before a byte is written: adapter pairs, base weights, shapes, the scaling.
@@ -35,6 +40,7 @@ from mftune.checkpoint.entries import Entry
 from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
 from mftune.checkpoint.keys import LORA_A, LORA_B, LORA_MARK, is_lora, is_training_state
 from mftune.checkpoint.load import fingerprint
+from mftune.checkpoint.mindspore.ckpt import write_ckpt_streaming
 from mftune.checkpoint.model_weights import check_weights, expected_weights
 from mftune.checkpoint.safetensors_io import encode_metadata, write_safetensors_streaming
 from mftune.errors import CheckpointError
@@ -44,8 +50,9 @@ from mftune.pet.lora import lora_delta_weight
 logger = logging.getLogger("mftune")
 
 MERGED_NAME = "merged_lora.safetensors"  # MindFormers writes dst/merged_lora.ckpt
+MERGED_CKPT = "merged_lora.ckpt"
 SUFFIX_A, SUFFIX_B = f".{LORA_A}", f".{LORA_B}"
-FORMATS = ("mftune", "hf")
+FORMATS = ("mftune", "hf", "ckpt", "mindspore")  # mindspore: another name of ckpt
 
 
 def _pairs(lora: dict[str, Entry], where: str) -> dict[str, tuple[str, str]]:
@@ -94,11 +101,14 @@ def _inputs(path: str) -> tuple[set[str], set[str]]:
 
 def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None = None,
                           lora_scaling: float | None = None, ignore_fingerprint: bool = False,
-                          output_format: str = "mftune", progress: Progress | None = None) -> dict[str, Any]:
+                          output_format: str = "mftune", progress: Progress | None = None,
+                          model_config: dict[str, Any] | None = None, src_strategy: str = "") -> dict[str, Any]:
     """Merge the LoRA checkpoint ``lora_path`` into its base and write a plain model to ``dst_dir``:
-    ``dst_dir/merged_lora.safetensors`` (``output_format="mftune"``) or a HF directory ``dst_dir``
-    (``"hf"``). ``base_path`` default: the base recorded in the LoRA header, whose fingerprint must
-    match (unless ``ignore_fingerprint``). ``lora_scaling`` default: pet_config lora_alpha / lora_rank.
+    ``dst_dir/merged_lora.safetensors`` (``output_format="mftune"``), a HF directory ``dst_dir``
+    (``"hf"``) or ``dst_dir/merged_lora.ckpt`` (``"ckpt"``). ``base_path`` default: the base recorded
+    in the LoRA header, whose fingerprint must match (unless ``ignore_fingerprint``). ``lora_scaling``
+    default: pet_config lora_alpha / lora_rank. ``model_config``: when the checkpoints record none
+    (MindSpore's); ``src_strategy``: the strategy of a distributed MindSpore source.
     Returns a report: output, merged, copied, dropped, scaling, base."""
     start = time.perf_counter()
     if output_format not in FORMATS:
@@ -106,16 +116,12 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     if not os.path.exists(lora_path):
         raise CheckpointError(f"checkpoint {lora_path} does not exist. Give a checkpoint file or directory.")
     header = checkpoint_header(lora_path)
-    source = open_checkpoint(lora_path)
+    source = open_checkpoint(lora_path, src_strategy)
     base_path, base = _open_base(lora_path, header, base_path, ignore_fingerprint)
-    base_header = checkpoint_header(base_path) if base_path else {}
-    mc = dict(header.get("model_config") or base_header.get("model_config") or {})
-    if not mc:
-        raise CheckpointError(f"neither {lora_path} nor {base_path or 'a base checkpoint'} records a model_config. "
-                              f"Pass --base_checkpoint with a complete mftune file or a Hugging Face directory.")
-    pet_config = mc.pop("pet_config", None) or header.get("pet_config")
-    cfg, expected = expected_weights(mc, lora_path)
-    parts = _sort_tensors(source, base, base_path, lora_path, expected, cfg.tie_word_embeddings)
+    mc, pet_config = _model_config(model_config, header, base_path, lora_path, output_format)
+    cfg, expected = expected_weights(mc, lora_path) if mc else (None, None)
+    parts = _sort_tensors(source, base, base_path, lora_path, expected, bool(cfg and cfg.tie_word_embeddings))
+    expected = expected or {n: e.shape for n, e in parts.model.items()}
     pairs = _pairs(parts.lora, lora_path)
     _check_fit(pairs, parts.model, parts.lora, lora_path)
     scaling = _scaling(pet_config, lora_scaling, {parts.lora[a].shape[0] for a, _ in pairs.values()}, lora_path)
@@ -140,6 +146,24 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     return {"output": output, "merged": len(pairs), "copied": len(names) - len(pairs),
             "overridden": sorted(parts.overridden), "dropped": len(parts.dropped) + 2 * len(pairs),
             "scaling": scaling, "base": base_path, "seconds": time.perf_counter() - start}
+
+
+def _model_config(given: dict[str, Any] | None, header: dict, base_path: str | None, lora_path: str,
+                  output_format: str) -> tuple[dict[str, Any], dict | None]:
+    """(the model config without pet_config, the pet_config): the given one, else the LoRA header's, else
+    the base's. None is known only for MindSpore checkpoints: a .ckpt output is then written anyway."""
+    base_header = checkpoint_header(base_path) if base_path else {}
+    mc = dict(given or header.get("model_config") or base_header.get("model_config") or {})
+    pet_config = mc.pop("pet_config", None) or header.get("pet_config")
+    if not mc and output_format not in ("ckpt", "mindspore"):
+        raise CheckpointError(f"neither {lora_path} nor {base_path or 'a base checkpoint'} records a model_config. "
+                              f"Pass --config with the model's YAML, or --base_checkpoint with a complete mftune "
+                              f"file or a Hugging Face directory.")
+    if not mc:
+        logger.warning("No model config is known for %s: every LoRA pair is merged into the weight it adapts and "
+                       "every other weight copied, as MindFormers' tool does (pass --config to check the weights "
+                       "against the model)", lora_path)
+    return mc, pet_config
 
 
 def _open_base(lora_path: str, header: dict, base_path: str | None,
@@ -171,8 +195,9 @@ class _Parts:
 
 
 def _sort_tensors(source: dict[str, Entry], base: dict[str, Entry], base_path: str | None, lora_path: str,
-                  expected: dict[str, tuple[int, ...]], tie: bool) -> _Parts:
-    """Adapters, model tensors (the LoRA source overrides the base), dropped; every weight checked."""
+                  expected: dict[str, tuple[int, ...]] | None, tie: bool) -> _Parts:
+    """Adapters, model tensors (the LoRA source overrides the base), dropped; every weight checked
+    (``expected`` None: no model config, every tensor that is not an adapter is a weight)."""
     def dropped_kind(name: str) -> bool:  # optimizer moments (of adapters too), counters, a tied lm_head
         return is_training_state(name) or (tie and name == "lm_head.weight")
 
@@ -189,7 +214,7 @@ def _sort_tensors(source: dict[str, Entry], base: dict[str, Entry], base_path: s
                 if not is_source:
                     raise CheckpointError(f"base checkpoint {base_path} holds LoRA tensor {name}. Pass a base "
                                           f"without adapters as --base_checkpoint.")
-            elif name not in expected:
+            elif expected is not None and name not in expected:
                 unknown.append(f"{name} ({entry.origin})")
             else:
                 if is_source and name in parts.model:
@@ -199,6 +224,8 @@ def _sort_tensors(source: dict[str, Entry], base: dict[str, Entry], base_path: s
         raise CheckpointError(f"{len(unknown)} tensor(s) are not weights of the model_config's Llama: "
                               f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}. Check the base "
                               f"checkpoint and the LoRA checkpoint belong together.")
+    if expected is None:
+        return parts
     check_weights({n: e.shape for n, e in parts.model.items()}, expected,
                   f"the base weights ({base_path or lora_path})" if base_path else
                   f"{lora_path} (no base recorded; pass --base_checkpoint)")
@@ -228,20 +255,23 @@ def _destination(dst_dir: str, output_format: str, lora_path: str, base_path: st
     if base_path:
         f, d = _inputs(base_path)
         in_files, in_dirs = in_files | f, in_dirs | d
-    target = os.path.join(dst, MERGED_NAME)
-    if (target in in_files if output_format == "mftune" else any(os.path.dirname(f) == dst for f in in_files)) \
+    target = os.path.join(dst, MERGED_NAME if output_format == "mftune" else MERGED_CKPT)
+    if (target in in_files if output_format != "hf" else any(os.path.dirname(f) == dst for f in in_files)) \
             or dst in in_dirs:
         raise CheckpointError(f"dst_ckpt_dir={dst_dir} is invalid: writing there would replace or mix with an input "
                               f"checkpoint. Choose a new directory.")
-    return target if output_format == "mftune" else dst
+    return target if output_format != "hf" else dst
 
 
 def _write(target: str, output_format: str, specs: list, tensors: Iterator[tuple[str, torch.Tensor]],
            metadata: dict[str, str]) -> str:
     """Stream the merged tensors to ``target``; a HF directory goes through a temporary mftune file,
-    converted and removed (disk: about twice the model)."""
+    converted and removed (disk: about twice the model); a .ckpt file gets no header."""
     if output_format == "mftune":
         write_safetensors_streaming(target, specs, tensors, metadata)
+        return target
+    if output_format != "hf":  # a MindSpore .ckpt: tensors only
+        write_ckpt_streaming(target, specs, tensors)
         return target
     os.makedirs(target, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".merge_", dir=target) as tmp:

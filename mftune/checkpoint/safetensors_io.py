@@ -199,14 +199,26 @@ def write_safetensors_streaming(path: str, specs: Sequence[Spec], tensors: Itera
     raw += b" " * (-len(raw) % 8)
     with atomic_open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        stream = iter(tensors)
-        for spec in specs:
-            name, tensor = next(stream, (None, None))
-            got = None if tensor is None else (name, tensor.dtype, tuple(tensor.shape))
-            if got != tuple(spec):
-                raise CheckpointError(f"writing {path}: expected tensor {spec}, got {got}.")
-            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        for _, tensor in checked_stream(path, specs, tensors):
+            f.write(tensor_bytes(tensor))
             del tensor  # not held while the next one is read: peak ~ one tensor
-        if next(stream, None) is not None:
-            raise CheckpointError(f"writing {path}: more tensors than the {len(specs)} in its header.")
     return offset
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (on the CPU, contiguous), as both writers store them."""
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def checked_stream(path: str, specs: Sequence, tensors: Iterable[tuple[str, torch.Tensor]]):
+    """``tensors`` one by one, each checked against its ``(name, dtype, shape)`` spec; a tensor other than
+    the spec says, or a count other than the specs', is an error naming ``path`` (the file being written)."""
+    stream = iter(tensors)
+    for spec in specs:
+        name, tensor = next(stream, (None, None))
+        got = None if tensor is None else (name, tensor.dtype, tuple(tensor.shape))
+        if got != tuple(spec):
+            raise CheckpointError(f"writing {path}: expected tensor {spec}, got {got}.")
+        yield name, tensor
+    if next(stream, None) is not None:
+        raise CheckpointError(f"writing {path}: more tensors than the {len(specs)} expected.")

@@ -7,7 +7,12 @@ run into ``<output_dir>/strategy`` and by ``--only_save_strategy``) as
 ``<dst>/<name>/rank_{r}/<prefix><r>.safetensors``: rank r's block of every tensor, with a header
 recording each block (the same per-rank format the trainer saves, so it loads in any layout) and a
 ``meta.json`` holding the file's size. Without a destination strategy the result is one complete
-file, ``rank_0/<prefix>0.safetensors`` (distributed -> complete).
+file, ``rank_0/<prefix>0.safetensors`` (distributed -> complete). A destination strategy may also be
+a MindSpore one (``ckpt_strategy_rank_{r}.ckpt`` of a MindFormers run, ``mindspore.strategy``), and
+``output_format="ckpt"`` writes MindSpore ``.ckpt`` rank files (``rank_{r}/<prefix><r>.ckpt``, each
+rank's slices in MindFormers' names: what MindFormers loads without auto_trans_ckpt) or, without a
+destination strategy, one complete ``.ckpt``; a distributed ``.ckpt`` output needs a MindSpore
+strategy (MindSpore reads no other).
 
 What goes where, for destination rank r:
 - a model parameter and its optimizer moments (``adam_m.``/``adam_v.``): r's block of it;
@@ -38,9 +43,12 @@ import torch
 import torch.distributed as dist
 
 from mftune.checkpoint.entries import Entry
-from mftune.checkpoint.formats import checkpoint_header, distributed, open_checkpoint, recognise
+from mftune.checkpoint.formats import checkpoint_header, distributed, mindspore_ranks, open_checkpoint, recognise
 from mftune.checkpoint.formats.distributed import distributed_entries, file_blocks, rank_files
 from mftune.checkpoint.keys import PER_RANK_KEYS, SCALAR_KEYS, moment_names, parameter_of
+from mftune.checkpoint.mindspore.ckpt import is_ckpt, write_ckpt_streaming
+from mftune.checkpoint.mindspore.names import to_mindformers
+from mftune.checkpoint.mindspore.strategy import MindSporeStrategy
 from mftune.checkpoint.safetensors_io import encode_metadata, safetensors_header, write_safetensors_streaming
 from mftune.errors import CheckpointError
 from mftune.fileio import atomic_open, inside
@@ -51,12 +59,13 @@ logger = logging.getLogger("mftune")
 STRATEGY_FILE = re.compile(r"ckpt_strategy_rank_(\d+)\.json$")
 MARKER = re.compile(r"transform_(succeed|failed)_rank_(\d+)\.txt$")
 DEFAULT_PREFIX = "checkpoint_"
+OUTPUT_FORMATS = {"mftune": ".safetensors", "safetensors": ".safetensors", "ckpt": ".ckpt", "mindspore": ".ckpt"}
 
 
 def checkpoint_name(src: str) -> str:
     """MindFormers' ``<ckpt_name>``: a file's name without its extension, a directory's base name."""
     base = os.path.basename(os.path.normpath(src))
-    return base.removesuffix(".safetensors") if os.path.isfile(src) else base
+    return os.path.splitext(base)[0] if os.path.isfile(src) and base.endswith((".safetensors", ".ckpt")) else base
 
 
 def read_strategy(path: str, world_size: int | None = None) -> dict[int, dict]:
@@ -147,16 +156,24 @@ def destination_blocks(entries: dict[str, Entry], record: dict | None) -> dict[s
     return out
 
 
-def transform(src: str, dst_dir: str, strategy: dict[int, dict] | None, ranks: Iterable[int], *,
+def transform(src: str, dst_dir: str, strategy: dict[int, dict] | MindSporeStrategy | None, ranks: Iterable[int], *,
               prefix: str = DEFAULT_PREFIX, files: list[str] | None = None, name: str | None = None,
-              progress: Progress | None = None) -> list[str]:
-    """Write ``<dst_dir>/<name>/rank_{r}/<prefix><r>.safetensors`` for each destination rank in
-    ``ranks`` (``strategy`` None: one complete file for rank 0). ``files``: the rank files of a
-    distributed source to use (default: each rank folder's last complete file). Returns the paths."""
+              progress: Progress | None = None, src_strategy: str = "", output_format: str = "mftune") -> list[str]:
+    """Write ``<dst_dir>/<name>/rank_{r}/<prefix><r>.safetensors`` (``output_format="ckpt"``: ``.ckpt``)
+    for each destination rank in ``ranks`` (``strategy`` None: one complete file for rank 0).
+    ``files``: the rank files of a distributed source to use (default: each rank folder's last
+    complete file); ``src_strategy``: the strategy of a distributed MindSpore source. Returns the paths."""
+    suffix = _suffix(output_format)
     name = name or checkpoint_name(src)
     out_root = os.path.join(dst_dir, name)
     refuse_overlap(src, out_root)
-    entries = distributed_entries(src, files) if files else open_checkpoint(src)
+    entries = distributed_entries(src, files) if files else open_checkpoint(src, src_strategy)
+    if isinstance(strategy, MindSporeStrategy):
+        strategy = strategy.records({n: e.shape for n, e in entries.items()})
+    elif strategy and suffix == ".ckpt":
+        raise CheckpointError("a distributed .ckpt checkpoint is read by MindSpore through a MindSpore strategy: "
+                              "pass the strategy/ folder of a MindFormers run (ckpt_strategy_rank_*.ckpt) as the "
+                              "destination strategy, or none for one complete .ckpt.")
     header = checkpoint_header(files[0] if files else src)
     header["transformed_from"] = {"path": os.path.abspath(src), "name": name}
     written = []
@@ -167,8 +184,15 @@ def transform(src: str, dst_dir: str, strategy: dict[int, dict] | None, ranks: I
                             "data_parallel": mesh.get("dp", 1), "model_parallel": mesh.get("tp", 1)}
         blocks = destination_blocks(entries, record)
         written.append(_write_rank(entries, blocks, os.path.join(out_root, f"rank_{rank}"),
-                                   f"{prefix}{rank}.safetensors", rank, header, progress))
+                                   f"{prefix}{rank}{suffix}", rank, header, progress))
     return written
+
+
+def _suffix(output_format: str) -> str:
+    if output_format not in OUTPUT_FORMATS:
+        raise CheckpointError(f"output_format={output_format} is invalid: use mftune (.safetensors) or ckpt "
+                              f"(MindSpore .ckpt).")
+    return OUTPUT_FORMATS[output_format]
 
 
 def _write_rank(entries: dict[str, Entry], blocks: dict, rank_dir: str, file_name: str, rank: int,
@@ -176,10 +200,6 @@ def _write_rank(entries: dict[str, Entry], blocks: dict, rank_dir: str, file_nam
     start = time.time()
     names = [n for n, b in blocks.items() if b is not None]
     specs = [(n, entries[n].dtype, tuple(s.stop - s.start for s in blocks[n])) for n in names]
-    shards = {n: {"global_shape": list(entries[n].shape), "block": [[s.start, s.stop] for s in blocks[n]]}
-              for n in names if tuple(s.stop - s.start for s in blocks[n]) != entries[n].shape}
-    metadata = encode_metadata({**{k: v for k, v in header.items() if k != "shards"},
-                                **({"shards": {"rank": rank, "tensors": shards}} if shards else {})})
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         items = with_progress(progress, names, len(names))
@@ -188,9 +208,16 @@ def _write_rank(entries: dict[str, Entry], blocks: dict, rank_dir: str, file_nam
 
     path = os.path.join(rank_dir, file_name)
     os.makedirs(rank_dir, exist_ok=True)
-    size = write_safetensors_streaming(path, specs, stream(), metadata)
-    with atomic_open(os.path.join(rank_dir, "meta.json")) as f:
-        json.dump({"last_ckpt_file": file_name, "file_size": os.path.getsize(path)}, f)
+    if is_ckpt(path):  # MindFormers' names; no header, no meta.json (MindFormers reads its own there)
+        size = write_ckpt_streaming(path, *to_mindformers(specs, stream()))
+    else:
+        shards = {n: {"global_shape": list(entries[n].shape), "block": [[s.start, s.stop] for s in blocks[n]]}
+                  for n in names if tuple(s.stop - s.start for s in blocks[n]) != entries[n].shape}
+        metadata = encode_metadata({**{k: v for k, v in header.items() if k != "shards"},
+                                    **({"shards": {"rank": rank, "tensors": shards}} if shards else {})})
+        size = write_safetensors_streaming(path, specs, stream(), metadata)
+        with atomic_open(os.path.join(rank_dir, "meta.json")) as f:
+            json.dump({"last_ckpt_file": file_name, "file_size": os.path.getsize(path)}, f)
     logger.info("Transformed rank %d: %s (%d tensors, %.2f GB) in %.1f s", rank, path, len(names),
                 size / 1e9, time.time() - start)
     return path
@@ -224,17 +251,18 @@ def worker_ranks(world_size: int, process_num: int) -> dict[int, list[int]]:
 
 def check_destination(out_root: str) -> None:
     """Refuse a destination folder that holds anything besides an earlier transform's output
-    (rank folders of files whose header says ``transformed_from``, their meta.json, markers): it
-    would be overwritten or removed."""
+    (rank folders of files whose header says ``transformed_from``, their meta.json, markers; .ckpt
+    files, which have no header, next to the markers of a transform): it would be overwritten or removed."""
     if not os.path.isdir(out_root):
         return
+    marked = any(MARKER.fullmatch(e) for e in os.listdir(out_root))
     for entry in sorted(os.listdir(out_root)):
         path = os.path.join(out_root, entry)
         if MARKER.fullmatch(entry):
             continue
         if entry.startswith("rank_") and os.path.isdir(path):
             foreign = [f for f in sorted(os.listdir(path)) if f != "meta.json" and ".tmp." not in f
-                       and not _transformed(os.path.join(path, f))]
+                       and not _transformed(os.path.join(path, f), marked)]
             if not foreign:
                 continue
             path = os.path.join(path, foreign[0])
@@ -244,7 +272,9 @@ def check_destination(out_root: str) -> None:
             f"(another output_dir / --dst_checkpoint_dir).")
 
 
-def _transformed(file: str) -> bool:
+def _transformed(file: str, marked: bool) -> bool:
+    if is_ckpt(file):
+        return marked
     try:
         return "mftune_transformed_from" in safetensors_header(file)[2]
     except CheckpointError:
@@ -306,9 +336,10 @@ def auto_transform(src: str, output_dir: str, *, rank: int, world_size: int, pro
     error = None
     try:
         refuse_overlap(src, out_root)
-        if src_strategy and (recognise(src) is distributed or len(files or []) > 1):
+        kind = recognise(src)
+        if src_strategy and kind is not mindspore_ranks and (kind is distributed or len(files or []) > 1):
             check_source_strategy(src_strategy, files or rank_files(src))
-        elif src_strategy:
+        elif src_strategy and kind is not mindspore_ranks:
             logger.warning("src_strategy_path_or_dir=%s ignored: %s is a complete checkpoint", src_strategy, src)
         if rank == 0:
             clear_destination(out_root)
@@ -318,7 +349,7 @@ def auto_transform(src: str, output_dir: str, *, rank: int, world_size: int, pro
     if rank in workers:  # the collective above also ensured every strategy file is written
         try:
             strategy = read_strategy(os.path.join(output_dir, "strategy"), world_size) if world_size > 1 else None
-            transform(src, os.path.dirname(out_root), strategy, workers[rank], files=files)
+            transform(src, os.path.dirname(out_root), strategy, workers[rank], files=files, src_strategy=src_strategy)
         except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised
             logger.exception("checkpoint transform failed")
             error = f"{type(exc).__name__}: {exc}"

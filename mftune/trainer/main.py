@@ -1,10 +1,10 @@
 """``run_finetune.py``'s body: one ``main()`` that reads top to bottom (STYLE #5).
 
 config -> launch checks -> process group -> output dir -> data -> model (PET, parallelize, weights)
--> optimizer -> resume -> loop -> save -> report. run_mode ``train`` trains every parameter
-(pet_config is not applied); ``finetune`` applies pet_config when present (LoRA: only adapters
-train) and is a full-parameter fine-tune otherwise; ``eval`` and ``predict`` build the model the
-same way and run ``mftune.trainer.evaluate`` / ``mftune.trainer.predict``.
+-> optimizer -> resume -> loop -> save -> report. ``train`` and ``finetune`` apply pet_config when
+present (LoRA: only adapters train, as MindFormers does in both) and train every parameter otherwise;
+``eval`` and ``predict`` build the model the same way and run ``mftune.trainer.evaluate`` /
+``mftune.trainer.predict``.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import random
 
 import torch
 
+from mftune.checkpoint.formats import mindspore_ranks
 from mftune.config.cli import parse_cli
 from mftune.config.load import save_config
 from mftune.config.schema import MFConfig
@@ -227,7 +228,8 @@ def _check_supported(cfg: MFConfig) -> None:
                         f"strategy folder {own}, which the run rewrites with its layout at start-up. Copy the "
                         f"source run's strategy elsewhere and point there, or leave it empty (mftune's rank "
                         f"files record their own layout).")
-    if cfg.src_strategy_path_or_dir and not cfg.auto_trans_ckpt:
+    read_with_strategy = os.path.isdir(cfg.load_checkpoint or "") and mindspore_ranks.matches(cfg.load_checkpoint)
+    if cfg.src_strategy_path_or_dir and not cfg.auto_trans_ckpt and not read_with_strategy:
         logger.warning("src_strategy_path_or_dir=%s has no effect without auto_trans_ckpt True",
                        cfg.src_strategy_path_or_dir)
     for key, on in (("parallel.enable_parallel_optimizer", cfg.parallel.enable_parallel_optimizer),

@@ -57,6 +57,10 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
     """Fill the materialised ``model`` as ``plan`` says; returns what the run's checkpoints record."""
     if plan.source == "init":
         model.init_weights(fill_from_full)
+        named = cfg.model.model_config.get("checkpoint_name_or_path")
+        if named:  # MindFormers would download that model's weights; mftune reads only load_checkpoint
+            logger.warning("model.model_config.checkpoint_name_or_path=%s is not loaded: mftune downloads nothing "
+                           "and reads weights from load_checkpoint only (empty: random initialisation)", named)
         if cfg.run_mode != "train":
             logger.warning("load_checkpoint is empty: %s with randomly initialised weights", cfg.run_mode)
         return LoadedWeights({}, None)
@@ -69,7 +73,8 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
             point = dataclasses.replace(point, entries=distributed_entries(*_transform(cfg, ctx, point.files)))
         return LoadedWeights(base, point)
     # every base tensor must be in the checkpoint (or in the base its header records, for a LoRA-only one)
-    report = load_checkpoint(model, _transform(cfg, ctx)[0] if plan.transform else plan.path)
+    report = (load_checkpoint(model, _transform(cfg, ctx)[0]) if plan.transform else
+              load_checkpoint(model, plan.path, src_strategy=cfg.src_strategy_path_or_dir))
     if report["fresh_lora"] and cfg.run_mode in ("eval", "predict"):
         logger.warning("%d LoRA tensors are not in load_checkpoint=%s: they start fresh (B = 0), so "
                        "the %s uses the base model alone", len(report["fresh_lora"]), plan.path, cfg.run_mode)

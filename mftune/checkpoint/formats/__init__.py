@@ -3,7 +3,10 @@
 Each on-disk format is one module with ``matches(path)``, ``entries(path)`` (``{mftune
 name: Entry}``) and ``header(path)`` (the mftune header: model_config, pet_config, base_checkpoint,
 ... when recorded). ``FORMATS`` lists them in the order they are tried: a path is read by the first
-that matches. Adding a format is a new module plus one line in ``FORMATS``.
+that matches (files and directories are matched by different modules, so only the order among
+each kind matters). Adding a format is a new module plus one line in ``FORMATS``. A distributed
+MindSpore checkpoint is also read with the strategy files of the run that saved it
+(``src_strategy``: the ``src_strategy_path_or_dir`` option); other formats ignore it.
 """
 from __future__ import annotations
 
@@ -12,14 +15,18 @@ from types import ModuleType
 from typing import Any
 
 from mftune.checkpoint.entries import Entry
-from mftune.checkpoint.formats import distributed, file_dir, huggingface, peft_adapter, single_file
+from mftune.checkpoint.fused import split_fused
+from mftune.checkpoint.formats import (distributed, file_dir, huggingface, mindspore_ckpt, mindspore_ranks,
+                                       peft_adapter, single_file)
 from mftune.errors import CheckpointError
 
 FORMATS: tuple[ModuleType, ...] = (
-    single_file,  # a complete mftune .safetensors file
     peft_adapter,  # adapter_config.json (+ complete files beside it)
     huggingface,  # config.json + transformers' weight files
-    distributed,  # rank_*/ folders
+    mindspore_ckpt,  # a MindSpore .ckpt file, or a directory of them (no rank_*/ folders)
+    single_file,  # any other file: a complete mftune .safetensors file
+    mindspore_ranks,  # rank_*/ folders of .ckpt files (+ the MindSpore strategy of the run)
+    distributed,  # rank_*/ folders of mftune .safetensors files
     file_dir,  # any other directory: its complete .safetensors files together
 )
 
@@ -35,9 +42,12 @@ def recognise(path: str) -> ModuleType:
     return found
 
 
-def open_checkpoint(path: str) -> dict[str, Entry]:
-    """Every tensor ``path`` provides, by mftune name."""
-    return recognise(path).entries(path)
+def open_checkpoint(path: str, src_strategy: str = "") -> dict[str, Entry]:
+    """Every tensor ``path`` provides, by mftune name (``src_strategy``: the strategy a distributed
+    MindSpore checkpoint was saved with)."""
+    fmt = recognise(path)
+    entries = fmt.entries(path, src_strategy) if fmt is mindspore_ranks else fmt.entries(path)
+    return split_fused(entries)  # MindFormers' qkv_concat checkpoints: w_qkv / w_gate_hidden split
 
 
 def checkpoint_header(path: str) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from mftune.checkpoint.entries import Entry
-from mftune.checkpoint.safetensors_io import FROM_ST, Block, read_block, read_metadata, safetensors_header
+from mftune.checkpoint.entries import Entry, assemble
+from mftune.checkpoint.safetensors_io import FROM_ST, read_block, read_metadata, safetensors_header
 from mftune.errors import CheckpointError
 
 
@@ -102,29 +102,6 @@ def distributed_entries(root: str, files: list[str] | None = None) -> dict[str, 
             shapes[key], dtypes[key] = shape, FROM_ST[header[key]["dtype"]]
             if not any(b == block for _, b in pieces.setdefault(key, [])):  # replicas: read one copy
                 pieces[key].append((file, block))
-    return {name: Entry(shapes[name], lambda block, name=name: _assemble(name, block, pieces[name]),
+    return {name: Entry(shapes[name], lambda block, name=name: assemble(name, block, pieces[name], read_block,
+                                                                        dtypes[name], root),
                         root, dtypes[name]) for name in pieces}
-
-
-def _assemble(name: str, block: Block, pieces: list) -> torch.Tensor:
-    out, filled = None, 0
-    want = [(s.start or 0, s.stop) for s in block]
-    for file, held in pieces:
-        inter = [(max(lo, plo), min(hi, phi)) for (lo, hi), (plo, phi) in zip(want, held)]
-        if any(lo >= hi for lo, hi in inter):
-            continue
-        src = read_block(file, name, tuple(slice(lo - plo, hi - plo) for (lo, hi), (plo, _) in zip(inter, held)))
-        if out is None:
-            out = torch.empty([hi - lo for lo, hi in want], dtype=src.dtype)
-        out[tuple(slice(lo - wlo, hi - wlo) for (lo, hi), (wlo, _) in zip(inter, want))] = src
-        filled += src.numel()
-    numel = 1
-    for lo, hi in want:
-        numel *= hi - lo
-    if filled != numel:
-        raise CheckpointError(f"distributed checkpoint: the rank files hold {filled} of the {numel} values "
-                              f"of {name} this rank needs; a rank_*/ folder is missing or incomplete.")
-    if out is None:  # an empty block (e.g. the last rank's piece of a short tensor): right dtype, no bytes
-        dtype = FROM_ST[safetensors_header(pieces[0][0])[1][name]["dtype"]]
-        out = torch.empty([hi - lo for lo, hi in want], dtype=dtype)
-    return out
