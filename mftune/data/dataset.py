@@ -1,20 +1,26 @@
 """The dataset a run reads (``train_dataset`` / ``eval_dataset``), checked against the model before
-the model is built: a tokenized directory as written, or a raw data file tokenized on first use
-(``mftune.data.raw``: rank 0 builds the cache, every rank reads it)."""
+the model is built: a tokenized directory as written, a raw data file tokenized on first use
+(``mftune.data.raw``), or a MindRecord set converted on first use (``mftune.data.mindrecord_cache``).
+Rank 0 builds a cache, every rank reads it."""
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch.distributed as dist
 
 from mftune.config.schema import MFConfig
 from mftune.data.loader import TrainData
+from mftune.data.mindrecord import is_mindrecord_dir
+from mftune.data.mindrecord_cache import Converted, cached_mindrecord
 from mftune.data.raw import cached_dataset, is_raw
 from mftune.errors import DataError
 from mftune.models.config import LlamaConfig
 
 logger = logging.getLogger("mftune")
+T = TypeVar("T")
 
 
 def open_dataset(cfg: MFConfig, model_config: LlamaConfig, *, dp_rank: int, dp_size: int,
@@ -27,30 +33,38 @@ def open_dataset(cfg: MFConfig, model_config: LlamaConfig, *, dp_rank: int, dp_s
     loader_cfg, train = dataset.data_loader, which == "train_dataset"
     if not loader_cfg.dataset_dir:
         raise DataError(f"{which}.data_loader.dataset_dir is empty. Pass --{which}_dir DIR "
-                        f"(a directory written by scripts/llama_preprocess.py, or a raw .json / .jsonl / "
-                        f".parquet file with processor.tokenizer.vocab_file set).")
-    dataset_dir = loader_cfg.dataset_dir
+                        f"(a directory written by scripts/llama_preprocess.py, a MindRecord file or directory, "
+                        f"or a raw .json / .jsonl / .parquet file with processor.tokenizer.vocab_file set).")
+    dataset_dir, read = loader_cfg.dataset_dir, None
     if is_raw(dataset_dir):  # tokenized on first use (rank 0), cached in output_dir, reused afterwards
         dataset_dir = _raw_dataset(cfg, model_config, dataset_dir, loader_cfg.packing, dataset.num_parallel_workers)
     elif loader_cfg.packing:
         raise DataError(f"{which}.data_loader.packing=True packs raw data files, but dataset_dir={dataset_dir} "
-                        f"is a tokenized directory, read as written. Pack it with scripts/llama_preprocess.py "
-                        f"--packing, or set packing to False.")
+                        f"is tokenized data (a directory or MindRecord), read as written. Pack it with "
+                        f"scripts/llama_preprocess.py --packing, or set packing to False.")
+    elif os.path.isfile(dataset_dir) or is_mindrecord_dir(dataset_dir):  # a file that is not MindRecord says so
+        converted = _mindrecord_dataset(cfg, dataset_dir, which)
+        dataset_dir, read = converted.path, converted.records
     try:
         data = TrainData(dataset_dir, micro_batch_size=runner.batch_size if train else dataset.batch_size,
                          grad_accum=runner.gradient_accumulation_steps if train else 1,
                          dp_rank=dp_rank, dp_size=dp_size, shuffle=loader_cfg.shuffle if train else False,
                          seed=cfg.seed, drop_remainder=dataset.drop_remainder if train else False,
-                         num_samples=loader_cfg.num_samples)
+                         num_samples=loader_cfg.num_samples, repeat=dataset.repeat if train else 1)
     except ValueError as exc:
         raise DataError(f"{which}: {exc}") from None
     check_against_model(data, model_config, loader_cfg.dataset_dir)
+    if read is not None:
+        logger.info("MindRecord %s: %d records read, %d used (num_samples=%s)", loader_cfg.dataset_dir, read,
+                    data.num_records, loader_cfg.num_samples)
     if train:
-        logger.info("Dataset %s: %d records, global batch %d, %d steps per epoch, %d epochs",
-                    loader_cfg.dataset_dir, data.num_records, data.global_batch_size,
-                    data.steps_per_epoch, runner.epochs)
+        logger.info("Dataset %s: %d records, global batch %d, %d steps per epoch%s, %d epochs",
+                    loader_cfg.dataset_dir, data.num_records, data.global_batch_size, data.steps_per_epoch,
+                    f" ({data.repeat} passes: train_dataset.repeat)" if data.repeat > 1 else "", runner.epochs)
     else:
-        logger.info("Eval dataset %s: %d records", loader_cfg.dataset_dir, data.num_records)
+        logger.info("Eval dataset %s: %d records%s", loader_cfg.dataset_dir, data.num_records,
+                    f" (each once: eval_dataset.repeat={dataset.repeat} would repeat the same mean loss)"
+                    if dataset.repeat != 1 else "")
     return data
 
 
@@ -81,10 +95,29 @@ def _raw_dataset(cfg: MFConfig, model_config: LlamaConfig, path: str, packing: b
 
     def build() -> str:
         try:
-            return cached_dataset(*args)
+            return cached_dataset(*args, tokenizer_type=cfg.processor.tokenizer.type,
+                                  template=cfg.processor.tokenizer.chat_template)
         except (DataError, OSError) as exc:  # the same error on every rank
             raise DataError(f"dataset_dir={path}: {exc}") from None
 
+    return _built_by_rank0(build)
+
+
+def _mindrecord_dataset(cfg: MFConfig, path: str, which: str) -> Converted:
+    """The converted cache of a MindRecord set (mftune.data.mindrecord_cache): built by rank 0, read by all."""
+    cache_root = os.path.join(os.path.abspath(cfg.output_dir), "dataset_cache")
+
+    def build() -> Converted:
+        try:
+            return cached_mindrecord(path, cache_root)
+        except (DataError, OSError) as exc:  # the same error on every rank
+            raise DataError(f"{which}.data_loader.dataset_dir={path}: {exc}") from None
+
+    return _built_by_rank0(build)
+
+
+def _built_by_rank0(build: Callable[[], T]) -> T:
+    """``build()`` on rank 0 first (it writes a cache), then on the other ranks (they find it)."""
     if not dist.is_initialized():
         return build()
     if dist.get_rank() == 0:
