@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mftune.models.config import DTYPES, LlamaConfig, rope_method
+from mftune.models.config import DTYPES, LLAMA3_SCALING_KEYS, LlamaConfig, rope_method
 
 # Names outside the decoder layers.
 HF_TO_MFTUNE_TOP: dict[str, str] = {
@@ -102,7 +102,8 @@ def hf_config_to_model_config(hf: dict[str, Any]) -> dict[str, Any]:
 
     ``seq_length`` defaults to ``max_position_embeddings`` (a YAML value overlaid later wins);
     ``torch_dtype`` (or 5.x ``dtype``) becomes ``param_init_type``; linear RoPE scaling becomes
-    ``extend_method: PI``. Features mftune's model cannot represent are a ValueError naming the key.
+    ``extend_method: PI``, ``rope_type: llama3`` ``extend_method: LLAMA3`` with its four keys as the
+    ``scaling_factor`` mapping. Features mftune's model cannot represent are a ValueError naming the key.
     """
     errors = []
     if hf.get("model_type", "llama") != "llama":
@@ -116,6 +117,7 @@ def hf_config_to_model_config(hf: dict[str, Any]) -> dict[str, Any]:
     if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
         errors.append(f"head_dim={head_dim} is invalid: mftune needs head_dim == hidden_size / num_attention_heads.")
     mc: dict[str, Any] = {dst: hf[src] for src, dst in HF_TO_MODEL_CONFIG.items() if hf.get(src) is not None}
+    mc["mask_pad_token"] = False  # transformers hides padding by attention_mask, never by token id
     if "max_position_embedding" in mc:
         mc["seq_length"] = mc["max_position_embedding"]
     theta, scaling = _rope(hf)
@@ -125,8 +127,13 @@ def hf_config_to_model_config(hf: dict[str, Any]) -> dict[str, Any]:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind == "linear":
             mc["extend_method"], mc["scaling_factor"] = "PI", float(scaling["factor"])
+        elif kind == "llama3":
+            mc["extend_method"] = "LLAMA3"
+            scaling = {"original_max_position_embeddings": hf.get("max_position_embeddings"), **scaling}
+            mc["scaling_factor"] = {k: scaling[k] for k in LLAMA3_SCALING_KEYS if scaling.get(k) is not None}
         elif kind not in (None, "default"):
-            errors.append(f"rope_scaling type={kind!r} is invalid: only 'linear' (extend_method PI) converts.")
+            errors.append(f"rope_scaling type={kind!r} is invalid: only 'linear' (extend_method PI) and "
+                          f"'llama3' (extend_method LLAMA3) convert.")
     dtype = hf.get("torch_dtype", hf.get("dtype"))
     if dtype is not None:
         if str(dtype) not in _DTYPE_NAMES:
@@ -160,7 +167,7 @@ def model_config_to_hf_config(mc: dict[str, Any]) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": float(cfg.theta),
-        "rope_scaling": {"rope_type": "linear", "factor": float(cfg.scaling_factor)} if method == "PI" else None,
+        "rope_scaling": _hf_rope_scaling(method, cfg.scaling_factor),
         "max_position_embeddings": cfg.max_position_embedding,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
@@ -172,3 +179,12 @@ def model_config_to_hf_config(mc: dict[str, Any]) -> dict[str, Any]:
         "attention_bias": False,
         "mlp_bias": False,
     }
+
+
+def _hf_rope_scaling(method: str, scaling_factor: Any) -> dict[str, Any] | None:
+    """config.json's ``rope_scaling`` of extend_method PI (linear) or LLAMA3 (llama3); None otherwise."""
+    if method == "PI":
+        return {"rope_type": "linear", "factor": float(scaling_factor)}
+    if method == "LLAMA3":
+        return {"rope_type": "llama3", **{k: scaling_factor[k] for k in LLAMA3_SCALING_KEYS}}
+    return None

@@ -1,16 +1,23 @@
-"""Prompt templates of MindFormers' Llama data tools.
+"""Prompt templates of MindFormers' Llama data tools, and Llama 3's chat format.
 
 - The Vicuna v1.1 conversation template (`mindformers/tools/dataset_preprocess/llama/conversation.py`,
   adapted from FastChat): `"{system} USER: {prompt} ASSISTANT: {answer}</s>"`, separator style
-  ADD_COLON_TWO (sep " " after a user turn, sep2 "</s>" after an assistant turn).
+  ADD_COLON_TWO (sep " " after a user turn, sep2 "</s>" after an assistant turn). MindFormers'
+  Llama 3 tools (`research/llama3/llama_preprocess.py` and `conversation.py`, v1.1.0 to v1.5.0) use
+  this same template with the Llama 3 tokenizer.
 - The Stanford-Alpaca prompt that `alpaca_converter.py` puts in the human turn.
+- Llama 3 Instruct's chat format (Meta's; the chat template of its Hugging Face tokenizer_config.json):
+  `<|begin_of_text|>` then per message `<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>`
+  with the content stripped. No MindFormers tool writes it; mftune offers it as the `llama3` template.
 
-The strings are byte-for-byte MindFormers'; tokenisation and the label mask depend on them.
+The strings are byte-for-byte MindFormers' (and Meta's); tokenisation and the label mask depend on them.
 """
 from __future__ import annotations
 
 import dataclasses
 from enum import Enum, auto
+
+from mftune.data.tiktoken_tokenizer import BOS_TOKEN, END_HEADER, EOT, START_HEADER
 
 
 class SeparatorStyle(Enum):
@@ -93,3 +100,19 @@ def vicuna_prompt(user: str, assistant: str | None = None) -> str:
     conv.append_message(conv.roles[0], user)
     conv.append_message(conv.roles[1], assistant)
     return conv.get_prompt()
+
+
+LLAMA3_ROLES = ("user", "assistant")  # a conversation's turn index 0 / 1 (human / gpt)
+
+
+def llama3_header(role: str) -> str:
+    """The header that opens a Llama 3 message: ``<|start_header_id|>{role}<|end_header_id|>\\n\\n``."""
+    return f"{START_HEADER}{role}{END_HEADER}\n\n"
+
+
+def llama3_prompt(messages: list[tuple[str, str]], add_generation_prompt: bool = False) -> str:
+    """Llama 3's chat text of ``(role, content)`` messages (roles system / user / assistant), as Meta's chat
+    template renders it: ``<|begin_of_text|>``, then each message's header, its stripped content and
+    ``<|eot_id|>``; ``add_generation_prompt`` appends the assistant header (the predict prompt)."""
+    text = BOS_TOKEN + "".join(llama3_header(role) + content.strip() + EOT for role, content in messages)
+    return text + llama3_header("assistant") if add_generation_prompt else text

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from mftune.data.conversation import get_default_conv_template
-from mftune.data.tokenizer import LlamaTokenizer
+from mftune.data.tokenizer_kinds import Tokenizer
 
 IGNORE_TOKEN_ID = -100
 
@@ -20,7 +20,7 @@ class Tokenized:
     length: int            # ids before padding (<= record_length)
 
 
-def tokenize_prompt(prompt: str, tokenizer: LlamaTokenizer, record_length: int) -> Tokenized:
+def tokenize_prompt(prompt: str, tokenizer: Tokenizer, record_length: int) -> Tokenized:
     """Tokenize one Vicuna prompt and mask its labels the way MindFormers does.
 
     ids = [<s>] + per round (split on "</s>") its tokens + [</s>]; pad with pad id (0) to
@@ -36,9 +36,9 @@ def tokenize_prompt(prompt: str, tokenizer: LlamaTokenizer, record_length: int) 
     return tokenize_prompts([prompt], tokenizer, record_length)[0]
 
 
-def tokenize_prompts(prompts: list[str], tokenizer: LlamaTokenizer, record_length: int) -> list[Tokenized]:
+def tokenize_prompts(prompts: list[str], tokenizer: Tokenizer, record_length: int) -> list[Tokenized]:
     """``tokenize_prompt`` of each prompt; the texts of all of them are encoded in two batched
-    sentencepiece calls (rounds, instruction parts), which is several times faster than one call each."""
+    tokenizer calls (rounds, instruction parts), which is several times faster than one call each."""
     conv = get_default_conv_template("vicuna")
     sep = conv.sep + conv.roles[1] + ": "
     rounds: list[list[str]] = []
@@ -51,8 +51,8 @@ def tokenize_prompts(prompts: list[str], tokenizer: LlamaTokenizer, record_lengt
         rounds.append(rs)
     instructions = [[parts[0] + sep if len(parts) == 2 else None for parts in (rou.split(sep) for rou in rs)]
                     for rs in rounds]
-    round_ids = iter(tokenizer.sp.encode([r for rs in rounds for r in rs]))
-    instruction_ids = iter(tokenizer.sp.encode([i for ins in instructions for i in ins if i is not None]))
+    round_ids = iter(tokenizer.encode_batch([r for rs in rounds for r in rs]))
+    instruction_ids = iter(tokenizer.encode_batch([i for ins in instructions for i in ins if i is not None]))
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     out = []
     for rs, ins in zip(rounds, instructions):
@@ -84,10 +84,15 @@ def tokenize_prompts(prompts: list[str], tokenizer: LlamaTokenizer, record_lengt
     return out
 
 
-def tokenize_batch(batch: dict, tokenizer: LlamaTokenizer, record_length: int, pad: bool = True) -> dict:
+def tokenize_batch(batch: dict, tokenizer: Tokenizer, record_length: int, pad: bool = True) -> dict:
     """``pad``: records of ``record_length``; False: each sample only as long as its tokens (for packing)."""
+    return batch_columns(tokenize_prompts(batch["text"], tokenizer, record_length), record_length, pad)
+
+
+def batch_columns(tokenized: list[Tokenized], record_length: int, pad: bool = True) -> dict:
+    """The columns ``datasets.map`` writes for tokenized samples (input_ids, labels and the counts)."""
     out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": [], "_tokens": [], "_labelled": []}
-    for t in tokenize_prompts(batch["text"], tokenizer, record_length):
+    for t in tokenized:
         n = record_length if pad else t.length
         out["input_ids"].append(t.input_ids[:n])
         out["labels"].append(t.labels[:n])

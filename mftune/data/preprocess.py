@@ -4,10 +4,10 @@ Two steps, as in MindFormers' `mindformers/tools/dataset_preprocess/llama/`:
 
 1. `convert_alpaca`: alpaca records `{instruction, input, output}` -> `{"id", "conversations":
    [{"from": "human", "value": <alpaca prompt>}, {"from": "gpt", "value": output}]}`.
-2. `preprocess_qa` (`--dataset_type qa`): each conversation in the Vicuna v1.1 template, tokenized
-   and labelled exactly as `llama_preprocess.py` does (`tokenize_prompt`), written with datasets'
-   `save_to_disk` instead of MindRecord. `preprocess_wiki` (`--dataset_type wiki`): plain text cut
-   into seq_length+1 token chunks.
+2. `preprocess_qa` (`--dataset_type qa`): each conversation in a template (`mftune.data.templates`;
+   default Vicuna v1.1, tokenized and labelled exactly as MindFormers' `llama_preprocess.py` does for
+   Llama 2 and Llama 3), written with datasets' `save_to_disk` instead of MindRecord.
+   `preprocess_wiki` (`--dataset_type wiki`): plain text cut into seq_length+1 token chunks.
 
 Records are `seq_length + 1` tokens (the model shifts by one). Malformed records are reported as
 `RecordError` (file, record index, field); `on_error="skip"` drops them and counts them,
@@ -30,10 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mftune.data.labelling import tokenize_batch
 from mftune.data.packing import INT_LIST, pack_dataset, records_column
-from mftune.data.records import OnError, Summary, collect, conversation_prompt, conversation_turns, read_json_records
-from mftune.data.tokenizer import LlamaTokenizer
+from mftune.data.records import OnError, Summary, collect, conversation_turns, read_json_records
+from mftune.data.templates import get_template
+from mftune.data.tokenizer_kinds import Tokenizer, build_tokenizer
 from mftune.errors import DataError
 from mftune.fileio import atomic_directory, atomic_open
 
@@ -45,36 +45,32 @@ def expand_input_glob(pattern: str) -> list[str]:
     return files
 
 
-def load_tokenizer(model_file: str) -> LlamaTokenizer:
-    try:
-        return LlamaTokenizer(model_file)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+def load_tokenizer(model_file: str, type_name: str | None = None) -> Tokenizer:
+    """The tokenizer of ``model_file`` (its kind from the file; ``type_name`` must agree when given)."""
+    return build_tokenizer(model_file, type_name)
 
 
-def preprocess_qa(input_files: list[str], tokenizer: LlamaTokenizer, seq_length: int, output_dir: str,
+def preprocess_qa(input_files: list[str], tokenizer: Tokenizer, seq_length: int, output_dir: str,
                   **kwargs: Any) -> Summary:
     """Conversation JSON files -> dataset directory (``preprocess_conversations``, same keywords)."""
     return preprocess_conversations(((path, read_json_records(path)) for path in input_files), tokenizer,
                                     seq_length, output_dir, **kwargs)
 
 
-def preprocess_conversations(sources: Iterable[tuple[str, list]], tokenizer: LlamaTokenizer, seq_length: int,
+def preprocess_conversations(sources: Iterable[tuple[str, list]], tokenizer: Tokenizer, seq_length: int,
                              output_dir: str, *, on_error: OnError = "skip", num_proc: int = 1, num_shards: int = 1,
-                             samples_num: int | None = None, packing: bool = False) -> Summary:
+                             packing: bool = False, template: str | None = None) -> Summary:
     """Conversation records, as ``(file name, records)`` pairs -> dataset directory with `input_ids`,
-    `labels` (int32, seq_length+1); with ``packing``, several conversations per record and a
-    `position_ids` column (``pack_dataset``)."""
+    `labels` (int32, seq_length+1), each conversation in ``template`` (None: MindFormers' Vicuna v1.1);
+    with ``packing``, several conversations per record and a `position_ids` column (``pack_dataset``)."""
     check_output_dir(output_dir)
+    chat = get_template(template, tokenizer)
     summary = Summary(packed=packing)
     prompts: list[str] = []
     names: list[str] = []
     for name, records in sources:
         names.append(name)
-        prompts += collect(records, name, on_error, summary,
-                            lambda rec, i: conversation_prompt(conversation_turns(rec, i)))
-    if samples_num is not None:
-        prompts = prompts[:samples_num]
+        prompts += collect(records, name, on_error, summary, lambda rec, i: chat.render(conversation_turns(rec, i)))
     if not prompts:
         first = f" (first: {summary.errors[0]})" if summary.errors else ""
         raise DataError(f"no valid record in {', '.join(names)}: {summary.skipped} malformed{first}.")
@@ -85,7 +81,7 @@ def preprocess_conversations(sources: Iterable[tuple[str, list]], tokenizer: Lla
     with atomic_directory(output_dir, lambda: check_output_dir(output_dir)) as stage:
         ds = datasets.Dataset.from_dict({"text": prompts},
                                         features=datasets.Features({"text": datasets.Value("string")}))
-        ds = ds.map(tokenize_batch, batched=True, batch_size=256, remove_columns=["text"], features=features,
+        ds = ds.map(chat.tokenize_batch, batched=True, batch_size=256, remove_columns=["text"], features=features,
                     fn_kwargs={"tokenizer": tokenizer, "record_length": record_length, "pad": not packing},
                     num_proc=num_proc if num_proc > 1 and len(ds) > 1 else None,
                     cache_file_name=os.path.join(stage.scratch, "cache", "tokenized.arrow"),
@@ -116,13 +112,12 @@ def clean_wikitext(s: str) -> str:
     return re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", s)
 
 
-def _tokenize_paragraphs(batch: dict, tokenizer: LlamaTokenizer) -> dict:
+def _tokenize_paragraphs(batch: dict, tokenizer: Tokenizer) -> dict:
     return {"ids": [tokenizer.encode(p, add_bos=True, add_eos=True) for p in batch["text"]]}
 
 
-def preprocess_wiki(input_files: list[str], tokenizer: LlamaTokenizer, seq_length: int, output_dir: str, *,
-                    repeat: int = 1, num_shards: int = 1, samples_num: int | None = None,
-                    num_proc: int = 1) -> Summary:
+def preprocess_wiki(input_files: list[str], tokenizer: Tokenizer, seq_length: int, output_dir: str, *,
+                    repeat: int = 1, num_shards: int = 1, num_proc: int = 1) -> Summary:
     """Plain text -> `input_ids` chunks of exactly seq_length+1 tokens (the tail shorter than that is dropped).
 
     As MindFormers: paragraphs (split on blank lines, "= heading =" lines skipped) are tokenized
@@ -149,8 +144,6 @@ def preprocess_wiki(input_files: list[str], tokenizer: LlamaTokenizer, seq_lengt
                     new_fingerprint=uuid.uuid4().hex, desc="Tokenizing")
         content = np.tile(pc.list_flatten(ds.data.column("ids")).to_numpy(zero_copy_only=False), repeat)
         records = len(content) // n
-        if samples_num is not None:
-            records = min(records, samples_num)
         if records == 0:
             raise DataError(f"{', '.join(input_files)} hold {len(content)} tokens, fewer than one record of "
                             f"seq_length + 1 = {n}. Pass more text or a smaller --seq_length.")

@@ -2,8 +2,9 @@
 
 A ``.json`` file (a list of alpaca records ``{instruction, input, output}`` or of conversation
 records ``{conversations: [{from, value}, ...]}``), a ``.jsonl`` file of such records, or a
-``.parquet`` file of them is turned into the records ``scripts/llama_preprocess.py`` writes (Vicuna
-template, labels masked as MindFormers does, seq_length + 1 tokens) under
+``.parquet`` file of them is turned into the records ``scripts/llama_preprocess.py`` writes (the
+tokenizer kind the file is, the Vicuna template unless told otherwise, labels masked as MindFormers
+does, seq_length + 1 tokens) under
 ``<cache_root>/<file name>-<key>/``. The key hashes the file's bytes, the tokenizer model's bytes, the
 template, seq_length and packing, so a change of any of them tokenizes again and an unchanged run
 starts at once. ``packing`` packs several conversations per record, as ``--packing`` does. Writing is
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 from mftune.data.conversation import get_default_conv_template
 from mftune.data.preprocess import is_dataset_dir, load_tokenizer, preprocess_conversations
 from mftune.data.records import convert_alpaca, read_json_records
+from mftune.data.templates import DEFAULT_TEMPLATE
 from mftune.errors import DataError
 
 logger = logging.getLogger("mftune")
@@ -50,7 +52,7 @@ def read_raw_records(path: str) -> list:
         raise DataError(f"{path}: cannot be read as parquet ({e}).") from None
 
 
-def cache_key(path: str, vocab_file: str, seq_length: int, packing: bool = False) -> str:
+def cache_key(path: str, vocab_file: str, seq_length: int, packing: bool = False, template: str | None = None) -> str:
     digest = hashlib.sha256()
     for file in (path, vocab_file):
         with open(file, "rb") as f:
@@ -60,6 +62,8 @@ def cache_key(path: str, vocab_file: str, seq_length: int, packing: bool = False
     digest.update(str(seq_length).encode())
     if packing:  # unpacked keys stay what earlier versions wrote
         digest.update(b"packing")
+    if template not in (None, DEFAULT_TEMPLATE):  # so do Vicuna keys
+        digest.update(f"template={template}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -67,14 +71,16 @@ RECORDS_PER_PROCESS = 5000  # below this a tokenizer process costs more to start
 
 
 def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_root: str,
-                   packing: bool = False, num_proc: int = 1) -> str:
+                   packing: bool = False, num_proc: int = 1, tokenizer_type: str | None = None,
+                   template: str | None = None) -> str:
     """The dataset directory for raw ``path`` (built now unless cached, with up to ``num_proc``
-    tokenizer processes); DataError names the fix."""
+    tokenizer processes); ``tokenizer_type`` (processor.tokenizer.type) must fit the file when given,
+    ``template`` names the conversation template (None: Vicuna). DataError names the fix."""
     if not vocab_file:
         raise DataError(f"dataset_dir={path} is a raw data file: tokenizing it needs processor.tokenizer.vocab_file "
                         f"(the tokenizer.model). Set it, or preprocess with scripts/llama_preprocess.py.")
     name = os.path.basename(path).rsplit(".", 1)[0]
-    out = os.path.join(cache_root, f"{name}-{cache_key(path, vocab_file, seq_length, packing)}")
+    out = os.path.join(cache_root, f"{name}-{cache_key(path, vocab_file, seq_length, packing, template)}")
     if is_dataset_dir(out):
         logger.info("Dataset %s: using the tokenized cache %s", path, out)
         return out
@@ -82,8 +88,9 @@ def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_roo
     alpaca = bool(records) and isinstance(records[0], dict) and "instruction" in records[0]
     if alpaca:
         records, _ = convert_alpaca(records, file=path)
-    summary = preprocess_conversations([(path, records)], load_tokenizer(vocab_file), seq_length, out,
-                                       packing=packing,
+    tokenizer = load_tokenizer(vocab_file, tokenizer_type)
+    summary = preprocess_conversations([(path, records)], tokenizer, seq_length, out, packing=packing,
+                                       template=template,
                                        num_proc=max(1, min(num_proc, len(records) // RECORDS_PER_PROCESS)))
     logger.info("Dataset %s (%s records) tokenized into %s: %s", path, "alpaca" if alpaca else "conversation",
                 out, summary.line())

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
+from mftune.errors import DataError
+
 # Llama-2's special ids (its tokenizer.model); train_sentencepiece writes the same.
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 # Byte fallback needs 256 byte pieces + 3 specials; below this many pieces in total we
@@ -25,16 +27,26 @@ UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 _MIN_VOCAB_FOR_BYTE_FALLBACK = 256 + 3 + 32
 
 
+def matches(head: bytes) -> bool:
+    """True when ``head`` (the first bytes of a file) starts like a SentencePiece model: a serialized
+    ModelProto, whose first field is a repeated ``pieces`` message (tag 0x0A)."""
+    return head[:1] == b"\x0a"
+
+
 class LlamaTokenizer:
     """SentencePiece tokenizer with Llama's special ids (pad = unk = 0).
 
+    ``add_bos_token`` is MindFormers' default for prompts (its LlamaTokenizer adds ``<s>``).
     Picklable (the model bytes travel), so `datasets.map(num_proc=...)` can ship it to workers.
     """
+
+    type_name = "LlamaTokenizer"
+    add_bos_token = True
 
     def __init__(self, vocab_file: str):
         self.vocab_file = str(vocab_file)
         if not os.path.isfile(self.vocab_file):
-            raise ValueError(f"tokenizer model file {self.vocab_file!r} does not exist. "
+            raise DataError(f"tokenizer model file {self.vocab_file!r} does not exist. "
                              "Pass the path of a SentencePiece tokenizer.model.")
         with open(self.vocab_file, "rb") as f:
             self._load(f.read())
@@ -44,10 +56,10 @@ class LlamaTokenizer:
         try:
             sp.LoadFromSerializedProto(proto)
         except (RuntimeError, OSError, TypeError) as e:
-            raise ValueError(f"tokenizer model file {self.vocab_file!r} is not a valid SentencePiece "
+            raise DataError(f"tokenizer model file {self.vocab_file!r} is not a valid SentencePiece "
                              f"model ({e}). Pass the tokenizer.model that belongs to the checkpoint.") from None
         if sp.get_piece_size() == 0:
-            raise ValueError(f"tokenizer model file {self.vocab_file!r} holds an empty vocabulary.")
+            raise DataError(f"tokenizer model file {self.vocab_file!r} holds an empty vocabulary.")
         self._proto = proto
         self.sp = sp
         self.unk_token_id: int = sp.unk_id()
@@ -66,6 +78,10 @@ class LlamaTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text, no bos/eos (one batched sentencepiece call)."""
+        return self.sp.encode(list(texts))
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
         """Token ids of `text`, with `<s>` first / `</s>` last when asked (MindFormers: both on)."""

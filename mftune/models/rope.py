@@ -2,10 +2,39 @@
 weights need no q/k permutation."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from mftune.models.config import ModelArgs
+
+
+def inv_freq(args: ModelArgs, device: torch.device) -> Tensor:
+    """The ``(head_dim/2,)`` float32 rotation frequencies ``1 / base ** (2i / head_dim)`` of ``args``' RoPE.
+
+    "NTK" raises the base to ``theta * scaling_factor`` (MindFormers' static NTK, ``FreqsMgr`` r1.1-r1.5:
+    ``theta *= scaling_factor``; HF's dynamic NTK differs and is not offered). "LLAMA3" (Llama 3.1; MindFormers'
+    ``FreqsMgr`` and transformers' ``rope_type: llama3``) keeps the frequencies whose wavelength
+    ``2 pi / f`` is below ``original_max_position_embeddings / high_freq_factor``, divides those above
+    ``original_max_position_embeddings / low_freq_factor`` by ``factor``, and interpolates between the two
+    with ``s = (original_max_position_embeddings / wavelength - low_freq_factor) / (high_freq_factor -
+    low_freq_factor)``: ``(1 - s) f / factor + s f``. Positions are not scaled.
+    """
+    dim, base = args.head_dim, args.theta
+    if args.extend_method == "NTK":
+        base = base * args.scaling_factor
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))  # (dim/2,)
+    if args.extend_method != "LLAMA3":
+        return freqs
+    s = args.scaling_factor
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_context = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_context / low, freqs / factor, freqs)  # low band / high band
+    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return torch.where(medium, (1 - smooth) * freqs / factor + smooth * freqs, scaled)
 
 
 def rope_cos_sin(args: ModelArgs, seq_len: int, device: torch.device,
@@ -15,21 +44,17 @@ def rope_cos_sin(args: ModelArgs, seq_len: int, device: torch.device,
     ``positions`` (any shape, e.g. ``(bs, seqlen)`` for left-padded rows) replaces ``arange(seq_len)``;
     the tables then have shape ``positions.shape + (head_dim,)`` and the same values position by position.
 
-    "PI" divides positions by the scaling factor; "NTK" raises the base to
-    ``theta * scaling_factor ** (head_dim / (head_dim - 2))`` (MindFormers' static NTK; HF's dynamic
-    NTK reaches this base only at one sequence length). Always computed in float32, outside autocast.
+    Frequencies from ``inv_freq``; "PI" divides positions by the scaling factor. Always computed in
+    float32, outside autocast.
     """
-    dim, base = args.head_dim, args.theta
-    if args.extend_method == "NTK":
-        base = base * args.scaling_factor ** (dim / (dim - 2))
     with torch.autocast(device_type=device.type, enabled=False):
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))  # (dim/2,)
+        freqs_base = inv_freq(args, device)  # (dim/2,)
         if positions is None:
             positions = torch.arange(seq_len, device=device)
         pos = positions.to(device=device, dtype=torch.float32)  # (seqlen,) or (bs, seqlen)
         if args.extend_method == "PI":
             pos = pos / args.scaling_factor
-        freqs = pos[..., None] * inv_freq  # (..., seqlen, dim/2)
+        freqs = pos[..., None] * freqs_base  # (..., seqlen, dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (..., seqlen, dim)
         return emb.cos(), emb.sin()
 

@@ -3,7 +3,12 @@
 Prompts come from ``input_data`` (``--predict_data``: one or more texts; a literal ``\\n`` is a
 newline) or, when that is one path of an existing file, from the file: one prompt per line, or a
 ``.json`` list / ``.jsonl`` lines of strings or of objects with a ``prompt`` field. Each prompt is
-tokenized with ``processor.tokenizer`` (bos added), the prompts are generated in batches of
+tokenized with ``processor.tokenizer`` (its kind from ``type`` and the file) as MindFormers does: as
+it is, with bos when ``add_bos_token`` says so (default: the tokenizer's MindFormers default, ``<s>``
+for LlamaTokenizer, none for Llama3Tokenizer). With ``processor.tokenizer.chat_template`` set to a
+template name (``vicuna``, ``llama3``: ``mftune.data.templates``) each prompt is instead a user message
+in that template, ready for the answer, and the template's end-of-turn token (Llama 3's
+``<|eot_id|>``) also ends generation. The prompts are generated in batches of
 ``predict_batch_size`` (default ``model_config.batch_size``), left-padded, with model_config's
 ``do_sample``, ``top_k``, ``top_p``, ``temperature``, ``repetition_penalty`` and
 ``max_decode_length`` (prompt + generated tokens, MindFormers' meaning) and a KV cache. LoRA
@@ -24,7 +29,8 @@ import time
 import torch
 
 from mftune.config.schema import MFConfig
-from mftune.data.tokenizer import LlamaTokenizer
+from mftune.data.templates import Template, get_template
+from mftune.data.tokenizer_kinds import Tokenizer, build_tokenizer
 from mftune.errors import UserError
 from mftune.generation import GenerationConfig, check_generation, generate, max_new_tokens_for
 from mftune.models.config import LlamaConfig
@@ -39,21 +45,23 @@ def run_predict(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext, 
     """``run_mode predict``: the model as fine-tuned (pet_config applied, load_checkpoint loaded), the
     prompts of ``input_data``, results in predict_results.jsonl. Every input is checked before the
     model is built."""
-    vocab_file = cfg.processor.tokenizer.vocab_file
-    if not vocab_file:
+    tok_cfg = cfg.processor.tokenizer
+    if not tok_cfg.vocab_file:
         raise UserError("processor.tokenizer.vocab_file is empty: run_mode predict needs the tokenizer "
                         "(the tokenizer.model file). Set it in the YAML or with "
                         "--processor.tokenizer.vocab_file PATH.")
     try:
-        tokenizer, prompts = LlamaTokenizer(vocab_file), read_prompts(cfg.input_data)
+        tokenizer, prompts = build_tokenizer(tok_cfg.vocab_file, tok_cfg.type), read_prompts(cfg.input_data)
+        template = None if tok_cfg.chat_template is None else \
+            get_template(tok_cfg.chat_template, tokenizer, "processor.tokenizer.chat_template")
         generation = GenerationConfig.from_model_config(model_config)
-        ids, budgets = encode_prompts(tokenizer, prompts, generation)
+        ids, budgets = encode_prompts(tokenizer, prompts, generation, template, tok_cfg.add_bos_token)
     except (ValueError, OSError) as exc:  # also generation settings, prompts longer than max_decode_length
         raise UserError(str(exc)) from None
     model = build_model(cfg, model_config, ctx).model
     predict(model, tokenizer, prompts, ids, budgets, generation,
             batch_size=cfg.predict_batch_size or model_config.batch_size, output_dir=output_dir, seed=cfg.seed,
-            is_main=ctx.is_main)
+            is_main=ctx.is_main, stop_ids=stop_ids(tokenizer, template))
 
 
 def read_prompts(input_data: str | list[str] | None) -> list[str]:
@@ -88,28 +96,41 @@ def _prompts_file(path: str) -> list[str]:
     return prompts
 
 
-def encode_prompts(tokenizer: LlamaTokenizer, prompts: list[str],
-                   generation: GenerationConfig) -> tuple[list[list[int]], list[int]]:
-    """Each prompt's token ids (bos added) and generation budget (``max_decode_length``); ValueError
-    for a prompt that leaves no room or an invalid decoding setting, before any model is built."""
-    ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
+def encode_prompts(tokenizer: Tokenizer, prompts: list[str], generation: GenerationConfig,
+                   template: Template | None = None, add_bos: bool | None = None) -> tuple[list[list[int]], list[int]]:
+    """Each prompt's token ids and generation budget (``max_decode_length``); ValueError for a prompt
+    that leaves no room or an invalid decoding setting, before any model is built. ``template``: each
+    prompt as a user message in it; else the prompt as is, bos first when ``add_bos`` (None: the
+    tokenizer's MindFormers default, ``tokenizer.add_bos_token``)."""
+    if template is not None:
+        ids = [template.prompt_ids(tokenizer, p) for p in prompts]
+    else:
+        bos = tokenizer.add_bos_token if add_bos is None else add_bos
+        ids = [tokenizer.encode(p, add_bos=bos) for p in prompts]
     budgets = max_new_tokens_for(ids, generation.max_decode_length)
     check_generation(max_new_tokens=budgets, num_prompts=len(ids), **generation.sampling())
     return ids, budgets
 
 
-def predict(model, tokenizer: LlamaTokenizer, prompts: list[str], ids: list[list[int]], budgets: list[int],
+def stop_ids(tokenizer: Tokenizer, template: Template | None) -> list[int]:
+    """Ids that end an answer besides the model's eos: the template's end-of-turn tokens."""
+    return [tokenizer.encode_batch([t])[0][0] for t in (template.stop_tokens if template else ())]
+
+
+def predict(model, tokenizer: Tokenizer, prompts: list[str], ids: list[list[int]], budgets: list[int],
             generation: GenerationConfig, *, batch_size: int, output_dir: str, seed: int,
-            is_main: bool = True) -> list[dict]:
+            is_main: bool = True, stop_ids: list[int] = ()) -> list[dict]:
     """Generate for every prompt (``encode_prompts``' ids and budgets; eos and pad ids from the model's
-    config); print each result and write ``predict_results.jsonl`` (``is_main``: on several ranks every
-    rank generates the same, rank 0 prints and writes)."""
+    config, ``stop_ids`` also end a row); print each result and write ``predict_results.jsonl``
+    (``is_main``: on several ranks every rank generates the same, rank 0 prints and writes)."""
     mc = model.config
+    eos = [mc.eos_token_id] if isinstance(mc.eos_token_id, int) else list(mc.eos_token_id)
+    eos += [i for i in stop_ids if i not in eos]
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     results, start = [], time.perf_counter()
     for i in range(0, len(ids), batch_size):
         outputs = generate(model, ids[i:i + batch_size], max_new_tokens=budgets[i:i + batch_size],
-                           eos_token_id=mc.eos_token_id, pad_token_id=mc.pad_token_id, generator=generator,
+                           eos_token_id=eos, pad_token_id=mc.pad_token_id, generator=generator,
                            **generation.sampling())
         for prompt, prompt_ids, out in zip(prompts[i:i + batch_size], ids[i:i + batch_size], outputs):
             text = tokenizer.decode(out)

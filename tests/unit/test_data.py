@@ -323,3 +323,15 @@ def test_loader_errors(tmp_path, index_dir):
                                 "position_ids": [[0, 1, 3]]}).save_to_disk(far)
     with pytest.raises(ValueError, match=r"position_ids in \[0, 3\].*below the record length 3"):
         TrainData(far, micro_batch_size=1)
+
+
+def test_loader_repeat_is_passes_batched_one_by_one(index_dir):
+    """train_dataset.repeat: MindSpore batches, then repeats, so each pass drops its own remainder and
+    is shuffled on its own: pass p of epoch e is the order of epoch e*repeat + p without repeat."""
+    kw = dict(micro_batch_size=3, grad_accum=2, seed=4)  # G = 6, 20 records: 3 steps per pass
+    once, twice = TrainData(index_dir, **kw), TrainData(index_dir, repeat=2, **kw)
+    assert (once.steps_per_epoch, twice.steps_per_epoch) == (3, 6)
+    assert _order(twice, 1) == _order(once, 2) + _order(once, 3)
+    assert _order(twice, 1, start_step=4) == _order(twice, 1)[4:]  # resume inside the second pass
+    with pytest.raises(ValueError, match="repeat=0 is invalid"):
+        TrainData(index_dir, repeat=0, **kw)

@@ -197,12 +197,12 @@ def test_pi_and_theta_match_transformers(theta: float) -> None:
         torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_ntk_matches_transformers_dynamic_ntk_at_its_fixed_point() -> None:
-    """HF's dynamic NTK base is theta * (f * L / max_pos - (f - 1)) ** (d / (d - 2)); with f = 2,
-    max_pos = 4 and L = 6 the bracket is 2 = f, i.e. exactly MindFormers' static NTK base."""
-    hf = hf_model(2, max_position_embeddings=4, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+def test_ntk_is_mindformers_static_ntk() -> None:
+    """MindFormers' FreqsMgr (r1.1-r1.5) with extend_method NTK: ``theta *= scaling_factor``, i.e. plain
+    RoPE with base theta x f: transformers' Llama with rope_theta = theta x f is the reference."""
+    hf = hf_model(2, rope_theta=10000.0 * 2.0)
     mc = hf_config_to_model_config({**hf.config.to_dict(), "rope_parameters": None, "rope_scaling": None})
-    mc.update(compute_dtype="float32", extend_method="NTK", scaling_factor=2.0)
+    mc.update(compute_dtype="float32", extend_method="NTK", scaling_factor=2.0, theta=10000.0)
     ours = LlamaForCausalLM(mc)
     ours.load_state_dict({hf_to_mftune(k): v for k, v in hf.state_dict().items()})
     x = tokens(seq=6)

@@ -130,11 +130,11 @@ def test_hf_config_round_trip_through_transformers() -> None:
     hf = model_config_to_hf_config(mc)
     assert hf["model_type"] == "llama" and hf["architectures"] == ["LlamaForCausalLM"]
     assert hf["torch_dtype"] == "bfloat16" and hf["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
-    assert hf_config_to_model_config(hf) == mc
+    assert hf_config_to_model_config(hf) == {**mc, "mask_pad_token": False}  # HF semantics for pad ids
     # transformers accepts the file and reads the same values (via its own config class).
     t = transformers.LlamaConfig(**hf)
     assert t.rope_parameters["rope_theta"] == 50000.0 and t.rope_parameters["factor"] == 2.0
-    assert hf_config_to_model_config(t.to_dict()) == mc
+    assert hf_config_to_model_config(t.to_dict()) == {**mc, "mask_pad_token": False}
 
 
 def test_model_config_to_hf_resolves_ffn_rule() -> None:
