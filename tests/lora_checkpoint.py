@@ -20,7 +20,8 @@ PET = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8, "target_modules": ".
 
 
 def tokens() -> torch.Tensor:
-    return torch.randint(0, TINY["vocab_size"], (2, TINY["seq_length"]), generator=torch.Generator().manual_seed(3))
+    """Ids without the pad id 0 (mftune hides pad inputs as MindFormers does; transformers does not)."""
+    return torch.randint(1, TINY["vocab_size"], (2, TINY["seq_length"]), generator=torch.Generator().manual_seed(3))
 
 
 def save_lora(path, tensors, model_config, base_checkpoint):

@@ -1,4 +1,4 @@
-"""What attention may see: the decoding KV cache, padding masks and packed samples.
+"""What attention may see: the decoding KV cache, padding masks, pad-token keys and packed samples.
 
 Used by ``mftune.models.llama`` (the attention layer takes a boolean SDPA mask or a ``PackedSamples``)
 and by ``mftune.generation`` (``KVCache``).
@@ -58,6 +58,33 @@ def attention_mask_4d(seqlen: int, past: int, key_padding: Tensor | None, device
     if key_padding is not None:
         mask = (mask & key_padding.bool()[:, None, :]) | (k_slot == q_slot)  # (bs, seqlen, past + seqlen)
     return mask.unsqueeze(-3) if mask.dim() == 3 else mask[None, None]
+
+
+def pad_keys_visible(tokens: Tensor, pad_id: int) -> bool:
+    """Whether a token that is not ``pad_id`` follows a ``pad_id`` in some row of ``tokens`` (bs, seqlen).
+
+    Only then can a query that is not padding see a padding key under causal attention, so only then
+    does hiding padding keys (``hide_keys``) change the output at any position that is not padding: a
+    right-padded batch keeps the fused causal kernel. Reading the answer is one device sync per
+    forward (transformers' SDPA path makes the same check before it drops an all-ones mask).
+    """
+    is_pad = tokens == pad_id  # (bs, seqlen)
+    seen_pad = is_pad.cumsum(dim=1) > 0  # (bs, seqlen): a pad at or before this position
+    return bool((seen_pad[:, :-1] & ~is_pad[:, 1:]).any())
+
+
+def hide_keys(mask: Tensor | None, keep: Tensor) -> Tensor:
+    """Boolean SDPA mask ``(bs, 1, seqlen, seqlen)``: ``mask`` (causal when None; else ``(bs | 1, 1,
+    seqlen, seqlen)``) with every key whose ``keep`` (bs, seqlen) entry is False hidden from every query,
+    as MindFormers' mask from ``pad_token_id`` does (a pad query too sees only the real keys before it).
+    A query left with no key at all (a row that starts with pads) sees itself instead, where SDPA would
+    give NaN (MindFormers' additive mask spreads it over the whole row instead, later tokens included)."""
+    seqlen = keep.shape[1]
+    if mask is None:
+        mask = torch.ones(seqlen, seqlen, dtype=torch.bool, device=keep.device).tril()
+    mask = mask & keep[:, None, None, :]  # (bs, 1, seqlen, seqlen)
+    eye = torch.eye(seqlen, dtype=torch.bool, device=keep.device)  # (seqlen, seqlen)
+    return mask | (eye & ~mask.any(dim=-1, keepdim=True))
 
 
 @dataclass

@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mftune.models.attention import KVCache, PackedSamples, _varlen_attn, attention_mask_4d, packed_samples
+from mftune.models.attention import (KVCache, PackedSamples, _varlen_attn, attention_mask_4d, hide_keys,
+                                     packed_samples, pad_keys_visible)
 from mftune.models.config import (DtypePolicy, LlamaConfig, ModelArgs, check_model_config, dtype_policy,
                                   model_args)
 from mftune.models.rope import apply_rotary_emb, rope_cos_sin
 
-__all__ = ["Fill", "LlamaConfig", "LlamaForCausalLM", "LlamaModel", "fill_in_place"]
+__all__ = ["Fill", "LlamaConfig", "LlamaForCausalLM", "LlamaModel", "fill_in_place", "pad_mask_id"]
 
 Fill = Callable[[Tensor, Callable[[Tensor], Any]], None]
 
@@ -151,33 +152,49 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.args, self.dtypes = args, dtypes
         ln, pdt = dtypes.layernorm_compute_type, dtypes.param_init_type
-        self.tok_embeddings = LlamaEmbedding(args.vocab_size, args.hidden_size, pdt)
+        self.tok_embeddings = LlamaEmbedding(args.vocab_size, args.hidden_size, dtypes.embedding_init_type)
         self.layers = nn.ModuleList(LLamaDecodeLayer(args, dtypes, i) for i in range(args.num_layers))
         self.norm_out = LlamaRMSNorm(args.hidden_size, args.rms_norm_eps, ln, pdt)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, attention_mask: Tensor | None = None,
-                cache: KVCache | None = None, *, packed: bool = False) -> Tensor:
+                cache: KVCache | None = None, *, packed: bool = False, pad_id: int | None = None) -> Tensor:
         """``positions`` (bs, seqlen) default to ``past .. past + seqlen - 1``; ``attention_mask``
         (bs, past + seqlen), 1 = real token, 0 = padding; ``past`` = ``cache.length`` (0 without a cache).
         ``packed``: each row holds several samples, each starting where ``positions`` is 0; a token
-        attends only to earlier tokens of its own sample."""
+        attends only to earlier tokens of its own sample. ``pad_id`` (not with a cache or
+        attention_mask): no query attends to a token equal to it (MindFormers' attention mask from
+        ``pad_token_id``; ``hide_keys``)."""
         seqlen, past = tokens.shape[1], 0 if cache is None else cache.length
         if packed and (positions is None or cache is not None or attention_mask is not None):
             raise ValueError("packed=True takes positions (bs, seqlen) and no cache or attention_mask.")
+        if pad_id is not None and (cache is not None or attention_mask is not None):
+            raise ValueError("pad_id hides pad tokens in training and scoring; decoding passes attention_mask.")
         if positions is None and past:
             positions = torch.arange(past, past + seqlen, device=tokens.device)  # (seqlen,)
         cos, sin = rope_cos_sin(self.args, seqlen, tokens.device, positions)  # ([bs,] seqlen, head_dim) each
-        mask: Tensor | PackedSamples | None = None  # training path: SDPA's own causal mask
-        if packed:
-            mask = packed_samples(positions, varlen=self._use_varlen(tokens), device=tokens.device)
-        elif cache is not None or attention_mask is not None:
-            mask = attention_mask_4d(seqlen, past, attention_mask, tokens.device)
+        mask = self._mask(tokens, positions, attention_mask, cache, packed, pad_id)
         h = self.tok_embeddings(tokens).to(self.dtypes.compute_dtype)  # (bs, seqlen, hidden)
         for layer in self.layers:
             h = layer(h, cos, sin, mask=mask, cache=cache)
         if cache is not None:
             cache.length += seqlen
         return self.norm_out(h)
+
+    def _mask(self, tokens: Tensor, positions: Tensor | None, attention_mask: Tensor | None,
+              cache: KVCache | None, packed: bool, pad_id: int | None) -> Tensor | PackedSamples | None:
+        """What attention may see (see ``forward``); None: SDPA's own causal mask (the training path).
+        Pad keys are hidden only where a pad precedes a real token (``pad_keys_visible``): elsewhere
+        causal attention already keeps them from every query that is not itself a pad."""
+        hide = pad_id is not None and pad_keys_visible(tokens, pad_id)
+        if packed:  # the varlen kernel takes no mask: hiding pad keys needs the SDPA one
+            samples = packed_samples(positions, varlen=not hide and self._use_varlen(tokens), device=tokens.device)
+            if hide:
+                samples.mask = hide_keys(samples.mask, tokens != pad_id)
+            return samples
+        if cache is not None or attention_mask is not None:
+            return attention_mask_4d(tokens.shape[1], 0 if cache is None else cache.length, attention_mask,
+                                     tokens.device)
+        return hide_keys(None, tokens != pad_id) if hide else None
 
     def _use_varlen(self, tokens: Tensor) -> bool:
         """Flash attention over variable-length samples: CUDA Ampere or newer, half compute, a head_dim
@@ -188,6 +205,20 @@ class LlamaModel(nn.Module):
                 and args.head_dim % 8 == 0 and args.head_dim <= 256):
             return False
         return torch.cuda.get_device_capability(tokens.device) >= (8, 0)
+
+
+def pad_mask_id(config: LlamaConfig) -> int | None:
+    """The token id hidden from attention and dropped from the loss as an input (MindFormers'
+    ``pad_token_id`` semantics), or None when ``mask_pad_token`` resolves to off.
+
+    ``mask_pad_token`` True/False decides; None (the default) means on unless ``pad_token_id`` is the
+    ``bos_token_id`` or one of the ``eos_token_id``: such a pad id (Hugging Face models whose pad is
+    their eos) is also a real token of every sample, which must stay visible and trained on.
+    """
+    if config.mask_pad_token is not None:
+        return config.pad_token_id if config.mask_pad_token else None
+    eos = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
+    return None if config.pad_token_id in (config.bos_token_id, *eos) else config.pad_token_id
 
 
 class LlamaForCausalLM(nn.Module):
@@ -210,6 +241,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(self.args, self.dtypes)
         self.lm_head = nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False,
                                  dtype=self.dtypes.param_init_type)
+        self.pad_mask_id = pad_mask_id(self.config)  # the trainer logs it when not None
         self.init_weights()
 
     def tie_weights(self) -> None:
@@ -254,12 +286,15 @@ class LlamaForCausalLM(nn.Module):
           ``last_only``, of the last position only (bs, 1, vocab), which is all decoding reads.
         - ``labels`` given: ``input_ids`` and ``labels`` are records of seq_length+1 tokens; the model
           reads ``input_ids[:, :-1]`` and predicts ``labels[:, 1:]``. The float32 cross-entropy is
-          summed over targets != ``ignore_token_id``; ``reduction="mean"`` returns sum / count (0 with a
+          summed over the ``loss_targets`` (targets != ``ignore_token_id``, by default also dropping
+          positions whose input is the pad id); ``reduction="mean"`` returns sum / count (0 with a
           grad_fn, never NaN, when every target is ignored); ``reduction="sum"`` returns
           ``(sum_loss, num_tokens)`` for token-weighted averaging across micro-batches and ranks.
 
-        MindFormers additionally masks positions whose *input* token equals ``pad_token_id``; mftune
-        masks by label only, because its preprocessing already labels padding ``ignore_token_id``.
+        Pad tokens (``pad_mask_id``, MindFormers' semantics, on by default): without a cache or
+        ``attention_mask``, no query attends to an input equal to the pad id. Logits where the input
+        is the pad id are MindFormers' when a pad precedes a real token in the batch (what eval
+        scores); a right-padded batch keeps plain causal attention there, which no loss reads.
 
         Decoding (``mftune.generation``): ``cache`` (a ``KVCache``) makes ``input_ids`` the continuation
         of the tokens fed before; ``positions`` (bs, seqlen) and ``attention_mask`` (bs, past + seqlen)
@@ -277,20 +312,30 @@ class LlamaForCausalLM(nn.Module):
             if compute != torch.float32 else nullcontext()
         )
         with amp:
+            decoding = cache is not None or attention_mask is not None
             hidden = self.model(tokens, positions=positions, attention_mask=attention_mask, cache=cache,
-                                packed=packed)
+                                packed=packed, pad_id=None if decoding else self.pad_mask_id)
             if last_only and labels is None:
                 hidden = hidden[:, -1:]
             logits = self.lm_head(hidden).float()  # (bs, seqlen, vocab)
         if labels is None:
             return logits
-        targets = labels[:, 1:]  # (bs, seqlen)
+        targets = self.loss_targets(input_ids, labels)  # (bs, seqlen)
         ignore = self.args.ignore_token_id
         loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore, reduction="sum")
         num_tokens = (targets != ignore).sum()
         if reduction == "sum":
             return loss_sum, num_tokens
         return loss_sum / num_tokens.clamp(min=1)
+
+    def loss_targets(self, input_ids: Tensor, labels: Tensor) -> Tensor:
+        """The next-token targets of records (bs, seq_length + 1): ``labels[:, 1:]``, with
+        ``ignore_token_id`` where the input token is ``pad_mask_id`` (MindFormers' input mask). What
+        the loss is summed over, and what the trainer counts to average it."""
+        targets = labels[:, 1:]  # (bs, seqlen)
+        if self.pad_mask_id is None:
+            return targets
+        return targets.masked_fill(input_ids[:, :-1] == self.pad_mask_id, self.args.ignore_token_id)
 
 
 def _model_inputs(input_ids: Tensor, labels: Tensor | None, reduction: str, positions: Tensor | None,

@@ -4,9 +4,12 @@ Every record of the eval dataset is read exactly once, split over the data-paral
 micro-batches of ``batch_size`` records (a last, partial step is filled with repeated records whose
 labels are all ignored, so every rank runs the same shapes and nothing is counted twice). The loss
 is summed over every supervised next-token position (labels != ``ignore_token_id``; a dataset with
-``input_ids`` only is scored on all of them but ``pad_token_id``, as MindFormers' input mask) and
+``input_ids`` only is scored on every target but ``pad_token_id``, as MindFormers' input mask) and
 divided by their number once, over all ranks:
 ``loss = sum / tokens``, ``PPL = exp(loss)`` (MindFormers' PerplexityMetric, token-weighted).
+As in MindFormers, the forward hides pad-token keys (``mask_pad_token``) but the score keeps a
+position whose *input* is the pad id: its eval forward + PerplexityMetric mask targets only, unlike its
+training loss (``score_batch``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.tensor.parallel import loss_parallel
 
 from mftune.data.loader import TrainData
@@ -52,6 +56,20 @@ def batch_loss(model, batch: dict[str, torch.Tensor], device: torch.device) -> t
                  positions=positions, packed=positions is not None)
 
 
+def score_batch(model, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed loss, scored tokens)`` of a loader batch as MindFormers' eval scores it: the logits of
+    ``input_ids[:, :-1]`` (pad keys hidden, ``mask_pad_token``) against every ``labels[:, 1:]`` that is
+    not ``ignore_token_id``, including targets whose input is the pad id, which the training loss drops
+    (``LlamaForCausalLM.loss_targets``); measured against MindFormers 1.3.2, tests/e2e/test_mindformers_pad.py."""
+    positions = batch.get("position_ids")
+    logits = model(batch["input_ids"][:, :-1].to(device), packed=positions is not None,
+                   positions=None if positions is None else positions[:, :-1])  # (bs, seqlen, vocab)
+    targets = batch["labels"][:, 1:].to(device)  # (bs, seqlen)
+    ignore = model.config.ignore_token_id
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore, reduction="sum")
+    return loss_sum, (targets != ignore).sum()
+
+
 @torch.no_grad()
 def evaluate(model, data: TrainData, *, device: torch.device, dp_group=None, vocab_sharded: bool = False) -> dict:
     """``{"loss", "ppl", "tokens", "records"}`` of ``model`` on ``data`` (every rank gets the same)."""
@@ -62,7 +80,7 @@ def evaluate(model, data: TrainData, *, device: torch.device, dp_group=None, voc
     try:
         for batch in eval_batches(data, ignore, model.config.pad_token_id):
             with loss_parallel() if vocab_sharded else contextlib.nullcontext():
-                loss_sum, tokens = batch_loss(model, batch, device)
+                loss_sum, tokens = score_batch(model, batch, device)
             total += torch.stack([local(loss_sum).double(), local(tokens).double()])
     finally:
         model.train(was_training)

@@ -167,9 +167,11 @@ def train_step(run: TrainRun, settings: LoopSettings, micro_batches: list[dict[s
 
 def _token_counts(model: LlamaForCausalLM, micro_batches: list[dict[str, torch.Tensor]],
                   ctx: ParallelContext) -> torch.Tensor:
-    """(supervised tokens, non-pad input tokens) of the whole global batch, summed over data parallel."""
+    """(supervised tokens, non-pad input tokens) of the whole global batch, summed over data parallel;
+    supervised as the model's loss counts them (``loss_targets``: pad inputs dropped when masked)."""
     ignore, pad = model.config.ignore_token_id, model.config.pad_token_id
-    counts = torch.tensor([[int((mb["labels"][:, 1:] != ignore).sum()), int((mb["input_ids"][:, :-1] != pad).sum())]
+    counts = torch.tensor([[int((model.loss_targets(mb["input_ids"], mb["labels"]) != ignore).sum()),
+                            int((mb["input_ids"][:, :-1] != pad).sum())]
                            for mb in micro_batches], dtype=torch.float64, device=ctx.device).sum(0)
     if ctx.dp_group is not None:
         dist.all_reduce(counts, group=ctx.dp_group)
