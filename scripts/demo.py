@@ -5,7 +5,7 @@ Steps (each one is the user-facing command, run as a subprocess):
   1. scripts/alpaca_converter.py   bundled alpaca JSON -> conversation JSON
   2. train a small sentencepiece tokenizer on that data
   3. scripts/llama_preprocess.py   conversations -> tokenized records (seq_length + 1)
-  4. run_finetune.py --run_mode train      a small base model, all parameters
+  4. run_finetune.py --run_mode train      a small base model, all parameters (pet_config null)
   5. run_finetune.py --run_mode finetune   LoRA on the base checkpoint from step 4
 and draws both loss curves into <output_dir>/loss_curve.png.
 """
@@ -66,7 +66,7 @@ def main() -> int:
     common = ["--config", CONFIG, "--use_parallel", "False", "--train_dataset_dir", dataset]
     run("4/5 train the base model (run_mode train)",
         [os.path.join(ROOT, "run_finetune.py"), *common, "--run_mode", "train",
-         "--epochs", str(args.train_epochs), "--output_dir", train_out])
+         "--model.model_config.pet_config", "null", "--epochs", str(args.train_epochs), "--output_dir", train_out])
     with open(os.path.join(train_out, "run_summary.json")) as f:
         base_ckpt = json.load(f)["checkpoint"]
 

@@ -94,6 +94,8 @@ def _args(config: str, run_mode: str, out: str, dp: int, mp: int, options: dict,
     args = ["run_finetune.py", "--config", config, "--run_mode", run_mode, "--output_dir", out,
             "--batch_size", str(GLOBAL_BATCH // (dp * grad_accum)),
             "--gradient_accumulation_steps", str(grad_accum)]
+    if run_mode == "train":  # full-parameter training: no pet_config (it applies in every run mode)
+        args += ["--model.model_config.pet_config", "null"]
     if dp * mp > 1:
         args += ["--use_parallel", "True", "--parallel_config.data_parallel", str(dp),
                  "--parallel_config.model_parallel", str(mp)]

@@ -24,17 +24,17 @@ logger = logging.getLogger("mftune")
 # YAML `type:` values mftune implements, by dotted key (a plain dict to grep, not a registry).
 TYPE_CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.type": ("CausalLanguageModelingTrainer",),
-    "optimizer.type": ("AdamW", "FP32StateAdamWeightDecay", "AdamWeightDecay"),
+    "optimizer.type": ("AdamW", "FP32StateAdamWeightDecay", "AdamWeightDecay", "AdamWeightDecayX"),
     "lr_schedule.type": ("CosineWithWarmUpLR", "LinearWithWarmUpLR", "ConstantWarmUpLR", "constant"),
     "train_dataset.data_loader.type": ("MindDataset",),
     "eval_dataset.data_loader.type": ("MindDataset",),
     "train_dataset_task.type": ("CausalLanguageModelDataset",),
     "eval_dataset_task.type": ("CausalLanguageModelDataset",),
-    "runner_wrapper.type": ("MFTrainOneStepCell",),
+    "runner_wrapper.type": ("MFTrainOneStepCell", "MFPipelineWithLossScaleCell"),
     "model.model_config.type": ("LlamaConfig",),
     "model.arch.type": ("LlamaForCausalLM",),
     "processor.type": ("LlamaProcessor",),
-    "processor.tokenizer.type": ("LlamaTokenizer",),
+    "processor.tokenizer.type": ("LlamaTokenizer", "Llama3Tokenizer"),
 }
 
 
@@ -127,8 +127,10 @@ class _Checker:
 def check_values(cfg: MFConfig, errors: list[str]) -> None:
     """Ranges, choices, unsupported layouts and the model's rules, each reported with its key and a fix."""
     c = _Checker(cfg, errors)
+    quantized = _check_quantization(cfg, errors)
     for key, choices in TYPE_CHOICES.items():
-        c.choice(key, choices)
+        if not (quantized and key == "model.arch.type"):
+            c.choice(key, choices)
     _check_training(c)
     _check_parallel(c, cfg)
     for list_key in ("callbacks", "eval_callbacks"):
@@ -143,6 +145,27 @@ def check_values(cfg: MFConfig, errors: list[str]) -> None:
     _check_model(c, cfg.model.model_config)
 
 
+QUANTIZED_ARCH = "ParallelLlamaForCausalLM"  # MindFormers' quantized-inference network
+
+
+def _check_quantization(cfg: MFConfig, errors: list[str]) -> bool:
+    """MindFormers' quantized predict configs (RTN, smooth-quant, PTQ: ``quantization_config``, the
+    ``ParallelLlamaForCausalLM`` network) are refused with one message; True when the config is one."""
+    model_config = cfg.model.model_config
+    key = next((k for k in ("quantization_config", "quant_config") if model_config.get(k)), None)
+    if key is None and cfg.model.arch.get("type") != QUANTIZED_ARCH:
+        return False
+    shown = f"model.model_config.{key}" if key else "model.arch.type"
+    value = model_config[key] if key else QUANTIZED_ARCH
+    errors.append(invalid(
+        shown, value, "quantized inference (MindFormers' RTN / smooth-quant / PTQ through MindSpore Golden Stick, "
+        f"run by {QUANTIZED_ARCH}) is not something mftune runs",
+        "Remove quantization_config and use model.arch.type: LlamaForCausalLM to predict with the unquantized "
+        "weights, or export them (scripts/convert_weight.py --reversed) and quantize the Hugging Face directory "
+        "with a PyTorch tool; see docs/migrating-from-mindformers.md."))
+    return True
+
+
 def _check_training(c: _Checker) -> None:
     c.at_least("runner_config.epochs", 1, "Use e.g. --epochs 1.")
     c.at_least("runner_config.batch_size", 1, "Use e.g. --batch_size 1 (sequences per data-parallel rank and micro-step).")
@@ -152,6 +175,7 @@ def _check_training(c: _Checker) -> None:
         c.at_least(f"{ds}.batch_size", 1, "Use e.g. batch_size: 1.")
         c.at_least(f"{ds}.data_loader.num_samples", 1, "Remove it to use every record.")
         c.at_least(f"{ds}.num_parallel_workers", 1, "Use e.g. num_parallel_workers: 8.")
+        c.at_least(f"{ds}.repeat", 1, "Use repeat: 1 (each record once per epoch).")
     in_01 = (lambda v: 0 <= v < 1)
     c.rule("optimizer.learning_rate", lambda v: v >= 0, "must be >= 0", "Use e.g. learning_rate: 1.e-5.")
     c.rule("optimizer.eps", lambda v: v > 0, "must be > 0", "Use eps: 1.e-8.")
@@ -172,6 +196,8 @@ def _check_training(c: _Checker) -> None:
            "Use e.g. decay_steps: 1000, or remove it (cosine decay over total_steps - warmup_steps).")
     c.rule("runner_wrapper.max_grad_norm", lambda v: v > 0, "must be > 0",
            "Use e.g. max_grad_norm: 1.0, or use_clip_grad: False to disable clipping.")
+    c.rule("modal_type", lambda v: all(m == "text" for m in ([v] if isinstance(v, str) else v)),
+           "Llama is a text model", "Remove --modal_type (or pass text).")
     c.rule("predict_batch_size", lambda v: v >= 1, "must be >= 1", "Use e.g. --predict_batch_size 1.")
     c.rule("transform_process_num", lambda v: v >= 1, "must be >= 1", "Use transform_process_num: 1.")
     for key in ("eval_step_interval", "eval_epoch_interval"):
@@ -181,13 +207,51 @@ def _check_training(c: _Checker) -> None:
 def _check_parallel(c: _Checker, cfg: MFConfig) -> None:
     for key in ("data_parallel", "model_parallel", "pipeline_stage", "micro_batch_num", "context_parallel"):
         c.at_least(f"parallel_config.{key}", 1, f"Use e.g. {key}: 1.")
-    if cfg.use_parallel:
-        c.rule("parallel_config.pipeline_stage", lambda v: v <= 1, "pipeline parallelism is not supported yet",
-               "Use pipeline_stage: 1 (with data_parallel x model_parallel = number of processes).")
+    pc = cfg.parallel_config
+    if cfg.use_parallel and isinstance(pc.pipeline_stage, int) and pc.pipeline_stage > 1:
+        stages = pc.pipeline_stage
+        c.rule("parallel_config.micro_batch_num", lambda v: v % stages == 0,
+               f"pipeline_stage={stages} runs as data parallel with micro_batch_num / pipeline_stage gradient "
+               f"accumulation steps, so micro_batch_num must be a multiple of {stages}",
+               f"Use micro_batch_num: {stages * max(1, -(-pc.micro_batch_num // stages))} "
+               f"(global batch = batch_size x data_parallel x micro_batch_num), or pipeline_stage: 1.")
+    _check_recompute_lists(c, cfg)
+    c.rule("parallel_config.expert_parallel", lambda v: v <= 1, "mftune's Llama has no mixture of experts",
+           "Use expert_parallel: 1.")
+    c.rule("optimizer.loss_scale", lambda v: v == 1, "the optimizer's own gradient divisor is not applied",
+           "Use loss_scale: 1.0 and set runner_wrapper.scale_sense for loss scaling.")
+    for list_key in ("callbacks", "eval_callbacks"):
+        for i, cb in enumerate(getattr(cfg, list_key)):
+            c.rule(f"{list_key}[{i}].checkpoint_format", lambda v: v == "safetensors",
+                   "mftune saves safetensors checkpoints",
+                   "Use checkpoint_format: safetensors; scripts/convert_weight.py --output_path X.ckpt writes a "
+                   "MindSpore .ckpt from one.")
+            c.rule(f"{list_key}[{i}].enc_key", lambda v: v is None, "encrypted checkpoints are not supported",
+                   "Remove enc_key.")
     c.rule("parallel_config.context_parallel", lambda v: v <= 1, "context parallelism is not supported yet",
            "Use context_parallel: 1.")
     c.rule("micro_batch_interleave_num", lambda v: v == 1, "micro-batch interleaving is not supported yet",
            "Use micro_batch_interleave_num: 1.")
+
+
+def _check_recompute_lists(c: _Checker, cfg: MFConfig) -> None:
+    """Per-stage layer counts in recompute_config: one entry per pipeline stage (MindFormers' LayerSetting)."""
+    rc, stages = cfg.recompute_config, cfg.parallel_config.pipeline_stage if cfg.use_parallel else None
+    for key in ("recompute", "select_recompute", "select_recompute_exclude"):
+        value = getattr(rc, key)
+        lists = [(f"recompute_config.{key}", value)] if isinstance(value, list) else []
+        if isinstance(value, dict):
+            lists = [(f"recompute_config.{key}.{p}", v) for p, v in value.items() if isinstance(v, list)]
+        for shown, counts in lists:
+            if counts and isinstance(counts[0], str):
+                continue  # a list of patterns
+            if not all(isinstance(v, int) and v >= 0 for v in counts):
+                c.errors.append(invalid(shown, counts, "expected layer counts (ints >= 0 or bools), one per "
+                                        "pipeline stage", "Use e.g. [2, 1] for two stages, or True."))
+            elif stages and len(counts) != stages:
+                c.errors.append(invalid(shown, counts, f"one count per pipeline stage is expected "
+                                        f"(parallel_config.pipeline_stage={stages})",
+                                        f"Give {stages} counts, or True for every layer."))
 
 
 def _check_model(c: _Checker, model_config: dict[str, Any]) -> None:
@@ -212,7 +276,7 @@ def check_files(cfg: MFConfig, errors: list[str]) -> None:
                "an existing checkpoint file or directory (see docs/checkpoints.md)")
     must_exist("src_strategy_path_or_dir", "--src_strategy_path_or_dir", "an existing strategy file or directory")
     must_exist("processor.tokenizer.vocab_file", "--processor.tokenizer.vocab_file",
-               "the tokenizer's sentencepiece model (tokenizer.model)")
+               "the tokenizer file (tokenizer.model: SentencePiece, or tiktoken for Llama 3)")
     needs = []
     if cfg.run_mode in ("train", "finetune"):
         needs.append(("train", "train_dataset"))
@@ -226,10 +290,11 @@ def check_files(cfg: MFConfig, errors: list[str]) -> None:
             purpose = "evaluation" if flag == "eval" else f"run_mode {cfg.run_mode}"
             errors.append(invalid(key, "", f"{purpose} needs a dataset",
                                   f"Pass --{flag}_dataset_dir DIR (a directory written by scripts/llama_preprocess.py, "
-                                  f"or a raw .json / .jsonl / .parquet file with processor.tokenizer.vocab_file set)."))
+                                  f"MindFormers' MindRecord files, or a raw .json / .jsonl / .parquet file with "
+                                  f"processor.tokenizer.vocab_file set)."))
         else:
-            must_exist(key, f"--{flag}_dataset_dir", "a directory written by scripts/llama_preprocess.py or a raw "
-                       ".json / .jsonl / .parquet file")
+            must_exist(key, f"--{flag}_dataset_dir", "a directory written by scripts/llama_preprocess.py, a "
+                       "MindRecord file or directory, or a raw .json / .jsonl / .parquet file")
 
 
 # ----------------------------------------------------------------------------- MindFormers' rewrites
@@ -246,3 +311,29 @@ def finalize(cfg: MFConfig) -> None:
         logger.info("use_parallel is False: parallel_config (data_parallel=%d, model_parallel=%d, "
                     "pipeline_stage=%d, context_parallel=%d) is treated as all 1 (one process)", *layout)
         pc.data_parallel = pc.model_parallel = pc.pipeline_stage = pc.context_parallel = 1
+    if pc.pipeline_stage > 1:
+        fold_pipeline(cfg)
+    if cfg.adapter_id:
+        logger.warning("--adapter_id %s is not used: it selects an S-LoRA adapter per prompt (pet_type slora), "
+                       "which mftune does not run yet; the pet_config's adapter is used for every prompt",
+                       " ".join([cfg.adapter_id] if isinstance(cfg.adapter_id, str) else cfg.adapter_id))
+    if cfg.optimizer.epsilon is not None:
+        cfg.optimizer.eps = cfg.optimizer.epsilon
+
+
+def fold_pipeline(cfg: MFConfig) -> None:
+    """``pipeline_stage: P`` runs as data parallel: ``data_parallel x P`` ranks (FSDP2 shards the
+    parameters over all of them) and ``micro_batch_num / P`` accumulation steps, so every optimizer
+    step sees MindFormers' global batch (``batch_size x data_parallel x micro_batch_num``) on the same
+    processes. MindFormers ignores gradient_accumulation_steps with pipeline stages; so does this."""
+    pc, runner = cfg.parallel_config, cfg.runner_config
+    stages, accumulation = pc.pipeline_stage, pc.micro_batch_num // pc.pipeline_stage
+    logger.info("pipeline_stage=%d runs as data parallel: data_parallel %d -> %d, micro_batch_num=%d -> %d "
+                "gradient accumulation steps (global batch %d, as MindFormers')%s", stages, pc.data_parallel,
+                pc.data_parallel * stages, pc.micro_batch_num, accumulation,
+                runner.batch_size * pc.data_parallel * pc.micro_batch_num,
+                f"; gradient_accumulation_steps={runner.gradient_accumulation_steps} is not used with "
+                f"pipeline stages (as in MindFormers)" if runner.gradient_accumulation_steps != 1 else "")
+    pc.data_parallel *= stages
+    runner.gradient_accumulation_steps = accumulation
+    pc.pipeline_stage, pc.micro_batch_num = 1, 1

@@ -64,6 +64,8 @@ GROUP_B: dict[str, tuple[str, ...]] = {
     "num_samples": ("train_dataset.data_loader.num_samples", "eval_dataset.data_loader.num_samples"),
     "output_dir": ("output_dir",),
     "do_sample": ("model.model_config.do_sample",),
+    "adapter_id": ("adapter_id",),
+    "modal_type": ("modal_type",),
 }
 BOOL_FLAGS = ("do_eval", "use_parallel", "auto_trans_ckpt", "only_save_strategy", "profile", "sink_mode",
               "do_sample")
@@ -80,7 +82,7 @@ _HELP = {
     "predict_data": "predict input: one text (literal \\n becomes a newline) or several texts",
     "predict_batch_size": "predict_batch_size",
     "load_checkpoint": "weights to start from: a .safetensors file, a directory of them, a Hugging Face or PEFT directory, or a distributed (rank_*/) checkpoint",
-    "src_strategy_path_or_dir": "strategy of a distributed load_checkpoint, checked against its rank files (optional: they record their layout)",
+    "src_strategy_path_or_dir": "strategy of a distributed load_checkpoint: required for MindSpore .ckpt rank sets (their output/strategy folder or merged file); optional for mftune's (checked against their rank files)",
     "auto_trans_ckpt": "write load_checkpoint resharded to this layout into output_dir/transformed_checkpoint/ and load that (without it a checkpoint is resharded on load)",
     "transform_process_num": "ranks that write the transformed checkpoint (must divide the world size)",
     "only_save_strategy": "write the strategy files (output_dir/strategy/) and exit (true/false)",
@@ -99,13 +101,15 @@ _HELP = {
     "output_dir": "output directory",
     "register_path": "accepted for compatibility, unused (mftune has no model registry)",
     "do_sample": "model.model_config.do_sample (true/false)",
+    "adapter_id": "predict: the S-LoRA adapter of each prompt (pet_type slora); accepted, not used yet by mftune",
+    "modal_type": "predict: the modality of each input (MindFormers' multimodal models); Llama takes text",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """run_mindformer.py's flags, names and types. Booleans stay strings here: parse_cli checks them."""
     parser = argparse.ArgumentParser(
-        prog="run_finetune.py",
+        prog="run_mindformer.py" if sys.argv[0].endswith("run_mindformer.py") else "run_finetune.py",
         description="MindFormers-style Llama2 (LoRA) fine-tuning. Any config key can also be set "
                     "with --a.b.c VALUE or --a.b.c=VALUE (applied last).")
     parser.add_argument("--config", required=True, type=str, help=_HELP["config"])
@@ -116,10 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                  "src_strategy_path_or_dir", "auto_trans_ckpt", "transform_process_num", "only_save_strategy",
                  "resume_training", "strategy_load_checkpoint", "remote_save_url", "seed", "use_parallel",
                  "profile", "options", "epochs", "batch_size", "gradient_accumulation_steps", "sink_mode",
-                 "num_samples", "output_dir", "register_path", "do_sample"):
+                 "num_samples", "output_dir", "register_path", "do_sample", "adapter_id", "modal_type"):
         kwargs: dict[str, Any] = {"default": None, "help": _HELP[name]}
         kwargs["type"] = int if name in int_flags else str
-        if name in ("predict_data", "options"):
+        if name in ("predict_data", "options", "adapter_id", "modal_type"):
             kwargs["nargs"] = "+"
         if name in BOOL_FLAGS:
             kwargs["metavar"] = "{true,false}"
@@ -298,7 +302,7 @@ def check_main(argv: list[str] | None = None) -> int:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(logging.DEBUG)  # the full list of ignored keys is a DEBUG record
     try:
         cfg = parse_cli(argv)
     except ConfigError as exc:

@@ -49,8 +49,17 @@ def load_config(path: str, overrides: dict[str, Any] | None = None, *,
         raise ConfigError(errors, path)
     checks.finalize(cfg)
     if ignored:
-        logger.info("Ignored on this backend (no effect): %s", checks.compact(ignored))
+        log_ignored(ignored)
     return cfg
+
+
+def log_ignored(ignored: list[str]) -> None:
+    """One short INFO line (how many keys, a pointer to the docs), the keys themselves at DEBUG;
+    ``python -m mftune.cli --config FILE`` prints them all."""
+    logger.info("Ignored on this backend (no effect): %d MindSpore/Ascend setting(s), e.g. %s; see "
+                "docs/config.md#ignored-keys (python -m mftune.cli --config FILE lists them)",
+                len(ignored), ", ".join(ignored[:2]))
+    logger.debug("Ignored keys: %s", checks.compact(ignored))
 
 
 def read_yaml(path: str) -> dict[str, Any]:

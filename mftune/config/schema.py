@@ -36,18 +36,24 @@ class RunnerConfig:
     batch_size: int = 1  # samples per data-parallel rank per micro-step
     sink_mode: bool = True  # accepted; mftune steps one batch at a time (docs/config.md)
     sink_size: int = ignored(-1, "one batch per step; see docs/config.md, Sink mode")
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step (not with pipeline_stage > 1, as MindFormers)
+    initial_epoch: int = ignored(0, "a resumed run starts where its checkpoint says")
+    has_trained_epoches: int = ignored(0, "a resumed run starts where its checkpoint says")
+    has_trained_steps: int = ignored(0, "a resumed run starts where its checkpoint says")
 
 
 @dataclass
 class OptimizerConfig:
-    type: str = "AdamW"  # AdamW | FP32StateAdamWeightDecay | AdamWeightDecay (all AdamW; fp32 moments)
+    type: str = "AdamW"  # AdamW | FP32StateAdamWeightDecay | AdamWeightDecay | AdamWeightDecayX (all AdamW)
     betas: list[float] | None = None  # [beta1, beta2]; overrides beta1/beta2 when given
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    epsilon: float | None = None  # the same as eps (MindSpore's name); wins when set
     learning_rate: float = 1e-5  # replaced by the schedule when lr_schedule is set
     weight_decay: float = 0.0  # not applied to 1-D parameters and biases
+    loss_scale: float = 1.0  # MindSpore optimizer's gradient divisor: must be 1 (runner_wrapper.scale_sense scales)
+    momentum: float = ignored(0.9, "read by MindSpore's Momentum/SGD optimizers, not by AdamW")
 
 
 @dataclass
@@ -61,6 +67,13 @@ class LRScheduleConfig:
     total_steps: int = -1  # -1: epochs x optimizer steps per epoch
     num_cycles: float = 0.5  # cosine cycles (0.5 = decay once to lr_end)
     decay_steps: int | None = None  # cosine: lr_end from this step on; None = never early
+    # keys of MindFormers' other schedules (PolynomialWithWarmUpLR, CosineAnnealingLR, CosineWithRestartsAndWarmUpLR),
+    # which mftune does not implement (lr_schedule.type is checked)
+    power: float = ignored(1.0, "PolynomialWithWarmUpLR only")
+    base_lr: float = ignored(0.0, "CosineAnnealingLR only")
+    eta_min: float = ignored(0.0, "CosineAnnealingLR only")
+    t_max: int = ignored(1, "CosineAnnealingLR only")
+    decay_ratio: float = ignored(0.0, "MindFormers' WSD-style schedules only")
 
 
 @dataclass
@@ -70,6 +83,14 @@ class DataLoaderConfig:
     shuffle: bool = True  # reshuffled every epoch from `seed`
     num_samples: int | None = None  # use only the first N records
     packing: bool = False  # raw data file: several conversations per record (llama_preprocess.py --packing)
+    num_parallel_workers: int = ignored(8, "MindSpore reader threads; the dataset-level key sets tokenizing processes")
+    columns_list: list[str] | None = ignored(None, "the dataset's input_columns are read")
+    num_shards: int | None = ignored(None, "each data-parallel rank reads its own rows (docs/config.md)")
+    shard_id: int | None = ignored(None, "each data-parallel rank reads its own rows (docs/config.md)")
+    sampler: Any = ignored(None, "records are visited in the seeded order of mftune.data.loader")
+    cache: Any = ignored(None, "MindSpore dataset cache server")
+    padded_sample: Any = ignored(None, "MindSpore distributed padding; see drop_remainder")
+    num_padded: int | None = ignored(None, "MindSpore distributed padding; see drop_remainder")
 
 
 @dataclass
@@ -80,7 +101,13 @@ class DatasetConfig:
     python_multiprocessing: bool = ignored(False, "MindSpore dataset workers")
     drop_remainder: bool = True  # drop the last incomplete global batch
     batch_size: int = 1  # overwritten by runner_config.batch_size (as in MindFormers)
-    repeat: int = ignored(1, "MindSpore dataset repeat")
+    repeat: int = 1  # passes over the records per epoch (MindSpore's dataset.repeat), each in its own order
+    output_columns: list[str] | None = ignored(None, "MindSpore dataset map output")
+    column_order: list[str] | None = ignored(None, "MindSpore dataset map output")
+    max_rowsize: int | None = ignored(None, "MindSpore shared-memory row size")
+    offload: bool = ignored(False, "MindSpore dataset offload to the device")
+    per_batch_map: Any = ignored(None, "MindSpore batch map function")
+    cache: Any = ignored(None, "MindSpore dataset cache server")
     numa_enable: bool = ignored(False, "MindSpore dataset NUMA binding")
     prefetch_size: int = ignored(1, "MindSpore dataset prefetch")
     seed: int | None = ignored(None, "the global `seed` drives shuffling")
@@ -99,16 +126,33 @@ class ParallelConfig:
     model_parallel: int = 1
     pipeline_stage: int = 1
     use_seq_parallel: bool = False  # accepted with a warning: only matters with use_parallel
-    micro_batch_num: int = ignored(1, "only meaningful with pipeline_stage > 1")
+    # pipeline_stage > 1 runs as data parallel (FSDP2 over data_parallel x pipeline_stage ranks) with
+    # micro_batch_num / pipeline_stage accumulation steps: MindFormers' global batch (docs/parallel.md)
+    micro_batch_num: int = 1  # pipeline micro-batches per step (with pipeline_stage > 1)
     vocab_emb_dp: bool = True
     gradient_aggregation_group: int = ignored(4, "MindSpore gradient fusion")
     context_parallel: int = 1  # accepted; must be 1
+    expert_parallel: int = 1  # accepted; must be 1 (no mixture of experts)
+    mem_coeff: float = ignored(0.1, "MindSpore auto-parallel memory cost model")
+    optimizer_shard: bool | None = ignored(None, "parallel.enable_parallel_optimizer is read")
+    recompute: Any = ignored(None, "MindFormers copies recompute_config here; that one is read")
+    select_recompute: Any = ignored(None, "MindFormers copies recompute_config here; that one is read")
+    seq_split_num: int = ignored(1, "pipeline sequence splitting: pipeline stages run as data parallel")
+    swap: Any = ignored(None, "Ascend host-memory swapping")
+    context_parallel_algo: str = ignored("colossalai_cp", "context parallelism (context_parallel must be 1)")
+    ulysses_degree_in_cp: int = ignored(1, "context parallelism (context_parallel must be 1)")
 
 
 @dataclass
 class RecomputeConfig:
-    recompute: bool = False  # activation checkpointing of every decoder layer
-    select_recompute: bool = False  # treated as recompute (no per-operator selection)
+    recompute: bool | list[int] = False  # whole decoder layers: all, or a count per pipeline stage (recompute.py)
+    # bool, a list of layer counts per pipeline stage, or {op pattern: bool or list}: mftune.parallel.recompute
+    select_recompute: bool | list[int] | dict[str, Any] = False
+    select_recompute_exclude: bool | list[int] | dict[str, Any] = False  # patterns/layers taken out of the above
+    select_comm_recompute: bool | list[int] | dict[str, Any] = ignored(
+        False, "recomputes MindSpore's communication ops; DTensor's collectives are recomputed with their layer")
+    select_comm_recompute_exclude: bool | list[int] | dict[str, Any] = ignored(
+        False, "see select_comm_recompute")
     parallel_optimizer_comm_recompute: bool = ignored(False, "MindSpore communication recompute")
     mp_comm_recompute: bool = ignored(True, "MindSpore communication recompute")
     recompute_slice_activation: bool = ignored(True, "MindSpore activation slicing")
@@ -130,6 +174,25 @@ class CallbackConfig:
     save_network_params: bool = False  # also write full weights (checkpoint_network/)
     save_trainable_params: bool = False  # also write trainable params (checkpoint_trainable/)
     async_save: bool = ignored(False, "saves are synchronous")
+    checkpoint_format: str = "safetensors"  # mftune writes safetensors; "ckpt" is refused (convert_weight.py writes it)
+    remove_redundancy: bool = ignored(False, "each rank writes only its own block of a tensor")
+    exception_save: bool = ignored(False, "MindSpore saves on an exception; mftune keeps its last complete save")
+    append_info: Any = ignored(None, "epoch and step are always recorded")
+    enc_key: Any = None  # encryption: refused when set
+    enc_mode: str = ignored("AES-GCM", "read only with enc_key, which is refused")
+    saved_network: Any = ignored(None, "set by MindFormers' trainer")
+    # MFLossMonitor's arguments that MindFormers' trainer fills from the run; mftune does the same
+    learning_rate: Any = ignored(None, "the logged learning rate is the schedule's")
+    micro_batch_num: Any = ignored(None, "taken from parallel_config")
+    micro_batch_interleave_num: Any = ignored(None, "taken from the top-level key")
+    origin_epochs: Any = ignored(None, "taken from runner_config.epochs")
+    dataset_size: Any = ignored(None, "taken from the dataset")
+    initial_epoch: Any = ignored(None, "taken from the resumed checkpoint")
+    initial_step: Any = ignored(None, "taken from the resumed checkpoint")
+    global_batch_size: Any = ignored(None, "computed from the layout")
+    gradient_accumulation_steps: Any = ignored(None, "taken from runner_config")
+    calculate_per_token_loss: Any = ignored(None, "taken from model_config (must be False)")
+    check_for_nan_in_loss_and_grad: bool = ignored(False, "a non-finite loss always stops the run with an error")
 
 
 @dataclass
@@ -138,6 +201,11 @@ class RunnerWrapperConfig:
     scale_sense: float | dict[str, Any] = 1.0  # static loss scale, or DynamicLossScaleUpdateCell block
     use_clip_grad: bool = True
     max_grad_norm: float = 1.0
+    enable_check_overflow: bool = ignored(True, "swallowed by MindFormers' MFTrainOneStepCell (**kwargs) too")
+    local_norm: bool = ignored(False, "per-parameter gradient norms for MindFormers' monitor")
+    micro_batch_num: int | None = ignored(None, "parallel_config.micro_batch_num is read")
+    calculate_per_token_loss: bool = ignored(False, "model_config.calculate_per_token_loss is read")
+    sens: float | None = ignored(None, "MindSpore's older name; scale_sense is read")
 
 
 @dataclass
@@ -150,11 +218,29 @@ class ModelConfig:
 @dataclass
 class TokenizerConfig:
     type: str = "LlamaTokenizer"
-    vocab_file: str | None = None  # sentencepiece model file
+    vocab_file: str | None = None  # tokenizer.model: SentencePiece, or tiktoken (Llama3Tokenizer)
     unk_token: str = "<unk>"
     bos_token: str = "<s>"
     eos_token: str = "</s>"
     pad_token: str = "<unk>"
+    # tokenizer arguments MindFormers passes to its tokenizer classes; mftune's data preparation decides
+    # bos/eos placement itself (docs/data.md) and records hold seq_length + 1 tokens
+    model_max_length: int | None = ignored(None, "records hold seq_length + 1 tokens")
+    # predict prompts: bos first? None = the tokenizer's MindFormers default (LlamaTokenizer yes, Llama3Tokenizer
+    # no); the data tools place bos/eos as MindFormers' preprocessing does whatever this says
+    add_bos_token: bool | None = None
+    add_eos_token: bool = ignored(False, "</s> is added where MindFormers' preprocessing adds it")
+    legacy: bool = ignored(True, "SentencePiece legacy handling of text after special tokens")
+    sp_model_kwargs: dict[str, Any] = ignored(dict, "SentencePiece sampling options")
+    clean_up_tokenization_spaces: bool = ignored(False, "decoding keeps the tokenizer's spaces")
+    errors: str = ignored("replace", "decoding replaces invalid UTF-8")
+    num_reserved_special_tokens: int = ignored(256, "Llama3Tokenizer: Llama 3's special tokens are fixed")
+    padding_side: str = ignored("right", "training pads right; predict pads left")
+    truncation_side: str = ignored("right", "records are cut at seq_length + 1 tokens")
+    # conversation template name (vicuna | llama3, mftune.data.templates) for raw datasets and predict prompts;
+    # None = MindFormers': Vicuna v1.1 training data, prompts as given (docs/data.md)
+    chat_template: str | None = None
+    additional_special_tokens: list[str] | None = ignored(None, "special tokens come from the tokenizer file")
 
 
 @dataclass
@@ -178,6 +264,18 @@ class ParallelSettings:
     strategy_ckpt_load_file: str = ignored("", "set by --strategy_load_checkpoint; rank files record their layout")
     strategy_ckpt_config: dict[str, Any] = ignored(dict, "strategies go to output_dir/strategy")
     parallel_optimizer_config: dict[str, Any] = ignored(dict, "FSDP2 has no such settings")
+    auto_pipeline: bool = ignored(False, "automatic pipeline search: pipeline stages run as data parallel")
+    device_num: int | None = ignored(None, "the launcher's world size is used")
+    global_rank: int | None = ignored(None, "the launcher's rank is used")
+    gradient_fp32_sync: bool = ignored(True, "gradients of trainable (float32) parameters are reduced in float32")
+    auto_parallel_search_mode: str = ignored("", "MindSpore auto-parallel search")
+    parameter_broadcast: bool = ignored(False, "every rank builds identical initial values")
+    all_reduce_fusion_config: list[int] | None = ignored(None, "MindSpore gradient fusion")
+    comm_fusion: dict[str, Any] | None = ignored(None, "MindSpore communication fusion")
+    pipeline_stages: int = ignored(1, "parallel_config.pipeline_stage is read")
+    grad_accumulation_step: int = ignored(1, "runner_config.gradient_accumulation_steps is read")
+    dataset_strategy: Any = ignored(None, "each data-parallel rank reads its own rows")
+    pipeline_config: dict[str, Any] | None = ignored(None, "pipeline stages run as data parallel")
 
 
 @dataclass
@@ -199,6 +297,8 @@ class MFConfig:
     eval_epoch_interval: int = 50  # read with do_eval
     predict_batch_size: int | None = None
     input_data: str | list[str] | None = None  # predict input, set by --predict_data (MindFormers' name)
+    adapter_id: str | list[str] | None = None  # --adapter_id: S-LoRA adapter per prompt (pet_type slora only)
+    modal_type: str | list[str] | None = None  # --modal_type: must be text (Llama is a text model)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     runner_config: RunnerConfig = field(default_factory=RunnerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -246,10 +346,14 @@ IGNORED_CALLBACK_TYPES: tuple[str, ...] = (
 
 # Callbacks the trainer runs, with the keys each one takes (CallbackConfig holds their union).
 CALLBACK_KEYS: dict[str, tuple[str, ...]] = {
-    "MFLossMonitor": ("type", "per_print_times"),
+    "MFLossMonitor": ("type", "per_print_times", "learning_rate", "micro_batch_num", "micro_batch_interleave_num",
+                      "origin_epochs", "dataset_size", "initial_epoch", "initial_step", "global_batch_size",
+                      "gradient_accumulation_steps", "calculate_per_token_loss", "check_for_nan_in_loss_and_grad"),
     "CheckpointMonitor": ("type", "prefix", "directory", "save_checkpoint_steps", "save_checkpoint_seconds",
                           "keep_checkpoint_max", "keep_checkpoint_per_n_minutes", "integrated_save",
-                          "save_network_params", "save_trainable_params", "async_save"),
+                          "save_network_params", "save_trainable_params", "async_save", "checkpoint_format",
+                          "remove_redundancy", "exception_save", "append_info", "enc_key", "enc_mode",
+                          "saved_network", "global_batch_size"),
 }
 CALLBACK_ALIASES = {"CheckpointMointor": "CheckpointMonitor"}  # the class name in MindFormers v1.1.0
 

@@ -3,7 +3,8 @@
 Order contract (what makes resume and re-layout exact):
 
 - Epoch e visits the records in `torch.randperm(N, generator=torch.Generator().manual_seed(seed + e))`
-  order (identity when `shuffle=False`).
+  order (identity when `shuffle=False`). With `repeat` R (``train_dataset.repeat``) an epoch is R passes,
+  each batched on its own (MindSpore batches, then repeats): pass p of epoch e uses the order of e*R + p.
 - Optimizer step s takes the global positions [s*G, (s+1)*G) of that order, G = global batch =
   micro_batch_size * dp_size * grad_accum.
 - Micro-step k of data-parallel rank r takes positions [(k*dp_size + r)*mb, +mb) within the step.
@@ -33,12 +34,15 @@ class TrainData:
 
     def __init__(self, dataset_dir: str, *, micro_batch_size: int, grad_accum: int = 1, dp_rank: int = 0,
                  dp_size: int = 1, shuffle: bool = True, seed: int = 0, drop_remainder: bool = True,
-                 num_samples: int | None = None, columns: tuple[str, ...] = ("input_ids", "labels")):
+                 num_samples: int | None = None, columns: tuple[str, ...] = ("input_ids", "labels"),
+                 repeat: int = 1):
         for name, value in (("micro_batch_size", micro_batch_size), ("grad_accum", grad_accum), ("dp_size", dp_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: it must be an integer >= 1.")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank!r} is invalid: it must be in [0, dp_size={dp_size}).")
+        if not isinstance(repeat, int) or repeat < 1:
+            raise ValueError(f"repeat={repeat!r} is invalid: it must be an integer >= 1.")
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"num_samples={num_samples!r} is invalid: it must be >= 1 or None (all records).")
         self.dataset_dir = dataset_dir
@@ -79,7 +83,9 @@ class TrainData:
                 f"dataset_dir={dataset_dir!r} has {n} records (num_samples={num_samples}), fewer than one global batch "
                 f"of {G} = micro_batch_size {micro_batch_size} x dp_size {dp_size} x grad_accum {grad_accum}. "
                 "Lower batch_size or gradient_accumulation_steps, add data, or disable drop_remainder.")
-        self.steps_per_epoch = n // G if drop_remainder else -(-n // G)
+        self.repeat = repeat  # passes per epoch (MindSpore's batch-then-repeat: each pass batched on its own)
+        self.steps_per_pass = n // G if drop_remainder else -(-n // G)
+        self.steps_per_epoch = self.steps_per_pass * repeat
 
     def value_range(self, column: str, exclude: int | None = None) -> tuple[int, int] | None:
         """(min, max) of the token values of ``column`` over all records, ignoring ``exclude``;
@@ -104,12 +110,16 @@ class TrainData:
         {"input_ids": LongTensor[mb, L], "labels": LongTensor[mb, L]} (+ "position_ids" when packed)."""
         if start_step < 0:
             raise ValueError(f"start_step={start_step} is invalid: it must be >= 0.")
-        order = self.order(epoch)
         G, mb, n = self.global_batch_size, self.micro_batch_size, self.num_records
+        orders: dict[int, torch.Tensor] = {}
         for step in range(start_step, self.steps_per_epoch):
+            done, in_pass = divmod(step, self.steps_per_pass)
+            if done not in orders:  # pass p of epoch e: the order of "epoch" e*repeat + p
+                orders = {done: self.order(epoch * self.repeat + done)}
+            order = orders[done]
             micro = []
             for k in range(self.grad_accum):
-                start = step * G + (k * self.dp_size + self.dp_rank) * mb
+                start = in_pass * G + (k * self.dp_size + self.dp_rank) * mb
                 positions = torch.arange(start, start + mb) % n  # wraps only in the last step, drop_remainder=False
                 micro.append(self.rows(order[positions]))
             yield micro

@@ -8,20 +8,21 @@ trainable parameters already float32. The caller then materialises it (``to_empt
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from mftune.parallel.data_parallel import apply_fsdp
 from mftune.parallel.mesh import ParallelContext
-from mftune.parallel.recompute import apply_recompute
+from mftune.parallel.recompute import LayerRecompute, apply_recompute
 from mftune.parallel.tensor_parallel import apply_tensor_parallel
 
 logger = logging.getLogger("mftune")
 
 
 def parallelize(model: nn.Module, ctx: ParallelContext, *, vocab_emb_dp: bool, use_seq_parallel: bool,
-                parallel_optimizer: bool, recompute: bool, compute_dtype: torch.dtype) -> None:
+                parallel_optimizer: bool, recompute: Sequence[LayerRecompute], compute_dtype: torch.dtype) -> None:
     """Apply the layout of ``ctx.mesh`` (dims ``dp``, ``tp``) to ``model`` in place; on one process
     (no mesh) only activation checkpointing applies."""
     if ctx.tp_size > 1:
@@ -30,9 +31,8 @@ def parallelize(model: nn.Module, ctx: ParallelContext, *, vocab_emb_dp: bool, u
                               seq_parallel=use_seq_parallel)
         for name, p in model.named_parameters():  # torch's SequenceParallel re-creates norm
             p.requires_grad_(name not in frozen)  # weights as trainable Parameters
-    if recompute:
-        logger.info("Recompute: activation checkpointing of %d decoder layers",
-                    apply_recompute(model.model.layers))
+    if any(recompute):
+        logger.info("Recompute: %s", apply_recompute(model.model.layers, recompute))
     fsdp = parallel_optimizer and ctx.dp_size > 1
     if fsdp:
         apply_fsdp(model, ctx.mesh["dp"], compute_dtype)

@@ -19,6 +19,7 @@ from mftune.models.config import LlamaConfig
 from mftune.models.llama import LlamaForCausalLM
 from mftune.parallel import parallelize
 from mftune.parallel.mesh import ParallelContext
+from mftune.parallel.recompute import plan as recompute_plan
 from mftune.pet import LoraConfig, get_pet_model, trainable_summary
 from mftune.trainer.checkpointing import save_strategy
 from mftune.trainer.resume import ResumePoint
@@ -38,10 +39,9 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext,
                 point: ResumePoint | None = None) -> BuiltModel:
     """The run's model in ``ctx``'s layout with its starting weights (``mftune.trainer.weights``);
     with ``only_save_strategy``, the strategy files written and no weights."""
-    pet_config = model_config.pet_config if cfg.run_mode != "train" else None  # finetune, eval, predict
-    if cfg.run_mode == "train" and model_config.pet_config:
-        logger.info("run_mode train trains all parameters: pet_config is not applied "
-                    "(use --run_mode finetune for LoRA)")
+    # applied whenever present, in every run mode (MindFormers' build_network does the same); a run
+    # without pet_config trains every parameter
+    pet_config = model_config.pet_config
     try:
         with torch.device("meta"):
             model = LlamaForCausalLM(model_config)
@@ -49,6 +49,9 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext,
             get_pet_model(model, LoraConfig(**pet_config))  # validated with the config
     except ValueError as exc:  # e.g. target_modules matches no layer
         raise UserError(str(exc)) from None
+    if model.pad_mask_id is not None and cfg.run_mode != "predict":  # model_config.mask_pad_token
+        logger.info("mask_pad_token: inputs equal to pad_token_id=%d are hidden from attention and not trained "
+                    "on (MindFormers' input mask)", model.pad_mask_id)
     for param in model.parameters():  # on meta: free, and before FSDP2 records dtypes
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
@@ -58,7 +61,9 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext,
         seq_parallel = False
     parallelize(model, ctx, vocab_emb_dp=cfg.parallel_config.vocab_emb_dp, use_seq_parallel=seq_parallel,
                 parallel_optimizer=cfg.parallel.enable_parallel_optimizer,
-                recompute=cfg.recompute_config.recompute or cfg.recompute_config.select_recompute,
+                recompute=recompute_plan(cfg.recompute_config.recompute, cfg.recompute_config.select_recompute,
+                                         cfg.recompute_config.select_recompute_exclude, model_config.num_layers,
+                                         model_config.offset),
                 compute_dtype=model.dtypes.compute_dtype)
     if cfg.run_mode in ("train", "finetune") or cfg.auto_trans_ckpt or cfg.only_save_strategy:
         save_strategy(os.path.join(os.path.abspath(cfg.output_dir), "strategy"), model, ctx,

@@ -226,3 +226,23 @@ def test_fp16_with_dynamic_loss_scale_on_2_fsdp_ranks(parity):
     assert r.returncode == 0, r.stdout[-3000:]
     assert pp.losses(multi, "loss_scale") == pp.losses(single, "loss_scale") == [1024, 1024, 2048, 2048, 4096, 4096]
     assert pp.compare(pp.losses(single), pp.losses(multi)) < 1e-3
+
+
+def test_pipeline_stages_run_as_data_parallel_with_mindformers_names(parity):
+    """MindFormers' documented command names (scripts/msrun_launcher.sh, run_mindformer.py) and a
+    pipeline layout: pipeline_stage 2 with micro_batch_num 4 runs as 2 FSDP data-parallel ranks with
+    2 accumulation steps: MindFormers' global batch (batch_size x data_parallel x micro_batch_num),
+    the one-process losses and norms. Its gradient_accumulation_steps is not used (as in MindFormers)."""
+    d, config, refs = parity
+    out = os.path.join(d, "pp2")
+    order = ["run_mindformer.py", "--config", config, "--run_mode", "finetune", "--output_dir", out,
+             "--use_parallel", "True", "--batch_size", str(pp.GLOBAL_BATCH // 4), "--gradient_accumulation_steps",
+             "3", "--parallel_config.data_parallel", "1", "--parallel_config.model_parallel", "1",
+             "--parallel_config.pipeline_stage", "2", "--parallel_config.micro_batch_num", "4",
+             "--parallel.enable_parallel_optimizer", "True"]
+    r = subprocess.run(["bash", "scripts/msrun_launcher.sh", " ".join(order), "2", str(pp.free_port()),
+                        os.path.join(out, "msrun_log"), "True", "600"], cwd=ROOT, capture_output=True, text=True)
+    _check_parity(refs, "finetune", out, r)
+    log = open(os.path.join(out, "msrun_log", "worker_0.log")).read()
+    assert "pipeline_stage=2 runs as data parallel: data_parallel 1 -> 2, micro_batch_num=4 -> 2 gradient " \
+           "accumulation steps" in log and "gradient_accumulation_steps=3 is not used" in log

@@ -73,10 +73,13 @@ def _dataset_loss(model, data_dir):
     return total / count
 
 
+FULL = ("--model.model_config.pet_config", "null")  # every parameter trains (no pet_config)
+
+
 def test_train_then_finetune_from_its_checkpoint(workdir):
     d, config, data = workdir
     base_out, lora_out = d / "base", d / "lora"
-    r = run(["run_finetune.py", "--config", str(config), "--run_mode", "train",
+    r = run(["run_finetune.py", "--config", str(config), "--run_mode", "train", *FULL,
              "--use_parallel", "False", "--output_dir", str(base_out)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # 120 records, runner batch_size 2 -> 60 steps per epoch, 2 epochs (values of §1.1).
@@ -153,7 +156,7 @@ def test_gradient_accumulation_equals_one_big_batch(workdir):
     losses = []
     for name, bs, ga in (("ga1", 4, 1), ("ga2", 2, 2)):
         out = d / name
-        r = run(["run_finetune.py", "--config", str(config), "--run_mode", "train", "--use_parallel", "False",
+        r = run(["run_finetune.py", "--config", str(config), "--run_mode", "train", *FULL, "--use_parallel", "False",
                  "--output_dir", str(out), "--epochs", "1", "--batch_size", str(bs),
                  "--gradient_accumulation_steps", str(ga), "--model.model_config.compute_dtype", "float32"])
         assert r.returncode == 0, r.stderr[-3000:]
@@ -205,7 +208,7 @@ def test_half_precision_weights_train_with_fp32_masters(workdir, tmp_path):
 
 def test_diverging_run_stops_with_a_message(workdir, tmp_path):
     _, config, _ = workdir
-    r = run(["run_finetune.py", "--config", str(config), "--run_mode", "train", "--use_parallel", "False",
+    r = run(["run_finetune.py", "--config", str(config), "--run_mode", "train", *FULL, "--use_parallel", "False",
              "--output_dir", str(tmp_path), "--epochs", "1", "--lr_schedule.learning_rate", "1e30",
              "--lr_schedule.warmup_ratio", "0"])
     assert r.returncode == 1 and "Traceback" not in r.stderr
@@ -222,7 +225,7 @@ def test_progress_bar_on_a_terminal(workdir, tmp_path):
     _, config, _ = workdir
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
-    proc = subprocess.Popen([sys.executable, "run_finetune.py", "--config", str(config), "--run_mode", "train",
+    proc = subprocess.Popen([sys.executable, "run_finetune.py", "--config", str(config), "--run_mode", "train", *FULL,
                              "--use_parallel", "False", "--output_dir", str(tmp_path), "--epochs", "1",
                              "--train_dataset.data_loader.num_samples", "16"],
                             cwd=ROOT, stdin=slave, stdout=slave, stderr=slave)

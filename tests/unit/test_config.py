@@ -180,6 +180,8 @@ def test_yaml_anchor_and_null_means_default(tmp_path):
 
 
 FLAG_CASES = [
+    (["--adapter_id", "a", "b"], "adapter_id", ["a", "b"]),
+    (["--modal_type", "text"], "modal_type", ["text"]),
     (["--mode", "1"], "context", {"mode": 1}),
     (["--device_id", "3"], "context", {"device_id": 3}),
     (["--device_target", "GPU"], "context", {"device_target": "GPU"}),
@@ -238,7 +240,7 @@ def test_every_run_mindformer_flag_exists():
                      "src_strategy_path_or_dir", "auto_trans_ckpt", "transform_process_num", "only_save_strategy",
                      "resume_training", "strategy_load_checkpoint", "remote_save_url", "seed", "use_parallel",
                      "profile", "options", "epochs", "batch_size", "gradient_accumulation_steps", "sink_mode",
-                     "num_samples", "output_dir", "register_path", "do_sample"}
+                     "num_samples", "output_dir", "register_path", "do_sample", "adapter_id", "modal_type"}
     assert all(a.default is None for a in cli.build_parser()._actions if a.dest not in ("help", "config"))
 
 
@@ -357,7 +359,7 @@ def test_every_kind_of_bad_value_is_reported_at_once(tmp_path):
           - {type: CheckpointMonitor, save_checkpoint_steps: 0, keep_checkpoint_max: 0, prefx: a}
           - {type: LossMonitor}
         runner_wrapper: {max_grad_norm: 0}
-        parallel_config: {data_parallel: 0, model_parallel: 0, pipeline_stage: 2}
+        parallel_config: {data_parallel: 0, model_parallel: 0, pipeline_stage: 3}
         model:
           model_config:
             seq_length: 0
@@ -398,7 +400,9 @@ def test_every_kind_of_bad_value_is_reported_at_once(tmp_path):
         "runner_wrapper.max_grad_norm=0.0 is invalid: must be > 0",
         "parallel_config.data_parallel=0 is invalid",
         "parallel_config.model_parallel=0 is invalid",
-        "parallel_config.pipeline_stage=2 is invalid: pipeline parallelism is not supported yet",
+        "parallel_config.micro_batch_num=64 is invalid: pipeline_stage=3 runs as data parallel with micro_batch_num "
+        "/ pipeline_stage gradient accumulation steps, so micro_batch_num must be a multiple of 3. "
+        "Use micro_batch_num: 66",
         "model.model_config.seq_length=0 is invalid",
         "model.model_config.vocab_size=0 is invalid",
         "model.model_config.num_layers=0 is invalid",
@@ -563,12 +567,13 @@ def test_ignored_keys_logged_once_and_only_those_present(tmp_path, caplog):
         callbacks: [{type: MFLossMonitor}, {type: ObsMonitor}]
         train_dataset: {python_multiprocessing: True, data_loader: {dataset_dir: ''}}
     """)
-    with caplog.at_level(logging.INFO, logger="mftune"):
+    with caplog.at_level(logging.DEBUG, logger="mftune"):
         load_config(path, {"run_mode": "predict"})
     lines = [r.getMessage() for r in caplog.records if "Ignored on this backend" in r.getMessage()]
-    assert len(lines) == 1
-    line = lines[0]
-    assert line.startswith("Ignored on this backend (no effect): ")
+    assert len(lines) == 1 and len(lines[0]) < 200  # one short line pointing to the docs
+    assert lines[0].startswith("Ignored on this backend (no effect): 5 MindSpore/Ascend setting(s), e.g. ")
+    assert "docs/config.md#ignored-keys" in lines[0]
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Ignored keys: ")]  # DEBUG
     for key in ("context.{mode, max_device_memory}", "profile", "callbacks[1] (ObsMonitor)",
                 "train_dataset.python_multiprocessing"):
         assert key in line
@@ -631,3 +636,11 @@ def test_empty_yaml_is_an_error_not_the_7b_defaults(tmp_path):
     empty.write_text("")
     with pytest.raises(ConfigError, match="the file is empty"):
         load_config(str(empty), check_files=False)
+
+
+def test_adapter_id_warns_and_modal_type_must_be_text(caplog):
+    with caplog.at_level(logging.WARNING, logger="mftune"):
+        parse(["--config", LORA_7B, "--run_mode", "predict", "--adapter_id", "a"])
+    assert "--adapter_id a is not used: it selects an S-LoRA adapter" in caplog.text
+    errors = errors_of(parse, ["--config", LORA_7B, "--modal_type", "image"])
+    assert errors == ["modal_type=['image'] is invalid: Llama is a text model. Remove --modal_type (or pass text)."]

@@ -1,4 +1,5 @@
 """Recompute gives the same gradients; tied embeddings save once and load back."""
+import pytest
 import torch
 
 from mftune.checkpoint.formats.single_file import save_complete
@@ -17,7 +18,7 @@ def _grads(recompute: bool) -> tuple[dict[str, torch.Tensor], int]:
     for layer in model.model.layers:
         layer.attention.register_forward_hook(lambda *_: calls.append(1))
     if recompute:
-        assert apply_recompute(model.model.layers) == 2
+        assert apply_recompute(model.model.layers) == "full recompute of 2 decoder layer(s) (layers 0-1)"
     ids = torch.randint(0, 50, (2, 17), generator=torch.Generator().manual_seed(1))
     model(ids, ids).backward()
     return {n: p.grad for n, p in model.named_parameters()}, len(calls)
@@ -47,3 +48,14 @@ def test_tied_embeddings_save_once_and_load(tmp_path):
     assert other.lm_head.weight is other.model.tok_embeddings.embedding_weight
     ids = torch.randint(0, 50, (1, 8))
     torch.testing.assert_close(other(ids), model(ids), rtol=0, atol=0)
+
+
+def test_embedding_init_type_sets_the_embedding_dtype_only():
+    """MindFormers' embedding_init_type: the embedding table's dtype (default param_init_type)."""
+    model = LlamaForCausalLM({**TINY, "embedding_init_type": "bfloat16"})
+    assert model.model.tok_embeddings.embedding_weight.dtype == torch.bfloat16
+    assert model.lm_head.weight.dtype == model.model.layers[0].attention.wq.weight.dtype == torch.float32
+    assert model(torch.randint(0, 50, (1, 8))).dtype == torch.float32
+    assert LlamaForCausalLM(TINY).model.tok_embeddings.embedding_weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="embedding_init_type='bfloat16' is invalid: with tie_word_embeddings"):
+        LlamaForCausalLM({**TINY, "embedding_init_type": "bfloat16", "tie_word_embeddings": True})
