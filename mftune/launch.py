@@ -299,15 +299,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "start jobs with scripts/launcher.sh.", file=sys.stderr)
             return 2
         return run_worker(argv[1], argv[2], argv[3:], os.environ["RANK"])
+    usage = USAGE.replace("scripts/launcher.sh", os.environ.get("MFTUNE_LAUNCHER", "scripts/launcher.sh"))
     if argv in (["-h"], ["--help"]):
-        print(USAGE)
+        print(usage)
         return 0
     try:
         args = parse_args(argv)
         _prepare_machine(args)
     except UsageError as exc:
         print("\n".join(f"error: {line}" for line in exc.errors), file=sys.stderr)
-        print(USAGE, file=sys.stderr)
+        print(usage, file=sys.stderr)
         return exit_status(exc)
     return launch(args)
 
