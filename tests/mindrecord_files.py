@@ -1,5 +1,5 @@
 """A small MindRecord writer for tests: the bytes MindSpore's FileWriter writes (header, blob and raw
-pages, compressed integers, the .db index), without MindSpore. tests/e2e/test_mindrecord.py checks
+pages, compressed integers, the .db index), without MindSpore. tests/e2e/test_mindrecord_runs.py checks
 that MindSpore's own reader reads these files as written, so the unit tests' fixtures are real
 MindRecord files."""
 from __future__ import annotations

@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from mftune.checkpoint.formats import (checkpoint_header, distributed, mindspore_ckpt, mindspore_ranks,
-                                       open_checkpoint, recognise)
+from mftune.checkpoint.formats import MINDSPORE_FORMATS, checkpoint_header, distributed, open_checkpoint, recognise
 from mftune.checkpoint.formats.peft_adapter import (CONFIG_NAME, SAFETENSORS_NAME, lora_grid, mftune_to_peft_name,
                                                     pair_and_rank, peft_adapter_config)
 from mftune.checkpoint.keys import LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, is_lora, moment_names
@@ -76,12 +75,12 @@ def _lora_pet_config(meta: dict[str, Any], src: str) -> dict[str, Any]:
     pet_config = meta.get("pet_config") or (meta.get("model_config") or {}).get("pet_config")
     if pet_config is not None and not isinstance(pet_config, dict):
         raise CheckpointError(f"pet_config={pet_config!r} is invalid: {src}'s header holds no mapping. "
-                              f"Export a checkpoint written by run_finetune.py --run_mode finetune.")
+                              f"Export a checkpoint written by a run with a LoRA pet_config.")
     if not pet_config:
         raise CheckpointError(
             f"src_checkpoint={src} is invalid: its header has no pet_config, so it is not a LoRA "
             f"checkpoint (run_mode {meta.get('run_mode', 'unknown')}). Export a checkpoint written by "
-            f"run_finetune.py --run_mode finetune with a pet_config.")
+            f"a run with a LoRA pet_config (run_finetune.py, any run_mode).")
     if str(pet_config.get("pet_type", "lora")).lower() != "lora":
         raise CheckpointError(f"pet_config.pet_type={pet_config['pet_type']!r} is invalid: only LoRA exports to "
                               f"PEFT. Export a LoRA checkpoint.")
@@ -105,7 +104,7 @@ def _adapter_keys(keys: list[str], pet_config: dict, src: str) -> list[str]:
 
 
 def _is_mindspore(path: str) -> bool:
-    return os.path.exists(path) and recognise(path) in (mindspore_ckpt, mindspore_ranks)
+    return os.path.exists(path) and recognise(path) in MINDSPORE_FORMATS
 
 
 def _num_layers(keys: list[str], fallback: dict[str, Any]) -> int | None:
@@ -119,7 +118,7 @@ def _source(path: str, src_strategy: str = "") -> tuple[dict[str, Any], list[str
     a distributed checkpoint directory (rank_*/: the adapters are reassembled from the shards) or of
     MindSpore checkpoints (a .ckpt file or directory, a rank_*/ set read with ``src_strategy``)."""
     kind = recognise(path) if os.path.exists(path) else None
-    if kind in (distributed, mindspore_ckpt, mindspore_ranks):
+    if kind is distributed or kind in MINDSPORE_FORMATS:
         entries = open_checkpoint(path, src_strategy)
 
         def load(names):
@@ -148,7 +147,7 @@ def _check_source(path: str) -> None:
                               f"file{hint}.")
     if not os.path.isfile(path):
         raise CheckpointError(f"src_checkpoint={path} is invalid: no such file. Pass a .safetensors "
-                              f"checkpoint written by run_finetune.py --run_mode finetune.")
+                              f"checkpoint written by a run with a LoRA pet_config.")
 
 
 def _lora_hparams(pet_config: dict, fallback: dict[str, Any], where: str) -> dict[str, Any]:

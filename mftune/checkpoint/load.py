@@ -141,8 +141,8 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
     if lost:
         raise CheckpointError(
             f"checkpoint {path} holds LoRA adapters this model does not have (e.g. {lost[0]}, {len(lost)} in all): "
-            f"they would be dropped. Apply the pet_config they were trained with (run_mode finetune, predict "
-            f"or eval, the same target_modules), or merge them first with scripts/transform_ckpt_lora.py.")
+            f"they would be dropped. Apply the pet_config they were trained with (the same "
+            f"target_modules, in any run_mode), or merge them first with scripts/transform_ckpt_lora.py.")
     if unused and only is None:
         logger.warning("Checkpoint %s has %d tensors this model does not use (e.g. %s)",
                        path, len(unused), unused[0])

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from mftune.checkpoint.entries import Entry
-from mftune.checkpoint.formats import checkpoint_header, distributed, mindspore_ranks, open_checkpoint, recognise
+from mftune.checkpoint.formats import checkpoint_header, distributed, open_checkpoint, reads_strategy, recognise
 from mftune.checkpoint.formats.distributed import distributed_entries, file_blocks, rank_files
 from mftune.checkpoint.keys import PER_RANK_KEYS, SCALAR_KEYS, moment_names, parameter_of
 from mftune.checkpoint.mindspore.ckpt import is_ckpt, write_ckpt_streaming
@@ -337,9 +337,9 @@ def auto_transform(src: str, output_dir: str, *, rank: int, world_size: int, pro
     try:
         refuse_overlap(src, out_root)
         kind = recognise(src)
-        if src_strategy and kind is not mindspore_ranks and (kind is distributed or len(files or []) > 1):
+        if src_strategy and not reads_strategy(kind) and (kind is distributed or len(files or []) > 1):
             check_source_strategy(src_strategy, files or rank_files(src))
-        elif src_strategy and kind is not mindspore_ranks:
+        elif src_strategy and not reads_strategy(kind):
             logger.warning("src_strategy_path_or_dir=%s ignored: %s is a complete checkpoint", src_strategy, src)
         if rank == 0:
             clear_destination(out_root)

@@ -235,23 +235,49 @@ def _check_parallel(c: _Checker, cfg: MFConfig) -> None:
 
 
 def _check_recompute_lists(c: _Checker, cfg: MFConfig) -> None:
-    """Per-stage layer counts in recompute_config: one entry per pipeline stage (MindFormers' LayerSetting)."""
-    rc, stages = cfg.recompute_config, cfg.parallel_config.pipeline_stage if cfg.use_parallel else None
+    """Per-stage layer counts in recompute_config (MindFormers' LayerSetting): ints >= 0 or bools, one per
+    pipeline stage (with use_parallel: parallel_config.pipeline_stage; else every list as long as the
+    first); a pattern's value is a bool or such a list. model_config.offset must fit those stages."""
+    rc = cfg.recompute_config
+    stages = cfg.parallel_config.pipeline_stage if cfg.use_parallel else None
     for key in ("recompute", "select_recompute", "select_recompute_exclude"):
         value = getattr(rc, key)
         lists = [(f"recompute_config.{key}", value)] if isinstance(value, list) else []
         if isinstance(value, dict):
-            lists = [(f"recompute_config.{key}.{p}", v) for p, v in value.items() if isinstance(v, list)]
+            for pattern, v in value.items():
+                if isinstance(v, list):
+                    lists.append((f"recompute_config.{key}.{pattern}", v))
+                elif not isinstance(v, bool):
+                    c.errors.append(invalid(f"recompute_config.{key}.{pattern}", v, "a pattern takes True, False "
+                                            "or a list of layer counts per pipeline stage", "Use e.g. True."))
         for shown, counts in lists:
-            if counts and isinstance(counts[0], str):
+            if counts and all(isinstance(v, str) for v in counts):
                 continue  # a list of patterns
-            if not all(isinstance(v, int) and v >= 0 for v in counts):
+            if not counts or not all(isinstance(v, int) and v >= 0 for v in counts):
                 c.errors.append(invalid(shown, counts, "expected layer counts (ints >= 0 or bools), one per "
                                         "pipeline stage", "Use e.g. [2, 1] for two stages, or True."))
-            elif stages and len(counts) != stages:
-                c.errors.append(invalid(shown, counts, f"one count per pipeline stage is expected "
-                                        f"(parallel_config.pipeline_stage={stages})",
-                                        f"Give {stages} counts, or True for every layer."))
+                continue
+            stages = stages or len(counts)
+            if len(counts) != stages:
+                c.errors.append(invalid(shown, counts, f"one count per pipeline stage is expected ({stages} "
+                                        f"stage{'s' if stages > 1 else ''}: parallel_config.pipeline_stage, or "
+                                        f"the length of the first list)", f"Give {stages} count(s), or True."))
+    _check_offset(c, cfg, stages or 1)
+
+
+def _check_offset(c: _Checker, cfg: MFConfig, stages: int) -> None:
+    """model_config.offset: layers added to each pipeline stage (an int for all, or one per stage), summing
+    to num_layers % stages, as MindFormers' LayerSetting requires."""
+    offset, layers = cfg.model.model_config.get("offset", 0), cfg.model.model_config.get("num_layers", 32)
+    if offset in (0, None) or not isinstance(layers, int):
+        return
+    ok = isinstance(offset, int) or (isinstance(offset, list) and len(offset) == stages
+                                      and all(isinstance(v, int) for v in offset))
+    total = offset * stages if isinstance(offset, int) else sum(offset) if ok else None
+    if not ok or total != layers % stages:
+        c.errors.append(invalid("model.model_config.offset", offset, f"the layers added per pipeline stage ({stages} "
+                                f"stage(s)) must be an int or one int per stage summing to num_layers % stages = "
+                                f"{layers % stages}", "Use offset: 0 (layers split evenly over the stages)."))
 
 
 def _check_model(c: _Checker, model_config: dict[str, Any]) -> None:
@@ -328,12 +354,13 @@ def fold_pipeline(cfg: MFConfig) -> None:
     processes. MindFormers ignores gradient_accumulation_steps with pipeline stages; so does this."""
     pc, runner = cfg.parallel_config, cfg.runner_config
     stages, accumulation = pc.pipeline_stage, pc.micro_batch_num // pc.pipeline_stage
-    logger.info("pipeline_stage=%d runs as data parallel: data_parallel %d -> %d, micro_batch_num=%d -> %d "
-                "gradient accumulation steps (global batch %d, as MindFormers')%s", stages, pc.data_parallel,
-                pc.data_parallel * stages, pc.micro_batch_num, accumulation,
-                runner.batch_size * pc.data_parallel * pc.micro_batch_num,
-                f"; gradient_accumulation_steps={runner.gradient_accumulation_steps} is not used with "
-                f"pipeline stages (as in MindFormers)" if runner.gradient_accumulation_steps != 1 else "")
+    log = logger.warning if runner.gradient_accumulation_steps != 1 else logger.info
+    log("pipeline_stage=%d runs as data parallel: data_parallel %d -> %d, micro_batch_num=%d -> %d "
+        "gradient accumulation steps (global batch %d, as MindFormers')%s", stages, pc.data_parallel,
+        pc.data_parallel * stages, pc.micro_batch_num, accumulation,
+        runner.batch_size * pc.data_parallel * pc.micro_batch_num,
+        f"; gradient_accumulation_steps={runner.gradient_accumulation_steps} is not used with "
+        f"pipeline stages (as in MindFormers)" if runner.gradient_accumulation_steps != 1 else "")
     pc.data_parallel *= stages
     runner.gradient_accumulation_steps = accumulation
     pc.pipeline_stage, pc.micro_batch_num = 1, 1

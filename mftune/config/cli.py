@@ -301,8 +301,10 @@ def check_main(argv: list[str] | None = None) -> int:
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
+        # INFO and up, plus the DEBUG record that lists every ignored key
+        handler.addFilter(lambda r: r.levelno >= logging.INFO or r.getMessage().startswith("Ignored keys: "))
         logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)  # the full list of ignored keys is a DEBUG record
+        logger.setLevel(logging.DEBUG)
     try:
         cfg = parse_cli(argv)
     except ConfigError as exc:

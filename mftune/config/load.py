@@ -55,8 +55,9 @@ def load_config(path: str, overrides: dict[str, Any] | None = None, *,
 
 def log_ignored(ignored: list[str]) -> None:
     """One short INFO line (how many keys, a pointer to the docs), the keys themselves at DEBUG;
-    ``python -m mftune.cli --config FILE`` prints them all."""
-    logger.info("Ignored on this backend (no effect): %d MindSpore/Ascend setting(s), e.g. %s; see "
+    ``python -m mftune.cli --config FILE`` prints them all (MindSpore/Ascend settings, keys MindFormers'
+    trainer fills itself)."""
+    logger.info("Ignored on this backend (no effect): %d accepted setting(s), e.g. %s; see "
                 "docs/config.md#ignored-keys (python -m mftune.cli --config FILE lists them)",
                 len(ignored), ", ".join(ignored[:2]))
     logger.debug("Ignored keys: %s", checks.compact(ignored))

@@ -2,7 +2,7 @@
 read without MindSpore.
 
 The layout, from MindSpore 2.7.0 (``mindspore/ccsrc/minddata/mindrecord``: shard_header, shard_reader,
-shard_column) and checked against the files its ``FileWriter`` writes (tests/e2e/test_mindrecord.py):
+shard_column) and checked against the files its ``FileWriter`` writes (tests/e2e/test_mindrecord_runs.py):
 
 - A set is one shard ``name.mindrecord`` or several, ``name.mindrecord0`` .. ``name.mindrecordN-1``
   (``FileWriter(name, N)``), each with its SQLite index ``<shard>.db`` beside it.

@@ -100,7 +100,7 @@ class LlamaConfig:
     # quantized inference (RTN / smooth-quant / PTQ): refused with one message (mftune.config.checks)
     quantization_config: dict[str, Any] | None = None
     quant_config: dict[str, Any] | None = None
-    offset: Any = ignored(0, "pipeline layer offset: pipeline stages run as data parallel (docs/parallel.md)")
+    offset: Any = 0  # layers added per pipeline stage (int or list): which layers per-stage recompute counts pick
     pipeline_stage: Any = ignored(None, "pipeline stage placement: pipeline stages run as data parallel")
     pp_interleave_num: int = ignored(1, "pipeline interleaving: pipeline stages run as data parallel")
     parallel_config: Any = ignored(None, "MindFormers copies the top-level parallel_config here; that one is read")

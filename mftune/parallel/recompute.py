@@ -38,6 +38,8 @@ logger = logging.getLogger("mftune")
 aten = torch.ops.aten
 DEFAULT_PATTERNS = (r"feed_forward\.mul", r"feed_forward\.w1\.activation\.silu")
 SUBMODULES = ("attention", "feed_forward", "attention_norm", "ffn_norm")
+CHILDREN = {"attention": ("wq", "wk", "wv", "wo"), "feed_forward": ("w1", "w2", "w3", "activation"),
+            "attention_norm": (), "ffn_norm": ()}  # MindFormers' cells inside each sub-module
 # MindFormers' operator attribute names in a Llama layer -> the aten ops that compute them here.
 # Views (reshape, transpose) store nothing, so recomputing them changes nothing.
 OPS: dict[str, tuple] = {
@@ -62,9 +64,10 @@ class LayerRecompute:
 
 
 def stage_sizes(num_layers: int, stages: int, offset: Any = 0) -> list[int]:
-    """Layers per pipeline stage: ``num_layers // stages`` each plus ``offset`` (an int or one per stage)."""
+    """Layers per pipeline stage: ``num_layers // stages`` each plus ``offset`` (an int for every stage or
+    one per stage; mftune.config.checks checks it as MindFormers does)."""
     base = num_layers // stages
-    extra = list(offset) if isinstance(offset, (list, tuple)) and len(offset) == stages else [0] * stages
+    extra = list(offset) if isinstance(offset, (list, tuple)) else [int(offset or 0)] * stages
     sizes = [base + int(e) for e in extra]
     sizes[-1] += num_layers - sum(sizes)
     return sizes
@@ -91,25 +94,32 @@ def _patterns(value: Any) -> dict[str, Any]:
 
 
 def pattern_target(pattern: str) -> tuple[list[str], set[str] | None]:
-    """The sub-modules a pattern names and its operators (None: the whole sub-module)."""
+    """The sub-modules a pattern names and its operators (None: the whole sub-module). Split on ``\\.``
+    as MindFormers does; a last part naming neither an operator nor a module of the layer matches
+    nothing (MindFormers recomputes nothing for it either)."""
     parts = pattern.split(r"\.")
     subs = [s for s in SUBMODULES if re.fullmatch(parts[0], s)]
-    ops = {op for op in OPS if re.fullmatch(parts[-1], op)} if len(parts) > 1 else set()
-    return subs, ops or None  # a path ending at a module: all of the sub-module (coarser than MindFormers)
+    if len(parts) == 1:
+        return subs, None
+    ops = {op for op in OPS if re.fullmatch(parts[-1], op)}
+    if ops:
+        return subs, ops
+    # a path ending at a module (feed_forward\.w1): all of the sub-module, coarser than MindFormers
+    return ([s for s in subs if any(re.fullmatch(parts[-1], m) for m in CHILDREN[s])], None)
 
 
 def plan(recompute: Any, select: Any, exclude: Any, num_layers: int, offset: Any = 0) -> list[LayerRecompute]:
     """Per layer, what ``recompute_config`` recomputes (see the module docstring)."""
-    stages = next((len(v) for v in (recompute, select, *(_patterns(select).values()))
-                   if isinstance(v, (list, tuple)) and v and not isinstance(v[0], str)), 1)
+    lists = (recompute, select, exclude, *_patterns(select).values(), *(_patterns(exclude).values() if exclude else ()))
+    stages = next((len(v) for v in lists if isinstance(v, (list, tuple)) and v and not isinstance(v[0], str)), 1)
     sizes = stage_sizes(num_layers, stages, offset)
     layers = [LayerRecompute(full=i in chosen_layers(recompute, sizes)) for i in range(num_layers)]
     if select is not False and select is not None:
         for pattern, chosen in _patterns(select).items():
             subs, ops = pattern_target(pattern)
             if not subs:
-                logger.warning("recompute_config.select_recompute: pattern %r names no sub-module of a layer "
-                               "(%s); it recomputes nothing", pattern, ", ".join(SUBMODULES))
+                logger.warning("recompute_config.select_recompute: pattern %r names no operator of a sub-module "
+                               "of a layer (%s); it recomputes nothing", pattern, ", ".join(SUBMODULES))
             for i in chosen_layers(chosen, sizes):
                 for sub in subs:
                     _add(layers[i].select, sub, ops)

@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from mftune.checkpoint.formats import mindspore_ranks
+from mftune.checkpoint.formats import reads_strategy, recognise
 from mftune.config.cli import parse_cli
 from mftune.config.load import save_config
 from mftune.config.schema import MFConfig
@@ -228,7 +228,7 @@ def _check_supported(cfg: MFConfig) -> None:
                         f"strategy folder {own}, which the run rewrites with its layout at start-up. Copy the "
                         f"source run's strategy elsewhere and point there, or leave it empty (mftune's rank "
                         f"files record their own layout).")
-    read_with_strategy = os.path.isdir(cfg.load_checkpoint or "") and mindspore_ranks.matches(cfg.load_checkpoint)
+    read_with_strategy = os.path.isdir(cfg.load_checkpoint or "") and reads_strategy(recognise(cfg.load_checkpoint))
     if cfg.src_strategy_path_or_dir and not cfg.auto_trans_ckpt and not read_with_strategy:
         logger.warning("src_strategy_path_or_dir=%s has no effect without auto_trans_ckpt True",
                        cfg.src_strategy_path_or_dir)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mftune.checkpoint.entries import Entry, safetensors_entries
+from mftune.checkpoint.formats import MINDSPORE_FORMATS, recognise
 from mftune.checkpoint.formats.distributed import distributed_entries, rank_dirs, rank_files
 from mftune.checkpoint.keys import moment_names
 from mftune.checkpoint.load import load_entries, load_recorded_base
@@ -59,6 +60,10 @@ def find_resume_point(path: str, resume_training: bool | str) -> ResumePoint:
         raise CheckpointError("resume_training is set but load_checkpoint is empty. Pass the checkpoint "
                               "file, or the run's checkpoint/ directory, as --load_checkpoint.")
     name = resume_training if isinstance(resume_training, str) else None
+    if os.path.exists(path) and recognise(path) in MINDSPORE_FORMATS:
+        raise CheckpointError(f"load_checkpoint={path} is a MindSpore checkpoint: resume_training continues "
+                              f"mftune's own training checkpoints. Start from its weights without "
+                              f"--resume_training (the optimizer state and data position start fresh).")
     if os.path.isfile(path):
         if name:
             logger.warning("resume_training=%s ignored: load_checkpoint is the file %s", name, path)

@@ -61,8 +61,10 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
         if named:  # MindFormers would download that model's weights; mftune reads only load_checkpoint
             logger.warning("model.model_config.checkpoint_name_or_path=%s is not loaded: mftune downloads nothing "
                            "and reads weights from load_checkpoint only (empty: random initialisation)", named)
-        if cfg.run_mode != "train":
-            logger.warning("load_checkpoint is empty: %s with randomly initialised weights", cfg.run_mode)
+        if cfg.run_mode != "train" or cfg.model.model_config.get("pet_config"):
+            logger.warning("load_checkpoint is empty: %s with randomly initialised weights%s", cfg.run_mode,
+                           " (the pet_config's adapters train over a random, frozen base)"
+                           if cfg.model.model_config.get("pet_config") else "")
         return LoadedWeights({}, None)
     model.tie_weights()
     init_lora_weights(model, fill_from_full)  # adapters a checkpoint lacks start fresh

@@ -571,7 +571,7 @@ def test_ignored_keys_logged_once_and_only_those_present(tmp_path, caplog):
         load_config(path, {"run_mode": "predict"})
     lines = [r.getMessage() for r in caplog.records if "Ignored on this backend" in r.getMessage()]
     assert len(lines) == 1 and len(lines[0]) < 200  # one short line pointing to the docs
-    assert lines[0].startswith("Ignored on this backend (no effect): 5 MindSpore/Ascend setting(s), e.g. ")
+    assert lines[0].startswith("Ignored on this backend (no effect): 5 accepted setting(s), e.g. ")
     assert "docs/config.md#ignored-keys" in lines[0]
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Ignored keys: ")]  # DEBUG
     for key in ("context.{mode, max_device_memory}", "profile", "callbacks[1] (ObsMonitor)",
@@ -644,3 +644,27 @@ def test_adapter_id_warns_and_modal_type_must_be_text(caplog):
     assert "--adapter_id a is not used: it selects an S-LoRA adapter" in caplog.text
     errors = errors_of(parse, ["--config", LORA_7B, "--modal_type", "image"])
     assert errors == ["modal_type=['image'] is invalid: Llama is a text model. Remove --modal_type (or pass text)."]
+
+
+def test_recompute_lists_and_offsets_are_checked(tmp_path):
+    """Per-stage lists of one length (the first list's without use_parallel), pattern values bool or list,
+    offsets summing to num_layers % stages: what MindFormers' LayerSetting accepts, never a traceback later."""
+    path = child_of_7b(tmp_path, r"""
+        recompute_config:
+          recompute: [1, 1]
+          select_recompute: {'feed_forward\.mul': 2, 'attention\.softmax': [1, 1, 1]}
+          select_recompute_exclude: [1, 0, 0]
+        model: {model_config: {offset: [1, 1]}}
+    """)
+    errors = errors_of(load_config, path, {"use_parallel": False}, check_files=False)
+    assert errors == [
+        "recompute_config.select_recompute.feed_forward\\.mul=2 is invalid: a pattern takes True, False or a list "
+        "of layer counts per pipeline stage. Use e.g. True.",
+        "recompute_config.select_recompute.attention\\.softmax=[1, 1, 1] is invalid: one count per pipeline stage "
+        "is expected (2 stages: parallel_config.pipeline_stage, or the length of the first list). Give 2 count(s), "
+        "or True.",
+        "recompute_config.select_recompute_exclude=[1, 0, 0] is invalid: one count per pipeline stage is expected "
+        "(2 stages: parallel_config.pipeline_stage, or the length of the first list). Give 2 count(s), or True.",
+        "model.model_config.offset=[1, 1] is invalid: the layers added per pipeline stage (2 stage(s)) must be an "
+        "int or one int per stage summing to num_layers % stages = 0. Use offset: 0 (layers split evenly over the "
+        "stages)."]

@@ -1,7 +1,7 @@
 """MindRecord sets read without MindSpore (mftune.data.mindrecord, mftune.data.mindrecord_cache).
 
 Fixtures are written by tests/mindrecord_files.py, whose files MindSpore's own reader reads as written
-(tests/e2e/test_mindrecord.py); the records each test expects are the ones it wrote."""
+(tests/e2e/test_mindrecord_runs.py); the records each test expects are the ones it wrote."""
 from __future__ import annotations
 
 import json

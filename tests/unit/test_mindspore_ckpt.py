@@ -2,7 +2,7 @@
 
 Expected values: bytes encoded by hand in this file following MindSpore's ``checkpoint.proto`` and
 ``node_strategy.proto`` (independent of mftune's writer); the per-rank blocks in ``LAYOUTS`` are the
-slices MindSpore 2.7's ``transform_checkpoints`` wrote for these strategies (tests/e2e/test_mindspore_ckpt.py
+slices MindSpore 2.7's ``transform_checkpoints`` wrote for these strategies (tests/e2e/test_mindspore_ckpt_runs.py
 checks the same against MindSpore itself).
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from mftune.checkpoint.mindspore import ckpt as ckpt_io
 from mftune.checkpoint.mindspore.ckpt import ckpt_index, read_block, string_value, write_ckpt_streaming
 from mftune.checkpoint.mindspore.strategy import load_strategy
 from mftune.errors import CheckpointError
+from mftune.trainer.resume import find_resume_point
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def test_recognition_of_directories(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# the tools, in one process (tests/e2e/test_mindspore_ckpt.py runs the commands and loads their
+# the tools, in one process (tests/e2e/test_mindspore_ckpt_runs.py runs the commands and loads their
 # outputs in MindSpore)
 # ----------------------------------------------------------------------------------------------
 
@@ -394,3 +395,11 @@ def test_export_adapter_from_ckpt(tmp_path):
         {k: v for k, v in ref.items() if k != "base_model_name_or_path"}
     a, b = peft_adapter.entries(str(tmp_path / "a1")), peft_adapter.entries(str(tmp_path / "a2"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k].full(), b[k].full()) for k in a)
+
+
+def test_resume_from_a_mindspore_checkpoint_is_a_clear_error(tmp_path):
+    t = torch.zeros(2, 2)
+    path = str(tmp_path / "x.ckpt")
+    write_ckpt_streaming(path, [("w", t.dtype, (2, 2))], [("w", t)])
+    with pytest.raises(CheckpointError, match="is a MindSpore checkpoint: resume_training continues"):
+        find_resume_point(path, True)

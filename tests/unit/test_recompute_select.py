@@ -39,9 +39,18 @@ def test_pattern_dict_and_exclude():
     assert layers[3].select == {"attention": {"softmax"}, "ffn_norm": None}
 
 
-def test_unknown_pattern_warns(caplog):
-    assert not any(plan(False, {r"mlp\.mul": True}, False, 2))
-    assert "names no sub-module" in caplog.text
+def test_unknown_pattern_warns_and_recomputes_nothing(caplog):
+    """As in MindFormers: a pattern naming no module and no operator (a typo, unescaped dots) matches nothing."""
+    for pattern in (r"mlp\.mul", r"feed_forward\.mull", "feed_forward.mul"):
+        assert not any(plan(False, {pattern: True}, False, 2)), pattern
+    assert caplog.text.count("recomputes nothing") == 3
+    assert plan(False, {r"feed_forward\.w1": True}, False, 1)[0].select == {"feed_forward": None}  # a module
+
+
+def test_stage_counts_include_exclude_lists_and_int_offsets():
+    layers = plan(False, True, [0, 1, 0], 6)  # 3 stages of 2 from the exclude list: layer 2 excluded
+    assert [bool(w) for w in layers] == [True, True, False, True, True, True]
+    assert stage_sizes(9, 3, 0) == [3, 3, 3] and stage_sizes(9, 2, [1, 0]) == [5, 4]
 
 
 def _run(layer_plan):

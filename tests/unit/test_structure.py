@@ -158,3 +158,11 @@ def test_unit_tier_imports_no_process_module():
             if any(n.split(".")[0] == "subprocess" or "multiprocessing" in n for n in names):
                 offenders.append(file)
     assert offenders == []
+
+
+def test_test_files_have_unique_names_across_tiers():
+    """pytest imports test files by basename (no packages): two tiers' files of one name break a run of
+    several tiers (.ci/run) while each tier alone passes."""
+    names = [f for tier in ("unit", "e2e", "distributed") for f in os.listdir(os.path.join(ROOT, "tests", tier))
+             if f.startswith("test_") and f.endswith(".py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

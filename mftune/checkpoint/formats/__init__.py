@@ -31,6 +31,9 @@ FORMATS: tuple[ModuleType, ...] = (
 )
 
 
+MINDSPORE_FORMATS: tuple[ModuleType, ...] = (mindspore_ckpt, mindspore_ranks)  # MindSpore's own files
+
+
 def recognise(path: str) -> ModuleType:
     """The format module that reads ``path``."""
     if not os.path.exists(path):
@@ -42,11 +45,17 @@ def recognise(path: str) -> ModuleType:
     return found
 
 
+def reads_strategy(fmt: ModuleType) -> bool:
+    """Whether a format reads its layout from a strategy file (``entries(path, src_strategy)``) rather than
+    from the checkpoint itself (a format module says so with ``NEEDS_STRATEGY = True``)."""
+    return getattr(fmt, "NEEDS_STRATEGY", False)
+
+
 def open_checkpoint(path: str, src_strategy: str = "") -> dict[str, Entry]:
     """Every tensor ``path`` provides, by mftune name (``src_strategy``: the strategy a distributed
     MindSpore checkpoint was saved with)."""
     fmt = recognise(path)
-    entries = fmt.entries(path, src_strategy) if fmt is mindspore_ranks else fmt.entries(path)
+    entries = fmt.entries(path, src_strategy) if reads_strategy(fmt) else fmt.entries(path)
     return split_fused(entries)  # MindFormers' qkv_concat checkpoints: w_qkv / w_gate_hidden split
 
 

@@ -30,6 +30,7 @@ from mftune.checkpoint.mindspore.strategy import MindSporeStrategy, load_strateg
 from mftune.errors import CheckpointError
 
 STRATEGY_OPTION = "src_strategy_path_or_dir"
+NEEDS_STRATEGY = True  # the slices each rank file holds are known only from the saving run's strategy
 
 
 def matches(path: str) -> bool:
