@@ -262,7 +262,8 @@ def _check_recompute_lists(c: _Checker, cfg: MFConfig) -> None:
                 c.errors.append(invalid(shown, counts, f"one count per pipeline stage is expected ({stages} "
                                         f"stage{'s' if stages > 1 else ''}: parallel_config.pipeline_stage, or "
                                         f"the length of the first list)", f"Give {stages} count(s), or True."))
-    _check_offset(c, cfg, stages or 1)
+    if stages is not None:  # without use_parallel and per-stage lists there are no stages to offset
+        _check_offset(c, cfg, stages)
 
 
 def _check_offset(c: _Checker, cfg: MFConfig, stages: int) -> None:
