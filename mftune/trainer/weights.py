@@ -17,6 +17,7 @@ from torch import nn
 
 from mftune.checkpoint.formats.distributed import distributed_entries
 from mftune.checkpoint.load import fingerprint, load_checkpoint
+from mftune.checkpoint.recorded_config import check_recorded_architecture
 from mftune.checkpoint.transform import auto_transform
 from mftune.config.schema import MFConfig
 from mftune.parallel.layout import fill_from_full
@@ -74,6 +75,7 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
         if plan.transform:  # counters and RNG states still come from the saved files
             point = dataclasses.replace(point, entries=distributed_entries(*_transform(cfg, ctx, point.files)))
         return LoadedWeights(base, point)
+    check_recorded_architecture(plan.path, model.config)  # theta, rope scaling, ties, heads: never silent
     # every base tensor must be in the checkpoint (or in the base its header records, for a LoRA-only one)
     report = (load_checkpoint(model, _transform(cfg, ctx)[0]) if plan.transform else
               load_checkpoint(model, plan.path, src_strategy=cfg.src_strategy_path_or_dir))
