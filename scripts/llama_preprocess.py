@@ -8,8 +8,11 @@ part of the name); pass it to run_finetune.py --train_dataset_dir. Records are s
 The tokenizer kind comes from --model_file: a SentencePiece model (Llama 2, MindFormers'
 mindformers/tools/dataset_preprocess/llama/llama_preprocess.py) or a tiktoken file (Llama 3,
 MindFormers' research/llama3/llama_preprocess.py); --tokenizer llama|llama3 (the two tools' values)
-must agree with it when given. qa conversations use MindFormers' Vicuna v1.1 template for both;
---template llama3 writes Llama 3 Instruct's header format instead (Llama 3 tokenizer only).
+must agree with it when given; --model_file may also be a Hugging Face tokenizer.json or model directory
+(--tokenizer hf). qa conversations use MindFormers' Vicuna v1.1 template for all;
+--template llama3 writes Llama 3 Instruct's header format instead (Llama 3 tokenizer only), --template
+llama2 / chatml / hf a Jinja chat template (Llama 2 chat, ChatML, the directory's own), trained on the
+assistant's answers only; their input may also be {"messages": [{role, content}]} records with system turns.
 --dataset_type wikipedia reads parquet text into exactly --samples_num records (default 10000), as
 MindFormers' Llama 2 tool; --samples_num has no effect on wiki and qa, as in MindFormers (to train
 on fewer records, set data_loader.num_samples / --num_samples).
@@ -30,7 +33,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mftune.data.preprocess import expand_input_glob, load_tokenizer, preprocess_qa, preprocess_wiki
-from mftune.data.templates import TEMPLATES
+from mftune.data.templates import TEMPLATE_NAMES
 from mftune.data.tokenizer_kinds import TOOL_NAMES
 from mftune.data.wikipedia import DEFAULT_SAMPLES_NUM, preprocess_wikipedia
 from mftune.errors import DataError, UserError, report
@@ -46,12 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_glob", type=str, required=True, help="input file (or glob of files)")
     p.add_argument("--output_file", type=str, default="./dataset/wiki2048/wiki2048", help="output dataset directory")
     p.add_argument("--tokenizer", type=str, default=None, choices=list(TOOL_NAMES),
-                   help="llama (SentencePiece, Llama 2) or llama3 (tiktoken, Llama 3); default: what --model_file is")
+                   help="llama (SentencePiece, Llama 2), llama3 (tiktoken, Llama 3) or hf (tokenizer.json); "
+                        "default: what --model_file is")
     p.add_argument("--model_file", type=str, required=True,
-                   help="tokenizer.model: SentencePiece (Llama 2) or tiktoken (Llama 3)")
-    p.add_argument("--template", type=str, default=None, choices=list(TEMPLATES),
+                   help="tokenizer.model (SentencePiece or tiktoken), tokenizer.json, or a Hugging Face model directory")
+    p.add_argument("--template", type=str, default=None, choices=list(TEMPLATE_NAMES),
                    help="qa: conversation template (default vicuna, MindFormers' for Llama 2 and 3; llama3: "
-                        "Llama 3 Instruct's header format)")
+                        "Llama 3 Instruct's header format; llama2: [INST] with <<SYS>>; chatml: <|im_start|>; "
+                        "hf: the tokenizer directory's own Jinja chat_template)")
     p.add_argument("--file_partition", type=int, default=1, help="number of Arrow shards in the output")
     p.add_argument("--repeat", type=int, default=1, help="wiki: repeat the token stream this many times")
     p.add_argument("--samples_num", type=int, default=None,

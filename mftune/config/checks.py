@@ -34,7 +34,7 @@ TYPE_CHOICES: dict[str, tuple[str, ...]] = {
     "model.model_config.type": ("LlamaConfig",),
     "model.arch.type": ("LlamaForCausalLM",),
     "processor.type": ("LlamaProcessor",),
-    "processor.tokenizer.type": ("LlamaTokenizer", "Llama3Tokenizer"),
+    "processor.tokenizer.type": ("LlamaTokenizer", "Llama3Tokenizer", "LlamaTokenizerFast"),
 }
 
 

@@ -218,7 +218,9 @@ class ModelConfig:
 @dataclass
 class TokenizerConfig:
     type: str = "LlamaTokenizer"
-    vocab_file: str | None = None  # tokenizer.model: SentencePiece, or tiktoken (Llama3Tokenizer)
+    # tokenizer.model (SentencePiece, or tiktoken: Llama3Tokenizer), tokenizer.json (LlamaTokenizerFast), or a
+    # Hugging Face model directory holding one of them
+    vocab_file: str | None = None
     unk_token: str = "<unk>"
     bos_token: str = "<s>"
     eos_token: str = "</s>"
@@ -237,7 +239,8 @@ class TokenizerConfig:
     num_reserved_special_tokens: int = ignored(256, "Llama3Tokenizer: Llama 3's special tokens are fixed")
     padding_side: str = ignored("right", "training pads right; predict pads left")
     truncation_side: str = ignored("right", "records are cut at seq_length + 1 tokens")
-    # conversation template name (vicuna | llama3, mftune.data.templates) for raw datasets and predict prompts;
+    # conversation template name (vicuna | llama2 | llama3 | chatml | hf = the tokenizer directory's Jinja
+    # chat_template; mftune.data.templates) for raw datasets and predict prompts;
     # None = MindFormers': Vicuna v1.1 training data, prompts as given (docs/data.md)
     chat_template: str | None = None
     additional_special_tokens: list[str] | None = ignored(None, "special tokens come from the tokenizer file")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from mftune.data.conversation import get_default_conv_template
 from mftune.data.tokenizer_kinds import Tokenizer
@@ -62,7 +63,8 @@ def tokenize_prompts(prompts: list[str], tokenizer: Tokenizer, record_length: in
             ids.extend(piece)
             ids.append(eos)
         full = ids + [pad] * max(0, record_length - len(ids))
-        total_len = len(ids) - ids.count(pad)  # list.count: C speed on long records
+        # list.count: C speed on long records; a tokenizer padding with its eos (no pad, no unk) has no pad in text
+        total_len = len(ids) - ids.count(pad) if pad != eos else len(ids)
 
         target = list(full)
         cur_len = 1
@@ -100,3 +102,42 @@ def batch_columns(tokenized: list[Tokenized], record_length: int, pad: bool = Tr
         out["_tokens"].append(t.num_tokens)
         out["_labelled"].append(len(t.labels) - t.labels.count(IGNORE_TOKEN_ID))
     return out
+
+
+def char_offsets(tokenizer: Tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Each text's ids (one batched call, no bos/eos) and each id's character span in the text: the
+    tokenizers library reports them; for tiktoken they follow from each token's bytes."""
+    if hasattr(tokenizer, "encode_with_offsets"):
+        return tokenizer.encode_with_offsets(texts)
+    out = []
+    for text, ids in zip(texts, tokenizer.encode_batch(texts)):
+        char_of_byte = [i for i, c in enumerate(text) for _ in c.encode("utf-8")] + [len(text)]
+        spans, at = [], 0
+        for i in ids:
+            end = min(at + len(tokenizer.enc.decode_single_token_bytes(i)), len(char_of_byte) - 1)
+            spans.append((char_of_byte[at], char_of_byte[max(end - 1, at)] + 1))
+            at = end
+        out.append((ids, spans))
+    return out
+
+def tokenize_chats(samples: list[str], tokenizer: Tokenizer, record_length: int) -> list[Tokenized]:
+    """Chat samples (JSON of the rendered ``text`` and its assistant ``spans``, ``templates``' Jinja
+    templates) -> ids of the whole text as one string (transformers' ``apply_chat_template`` ids) and
+    labels equal to the ids of the tokens that overlap an assistant span, -100 elsewhere; cut at, or padded
+    with the pad id to, ``record_length``."""
+    parsed = [json.loads(s) for s in samples]
+    out, pad = [], tokenizer.pad_token_id
+    for sample, (ids, offsets) in zip(parsed, char_offsets(tokenizer, [p["text"] for p in parsed])):
+        spans = sample["spans"]
+        labels = [i if any(end > s and start < e for s, e in spans) else IGNORE_TOKEN_ID
+                  for i, (start, end) in zip(ids, offsets)]
+        n = min(len(ids), record_length)
+        fill = record_length - n
+        out.append(Tokenized(input_ids=ids[:n] + [pad] * fill, labels=labels[:n] + [IGNORE_TOKEN_ID] * fill,
+                             truncated=len(ids) > record_length, num_tokens=n, length=n))
+    return out
+
+
+def tokenize_chat_batch(batch: dict, tokenizer: Tokenizer, record_length: int, pad: bool = True) -> dict:
+    """``datasets.map`` function over chat samples (``tokenize_batch``'s columns)."""
+    return batch_columns(tokenize_chats(batch["text"], tokenizer, record_length), record_length, pad)

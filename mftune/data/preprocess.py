@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mftune.data.packing import INT_LIST, pack_dataset, records_column
-from mftune.data.records import OnError, Summary, collect, conversation_turns, read_json_records
+from mftune.data.records import OnError, Summary, collect, read_json_records
 from mftune.data.templates import get_template
 from mftune.data.tokenizer_kinds import Tokenizer, build_tokenizer
 from mftune.errors import DataError
@@ -61,7 +61,8 @@ def preprocess_conversations(sources: Iterable[tuple[str, list]], tokenizer: Tok
                              output_dir: str, *, on_error: OnError = "skip", num_proc: int = 1, num_shards: int = 1,
                              packing: bool = False, template: str | None = None) -> Summary:
     """Conversation records, as ``(file name, records)`` pairs -> dataset directory with `input_ids`,
-    `labels` (int32, seq_length+1), each conversation in ``template`` (None: MindFormers' Vicuna v1.1);
+    `labels` (int32, seq_length+1), each conversation in ``template`` (None: MindFormers' Vicuna v1.1;
+    ``llama2``/``chatml``/``hf`` also take ``{"messages": [{role, content}]}`` records and system turns);
     with ``packing``, several conversations per record and a `position_ids` column (``pack_dataset``)."""
     check_output_dir(output_dir)
     chat = get_template(template, tokenizer)
@@ -70,7 +71,7 @@ def preprocess_conversations(sources: Iterable[tuple[str, list]], tokenizer: Tok
     names: list[str] = []
     for name, records in sources:
         names.append(name)
-        prompts += collect(records, name, on_error, summary, lambda rec, i: chat.render(conversation_turns(rec, i)))
+        prompts += collect(records, name, on_error, summary, chat.sample_text)
     if not prompts:
         first = f" (first: {summary.errors[0]})" if summary.errors else ""
         raise DataError(f"no valid record in {', '.join(names)}: {summary.skipped} malformed{first}.")

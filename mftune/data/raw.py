@@ -1,9 +1,9 @@
 """Raw instruction data as ``dataset_dir``: tokenized on first use, cached, reused.
 
-A ``.json`` file (a list of alpaca records ``{instruction, input, output}`` or of conversation
-records ``{conversations: [{from, value}, ...]}``), a ``.jsonl`` file of such records, or a
+A ``.json`` file (a list of alpaca records ``{instruction, input, output}``, of conversation
+records ``{conversations: [{from, value}, ...]}`` or, for the Jinja templates, ``{messages: [{role, content}]}``), a ``.jsonl`` file of such records, or a
 ``.parquet`` file of them is turned into the records ``scripts/llama_preprocess.py`` writes (the
-tokenizer kind the file is, the Vicuna template unless told otherwise, labels masked as MindFormers
+tokenizer kind the file is (``vocab_file`` may be a Hugging Face directory), the Vicuna template unless told otherwise, labels masked as MindFormers
 does, seq_length + 1 tokens) under
 ``<cache_root>/<file name>-<key>/``. The key hashes the file's bytes, the tokenizer model's bytes, the
 template, seq_length and packing, so a change of any of them tokenizes again and an unchanged run
@@ -23,6 +23,7 @@ from mftune.data.conversation import get_default_conv_template
 from mftune.data.preprocess import is_dataset_dir, load_tokenizer, preprocess_conversations
 from mftune.data.records import convert_alpaca, read_json_records
 from mftune.data.templates import DEFAULT_TEMPLATE
+from mftune.data.tokenizer_kinds import resolve_vocab_file
 from mftune.errors import DataError
 
 logger = logging.getLogger("mftune")
@@ -52,9 +53,21 @@ def read_raw_records(path: str) -> list:
         raise DataError(f"{path}: cannot be read as parquet ({e}).") from None
 
 
-def cache_key(path: str, vocab_file: str, seq_length: int, packing: bool = False, template: str | None = None) -> str:
+# files beside a tokenizer that change what a chat template renders (hashed for non-Vicuna templates)
+_TEMPLATE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+
+
+def cache_key(path: str, vocab_file: str, seq_length: int, packing: bool = False, template: str | None = None,
+              tokenizer_type: str | None = None) -> str:
+    """Hash of the data file, the tokenizer file (a directory: the file it resolves to), the template and its
+    files (tokenizer_config.json, chat_template.*), seq_length and packing."""
     digest = hashlib.sha256()
-    for file in (path, vocab_file):
+    vocab_file = resolve_vocab_file(vocab_file, tokenizer_type)
+    files = [path, vocab_file]
+    if template not in (None, DEFAULT_TEMPLATE):
+        folder = os.path.dirname(os.path.abspath(vocab_file))
+        files += [p for p in (os.path.join(folder, n) for n in _TEMPLATE_FILES) if os.path.isfile(p)]
+    for file in files:
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
@@ -80,7 +93,8 @@ def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_roo
         raise DataError(f"dataset_dir={path} is a raw data file: tokenizing it needs processor.tokenizer.vocab_file "
                         f"(the tokenizer.model). Set it, or preprocess with scripts/llama_preprocess.py.")
     name = os.path.basename(path).rsplit(".", 1)[0]
-    out = os.path.join(cache_root, f"{name}-{cache_key(path, vocab_file, seq_length, packing, template)}")
+    key = cache_key(path, vocab_file, seq_length, packing, template, tokenizer_type)
+    out = os.path.join(cache_root, f"{name}-{key}")
     if is_dataset_dir(out):
         logger.info("Dataset %s: using the tokenized cache %s", path, out)
         return out

@@ -6,9 +6,12 @@ newline) or, when that is one path of an existing file, from the file: one promp
 tokenized with ``processor.tokenizer`` (its kind from ``type`` and the file) as MindFormers does: as
 it is, with bos when ``add_bos_token`` says so (default: the tokenizer's MindFormers default, ``<s>``
 for LlamaTokenizer, none for Llama3Tokenizer). With ``processor.tokenizer.chat_template`` set to a
-template name (``vicuna``, ``llama3``: ``mftune.data.templates``) each prompt is instead a user message
-in that template, ready for the answer, and the template's end-of-turn token (Llama 3's
-``<|eot_id|>``) also ends generation. The prompts are generated in batches of
+template name (``vicuna``, ``llama2``, ``llama3``, ``chatml``, or ``hf`` = the tokenizer directory's own
+Jinja template: ``mftune.data.templates``) each prompt is instead a user message in that template,
+ready for the answer (transformers' ``add_generation_prompt``), and the template's end-of-turn token
+(Llama 3's ``<|eot_id|>``, ChatML's ``<|im_end|>``) also ends generation, as do the tokenizer's eos and
+the model directory's eos ids (generation_config.json, config.json; eos may be a list). Only the
+generated answer is printed. The prompts are generated in batches of
 ``predict_batch_size`` (default ``model_config.batch_size``), left-padded, with model_config's
 ``do_sample``, ``top_k``, ``top_p``, ``temperature``, ``repetition_penalty`` and
 ``max_decode_length`` (prompt + generated tokens, MindFormers' meaning) and a KV cache. LoRA
@@ -30,7 +33,7 @@ import torch
 
 from mftune.config.schema import MFConfig
 from mftune.data.templates import Template, get_template
-from mftune.data.tokenizer_kinds import Tokenizer, build_tokenizer
+from mftune.data.tokenizer_kinds import Tokenizer, build_tokenizer, stop_ids_of
 from mftune.errors import UserError
 from mftune.generation import GenerationConfig, check_generation, generate, max_new_tokens_for
 from mftune.models.config import LlamaConfig
@@ -61,7 +64,7 @@ def run_predict(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext, 
     model = build_model(cfg, model_config, ctx).model
     predict(model, tokenizer, prompts, ids, budgets, generation,
             batch_size=cfg.predict_batch_size or model_config.batch_size, output_dir=output_dir, seed=cfg.seed,
-            is_main=ctx.is_main, stop_ids=stop_ids(tokenizer, template))
+            is_main=ctx.is_main, stop_ids=stop_ids(tokenizer, template) + stop_ids_of(tokenizer))
 
 
 def read_prompts(input_data: str | list[str] | None) -> list[str]:
