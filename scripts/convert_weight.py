@@ -10,7 +10,10 @@
 Forward: --input_path is a Hugging Face directory (config.json + model.safetensors, sharded safetensors
 with model.safetensors.index.json, or pytorch_model*.bin) or a weight file inside one; the output is one
 safetensors file with MindFormers names and the model_config in its header. --reversed writes a directory
-that transformers' from_pretrained reads. The output's extension decides its format: .ckpt writes a MindSpore
+that transformers' from_pretrained reads, completed from the base's Hugging Face directory (the one the input
+records as its origin, e.g. the directory convert_weight.py read, or --base_model_dir / --tokenizer_dir DIR):
+its config.json (dtype updated when --dtype casts), generation_config.json, tokenizer files and chat template,
+copied byte for byte, so AutoTokenizer and AutoModelForCausalLM load it; what is missing is printed. The output's extension decides its format: .ckpt writes a MindSpore
 checkpoint (the same MindFormers names; mindspore.load_checkpoint reads it, no model config inside), anything
 else an mftune .safetensors file. --reversed also reads a MindSpore .ckpt (MindFormers' llama2_7b.ckpt), which
 records no model config: --config names the YAML whose model.model_config describes it (--config overrides a
@@ -30,6 +33,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from tqdm import tqdm
 
 from mftune.checkpoint.convert import convert_hf_to_mftune, convert_mftune_to_hf, yaml_model_config
+from mftune.checkpoint.hf_files import summary
 from mftune.errors import CheckpointError, UserError, report
 from mftune.log import setup_logging
 
@@ -51,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--reversed: largest shard, e.g. 5GB (default), 500MB, or bytes")
     p.add_argument("--config", type=str, default=None,
                    help="--reversed: a YAML whose model.model_config describes the input (needed for a .ckpt)")
+    p.add_argument("--base_model_dir", "--tokenizer_dir", dest="base_model_dir", type=str, default=None,
+                   help="--reversed: the base's Hugging Face directory to copy config.json, generation_config.json "
+                        "and the tokenizer files from (default: the one the input records as its origin)")
     for name in IGNORED:
         p.add_argument(f"--{name}", type=str, default=None, help=argparse.SUPPRESS)
     for name in ("qkv_concat", "is_lora"):  # MindFormers r1.5 options mftune does not implement
@@ -74,9 +81,13 @@ def run(args) -> dict:
     if args.reversed:
         model_config = yaml_model_config(args.config) if args.config else None
         return convert_mftune_to_hf(args.input_path, args.output_path, max_shard_size=args.max_shard_size,
-                                    dtype=args.dtype, progress=progress, model_config=model_config)
+                                    dtype=args.dtype, progress=progress, model_config=model_config,
+                                    base_model_dir=args.base_model_dir)
     if args.config:
         print("convert_weight.py: ignoring --config (the model config comes from config.json)", file=sys.stderr)
+    if args.base_model_dir:
+        print("convert_weight.py: ignoring --base_model_dir (only --reversed writes a Hugging Face directory)",
+              file=sys.stderr)
     return convert_hf_to_mftune(args.input_path, args.output_path, dtype=args.dtype, progress=progress)
 
 
@@ -90,6 +101,8 @@ def main(argv=None) -> int:
         return report(parser.prog, e)
     print(f"Converted {result['tensors']} tensors ({result['bytes'] / 2**20:.1f} MiB) in {result['seconds']:.1f} s "
           f"to {result['output']}")
+    if result.get("hf_files"):
+        print(summary(result["hf_files"]))
     return 0
 
 

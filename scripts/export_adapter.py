@@ -4,7 +4,12 @@
         --src_checkpoint output/checkpoint/rank_0/llama_7b_lora_rank_0-2_60.safetensors \\
         --output_dir llama2_7b_lora_adapter [--base_model_name_or_path meta-llama/Llama-2-7b-hf] [--overwrite]
 
-Load it with ``PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(<converted base>), output_dir)``.
+Load it with ``PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(<converted base>), output_dir)``, or
+``AutoPeftModelForCausalLM.from_pretrained(output_dir)`` when base_model_name_or_path names the base's Hugging Face
+directory: its default is the directory the checkpoint's base records as its origin (the one convert_weight.py
+read, or the --load_checkpoint / pretrained_model_dir of the run), else the recorded base checkpoint path. The
+base's tokenizer files and chat template (--base_model_dir / --tokenizer_dir DIR, default: that directory) are
+copied beside the adapter, so AutoTokenizer.from_pretrained(output_dir) works; what is missing is printed.
 r, lora_alpha and lora_dropout come from the checkpoint's pet_config header; --lora_rank/--lora_alpha/
 --lora_dropout only fill in a value the header does not record. --src_checkpoint may also be a distributed
 checkpoint directory (rank_*/ folders): the adapters are reassembled from the ranks' shards; or MindSpore
@@ -23,7 +28,8 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mftune.errors import UserError, report
-from mftune.checkpoint.export import export_peft_adapter
+from mftune.checkpoint.export import export_adapter_dir
+from mftune.checkpoint.hf_files import summary
 from mftune.checkpoint.formats.peft_adapter import CONFIG_NAME, SAFETENSORS_NAME
 
 
@@ -36,6 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("--base_model_name_or_path", default=None,
                         help="written to adapter_config.json (default: the base checkpoint path in the header, else '')")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+    parser.add_argument("--base_model_dir", "--tokenizer_dir", dest="base_model_dir", default=None,
+                        help="the base's Hugging Face directory: its tokenizer files are copied beside the adapter "
+                             "(default: the base's recorded origin)")
     parser.add_argument("--src_strategy", default="", help="strategy of a MindSpore rank_*/ checkpoint")
     keys = (("lora_rank", int), ("lora_alpha", float), ("lora_dropout", float), ("num_layers", int))
     for key, kind in keys:
@@ -44,15 +53,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     fallback = {k: getattr(args, k) for k, _ in keys if getattr(args, k) is not None}
     try:
-        config = export_peft_adapter(args.src_checkpoint, args.output_dir, overwrite=args.overwrite,
-                                     base_model_name_or_path=args.base_model_name_or_path, fallback=fallback,
-                                     src_strategy=args.src_strategy)
+        config, files = export_adapter_dir(args.src_checkpoint, args.output_dir, overwrite=args.overwrite,
+                                           base_model_name_or_path=args.base_model_name_or_path,
+                                           fallback=fallback, src_strategy=args.src_strategy,
+                                           base_model_dir=args.base_model_dir)
     except (UserError, OSError) as e:  # OSError: an output path that cannot be written
         return report(parser.prog, e, fold=True)
     layers = config["layers_to_transform"]
     print(f"Wrote {os.path.join(args.output_dir, CONFIG_NAME)} and {SAFETENSORS_NAME}: r={config['r']}, "
           f"lora_alpha={config['lora_alpha']}, target_modules={config['target_modules']}, "
-          f"layers={'all' if layers is None else layers}.")
+          f"layers={'all' if layers is None else layers}, base_model_name_or_path="
+          f"{config['base_model_name_or_path'] or '(none)'}.")
+    print(summary(files))
     return 0
 
 

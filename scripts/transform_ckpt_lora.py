@@ -13,7 +13,9 @@ file, a directory of them, or rank_*/ folders of them with --src_ckpt_strategy, 
 with).
 Output: <dst_ckpt_dir>/merged_lora.safetensors (MindFormers: merged_lora.ckpt), a plain model that
 run_finetune.py's load_checkpoint and convert_weight.py --reversed read; --output_format hf writes a Hugging
-Face directory (config.json + model.safetensors) at <dst_ckpt_dir> instead, --output_format ckpt (or mindspore)
+Face directory at <dst_ckpt_dir> instead (model.safetensors, with the config.json, generation_config.json,
+tokenizer files and chat template of the base's Hugging Face directory: the one the base records as its origin,
+or --base_model_dir / --tokenizer_dir DIR; what is missing is printed), --output_format ckpt (or mindspore)
 MindFormers' <dst_ckpt_dir>/merged_lora.ckpt.
 mftune additions: --base_checkpoint (default: the base recorded in the LoRA header, whose fingerprint must
 match unless --ignore_fingerprint), --output_format, --config (a YAML whose model.model_config describes the
@@ -36,6 +38,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from mftune.errors import UserError, report
 from mftune.checkpoint.convert import yaml_model_config
 from mftune.checkpoint.formats import mindspore_ranks
+from mftune.checkpoint.hf_files import summary
 from mftune.checkpoint.merge import FORMATS, merge_lora_checkpoint
 
 
@@ -55,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ckpt / mindspore: <dst>/merged_lora.ckpt")
     p.add_argument("--config", default=None,
                    help="YAML whose model.model_config describes the model (for MindSpore checkpoints)")
+    p.add_argument("--base_model_dir", "--tokenizer_dir", dest="base_model_dir", default=None,
+                   help="--output_format hf: the base's Hugging Face directory to copy config.json, "
+                        "generation_config.json and the tokenizer files from (default: the base's recorded origin)")
     p.add_argument("--src_ckpt_strategy", default="",
                    help="strategy of a MindSpore rank_*/ source; ignored for mftune's (they record their layout)")
     p.add_argument("--dst_ckpt_strategy", default="", help="ignored: the output is a complete checkpoint")
@@ -76,13 +82,19 @@ def main(argv=None) -> int:
                                        base_path=args.base_checkpoint, lora_scaling=args.lora_scaling,
                                        ignore_fingerprint=args.ignore_fingerprint,
                                        output_format=args.output_format, src_strategy=strategy,
-                                       model_config=yaml_model_config(args.config) if args.config else None)
+                                       model_config=yaml_model_config(args.config) if args.config else None,
+                                       base_model_dir=args.base_model_dir)
     except (UserError, OSError) as e:  # OSError: an output path that cannot be written
         return report(parser.prog, e, fold=True)
     print(f"Merged {result['merged']} LoRA weights (scaling {result['scaling']:g}), copied {result['copied']} "
           f"tensors, dropped {result['dropped']} (adapters, optimizer moments, counters)"
           + (f", {len(result['overridden'])} trained tensors taken from the LoRA checkpoint" if result["overridden"]
              else "") + f" -> {result['output']} ({result['seconds']:.1f}s)")
+    if result["hf_files"] is not None:
+        print(summary(result["hf_files"]))
+    elif args.base_model_dir:
+        print("Note: --base_model_dir is ignored: only --output_format hf writes a Hugging Face directory.",
+              file=sys.stderr)
     return 0
 
 

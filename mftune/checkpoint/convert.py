@@ -30,6 +30,7 @@ import torch
 
 from mftune.checkpoint.formats.huggingface import HFSource, file_specs, find_source, read_file
 from mftune.checkpoint.formats.mindspore_ckpt import file_entries
+from mftune.checkpoint.hf_files import HFBase, check_base_config, complete_model_dir, resolve_base
 from mftune.checkpoint.keys import LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS
 from mftune.checkpoint.mindspore.ckpt import is_ckpt, write_ckpt_streaming
 from mftune.checkpoint.model_weights import check_weights, expected_weights
@@ -192,12 +193,16 @@ def _skip_reason(name: str, tie: bool) -> str | None:
 
 def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int | str = "5GB",
                          dtype: str | None = None, progress: Progress | None = None,
-                         model_config: dict[str, Any] | None = None) -> dict[str, Any]:
+                         model_config: dict[str, Any] | None = None,
+                         base_model_dir: str | HFBase | None = None) -> dict[str, Any]:
     """Complete mftune file (or MindSpore ``.ckpt``) -> HF directory: config.json, ``model.safetensors``
     or shards of at most ``max_shard_size`` named ``model-0000i-of-0000N.safetensors`` plus
     transformers' index. Tensors that are not base weights are skipped with one log line per kind;
     stale shards of an earlier save in ``output_dir`` are removed (as transformers does) so that the
-    new index is the only one. ``model_config``: the model's config when the file records none."""
+    new index is the only one. ``model_config``: the model's config when the file records none.
+    ``base_model_dir``: the Hugging Face directory whose config.json, generation_config.json and
+    tokenizer files complete the output (``mftune.checkpoint.hf_files``); default: the one the file
+    records as its origin. The report's ``hf_files`` says what was copied and what is missing."""
     start, src, out = time.perf_counter(), os.path.abspath(input_path), os.path.abspath(output_dir)
     if os.path.isdir(src) or os.path.isfile(out) or out == os.path.dirname(src):
         raise CheckpointError(f"input_path={input_path}, output_path={output_dir} is invalid: reversed conversion "
@@ -221,16 +226,22 @@ def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int |
     except ValueError as exc:
         raise CheckpointError(f"{src}: {exc}") from None
     dtypes = {d for _, d, _ in specs}
-    if len(dtypes) == 1:  # what the files hold, whatever param_init_type says
-        hf_config["torch_dtype"] = _long(dtypes.pop())
+    file_dtype = _long(dtypes.pop()) if len(dtypes) == 1 else None  # what the files hold, whatever param_init_type
+    hf_config["torch_dtype"] = file_dtype or hf_config["torch_dtype"]
+    base = base_model_dir if isinstance(base_model_dir, HFBase) else resolve_base(base_model_dir, src)
+    if base.directory and os.path.realpath(base.directory) == os.path.realpath(out):
+        raise CheckpointError(f"output_path={output_dir} is invalid: it is the base model's Hugging Face directory "
+                              f"({base.how}), which would be overwritten. Choose a new directory.")
+    check_base_config(base, hf_config)  # before a byte is written
     total, written = _write_hf_weights(read, out, specs, list(expected), _plan_shards(specs, limit), target, progress)
-    _write_json(os.path.join(out, "config.json"), hf_config)
+    files = complete_model_dir(base, out, hf_config, file_dtype)
+    written += [f for f in files.copied if f not in written]
     for stale in sorted(set(os.listdir(out)) - set(written)):
         if _HF_OUTPUT.match(stale):
             logger.info("Removed %s, left in %s by an earlier save", stale, out)
             os.remove(os.path.join(out, stale))
     return {"output": out, "files": [os.path.join(out, f) for f in written], "tensors": len(specs), "bytes": total,
-            "skipped": skipped, "seconds": time.perf_counter() - start}
+            "skipped": skipped, "hf_files": files, "seconds": time.perf_counter() - start}
 
 
 def _complete_source(src: str, input_path: str) -> tuple[dict[str, Any], dict[str, tuple[torch.dtype, tuple[int, ...]]],

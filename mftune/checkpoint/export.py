@@ -19,6 +19,7 @@ import torch
 from mftune.checkpoint.formats import MINDSPORE_FORMATS, checkpoint_header, distributed, open_checkpoint, recognise
 from mftune.checkpoint.formats.peft_adapter import (CONFIG_NAME, SAFETENSORS_NAME, lora_grid, mftune_to_peft_name,
                                                     pair_and_rank, peft_adapter_config)
+from mftune.checkpoint.hf_files import CopyReport, HFBase, complete_adapter_dir, resolve_base
 from mftune.checkpoint.keys import LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, is_lora, moment_names
 from mftune.checkpoint.safetensors_io import load_tensors, read_metadata, safetensors_header, save_safetensors
 from mftune.errors import CheckpointError
@@ -27,15 +28,23 @@ from mftune.fileio import atomic_directory, atomic_open
 Loader = Callable[[list[str]], dict[str, torch.Tensor]]
 
 
-def export_peft_adapter(src_checkpoint: str, output_dir: str, *, base_model_name_or_path: str | None = None,
-                        overwrite: bool = False, fallback: dict[str, Any] | None = None,
-                        src_strategy: str = "") -> dict[str, Any]:
+def export_peft_adapter(src_checkpoint: str, output_dir: str, **kwargs: Any) -> dict[str, Any]:
+    """``export_adapter_dir``'s adapter_config."""
+    return export_adapter_dir(src_checkpoint, output_dir, **kwargs)[0]
+
+
+def export_adapter_dir(src_checkpoint: str, output_dir: str, *, base_model_name_or_path: str | None = None,
+                       overwrite: bool = False, fallback: dict[str, Any] | None = None,
+                       src_strategy: str = "", base_model_dir: str | None = None) -> tuple[dict[str, Any], CopyReport]:
     """Write the LoRA adapters of the complete mftune checkpoint ``src_checkpoint`` as a PEFT adapter
-    directory ``output_dir``; return the adapter_config written.
+    directory ``output_dir``; return the adapter_config written and what was copied beside it.
 
     ``lora_rank``/``lora_alpha``/``lora_dropout`` come from the checkpoint's pet_config header; a key
     missing there is an error unless ``fallback`` gives it (a fallback that contradicts the header is
-    an error too). ``base_model_name_or_path`` defaults to the header's base checkpoint path.
+    an error too). The tokenizer files of the base's Hugging Face directory (``base_model_dir``, else the
+    one the checkpoint's base records as its origin: ``mftune.checkpoint.hf_files``) are copied beside
+    the adapter, as trainers save them. ``base_model_name_or_path`` defaults to that directory (what
+    ``AutoPeftModelForCausalLM`` loads), else the header's base checkpoint path.
     The directory appears complete or not at all (written next to it, then renamed); a non-empty
     ``output_dir`` is replaced only with ``overwrite``. Errors are CheckpointError (user mistakes).
     """
@@ -63,11 +72,12 @@ def export_peft_adapter(src_checkpoint: str, output_dir: str, *, base_model_name
     if num_layers is None:
         raise CheckpointError(f"model_config.num_layers=None is invalid: {src_checkpoint}'s header does not "
                               f"record it. Export a checkpoint written by run_finetune.py, or pass --num_layers.")
+    base = resolve_base(base_model_dir, src_checkpoint)
     if base_model_name_or_path is None:
-        base_model_name_or_path = (meta.get("base_checkpoint") or {}).get("path") or ""
+        base_model_name_or_path = base.directory or (meta.get("base_checkpoint") or {}).get("path") or ""
     config = peft_adapter_config(hparams, layers, leaves, num_layers, base_model_name_or_path)
-    _write_adapter_dir(output_dir, config, peft_tensors, overwrite)
-    return config
+    report = _write_adapter_dir(output_dir, config, peft_tensors, overwrite, base)
+    return config, report
 
 
 def _lora_pet_config(meta: dict[str, Any], src: str) -> dict[str, Any]:
@@ -186,8 +196,10 @@ def _trained_base_tensors(keys: list[str], pet_config: dict) -> list[str]:
     return sorted(out)
 
 
-def _write_adapter_dir(output_dir: str, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool) -> None:
-    """Write both files into a fresh directory next to ``output_dir``, then rename it into place."""
+def _write_adapter_dir(output_dir: str, config: dict, tensors: dict[str, torch.Tensor], overwrite: bool,
+                       base: HFBase) -> CopyReport:
+    """Write both files (and ``base``'s tokenizer files) into a fresh directory next to ``output_dir``,
+    then rename it into place."""
     out = os.path.abspath(output_dir)
     if os.path.exists(out) and not os.path.isdir(out):
         raise CheckpointError(f"output_dir={output_dir} is invalid: it is a file. Pass a directory path.")
@@ -200,3 +212,5 @@ def _write_adapter_dir(output_dir: str, config: dict, tensors: dict[str, torch.T
             json.dump(config, f, indent=2, sort_keys=True)  # as peft writes it
             f.write("\n")
         save_safetensors(tensors, os.path.join(stage.path, SAFETENSORS_NAME), {"format": "pt"})
+        report = complete_adapter_dir(base, stage.path)
+    return report

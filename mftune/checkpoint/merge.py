@@ -38,10 +38,12 @@ import torch
 from mftune.checkpoint.convert import convert_mftune_to_hf
 from mftune.checkpoint.entries import Entry
 from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
+from mftune.checkpoint.hf_files import CopyReport, HFBase, check_base_config, resolve_base
 from mftune.checkpoint.keys import LORA_A, LORA_B, LORA_MARK, is_lora, is_training_state
 from mftune.checkpoint.load import fingerprint
 from mftune.checkpoint.mindspore.ckpt import write_ckpt_streaming
 from mftune.checkpoint.model_weights import check_weights, expected_weights
+from mftune.checkpoint.names import model_config_to_hf_config
 from mftune.checkpoint.safetensors_io import encode_metadata, write_safetensors_streaming
 from mftune.errors import CheckpointError
 from mftune.log import Progress, with_progress
@@ -102,14 +104,17 @@ def _inputs(path: str) -> tuple[set[str], set[str]]:
 def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None = None,
                           lora_scaling: float | None = None, ignore_fingerprint: bool = False,
                           output_format: str = "mftune", progress: Progress | None = None,
-                          model_config: dict[str, Any] | None = None, src_strategy: str = "") -> dict[str, Any]:
+                          model_config: dict[str, Any] | None = None, src_strategy: str = "",
+                          base_model_dir: str | None = None) -> dict[str, Any]:
     """Merge the LoRA checkpoint ``lora_path`` into its base and write a plain model to ``dst_dir``:
     ``dst_dir/merged_lora.safetensors`` (``output_format="mftune"``), a HF directory ``dst_dir``
     (``"hf"``) or ``dst_dir/merged_lora.ckpt`` (``"ckpt"``). ``base_path`` default: the base recorded
     in the LoRA header, whose fingerprint must match (unless ``ignore_fingerprint``). ``lora_scaling``
     default: pet_config lora_alpha / lora_rank. ``model_config``: when the checkpoints record none
-    (MindSpore's); ``src_strategy``: the strategy of a distributed MindSpore source.
-    Returns a report: output, merged, copied, dropped, scaling, base."""
+    (MindSpore's); ``src_strategy``: the strategy of a distributed MindSpore source. ``base_model_dir``
+    (``"hf"`` only): the Hugging Face directory whose config.json, generation_config.json and tokenizer
+    files complete the output; default: the one the base (or the LoRA source) records as its origin.
+    Returns a report: output, merged, copied, dropped, scaling, base, hf_files (``"hf"``: what was copied)."""
     start = time.perf_counter()
     if output_format not in FORMATS:
         raise CheckpointError(f"output_format={output_format} is invalid: use one of {', '.join(FORMATS)}.")
@@ -126,6 +131,7 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     _check_fit(pairs, parts.model, parts.lora, lora_path)
     scaling = _scaling(pet_config, lora_scaling, {parts.lora[a].shape[0] for a, _ in pairs.values()}, lora_path)
     target = _destination(dst_dir, output_format, lora_path, base_path)
+    hf_base = _hf_base(base_model_dir, base_path, lora_path, mc) if output_format == "hf" else None
 
     names = list(expected)  # model order
     specs = [(n, parts.model[n].dtype, expected[n]) for n in names]
@@ -142,10 +148,24 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     info = {"format": "lora_merge", "lora": os.path.abspath(lora_path),
             "base": os.path.abspath(base_path) if base_path else None, "lora_scaling": scaling,
             "merged": sorted(pairs)}
-    output = _write(target, output_format, specs, stream(), encode_metadata({"model_config": mc, "source": info}))
+    metadata = encode_metadata({"model_config": mc, "source": info})
+    output, hf_files = _write(target, output_format, specs, stream(), metadata, hf_base)
     return {"output": output, "merged": len(pairs), "copied": len(names) - len(pairs),
             "overridden": sorted(parts.overridden), "dropped": len(parts.dropped) + 2 * len(pairs),
-            "scaling": scaling, "base": base_path, "seconds": time.perf_counter() - start}
+            "scaling": scaling, "base": base_path, "hf_files": hf_files, "seconds": time.perf_counter() - start}
+
+
+def _hf_base(given: str | None, base_path: str | None, lora_path: str, mc: dict[str, Any]) -> HFBase:
+    """The Hugging Face directory completing a ``"hf"`` output: the given one, else the base's recorded
+    origin, else the LoRA source's (a PEFT adapter's base_model_name_or_path); checked against ``mc``."""
+    base = resolve_base(given, base_path or lora_path)
+    if base.directory is None and base_path:
+        base = resolve_base(None, lora_path)
+    try:
+        check_base_config(base, model_config_to_hf_config(mc))
+    except ValueError as exc:
+        raise CheckpointError(f"{lora_path}: {exc}") from None
+    return base
 
 
 def _model_config(given: dict[str, Any] | None, header: dict, base_path: str | None, lora_path: str,
@@ -264,18 +284,19 @@ def _destination(dst_dir: str, output_format: str, lora_path: str, base_path: st
 
 
 def _write(target: str, output_format: str, specs: list, tensors: Iterator[tuple[str, torch.Tensor]],
-           metadata: dict[str, str]) -> str:
+           metadata: dict[str, str], hf_base: HFBase | None) -> tuple[str, CopyReport | None]:
     """Stream the merged tensors to ``target``; a HF directory goes through a temporary mftune file,
-    converted and removed (disk: about twice the model); a .ckpt file gets no header."""
+    converted and removed (disk: about twice the model) and completed from ``hf_base``; a .ckpt file
+    gets no header. Returns (the output, what a HF directory took from its base)."""
     if output_format == "mftune":
         write_safetensors_streaming(target, specs, tensors, metadata)
-        return target
+        return target, None
     if output_format != "hf":  # a MindSpore .ckpt: tensors only
         write_ckpt_streaming(target, specs, tensors)
-        return target
+        return target, None
     os.makedirs(target, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".merge_", dir=target) as tmp:
         merged = os.path.join(tmp, MERGED_NAME)
         write_safetensors_streaming(merged, specs, tensors, metadata)
-        convert_mftune_to_hf(merged, target)
-    return target
+        report = convert_mftune_to_hf(merged, target, base_model_dir=hf_base)
+    return target, report["hf_files"]
