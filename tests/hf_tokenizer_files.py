@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 
+from mftune.data.conversation import LLAMA2_CHAT_TEMPLATE
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. Hello world, how are you today?",
     "我们今天去公园散步，天气很好。机器学习是人工智能的一个分支。",
@@ -39,18 +41,8 @@ LLAMA3_JINJA = (
 CHATML_JINJA = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
     " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-# Llama 2 chat (meta-llama/Llama-2-7b-chat-hf's tokenizer_config.json)
-LLAMA2_JINJA = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
-    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
-    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+# Llama 2 chat: meta-llama/Llama-2-7b-chat-hf's template, the text the `llama2` template ships
+LLAMA2_JINJA = LLAMA2_CHAT_TEMPLATE
 
 
 def bpe_tokenizer_object(vocab_size: int = 800, bos: str | None = "<|begin_of_text|>"):

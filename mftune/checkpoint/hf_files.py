@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mftune.checkpoint.formats import checkpoint_header, huggingface
-from mftune.checkpoint.names import hf_config_to_model_config, model_config_to_hf_config
+from mftune.checkpoint.names import HF_TO_MODEL_CONFIG, hf_config_to_model_config
+from mftune.checkpoint.recorded_config import mismatches
 from mftune.errors import CheckpointError
+from mftune.models.config import LlamaConfig
 from mftune.fileio import atomic_open, atomic_path
 
 logger = logging.getLogger("mftune")
@@ -40,9 +42,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 # what AutoTokenizer needs: one of these (tokenizer_config.json alone names a class but holds no vocabulary)
 _VOCABULARY = ("tokenizer.json", "tokenizer.model")
 # config.json keys that fix the weights' shapes or the numerics: they must agree with the exported model
-ARCHITECTURE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling",
-                     "tie_word_embeddings")
+# model_config architecture key (recorded_config.COMPARED) -> its config.json name, for messages
+HF_NAME = {**{mc: hf for hf, mc in HF_TO_MODEL_CONFIG.items()}, "theta": "rope_theta",
+           "extend_method": "rope_scaling", "scaling_factor": "rope_scaling"}
 _ADAPTER_CONFIG = "adapter_config.json"
 _MAX_CHAIN = 16
 _HF_FILE = re.compile(r"^(config\.json|(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?)$")
@@ -134,13 +136,12 @@ def copy_tokenizer_files(base: HFBase, out_dir: str, report: CopyReport) -> None
                               f"--tokenizer_dir DIR (the base's Hugging Face directory)")
 
 
-def _architecture(hf_config: dict[str, Any], where: str) -> dict[str, Any]:
-    """``ARCHITECTURE_KEYS`` of a config.json, normalised through mftune's model_config."""
+def _model_config(hf_config: dict[str, Any], where: str) -> dict[str, Any]:
+    """A config.json as mftune's model_config (its architecture compared by ``recorded_config``)."""
     try:
-        normal = model_config_to_hf_config(hf_config_to_model_config(hf_config))
+        return hf_config_to_model_config(hf_config)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{where}: {exc}. Pass the Hugging Face directory of this model's base.") from None
-    return {k: normal.get(k) for k in ARCHITECTURE_KEYS}
 
 
 def _read_config(path: str) -> dict[str, Any]:
@@ -162,8 +163,9 @@ def check_base_config(base: HFBase, derived: dict[str, Any]) -> dict[str, Any]:
     if not base.directory or not os.path.isfile(path):
         return {}
     config = _read_config(path)
-    mine, theirs = _architecture(derived, "the exported model"), _architecture(config, path)
-    wrong = [f"{k}={mine[k]!r} (the exported weights) vs {theirs[k]!r} ({path})" for k in mine if mine[k] != theirs[k]]
+    mine = LlamaConfig(**_model_config(derived, "the exported model"))
+    wrong = [f"{HF_NAME.get(k, k)}={ours!r} (the exported weights) vs {base!r} ({path})"
+             for k, ours, base in mismatches(_model_config(config, path), mine)]
     if wrong:
         raise CheckpointError(f"{base.directory} ({base.how}) is not the base of this model: {'; '.join(wrong)}. "
                               f"Pass the model's own Hugging Face directory with --base_model_dir.")

@@ -140,13 +140,20 @@ def str2bool(flag: str, value: str, errors: list[str]) -> bool | None:
     return None
 
 
-def parse_value(value: str) -> Any:
-    """MindFormers' typing of free-form override values: int, float, True/False, JSON, else the string."""
+def _number(text: str) -> int | float | None:
+    """``text`` as an int, else a float, else None."""
     for cast in (int, float):
         try:
-            return cast(value)
+            return cast(text)
         except ValueError:
             pass
+    return None
+
+
+def parse_value(value: str) -> Any:
+    """MindFormers' typing of free-form override values: int, float, True/False, JSON, else the string."""
+    if (number := _number(value)) is not None:
+        return number
     if value in ("True", "False"):
         return value == "True"
     try:
@@ -156,11 +163,8 @@ def parse_value(value: str) -> Any:
 
 
 def _option_scalar(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
+    if (number := _number(text)) is not None:
+        return number
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     return None if text == "None" else text

@@ -131,11 +131,17 @@ def tokenize_chats(samples: list[str], tokenizer: Tokenizer, record_length: int)
         spans = sample["spans"]
         labels = [i if any(end > s and start < e for s, e in spans) else IGNORE_TOKEN_ID
                   for i, (start, end) in zip(ids, offsets)]
-        n = min(len(ids), record_length)
-        fill = record_length - n
-        out.append(Tokenized(input_ids=ids[:n] + [pad] * fill, labels=labels[:n] + [IGNORE_TOKEN_ID] * fill,
-                             truncated=len(ids) > record_length, num_tokens=n, length=n))
+        out.append(fit_record(ids, labels, record_length, pad))
     return out
+
+
+def fit_record(ids: list[int], labels: list[int], record_length: int, pad: int) -> Tokenized:
+    """A sample's ids and labels cut at, or padded (pad id / IGNORE_TOKEN_ID) to, ``record_length``; every
+    id counts as a token (templates whose text has no pad)."""
+    n = min(len(ids), record_length)
+    fill = record_length - n
+    return Tokenized(input_ids=ids[:n] + [pad] * fill, labels=labels[:n] + [IGNORE_TOKEN_ID] * fill,
+                     truncated=len(ids) > record_length, num_tokens=n, length=n)
 
 
 def tokenize_chat_batch(batch: dict, tokenizer: Tokenizer, record_length: int, pad: bool = True) -> dict:

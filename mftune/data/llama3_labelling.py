@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from mftune.data.conversation import llama3_header
-from mftune.data.labelling import IGNORE_TOKEN_ID, Tokenized, batch_columns
+from mftune.data.labelling import IGNORE_TOKEN_ID, Tokenized, batch_columns, fit_record
 from mftune.data.tiktoken_tokenizer import BOS_TOKEN, END_HEADER, EOT, START_HEADER
 from mftune.data.tokenizer_kinds import Tokenizer
 from mftune.errors import DataError
@@ -49,10 +49,7 @@ def tokenize_llama3_prompts(prompts: list[str], tokenizer: Tokenizer, record_len
             header, body = next(encoded), next(encoded) + eot
             ids += header + body
             labels += [IGNORE_TOKEN_ID] * len(header) + (body if role == "assistant" else [IGNORE_TOKEN_ID] * len(body))
-        n = min(len(ids), record_length)
-        fill = record_length - n
-        out.append(Tokenized(input_ids=ids[:n] + [pad] * fill, labels=labels[:n] + [IGNORE_TOKEN_ID] * fill,
-                             truncated=len(ids) > record_length, num_tokens=n, length=n))
+        out.append(fit_record(ids, labels, record_length, pad))
     return out
 
 

@@ -113,7 +113,8 @@ def plan(recompute: Any, select: Any, exclude: Any, num_layers: int, offset: Any
     lists = (recompute, select, exclude, *_patterns(select).values(), *(_patterns(exclude).values() if exclude else ()))
     stages = next((len(v) for v in lists if isinstance(v, (list, tuple)) and v and not isinstance(v[0], str)), 1)
     sizes = stage_sizes(num_layers, stages, offset)
-    layers = [LayerRecompute(full=i in chosen_layers(recompute, sizes)) for i in range(num_layers)]
+    full = chosen_layers(recompute, sizes)
+    layers = [LayerRecompute(full=i in full) for i in range(num_layers)]
     if select is not False and select is not None:
         for pattern, chosen in _patterns(select).items():
             subs, ops = pattern_target(pattern)
