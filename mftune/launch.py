@@ -28,6 +28,7 @@ Deviations from msrun_launcher:
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import os
 import re
 import runpy
@@ -254,6 +255,7 @@ def run_worker(log_dir: str, script: str, script_args: Sequence[str], rank: str)
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"worker_{rank}.log")
     console = _redirect_output(log_path)
+    faulthandler.enable()  # a native crash (SIGSEGV in a library) leaves the Python stacks in the log
     code = _run_script(script, script_args)
     sys.stdout.flush()
     sys.stderr.flush()
