@@ -85,6 +85,10 @@ HF_TO_MODEL_CONFIG: dict[str, str] = {
     "initializer_range": "initializer_range",
 }
 
+# transformers' LlamaConfig default (4.x and 5.x) for a config.json without max_position_embeddings: the
+# original context length its dynamic RoPE then scales from
+HF_DEFAULT_MAX_POSITION_EMBEDDINGS = 2048
+
 # Accepted dtype name -> its long name ("bf16" -> "bfloat16"), from the model's table (one source).
 _DTYPE_NAMES = {name: str(dtype).removeprefix("torch.") for name, dtype in DTYPES.items()}
 
@@ -101,9 +105,9 @@ def hf_config_to_model_config(hf: dict[str, Any]) -> dict[str, Any]:
     """HF Llama ``config.json`` -> ``model.model_config`` keys (``LlamaConfig(**result)`` works).
 
     ``seq_length`` defaults to ``max_position_embeddings`` (a YAML value overlaid later wins);
-    ``torch_dtype`` (or 5.x ``dtype``) becomes ``param_init_type``; linear RoPE scaling becomes
-    ``extend_method: PI``, ``rope_type: llama3`` ``extend_method: LLAMA3`` with its four keys as the
-    ``scaling_factor`` mapping. Features mftune's model cannot represent are a ValueError naming the key.
+    ``torch_dtype`` (or 5.x ``dtype``) becomes ``param_init_type``; RoPE scaling (``_rope_scaling``):
+    ``linear`` -> ``extend_method: PI``, ``dynamic`` -> ``DYNAMIC_NTK``, ``llama3`` -> ``LLAMA3``.
+    Features mftune's model cannot represent are a ValueError naming the key.
     """
     errors = []
     if hf.get("model_type", "llama") != "llama":
@@ -124,16 +128,7 @@ def hf_config_to_model_config(hf: dict[str, Any]) -> dict[str, Any]:
     if theta is not None:
         mc["theta"] = float(theta)
     if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind == "linear":
-            mc["extend_method"], mc["scaling_factor"] = "PI", float(scaling["factor"])
-        elif kind == "llama3":
-            mc["extend_method"] = "LLAMA3"
-            scaling = {"original_max_position_embeddings": hf.get("max_position_embeddings"), **scaling}
-            mc["scaling_factor"] = {k: scaling[k] for k in LLAMA3_SCALING_KEYS if scaling.get(k) is not None}
-        elif kind not in (None, "default"):
-            errors.append(f"rope_scaling type={kind!r} is invalid: only 'linear' (extend_method PI) and "
-                          f"'llama3' (extend_method LLAMA3) convert.")
+        errors += _rope_scaling(hf, scaling, mc)
     dtype = hf.get("torch_dtype", hf.get("dtype"))
     if dtype is not None:
         if str(dtype) not in _DTYPE_NAMES:
@@ -145,11 +140,38 @@ def hf_config_to_model_config(hf: dict[str, Any]) -> dict[str, Any]:
     return mc
 
 
+def _rope_scaling(hf: dict[str, Any], scaling: dict[str, Any], mc: dict[str, Any]) -> list[str]:
+    """``rope_scaling`` (or ``rope_parameters``) into ``mc``'s extend_method / scaling_factor; the errors.
+
+    ``dynamic``: the original context length is config.json's ``max_position_embeddings`` (mc's
+    ``max_position_embedding``), which transformers 4.x and 5.x read for it (an
+    ``original_max_position_embeddings`` in the dict is ignored by both, and here).
+    """
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ("linear", "dynamic") and not (isinstance(scaling.get("factor"), (int, float))
+                                              and not isinstance(scaling.get("factor"), bool)):
+        return [f"rope_scaling factor={scaling.get('factor')!r} is invalid: rope_type {kind!r} needs a number."]
+    if kind == "linear":
+        mc["extend_method"], mc["scaling_factor"] = "PI", float(scaling["factor"])
+    elif kind == "dynamic":
+        mc["extend_method"], mc["scaling_factor"] = "DYNAMIC_NTK", float(scaling["factor"])
+        mc.setdefault("max_position_embedding", HF_DEFAULT_MAX_POSITION_EMBEDDINGS)
+    elif kind == "llama3":
+        mc["extend_method"] = "LLAMA3"
+        scaling = {"original_max_position_embeddings": hf.get("max_position_embeddings"), **scaling}
+        mc["scaling_factor"] = {k: scaling[k] for k in LLAMA3_SCALING_KEYS if scaling.get(k) is not None}
+    elif kind not in (None, "default"):
+        return [f"rope_scaling type={kind!r} is invalid: only 'linear' (extend_method PI), 'dynamic' "
+                f"(extend_method DYNAMIC_NTK) and 'llama3' (extend_method LLAMA3) convert."]
+    return []
+
+
 def model_config_to_hf_config(mc: dict[str, Any]) -> dict[str, Any]:
     """``model.model_config`` -> HF Llama ``config.json`` (transformers 4 key names; 5.x reads them too).
 
     ``intermediate_size`` is the resolved FFN size (the Llama2 rule unless given); ``torch_dtype`` is
-    ``param_init_type``. ``extend_method: NTK`` is a ValueError: HF only has *dynamic* NTK, which differs.
+    ``param_init_type``. ``extend_method: NTK`` is a ValueError: HF only has *dynamic* NTK (DYNAMIC_NTK),
+    which gives other frequencies.
     """
     cfg = LlamaConfig.from_dict(mc)
     method = rope_method(cfg.extend_method)
@@ -182,9 +204,13 @@ def model_config_to_hf_config(mc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _hf_rope_scaling(method: str, scaling_factor: Any) -> dict[str, Any] | None:
-    """config.json's ``rope_scaling`` of extend_method PI (linear) or LLAMA3 (llama3); None otherwise."""
+    """config.json's ``rope_scaling`` of extend_method PI (linear), DYNAMIC_NTK (dynamic; its original length
+    is ``max_position_embeddings``) or LLAMA3 (llama3); None otherwise. ``rope_type`` is what transformers
+    >= 4.43 and 5.x read (both also take the older ``type``; 4.42 and older want ``type`` and ``factor`` alone)."""
     if method == "PI":
         return {"rope_type": "linear", "factor": float(scaling_factor)}
+    if method == "DYNAMIC_NTK":
+        return {"rope_type": "dynamic", "factor": float(scaling_factor)}
     if method == "LLAMA3":
         return {"rope_type": "llama3", **{k: scaling_factor[k] for k in LLAMA3_SCALING_KEYS}}
     return None

@@ -18,7 +18,8 @@ from mftune.models.config import LlamaConfig, model_args
 COMPARED = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_layers",
             "num_heads": "num_heads", "n_kv_heads": "n_kv_heads", "ffn_hidden_size": "intermediate_size",
             "rms_norm_eps": "rms_norm_eps", "theta": "theta", "extend_method": "extend_method",
-            "scaling_factor": "scaling_factor", "tie_word_embeddings": "tie_word_embeddings"}
+            "scaling_factor": "scaling_factor", "tie_word_embeddings": "tie_word_embeddings",
+            "max_position_embedding": "max_position_embedding"}  # only with DYNAMIC_NTK (None otherwise)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -23,7 +23,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
-RopeMethod = Literal["None", "PI", "NTK", "LLAMA3"]
+RopeMethod = Literal["None", "PI", "NTK", "DYNAMIC_NTK", "LLAMA3"]
+ROPE_METHODS = ("PI", "NTK", "DYNAMIC_NTK", "LLAMA3")  # besides None
 # extend_method LLAMA3: scaling_factor is a mapping of exactly these keys (MindFormers' FreqsMgr, HF rope_type llama3)
 LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -66,9 +67,10 @@ class LlamaConfig:
     intermediate_size: int | None = None  # explicit FFN size; overrides the rule above
     rms_norm_eps: float = 1e-5
     theta: float = 10000.0  # RoPE base
-    # PI / NTK: a number; LLAMA3: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    # PI / NTK / DYNAMIC_NTK: a number; LLAMA3: {factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings}. DYNAMIC_NTK's original context length is max_position_embedding.
     scaling_factor: float | dict[str, float] = 1.0
-    extend_method: str = "None"  # None | PI | NTK | LLAMA3
+    extend_method: str = "None"  # None | PI | NTK | DYNAMIC_NTK | LLAMA3
     # token ids
     bos_token_id: int = 1
     eos_token_id: int | list[int] = 2
@@ -186,11 +188,14 @@ class ModelArgs:
     rms_norm_eps: float
     theta: float  # RoPE base
     extend_method: RopeMethod  # normalised: "PI" divides positions by scaling_factor; "NTK" raises the base;
-    scaling_factor: float | dict[str, float]  # "LLAMA3" rescales frequencies by band (mftune.models.rope)
+    scaling_factor: float | dict[str, float]  # "DYNAMIC_NTK" raises it with the length; "LLAMA3" rescales by band
     initializer_range: float
     tie_word_embeddings: bool
     use_flash_attention: bool
     ignore_token_id: int
+    # DYNAMIC_NTK's original context length (model_config.max_position_embedding, HF max_position_embeddings);
+    # None for the other methods, whose RoPE does not depend on it (so checkpoints are compared on it only then)
+    max_position_embedding: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -218,7 +223,9 @@ def model_args(cfg: LlamaConfig) -> ModelArgs:
                      rms_norm_eps=cfg.rms_norm_eps, theta=float(cfg.theta),
                      extend_method=rope_method(cfg.extend_method), scaling_factor=_scaling(cfg.scaling_factor),
                      initializer_range=cfg.initializer_range, tie_word_embeddings=cfg.tie_word_embeddings,
-                     use_flash_attention=cfg.use_flash_attention, ignore_token_id=cfg.ignore_token_id)
+                     use_flash_attention=cfg.use_flash_attention, ignore_token_id=cfg.ignore_token_id,
+                     max_position_embedding=cfg.max_position_embedding if rope_method(cfg.extend_method) ==
+                     "DYNAMIC_NTK" else None)
 
 
 def dtype_policy(cfg: LlamaConfig) -> DtypePolicy:
@@ -237,13 +244,14 @@ def _scaling(value: float | dict[str, float]) -> float | dict[str, float]:
 
 
 def rope_method(extend_method: Any) -> RopeMethod:
-    """Normalise ``extend_method`` (None | "None" | "PI" | "NTK" | "LLAMA3"); anything else is a ValueError."""
+    """Normalise ``extend_method`` (None | "None" | ``ROPE_METHODS``, any case); anything else is a ValueError."""
     method = "None" if extend_method is None else str(extend_method)
     if method.lower() == "none":
         return "None"
-    if method.upper() in ("PI", "NTK", "LLAMA3"):
+    if method.upper() in ROPE_METHODS:
         return method.upper()  # type: ignore[return-value]
-    raise ValueError(f"extend_method={extend_method!r} is invalid: expected None, 'PI', 'NTK' or 'LLAMA3'.")
+    raise ValueError(f"extend_method={extend_method!r} is invalid: expected None, 'PI', 'NTK', 'DYNAMIC_NTK' or "
+                     "'LLAMA3'.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,13 +343,18 @@ def _check_unsupported(cfg: LlamaConfig, bad, dtypes: dict[str, torch.dtype]) ->
 
 def _check_rope(cfg: LlamaConfig, bad) -> None:
     """extend_method and its scaling_factor: a number > 0, or for LLAMA3 MindFormers' mapping
-    (``_check_llama3_scaling_factor``; high_freq_factor must exceed low_freq_factor, as the band between
-    them is interpolated)."""
+    (high_freq_factor must exceed low_freq_factor, as the band between them is interpolated).
+    DYNAMIC_NTK also reads max_position_embedding (its original context length): an int >= 1."""
     try:
         method = rope_method(cfg.extend_method)
     except ValueError:
-        bad("extend_method", "unknown RoPE extension", "Use None, PI, NTK or LLAMA3.")
+        bad("extend_method", "unknown RoPE extension", "Use None, PI, NTK, DYNAMIC_NTK or LLAMA3.")
         method = None
+    longest = cfg.max_position_embedding
+    if method == "DYNAMIC_NTK" and not (isinstance(longest, int) and not isinstance(longest, bool) and longest >= 1):
+        bad("max_position_embedding", "extend_method DYNAMIC_NTK scales RoPE beyond this original context "
+            "length, so it must be an int >= 1", "Use the length the model was trained for (HF "
+            "max_position_embeddings), e.g. max_position_embedding: 4096.")
     value = cfg.scaling_factor
     example = ("{factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192}")
     if method != "LLAMA3":
@@ -349,7 +362,8 @@ def _check_rope(cfg: LlamaConfig, bad) -> None:
             bad("scaling_factor", f"a mapping is for extend_method LLAMA3, not {cfg.extend_method!r}",
                 "Use a number (1.0: no scaling), or extend_method: LLAMA3.")
         elif not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-            bad("scaling_factor", "must be > 0", "Use scaling_factor: 1.0 (no position interpolation).")
+            bad("scaling_factor", "must be > 0", "Use e.g. scaling_factor: 2.0 (config.json's rope_scaling factor)."
+                if method == "DYNAMIC_NTK" else "Use scaling_factor: 1.0 (no position interpolation).")
         return
     if not isinstance(value, dict) or set(value) != set(LLAMA3_SCALING_KEYS):
         got = f"keys {sorted(value)}" if isinstance(value, dict) else "a number"

@@ -145,7 +145,7 @@ def test_model_config_to_hf_resolves_ffn_rule() -> None:
 @pytest.mark.parametrize(
     "bad, key",
     [({"attention_bias": True}, "attention_bias"), ({"hidden_act": "gelu"}, "hidden_act"),
-     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"), ({"model_type": "mistral"}, "mistral"),
+     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"), ({"model_type": "mistral"}, "mistral"),
      ({"head_dim": 32}, "head_dim")],
 )
 def test_hf_config_unsupported_features_are_errors(bad: dict, key: str) -> None:
