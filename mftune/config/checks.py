@@ -301,6 +301,11 @@ def check_files(cfg: MFConfig, errors: list[str]) -> None:
 
     must_exist("load_checkpoint", "--load_checkpoint",
                "an existing checkpoint file or directory (see docs/checkpoints.md)")
+    directory = cfg.pretrained_model_dir
+    if directory and not os.path.isfile(os.path.join(directory, "config.json")):
+        why = "it holds no config.json" if os.path.isdir(directory) else "no such directory"
+        errors.append(invalid("pretrained_model_dir", directory, why, "Pass a Hugging Face model directory "
+                              "(config.json, tokenizer files, *.safetensors) with --pretrained_model_dir."))
     must_exist("src_strategy_path_or_dir", "--src_strategy_path_or_dir", "an existing strategy file or directory")
     must_exist("processor.tokenizer.vocab_file", "--processor.tokenizer.vocab_file",
                "the tokenizer file (tokenizer.model: SentencePiece, or tiktoken for Llama 3)")

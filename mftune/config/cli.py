@@ -43,6 +43,7 @@ GROUP_A: dict[str, tuple[str, ...]] = {
     "seed": ("seed",),
     "use_parallel": ("use_parallel",),
     "load_checkpoint": ("load_checkpoint",),
+    "pretrained_model_dir": ("pretrained_model_dir",),
     "src_strategy_path_or_dir": ("src_strategy_path_or_dir",),
     "auto_trans_ckpt": ("auto_trans_ckpt",),
     "transform_process_num": ("transform_process_num",),
@@ -82,6 +83,9 @@ _HELP = {
     "predict_data": "predict input: one text (literal \\n becomes a newline) or several texts",
     "predict_batch_size": "predict_batch_size",
     "load_checkpoint": "weights to start from: a .safetensors file, a directory of them, a Hugging Face or PEFT directory, or a distributed (rank_*/) checkpoint",
+    "pretrained_model_dir": "a Hugging Face model directory: architecture from its config.json (YAML architecture "
+                            "keys may be left out), tokenizer and chat template from its files, weights from it "
+                            "unless --load_checkpoint names others",
     "src_strategy_path_or_dir": "strategy of a distributed load_checkpoint: required for MindSpore .ckpt rank sets (their output/strategy folder or merged file); optional for mftune's (checked against their rank files)",
     "auto_trans_ckpt": "write load_checkpoint resharded to this layout into output_dir/transformed_checkpoint/ and load that (without it a checkpoint is resharded on load)",
     "transform_process_num": "ranks that write the transformed checkpoint (must divide the world size)",
@@ -117,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "batch_size", "gradient_accumulation_steps", "num_samples")
     for name in ("mode", "device_id", "device_target", "run_mode", "do_eval", "train_dataset_dir",
                  "eval_dataset_dir", "predict_data", "predict_batch_size", "load_checkpoint",
-                 "src_strategy_path_or_dir", "auto_trans_ckpt", "transform_process_num", "only_save_strategy",
-                 "resume_training", "strategy_load_checkpoint", "remote_save_url", "seed", "use_parallel",
+                 "pretrained_model_dir", "src_strategy_path_or_dir", "auto_trans_ckpt", "transform_process_num",
+                 "only_save_strategy", "resume_training", "strategy_load_checkpoint", "remote_save_url", "seed", "use_parallel",
                  "profile", "options", "epochs", "batch_size", "gradient_accumulation_steps", "sink_mode",
                  "num_samples", "output_dir", "register_path", "do_sample", "adapter_id", "modal_type"):
         kwargs: dict[str, Any] = {"default": None, "help": _HELP[name]}

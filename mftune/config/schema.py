@@ -217,7 +217,9 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    type: str = "LlamaTokenizer"
+    # LlamaTokenizer (SentencePiece) | Llama3Tokenizer (tiktoken) | LlamaTokenizerFast (tokenizer.json);
+    # None = the kind of vocab_file (a Hugging Face directory: its tokenizer.json, else its tokenizer.model)
+    type: str | None = None
     # tokenizer.model (SentencePiece, or tiktoken: Llama3Tokenizer), tokenizer.json (LlamaTokenizerFast), or a
     # Hugging Face model directory holding one of them
     vocab_file: str | None = None
@@ -241,7 +243,8 @@ class TokenizerConfig:
     truncation_side: str = ignored("right", "records are cut at seq_length + 1 tokens")
     # conversation template name (vicuna | llama2 | llama3 | chatml | hf = the tokenizer directory's Jinja
     # chat_template; mftune.data.templates) for raw datasets and predict prompts;
-    # None = MindFormers': Vicuna v1.1 training data, prompts as given (docs/data.md)
+    # None = MindFormers': Vicuna v1.1 training data, prompts as given (docs/data.md); with the tokenizer taken
+    # from pretrained_model_dir, hf when that directory has a chat template. raw (predict): prompts as given
     chat_template: str | None = None
     additional_special_tokens: list[str] | None = ignored(None, "special tokens come from the tokenizer file")
 
@@ -287,6 +290,9 @@ class MFConfig:
 
     seed: int = 0
     output_dir: str = "./output"
+    # a Hugging Face model directory (MindFormers r1.6+): architecture from its config.json, tokenizer and chat
+    # template from its files, weights from its safetensors unless load_checkpoint names others
+    pretrained_model_dir: str = ""
     load_checkpoint: str = ""  # complete file, directory of files, HF dir, PEFT adapter dir, or rank_*/ dir
     src_strategy_path_or_dir: str = ""  # strategy of a distributed load_checkpoint (checked if given)
     auto_trans_ckpt: bool = False  # write load_checkpoint resharded to output_dir/transformed_checkpoint first

@@ -34,7 +34,8 @@ def open_dataset(cfg: MFConfig, model_config: LlamaConfig, *, dp_rank: int, dp_s
     if not loader_cfg.dataset_dir:
         raise DataError(f"{which}.data_loader.dataset_dir is empty. Pass --{which}_dir DIR "
                         f"(a directory written by scripts/llama_preprocess.py, a MindRecord file or directory, "
-                        f"or a raw .json / .jsonl / .parquet file with processor.tokenizer.vocab_file set).")
+                        f"or a raw .json / .jsonl / .parquet file with processor.tokenizer.vocab_file or "
+                        f"pretrained_model_dir set).")
     dataset_dir, read = loader_cfg.dataset_dir, None
     if is_raw(dataset_dir):  # tokenized on first use (rank 0), cached in output_dir, reused afterwards
         dataset_dir = _raw_dataset(cfg, model_config, dataset_dir, loader_cfg.packing, dataset.num_parallel_workers)

@@ -91,7 +91,8 @@ def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_roo
     ``template`` names the conversation template (None: Vicuna). DataError names the fix."""
     if not vocab_file:
         raise DataError(f"dataset_dir={path} is a raw data file: tokenizing it needs processor.tokenizer.vocab_file "
-                        f"(the tokenizer.model). Set it, or preprocess with scripts/llama_preprocess.py.")
+                        f"(the tokenizer file or its directory). Set it (or pretrained_model_dir), or preprocess with "
+                        f"scripts/llama_preprocess.py.")
     name = os.path.basename(path).rsplit(".", 1)[0]
     key = cache_key(path, vocab_file, seq_length, packing, template, tokenizer_type)
     out = os.path.join(cache_root, f"{name}-{key}")
@@ -101,7 +102,8 @@ def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_roo
     records = read_raw_records(path)
     alpaca = bool(records) and isinstance(records[0], dict) and "instruction" in records[0]
     if alpaca:
-        records, _ = convert_alpaca(records, file=path)
+        # Vicuna: MindFormers' alpaca_converter prompt; a chat template frames the bare instruction itself
+        records, _ = convert_alpaca(records, file=path, plain=template not in (None, DEFAULT_TEMPLATE))
     tokenizer = load_tokenizer(vocab_file, tokenizer_type)
     summary = preprocess_conversations([(path, records)], tokenizer, seq_length, out, packing=packing,
                                        template=template,

@@ -9,6 +9,7 @@ output}]}``; a conversation's validated turns -> its Vicuna v1.1 text. Malformed
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -69,8 +70,10 @@ def _type(x: Any) -> str:
     return "null" if x is None else type(x).__name__
 
 
-def alpaca_to_conversation(example: Any, index: int) -> dict:
-    """One alpaca record -> MindFormers' conversation record (id is the 1-based source position)."""
+def alpaca_to_conversation(example: Any, index: int, plain: bool = False) -> dict:
+    """One alpaca record -> MindFormers' conversation record (id is the 1-based source position): the
+    human turn is the Alpaca prompt (MindFormers' alpaca_converter), or with ``plain`` the instruction and
+    its input alone (for chat templates, which frame the turn themselves)."""
     if not isinstance(example, dict):
         raise RecordError(index, "<record>", f"must be an object with instruction/input/output, got {_type(example)}")
     for key in ("instruction", "output"):
@@ -84,7 +87,8 @@ def alpaca_to_conversation(example: Any, index: int) -> dict:
     if not isinstance(inp, str):
         raise RecordError(index, "input", f"must be a string, got {_type(inp)}")
     return {"id": str(index + 1),
-            "conversations": [{"from": "human", "value": alpaca_prompt(example["instruction"], inp)},
+            "conversations": [{"from": "human", "value": plain_prompt(example["instruction"], inp) if plain else
+                               alpaca_prompt(example["instruction"], inp)},
                               {"from": "gpt", "value": example["output"]}]}
 
 
@@ -153,9 +157,16 @@ def collect(items, file: str, on_error: OnError, summary: Summary, fn: Callable[
     return out
 
 
-def convert_alpaca(data: list, *, on_error: OnError = "skip", file: str | None = None) -> tuple[list[dict], Summary]:
-    """Alpaca records -> conversation records (step 1); malformed records skipped or raised."""
+def plain_prompt(instruction: str, inp: str) -> str:
+    """An alpaca instruction and its input as one user message (LLaMA-Factory's rule), no Alpaca preamble."""
+    return f"{instruction}\n\n{inp}" if inp else instruction
+
+
+def convert_alpaca(data: list, *, on_error: OnError = "skip", file: str | None = None,
+                   plain: bool = False) -> tuple[list[dict], Summary]:
+    """Alpaca records -> conversation records (step 1); malformed records skipped or raised. ``plain``: the
+    human turns without the Alpaca preamble (``alpaca_to_conversation``)."""
     summary = Summary()
-    out = collect(data, file, on_error, summary, alpaca_to_conversation)
+    out = collect(data, file, on_error, summary, functools.partial(alpaca_to_conversation, plain=plain))
     summary.records = len(out)
     return out, summary

@@ -36,6 +36,7 @@ from mftune.data.tokenizer_kinds import Tokenizer, chat_template_of
 from mftune.errors import DataError, RecordError
 
 DEFAULT_TEMPLATE = "vicuna"  # MindFormers' data tools, for Llama 2 and Llama 3 alike
+RAW = "raw"  # predict only: each prompt as given, no template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,14 +119,22 @@ def _chat_template(name: str, tokenizer: Tokenizer, key: str) -> Template:
                     render_record=functools.partial(_render_chat_record, source, special))
 
 
+def tokenizer_kinds(name: str) -> tuple[str, ...]:
+    """The tokenizer kinds (``processor.tokenizer.type``) the template called ``name`` works with."""
+    return TEMPLATES[name].tokenizer_types if name in TEMPLATES else _CHAT_TOKENIZERS.get(name, ())
+
+
 def get_template(name: str | None, tokenizer: Tokenizer, key: str = "template") -> Template:
     """The template called ``name`` (None: ``DEFAULT_TEMPLATE``), checked against ``tokenizer``'s kind;
     DataError names ``key``, the value and the fix."""
     name = DEFAULT_TEMPLATE if name is None else name
+    if name == RAW:
+        raise DataError(f"{key}={name!r} is invalid here: {RAW} (prompts as given) is for run_mode predict; training "
+                        f"data needs a conversation template. Use one of {', '.join(TEMPLATE_NAMES)}.")
     if name not in TEMPLATE_NAMES:
         raise DataError(f"{key}={name!r} is invalid: the conversation templates are {', '.join(TEMPLATE_NAMES)}. "
                         f"Use one of them.")
-    kinds = TEMPLATES[name].tokenizer_types if name in TEMPLATES else _CHAT_TOKENIZERS[name]
+    kinds = tokenizer_kinds(name)
     if tokenizer.type_name not in kinds:
         raise DataError(f"{key}={name!r} is invalid with {tokenizer.type_name} ({tokenizer.vocab_file}): it "
                         f"needs {' or '.join(kinds)}. Use {key} {DEFAULT_TEMPLATE}, or the tokenizer.json of the "

@@ -1,6 +1,6 @@
 """``run_finetune.py``'s body: one ``main()`` that reads top to bottom (STYLE #5).
 
-config -> launch checks -> process group -> output dir -> data -> model (PET, parallelize, weights)
+config (completed from pretrained_model_dir) -> launch checks -> process group -> output dir -> data -> model (PET, parallelize, weights)
 -> optimizer -> resume -> loop -> save -> report. ``train`` and ``finetune`` apply pet_config when
 present (LoRA: only adapters train, as MindFormers does in both) and train every parameter otherwise;
 ``eval`` and ``predict`` build the model the same way and run ``mftune.trainer.evaluate`` /
@@ -32,6 +32,7 @@ from mftune.trainer.loop import LoopSettings, Position, TrainRun, train_loop
 from mftune.trainer.monitor import LossMonitor, fresh_metrics_file, progress_bar, report_outputs
 from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
 from mftune.trainer.predict import run_predict
+from mftune.trainer.pretrained import apply_pretrained_dir
 from mftune.trainer.resume import ResumePoint, find_resume_point, restore, same_layout
 
 logger = logging.getLogger("mftune")
@@ -51,6 +52,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 def main(cfg: MFConfig) -> int:
+    cfg = apply_pretrained_dir(cfg, gpu=_default_device().type == "cuda")  # architecture, tokenizer, weights
     _check_supported(cfg)
     model_config = LlamaConfig.from_dict(cfg.model.model_config)
     world = _check_launch(cfg, model_config)  # before any heavy work or collective

@@ -32,7 +32,7 @@ import time
 import torch
 
 from mftune.config.schema import MFConfig
-from mftune.data.templates import Template, get_template
+from mftune.data.templates import RAW, Template, get_template
 from mftune.data.tokenizer_kinds import Tokenizer, build_tokenizer, stop_ids_of
 from mftune.errors import UserError
 from mftune.generation import GenerationConfig, check_generation, generate, max_new_tokens_for
@@ -55,7 +55,7 @@ def run_predict(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext, 
                         "--processor.tokenizer.vocab_file PATH.")
     try:
         tokenizer, prompts = build_tokenizer(tok_cfg.vocab_file, tok_cfg.type), read_prompts(cfg.input_data)
-        template = None if tok_cfg.chat_template is None else \
+        template = None if tok_cfg.chat_template in (None, RAW) else \
             get_template(tok_cfg.chat_template, tokenizer, "processor.tokenizer.chat_template")
         generation = GenerationConfig.from_model_config(model_config)
         ids, budgets = encode_prompts(tokenizer, prompts, generation, template, tok_cfg.add_bos_token)

@@ -186,6 +186,7 @@ FLAG_CASES = [
     (["--device_id", "3"], "context", {"device_id": 3}),
     (["--device_target", "GPU"], "context", {"device_target": "GPU"}),
     (["--run_mode", "predict"], "run_mode", "predict"),
+    (["--pretrained_model_dir", "."], "pretrained_model_dir", "."),
     (["--do_eval", "TRUE"], "do_eval", True),
     (["--train_dataset_dir", "/d"], "train_dataset.data_loader.dataset_dir", "/d"),
     (["--train_dataset", "/d"], "train_dataset.data_loader.dataset_dir", "/d"),  # argparse prefix
@@ -237,6 +238,7 @@ def test_every_run_mindformer_flag_exists():
     flags = {a.dest for a in cli.build_parser()._actions} - {"help"}
     assert flags == {"config", "mode", "device_id", "device_target", "run_mode", "do_eval", "train_dataset_dir",
                      "eval_dataset_dir", "predict_data", "predict_batch_size", "load_checkpoint",
+                     "pretrained_model_dir",  # MindFormers r1.6+ (its later releases' Hugging Face directories)
                      "src_strategy_path_or_dir", "auto_trans_ckpt", "transform_process_num", "only_save_strategy",
                      "resume_training", "strategy_load_checkpoint", "remote_save_url", "seed", "use_parallel",
                      "profile", "options", "epochs", "batch_size", "gradient_accumulation_steps", "sink_mode",

@@ -207,7 +207,7 @@ def test_missing_files_exit_2(tmp_path, model_file, capsys):
 def test_output_is_atomic(tmp_path, model_file, monkeypatch, capsys):
     main = _load_script(PREPROCESS).main
     src = _write_json(tmp_path / "c.json", [_conv("q", "a")] * 3)
-    args = ["--dataset_type", "qa", "--input_glob", src, "--model_file", model_file, "--seq_length", "32"]
+    args = ["--dataset_type", "qa", "--input_glob", src, "--model_file", model_file, "--seq_length", "96"]
     # A directory that is not a dataset is never replaced.
     keep = tmp_path / "keep"
     keep.mkdir()
@@ -224,13 +224,25 @@ def test_output_is_atomic(tmp_path, model_file, monkeypatch, capsys):
 
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        main(args + ["--seq_length", "16", "--output_file", str(out)])
+        main(args + ["--seq_length", "80", "--output_file", str(out)])
     assert sorted(os.listdir(tmp_path)) == before
-    assert len(datasets.load_from_disk(str(out))[0]["input_ids"]) == 33
+    assert len(datasets.load_from_disk(str(out))[0]["input_ids"]) == 97
     # A dataset directory is replaced on success.
     monkeypatch.undo()
-    assert main(args + ["--seq_length", "16", "--output_file", str(out)]) == 0
-    assert len(datasets.load_from_disk(str(out))[0]["input_ids"]) == 17
+    assert main(args + ["--seq_length", "80", "--output_file", str(out)]) == 0
+    assert len(datasets.load_from_disk(str(out))[0]["input_ids"]) == 81
+
+
+
+
+def test_a_dataset_with_nothing_to_train_on_is_refused(tmp_path, model_file, capsys):
+    """Every sample cut before its answer (the Vicuna system prompt alone is longer than 33 tokens): the tool
+    refuses to write a dataset on which training would run at loss 0, and says why."""
+    src = _write_json(tmp_path / "c.json", [_conv("q", "a")] * 3)
+    out = tmp_path / "out"
+    assert _load_script(PREPROCESS).main(["--dataset_type", "qa", "--input_glob", src, "--model_file", model_file,
+                                          "--seq_length", "32", "--output_file", str(out)]) == 2
+    assert "all 3 are fully masked" in capsys.readouterr().err and not out.exists()
 
 
 def test_wiki_chunks(tmp_path, model_file, tok, capsys):

@@ -180,8 +180,9 @@ def test_llama3_format_equals_apply_chat_template_and_trains_on_answers(tmp_path
 
 
 def test_llama3_format_cuts_long_records_and_needs_the_llama3_tokenizer(tmp_path, tok):
-    ds = _preprocess(tmp_path, tok, "llama3", seq_length=20, name="short")
-    assert all(len(r["input_ids"]) == 21 and len(r["labels"]) == 21 for r in ds)
+    ds = _preprocess(tmp_path, tok, "llama3", seq_length=40, name="short")
+    assert all(len(r["input_ids"]) == 41 and len(r["labels"]) == 41 for r in ds)
+    assert any(r["input_ids"][-1] != tok.pad_token_id for r in ds)  # a record was cut
     with pytest.raises(DataError, match="template='chatml' is invalid"):
         get_template("chatml", tok)
     sp = type("SP", (), {"type_name": "LlamaTokenizer", "vocab_file": "sp.model"})()
