@@ -106,8 +106,8 @@ def _args(config: str, run_mode: str, out: str, dp: int, mp: int, options: dict,
     return args
 
 
-def run_single(config: str, run_mode: str, out: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *_args(config, run_mode, out, 1, 1, {})], cwd=ROOT,
+def run_single(config: str, run_mode: str, out: str, options: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *_args(config, run_mode, out, 1, 1, options or {})], cwd=ROOT,
                           capture_output=True, text=True)
 
 

@@ -94,9 +94,6 @@ def layout_errors(parallel_config: ParallelConfig, model_config: LlamaConfig,
                               f"parallel_config.model_parallel={mp}. Use a model_parallel that divides "
                               f"{value}" + (" (or vocab_emb_dp: True)" if "vocab" in key else "")
                               + (" (or use_seq_parallel: False)" if "seq_length" in key else "") + ".")
-        if m.tie_word_embeddings:
-            errors.append("model.model_config.tie_word_embeddings=True is invalid with model_parallel > 1: "
-                          "tied embeddings are not tensor-parallel yet. Use model_parallel: 1.")
     return errors
 
 

@@ -9,7 +9,8 @@ values on every rank (same init and same all-reduced gradients).
 
 ``vocab_emb_dp: False`` shards the embedding and lm_head over the vocabulary; the logits stay
 sharded (a DTensor) and the loss is computed under ``loss_parallel()`` without gathering them.
-``vocab_emb_dp: True`` (MindFormers' default) keeps both replicated, as MindFormers does.
+``vocab_emb_dp: True`` (MindFormers' default) keeps both replicated, as MindFormers does. Either way both
+have one placement, so tied embeddings (``tie_word_embeddings``) stay one Parameter.
 
 ``use_seq_parallel: True`` keeps the residual stream split over the sequence (``Shard(1)``) between
 the attention/FFN blocks: the norms run on sequence shards, the blocks all-gather their input and
@@ -116,6 +117,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parall
     else:
         top["lm_head"] = PlaceParams({"weight": Replicate()}, input=stream, desired_input=Replicate())
     parallelize_module(model, tp_mesh, top)
+    # tie_word_embeddings: the embedding table and lm_head's weight have the same placement (Shard(0) on the
+    # vocabulary, or replicated), so lm_head takes the embedding's DTensor Parameter again
+    model.tie_weights()
 
     for layer in model.model.layers:
         attn, ffn = layer.attention, layer.feed_forward
