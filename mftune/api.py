@@ -37,17 +37,22 @@ class LlamaForCausalLM(llama.LlamaForCausalLM):
         """The model of the Hugging Face directory ``path`` (config.json + safetensors or .bin), in eval mode.
 
         ``dtype``: the parameters' and the compute dtype (a torch dtype or its name); None: config.json's
-        ``torch_dtype`` on a GPU, float32 on a CPU (logged). ``device``: where the weights go (default: the
+        ``torch_dtype`` on a GPU (float16 as bfloat16 where the GPU has it), float32 on a CPU (logged). ``device``: where the weights go (default: the
         GPU when there is one). ``model_config``: further ``model.model_config`` keys (``seq_length``,
         decoding settings, ``pet_config`` is not one: apply PET with ``mftune.pet.get_pet_model``); an
         architecture key that disagrees with config.json is a ConfigError naming both values.
         """
+        if "pet_config" in model_config:
+            raise ValueError("from_pretrained(pet_config=...) is invalid: PET is applied to the loaded model with "
+                             "mftune.pet.get_pet_model(model, pet_config).")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         given = dict(model_config)
         if dtype is not None:
             name = str(to_dtype(dtype)).removeprefix("torch.")
             given.update(compute_dtype=name, param_init_type=name)
-        merged = merge_model_config(given, directory_model_config(path, "path"), path, gpu=device.type == "cuda")
+        gpu = device.type == "cuda"
+        merged = merge_model_config(given, directory_model_config(path, "path"), path, gpu=gpu,
+                                    bf16=gpu and torch.cuda.is_bf16_supported())
         for note in merged.notes:
             logger.info("%s: %s", path, note)
         config = LlamaConfig.from_dict(merged.model_config)

@@ -53,7 +53,7 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_checkpoint(model: nn.Module, path: str, src_strategy: str = "") -> dict[str, Any]:
+def load_checkpoint(model: nn.Module, path: str, src_strategy: str = "", base: str = "") -> dict[str, Any]:
     """Load ``path`` into ``model`` in place: a complete mftune file, a directory of complete files
     (loaded together), a Hugging Face directory, a PEFT adapter directory, a distributed
     checkpoint directory, or MindSpore .ckpt checkpoints (a file, a directory of them, or rank_*/
@@ -68,12 +68,17 @@ def load_checkpoint(model: nn.Module, path: str, src_strategy: str = "") -> dict
 
     A checkpoint lacking base weights (a LoRA run's training checkpoint: adapters, maybe trained
     norms) whose header records its base checkpoint loads that base first (its fingerprint
-    checked), then its own tensors over it; the report's ``base`` then names it.
+    checked), then its own tensors over it; the report's ``base`` then names it. ``base`` (a run's
+    ``pretrained_model_dir``) replaces the recorded base, or gives one to a checkpoint recording none (a
+    PEFT adapter); a recorded base of other contents is named in a warning.
     """
     entries = open_checkpoint(path, src_strategy)
     names = set(model.state_dict())
     if any(not is_lora(n) and n not in entries for n in names):
         recorded = checkpoint_header(path).get("base_checkpoint") or {}
+        if base and os.path.abspath(base) != os.path.abspath(path):
+            given = load_given_base(model, base, recorded, path)
+            return {**load_entries(model, entries, path, only=names & entries.keys()), "base": given}
         if recorded.get("path"):
             base = load_recorded_base(model, recorded, path)
             report = load_entries(model, entries, path, only=names & entries.keys())
@@ -97,6 +102,19 @@ def load_recorded_base(model: nn.Module, recorded: dict, origin: str) -> dict:
     logger.info("Loading the base checkpoint %s recorded in %s", path, origin)
     load_entries(model, open_checkpoint(path), path)
     return {"path": os.path.abspath(path), "fingerprint": actual}
+
+
+def load_given_base(model: nn.Module, base: str, recorded: dict, origin: str) -> dict:
+    """Load ``base`` as the base of the checkpoint ``origin`` (whose header records ``recorded``); a
+    recorded base of other contents is named in a warning (the adapters then sit on another model)."""
+    actual = fingerprint(base)
+    if recorded.get("fingerprint") and actual != recorded["fingerprint"]:
+        logger.warning("checkpoint %s was trained over the base %s (fingerprint %s); it is applied to %s "
+                       "(fingerprint %s), as pretrained_model_dir says", origin, recorded.get("path"),
+                       recorded["fingerprint"], base, actual)
+    logger.info("Loading the base %s under %s", base, origin)
+    load_entries(model, open_checkpoint(base), base)
+    return {"path": os.path.abspath(base), "fingerprint": actual}
 
 
 def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,

@@ -10,9 +10,12 @@ config.json are kept with a warning. Not architecture, so not from config.json:
 
 - ``seq_length``: the YAML's, else ``DEFAULT_SEQ_LENGTH`` capped at max_position_embeddings (config.json's
   max_position_embeddings is what the model was trained for, often 128K: not a training length).
-- dtypes: ``param_init_type`` is config.json's ``torch_dtype``; ``compute_dtype`` the YAML's, else that
-  dtype on a GPU and float32 on a CPU (CPU half-precision matmuls are slower than float32 and lose
-  accuracy), where the parameters then load as float32 too unless the YAML says otherwise.
+- dtypes: ``compute_dtype`` the YAML's, else config.json's ``torch_dtype`` on a GPU (float16 becomes
+  bfloat16 where the GPU has it: float16 needs loss scaling) and float32 on a CPU (CPU half-precision
+  matmuls are slower than float32 and lose accuracy); ``param_init_type`` the YAML's, else the compute
+  dtype (a half-precision ``param_init_type`` alone sets the compute dtype too).
+- ``mask_pad_token``: config.json's (False: transformers hides padding by attention mask only), unless
+  the YAML names ``pad_token_id`` (a MindFormers YAML): then MindFormers' pad masking, as before.
 """
 from __future__ import annotations
 
@@ -57,22 +60,23 @@ def directory_model_config(directory: str, key: str = "pretrained_model_dir") ->
 
 
 def merge_model_config(given: dict[str, Any], directory_config: dict[str, Any], source: str, *,
-                       gpu: bool) -> MergedModelConfig:
+                       gpu: bool, bf16: bool = True) -> MergedModelConfig:
     """The run's ``model_config``: ``given`` (the YAML's keys) completed from ``directory_config``
     (``directory_model_config`` of ``source``). ConfigError lists every YAML architecture key that
-    disagrees with config.json, and every rule the merged values break. ``gpu``: the run computes on one."""
+    disagrees with config.json, and every rule the merged values break. ``gpu``: the run computes on one;
+    ``bf16``: that GPU computes in bfloat16."""
     out = MergedModelConfig(dict(given))
     mc = out.model_config
     for k, value in directory_config.items():
-        if k in ("seq_length", "param_init_type"):
-            continue  # below
+        if k in ("seq_length", "param_init_type") or (k == "mask_pad_token" and "pad_token_id" in given):
+            continue  # below; a YAML naming its pad id keeps MindFormers' pad masking
         if k not in given:
             mc[k] = value
             out.from_directory.append(k)
         elif k in TOKEN_ID_KEYS and given[k] != value:
             out.notes.append(f"model.model_config.{k}={given[k]!r} is used, not config.json's {value!r}")
     _merge_seq_length(out, given, directory_config)
-    _merge_dtypes(out, given, directory_config.get("param_init_type", "float32"), gpu)
+    _merge_dtypes(out, given, directory_config.get("param_init_type", "float32"), gpu, bf16)
     errors = [f"model.model_config.{k}={ours!r} is invalid: {source}/config.json has {k}={theirs!r}. Remove "
               f"{k} from model_config (config.json's value is then used), or use the directory of that model."
               for k, ours, theirs in mismatches(directory_config, _llama_config(mc))]
@@ -92,18 +96,24 @@ def _merge_seq_length(out: MergedModelConfig, given: dict[str, Any], directory_c
                      f"max_position_embeddings is {longest}): set model.model_config.seq_length to train longer")
 
 
-def _merge_dtypes(out: MergedModelConfig, given: dict[str, Any], stored: str, gpu: bool) -> None:
+def _merge_dtypes(out: MergedModelConfig, given: dict[str, Any], stored: str, gpu: bool, bf16: bool) -> None:
     """compute_dtype and param_init_type, each the YAML's when given (module docstring)."""
-    mc = out.model_config
-    if "compute_dtype" not in given:  # half parameters the YAML asks for compute in their dtype (autocast)
-        half = given.get("param_init_type") not in (None, "float32", "fp32")
-        mc["compute_dtype"] = given["param_init_type"] if half else stored if gpu else "float32"
-    if "param_init_type" not in given:
-        mc["param_init_type"] = "float32" if mc["compute_dtype"] in ("float32", "fp32") else stored
+    mc, why = out.model_config, ""
+    if "compute_dtype" not in given:
+        if given.get("param_init_type") not in (None, "float32", "fp32"):  # half parameters: autocast in their dtype
+            mc["compute_dtype"] = given["param_init_type"]
+        elif not gpu:
+            mc["compute_dtype"] = "float32"
+        elif stored in ("float16", "fp16") and bf16:
+            mc["compute_dtype"], why = "bfloat16", ": bfloat16 has float32's range, float16 would need loss scaling"
+        else:
+            mc["compute_dtype"] = stored
+    if "param_init_type" not in given:  # one dtype for the weights and the matmuls: no second rounding
+        mc["param_init_type"] = mc["compute_dtype"]
     if "compute_dtype" not in given or "param_init_type" not in given:
         device = "GPU" if gpu else "CPU"
         out.notes.append(f"compute_dtype {mc['compute_dtype']}, param_init_type {mc['param_init_type']} "
-                         f"({device}; config.json's torch_dtype is {stored}): set model.model_config."
+                         f"({device}; config.json's torch_dtype is {stored}{why}): set model.model_config."
                          f"compute_dtype / param_init_type to choose")
 
 

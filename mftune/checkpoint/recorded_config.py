@@ -19,7 +19,7 @@ COMPARED = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layer
             "num_heads": "num_heads", "n_kv_heads": "n_kv_heads", "ffn_hidden_size": "intermediate_size",
             "rms_norm_eps": "rms_norm_eps", "theta": "theta", "extend_method": "extend_method",
             "scaling_factor": "scaling_factor", "tie_word_embeddings": "tie_word_embeddings",
-            "max_position_embedding": "max_position_embedding"}  # only with DYNAMIC_NTK (None otherwise)
+            "max_position_embedding": "max_position_embedding"}  # with DYNAMIC_NTK on both sides (else None)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -39,7 +39,8 @@ def mismatches(recorded: dict[str, Any], run: LlamaConfig) -> list[tuple[str, An
     except (TypeError, ValueError):
         return []
     return [(key, getattr(ours, field), getattr(theirs, field)) for field, key in COMPARED.items()
-            if not _same(getattr(ours, field), getattr(theirs, field))]
+            if not _same(getattr(ours, field), getattr(theirs, field))
+            and not (field == "max_position_embedding" and None in (getattr(ours, field), getattr(theirs, field)))]
 
 
 def check_recorded_architecture(path: str, run: LlamaConfig) -> None:

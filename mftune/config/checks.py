@@ -142,7 +142,17 @@ def check_values(cfg: MFConfig, errors: list[str]) -> None:
                        "Use e.g. save_checkpoint_steps: 100.")
                 c.rule(f"{k}.keep_checkpoint_max", lambda v: v >= 1, "must be >= 1",
                        "Use e.g. keep_checkpoint_max: 5.")
-    _check_model(c, cfg.model.model_config)
+    if not _architecture_from_directory(cfg):  # else checked once merged (mftune.checkpoint.pretrained)
+        _check_model(c, cfg.model.model_config)
+
+
+def _architecture_from_directory(cfg: MFConfig) -> bool:
+    """Whether a Hugging Face directory will complete model_config (pretrained_model_dir, or a load_checkpoint
+    directory with a config.json when not resuming): its rules then hold for the merged keys, not for the
+    YAML's keys beside LlamaConfig's defaults."""
+    lc = cfg.load_checkpoint
+    return bool(cfg.pretrained_model_dir) or (bool(lc) and not cfg.resume_training and
+                                             os.path.isfile(os.path.join(lc, "config.json")))
 
 
 QUANTIZED_ARCH = "ParallelLlamaForCausalLM"  # MindFormers' quantized-inference network
@@ -308,7 +318,8 @@ def check_files(cfg: MFConfig, errors: list[str]) -> None:
                               "(config.json, tokenizer files, *.safetensors) with --pretrained_model_dir."))
     must_exist("src_strategy_path_or_dir", "--src_strategy_path_or_dir", "an existing strategy file or directory")
     must_exist("processor.tokenizer.vocab_file", "--processor.tokenizer.vocab_file",
-               "the tokenizer file (tokenizer.model: SentencePiece, or tiktoken for Llama 3)")
+               "the tokenizer file (tokenizer.model: SentencePiece, or tiktoken for Llama 3; tokenizer.json) or its "
+               "Hugging Face directory")
     needs = []
     if cfg.run_mode in ("train", "finetune"):
         needs.append(("train", "train_dataset"))

@@ -94,9 +94,12 @@ def preprocess_conversations(sources: Iterable[tuple[str, list]], tokenizer: Tok
         labelled = table.column("_labelled").to_numpy()
         summary.fully_masked = int((labelled == 0).sum())
         if summary.fully_masked == summary.samples:  # training on it would run at loss 0 and learn nothing
+            cut = f"{summary.truncated} were cut at seq_length + 1 = {record_length} tokens before their answers"
+            rest = summary.samples - summary.truncated
             raise DataError(f"no sample of {', '.join(names)} has a token to train on: all {summary.samples} are "
-                            f"fully masked ({summary.truncated} cut at seq_length + 1 = {record_length} tokens, "
-                            f"before their answers). Raise seq_length, or check the conversation template.")
+                            f"fully masked ({cut}" + (f"; {rest} have no answer tokens under template "
+                                                       f"{chat.name}" if rest else "") +
+                            "). Raise seq_length, or check the conversation template.")
         ds = ds.remove_columns(["_truncated", "_tokens", "_labelled"])
         if packing:
             ds = pack_dataset(ds, record_length, tokenizer.pad_token_id)

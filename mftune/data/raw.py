@@ -77,6 +77,7 @@ def cache_key(path: str, vocab_file: str, seq_length: int, packing: bool = False
         digest.update(b"packing")
     if template not in (None, DEFAULT_TEMPLATE):  # so do Vicuna keys
         digest.update(f"template={template}".encode())
+        digest.update(b"alpaca=plain")  # alpaca records without the Alpaca preamble (new keys, not old caches)
     return digest.hexdigest()[:16]
 
 

@@ -158,8 +158,9 @@ def collect(items, file: str, on_error: OnError, summary: Summary, fn: Callable[
 
 
 def plain_prompt(instruction: str, inp: str) -> str:
-    """An alpaca instruction and its input as one user message (LLaMA-Factory's rule), no Alpaca preamble."""
-    return f"{instruction}\n\n{inp}" if inp else instruction
+    """An alpaca instruction and its input as one user message, joined by a newline (LLaMA-Factory's
+    ``convert_alpaca``), without the Alpaca preamble."""
+    return f"{instruction}\n{inp}" if inp else instruction
 
 
 def convert_alpaca(data: list, *, on_error: OnError = "skip", file: str | None = None,

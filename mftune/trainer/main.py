@@ -52,7 +52,8 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 def main(cfg: MFConfig) -> int:
-    cfg = apply_pretrained_dir(cfg, gpu=_default_device().type == "cuda")  # architecture, tokenizer, weights
+    gpu = _default_device().type == "cuda"  # architecture, tokenizer, weights from a Hugging Face directory
+    cfg = apply_pretrained_dir(cfg, gpu=gpu, bf16=gpu and torch.cuda.is_bf16_supported())
     _check_supported(cfg)
     model_config = LlamaConfig.from_dict(cfg.model.model_config)
     world = _check_launch(cfg, model_config)  # before any heavy work or collective

@@ -3,7 +3,10 @@ given as ``load_checkpoint`` (the same, as far as the architecture and the token
 
 - the architecture: config.json merged with ``model.model_config`` (``mftune.checkpoint.pretrained``:
   keys the YAML leaves out come from config.json, one that disagrees is an error naming both values);
-- the weights: the directory's, when ``load_checkpoint`` is empty (and the run does not resume);
+- the weights: the directory's, when ``load_checkpoint`` is empty (and the run does not resume); under a
+  ``load_checkpoint`` that holds only adapters (a LoRA run's checkpoint, a PEFT adapter), the directory is
+  their base (``mftune.checkpoint.load``);
+- a resumed run that started from a Hugging Face directory finds it again in its checkpoint's record;
 - the tokenizer: the directory's files when ``processor.tokenizer.vocab_file`` is empty (its kind from the
   files unless ``processor.tokenizer.type`` names one), and its Jinja chat template (``chat_template: hf``)
   unless ``processor.tokenizer.chat_template`` names another. A tokenizer given in the YAML keeps
@@ -17,40 +20,56 @@ import dataclasses
 import logging
 import os
 
-from mftune.checkpoint.formats import huggingface
+from mftune.checkpoint.formats import huggingface, recognise
 from mftune.checkpoint.pretrained import directory_model_config, merge_model_config
 from mftune.config.schema import MFConfig, TokenizerConfig
 from mftune.data.hf_tokenizer import read_directory_meta
 from mftune.data.templates import tokenizer_kinds
 from mftune.data.tokenizer_kinds import detect_type, resolve_vocab_file
 from mftune.errors import DataError
+from mftune.trainer.resume import find_resume_point
 
 logger = logging.getLogger("mftune")
 
 
 def hf_directory(cfg: MFConfig) -> tuple[str, str] | None:
-    """``(directory, the key that names it)``: pretrained_model_dir, else a Hugging Face load_checkpoint."""
+    """``(directory, the key that names it)``: pretrained_model_dir, else a Hugging Face load_checkpoint, else
+    (resuming) the Hugging Face directory the resumed run started from, as recorded in its checkpoint."""
     if cfg.pretrained_model_dir:
         return cfg.pretrained_model_dir, "pretrained_model_dir"
     path = cfg.load_checkpoint
-    if path and not cfg.resume_training and os.path.isdir(path) and huggingface.matches(path):
-        return path, "load_checkpoint"
+    if not path or not os.path.exists(path):
+        return None
+    if not cfg.resume_training:
+        return (path, "load_checkpoint") if _is_hf(path) else None
+    base = (find_resume_point(path, cfg.resume_training).base_checkpoint or {}).get("path") or ""
+    if base and os.path.exists(base) and _is_hf(base):
+        logger.info("resume_training: the run started from the Hugging Face directory %s; it is the "
+                    "pretrained_model_dir again", base)
+        return base, "pretrained_model_dir"
     return None
 
 
-def apply_pretrained_dir(cfg: MFConfig, *, gpu: bool) -> MFConfig:
+def _is_hf(path: str) -> bool:
+    return recognise(path) is huggingface
+
+
+def apply_pretrained_dir(cfg: MFConfig, *, gpu: bool, bf16: bool = True) -> MFConfig:
     """``cfg`` with what its Hugging Face directory gives (module docstring); ``cfg`` itself without one.
-    ``gpu``: the run computes on a GPU (the default compute dtype depends on it)."""
+    ``gpu``, ``bf16``: the run computes on a GPU, one with bfloat16 (the default compute dtype depends on it)."""
     found = hf_directory(cfg)
     if found is None:
         return cfg
     directory, key = found
-    merged = merge_model_config(cfg.model.model_config, directory_model_config(directory, key), directory, gpu=gpu)
+    merged = merge_model_config(cfg.model.model_config, directory_model_config(directory, key), directory,
+                                gpu=gpu, bf16=bf16)
     logger.info("%s=%s: the architecture from its config.json (%s)", key, directory,
                 ", ".join(merged.from_directory) or "model_config gives every key")
     for note in merged.notes:
         (logger.warning if " is used, not " in note else logger.info)("%s: %s", key, note)
     changes = {"model": dataclasses.replace(cfg.model, model_config=merged.model_config)}
+    if key == "pretrained_model_dir":
+        changes["pretrained_model_dir"] = directory  # also when found through a resumed run
     if key == "pretrained_model_dir" and not cfg.load_checkpoint and not cfg.resume_training:
         if huggingface.matches(directory):
             changes["load_checkpoint"] = directory

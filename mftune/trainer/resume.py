@@ -30,7 +30,7 @@ from mftune.checkpoint.entries import Entry, safetensors_entries
 from mftune.checkpoint.formats import MINDSPORE_FORMATS, recognise
 from mftune.checkpoint.formats.distributed import distributed_entries, rank_dirs, rank_files
 from mftune.checkpoint.keys import moment_names
-from mftune.checkpoint.load import load_entries, load_recorded_base
+from mftune.checkpoint.load import fingerprint, load_entries, load_recorded_base
 from mftune.checkpoint.safetensors_io import load_tensors, read_metadata, read_tensor, safetensors_header
 from mftune.errors import CheckpointError
 from mftune.parallel.layout import local, local_block
@@ -122,13 +122,23 @@ def _newest_common(root: str) -> list[str]:
     return [steps[step] for steps in per_rank]
 
 
-def load_base(model: nn.Module, point: ResumePoint) -> dict:
+def load_base(model: nn.Module, point: ResumePoint, base: str = "") -> dict:
     """Frozen weights for a resumed run whose checkpoint holds only what was trained: the base
-    checkpoint recorded in the header (its fingerprint checked)."""
+    checkpoint recorded in the header, or ``base`` (pretrained_model_dir: the same contents elsewhere),
+    its fingerprint checked either way (a resumed run continues on the same model)."""
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if not frozen or all(n in point.entries for n in frozen):
         return {}
-    return load_recorded_base(model, point.base_checkpoint, point.files[0])
+    recorded = point.base_checkpoint
+    if base and os.path.abspath(base) != os.path.abspath(recorded.get("path") or ""):
+        actual = fingerprint(base)
+        if recorded.get("fingerprint") and actual != recorded["fingerprint"]:
+            raise CheckpointError(f"pretrained_model_dir={base} is not the base the resumed run trained over "
+                                  f"({recorded.get('path')}): fingerprint {actual}, recorded "
+                                  f"{recorded['fingerprint']}. Resume over the original base, or start a new "
+                                  f"run from the checkpoint.")
+        recorded = {**recorded, "path": base}
+    return load_recorded_base(model, recorded, point.files[0])
 
 
 def same_layout(point: ResumePoint, layout: dict) -> bool:

@@ -71,14 +71,16 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
     init_lora_weights(model, fill_from_full)  # adapters a checkpoint lacks start fresh
     if plan.source == "resume":  # frozen weights from the run's base; trained ones come with the optimizer state
         point = plan.resume
-        base = load_base(model, point) or point.base_checkpoint
+        base = load_base(model, point, cfg.pretrained_model_dir) or point.base_checkpoint
         if plan.transform:  # counters and RNG states still come from the saved files
             point = dataclasses.replace(point, entries=distributed_entries(*_transform(cfg, ctx, point.files)))
         return LoadedWeights(base, point)
     check_recorded_architecture(plan.path, model.config)  # theta, rope scaling, ties, heads: never silent
     # every base tensor must be in the checkpoint (or in the base its header records, for a LoRA-only one)
-    report = (load_checkpoint(model, _transform(cfg, ctx)[0]) if plan.transform else
-              load_checkpoint(model, plan.path, src_strategy=cfg.src_strategy_path_or_dir))
+    # pretrained_model_dir is the base of a checkpoint that holds only adapters (a PEFT adapter, a LoRA run's)
+    base = cfg.pretrained_model_dir
+    report = (load_checkpoint(model, _transform(cfg, ctx)[0], base=base) if plan.transform else
+              load_checkpoint(model, plan.path, src_strategy=cfg.src_strategy_path_or_dir, base=base))
     if report["fresh_lora"] and cfg.run_mode in ("eval", "predict"):
         logger.warning("%d LoRA tensors are not in load_checkpoint=%s: they start fresh (B = 0), so "
                        "the %s uses the base model alone", len(report["fresh_lora"]), plan.path, cfg.run_mode)

@@ -78,12 +78,19 @@ def _first_loss(out: str) -> float:
 
 @pytest.fixture(scope="module")
 def finetuned(hf_dir):
+    """4 LoRA steps (a learning rate that moves the adapters), checkpoints at steps 2 and 4."""
     out = str(hf_dir["d"] / "finetune")
     r = run("run_finetune.py", "--config", CONFIG, "--run_mode", "finetune", "--pretrained_model_dir", hf_dir["dir"],
-            "--train_dataset_dir", hf_dir["data"], "--output_dir", out, "--epochs", "1", "--batch_size", str(BATCH),
-            "--model.model_config.seq_length", str(SEQ), "--train_dataset.data_loader.shuffle", "False")
+            "--output_dir", out, *_train_args(hf_dir))
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r.stdout + r.stderr
+
+
+def _train_args(hf_dir) -> list[str]:
+    return ["--train_dataset_dir", hf_dir["data"], "--epochs", "1", "--batch_size", str(BATCH),
+            "--model.model_config.seq_length", str(SEQ), "--train_dataset.data_loader.shuffle", "False",
+            "--optimizer.learning_rate", "0.01", "--lr_schedule.learning_rate", "0.01",
+            "--callbacks.1.save_checkpoint_steps", "2"]
 
 
 def test_finetune_takes_architecture_tokenizer_and_template_from_the_directory(hf_dir, finetuned):
@@ -144,3 +151,41 @@ def test_yaml_architecture_that_disagrees_is_an_error_naming_both_values(hf_dir,
             "--predict_data", QUESTION, "--output_dir", str(hf_dir["d"] / "bad"), f"--model.model_config.{key}", value)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"model.model_config.{key}=" in r.stderr and named in r.stderr and "config.json has" in r.stderr
+
+
+def _losses(out: str) -> list[float]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f if '"loss"' in line]
+
+
+def test_resume_finds_the_directory_in_the_checkpoint_and_continues_exactly(hf_dir, finetuned):
+    """Resumed from step 2 with the documented resume flags and no --pretrained_model_dir: the directory the
+    run started from is found in the checkpoint's record of its base; steps 3-4 equal the uninterrupted run."""
+    out, _ = finetuned
+    resumed = str(hf_dir["d"] / "resumed")
+    r = run("run_finetune.py", "--config", CONFIG, "--run_mode", "finetune", "--output_dir", resumed,
+            "--load_checkpoint", os.path.join(out, "checkpoint"), "--resume_training", "llama_lora_rank_0-1_2",
+            *_train_args(hf_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the run started from the Hugging Face directory" in r.stdout + r.stderr
+    assert _losses(resumed) == _losses(out)[2:] and len(_losses(out)) == 4
+
+
+def test_peft_adapter_over_the_directory_predicts_as_the_lora_checkpoint(hf_dir, finetuned):
+    """export_adapter.py's PEFT directory (no base weights, no base record) over --pretrained_model_dir gives
+    the answer of the LoRA checkpoint it was exported from, whose recorded base is that directory."""
+    out, _ = finetuned
+    adapter = str(hf_dir["d"] / "adapter")
+    r = run("scripts/export_adapter.py", "--src_checkpoint", os.path.join(out, "checkpoint"), "--output_dir", adapter)
+    assert r.returncode == 0, r.stderr[-3000:]
+    answers = []
+    for name, weights in (("from_adapter", adapter), ("from_lora", os.path.join(out, "checkpoint"))):
+        pred = str(hf_dir["d"] / name)
+        r = run("run_finetune.py", "--config", CONFIG, "--run_mode", "predict", "--pretrained_model_dir",
+                hf_dir["dir"], "--load_checkpoint", weights, "--predict_data", QUESTION, "--output_dir", pred,
+                "--model.model_config.max_decode_length", "40")
+        assert r.returncode == 0, r.stderr[-3000:]
+        with open(os.path.join(pred, "predict_results.jsonl")) as f:
+            answers.append(json.loads(f.readline())["output_ids"])
+    assert answers[0] == answers[1]
+    assert answers[0] != _transformers_answer(hf_dir, 40)[:len(answers[0])]  # the adapters change the answer

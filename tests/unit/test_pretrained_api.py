@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import pytest
 import torch
@@ -13,10 +14,15 @@ from hf_llama3_dir import llama3_style_dir
 
 import mftune
 from mftune.checkpoint.pretrained import directory_model_config, merge_model_config
+from mftune.config.load import load_config
 from mftune.config.schema import MFConfig
 from mftune.errors import ConfigError
 from mftune.models import llama
+from mftune.models.config import LlamaConfig
 from mftune.trainer.pretrained import apply_pretrained_dir
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+                      "llama3", "lora_pretrained_dir.yaml")
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
@@ -43,8 +49,25 @@ def test_dtypes_follow_the_device_and_the_yaml(hf_dir):
     assert (gpu["compute_dtype"], gpu["param_init_type"]) == ("bfloat16", "bfloat16")
     half = _merge({"param_init_type": "float16"}, hf_dir).model_config  # autocast in the dtype asked for
     assert (half["compute_dtype"], half["param_init_type"]) == ("float16", "float16")
-    given = _merge({"compute_dtype": "bfloat16", "seq_length": 64}, hf_dir).model_config
-    assert (given["compute_dtype"], given["param_init_type"], given["seq_length"]) == ("bfloat16", "bfloat16", 64)
+    given = _merge({"compute_dtype": "float16", "seq_length": 64}, hf_dir).model_config  # one dtype: no 2nd rounding
+    assert (given["compute_dtype"], given["param_init_type"], given["seq_length"]) == ("float16", "float16", 64)
+    fp16_dir = {**directory_model_config(hf_dir[0]), "param_init_type": "float16"}  # a Llama 2 download
+    merged = merge_model_config({}, fp16_dir, hf_dir[0], gpu=True)
+    assert merged.model_config["compute_dtype"] == "bfloat16" and "float16 would need loss scaling" in merged.notes[-1]
+    old_gpu = merge_model_config({}, fp16_dir, hf_dir[0], gpu=True, bf16=False).model_config
+    assert (old_gpu["compute_dtype"], old_gpu["param_init_type"]) == ("float16", "float16")
+
+
+def test_a_yaml_naming_its_pad_id_keeps_mindformers_pad_masking(hf_dir):
+    """A MindFormers YAML (naming pad_token_id) over a Hugging Face load_checkpoint: the pad mask stays as it is
+    with any other checkpoint; a YAML naming no pad id takes transformers' behaviour (no id masking)."""
+    mindformers = {"pad_token_id": 5, "compute_dtype": "float32"}  # a pad id that is not bos or eos
+    cfg = dataclasses.replace(MFConfig(), load_checkpoint=hf_dir[0],
+                              model=dataclasses.replace(MFConfig().model, model_config=mindformers))
+    run = apply_pretrained_dir(cfg, gpu=False)
+    assert "mask_pad_token" not in run.model.model_config and run.load_checkpoint == hf_dir[0]
+    assert llama.pad_mask_id(LlamaConfig(**run.model.model_config)) == 5
+    assert _merge({}, hf_dir).model_config["mask_pad_token"] is False
 
 
 def test_architecture_that_disagrees_is_an_error_naming_both_values(hf_dir):
@@ -91,6 +114,8 @@ def test_from_pretrained_gives_transformers_logits(hf_dir, caplog):
     assert half.lm_head.weight.dtype == torch.bfloat16 and half.config.seq_length == 64
     with pytest.raises(ConfigError, match="config.json has n_kv_heads=2"):
         mftune.LlamaForCausalLM.from_pretrained(directory, n_kv_heads=4)
+    with pytest.raises(ValueError, match="get_pet_model"):
+        mftune.LlamaForCausalLM.from_pretrained(directory, pet_config={"pet_type": "lora"})
 
 
 def test_load_tokenizer_and_chat_template_give_transformers_ids(hf_dir):
@@ -119,3 +144,14 @@ def test_the_readme_api_example_generates_what_transformers_generates(hf_dir):
                                       eos_token_id=tok.stop_token_ids)[0, len(ids):].tolist()
     assert answer[0] == expected and len(expected) >= 3
     assert isinstance(tok.decode(answer[0]), str)
+
+
+def test_yaml_keys_are_checked_with_the_directory_not_with_defaults(hf_dir):
+    """A YAML giving Llama 3.1's scaling_factor mapping but not extend_method: valid once config.json gives
+    LLAMA3, so config loading leaves the model rules to the merge; without a directory it is an error."""
+    scaling = {k: v for k, v in directory_model_config(hf_dir[0])["scaling_factor"].items()}
+    overrides = {"model.model_config.scaling_factor": scaling, "model.model_config.pet_config": None}
+    cfg = load_config(CONFIG, {"pretrained_model_dir": hf_dir[0], **overrides}, check_files=False)
+    assert apply_pretrained_dir(cfg, gpu=False).model.model_config["extend_method"] == "LLAMA3"
+    with pytest.raises(ConfigError, match="a mapping is for extend_method LLAMA3"):
+        load_config(CONFIG, overrides, check_files=False)
