@@ -113,7 +113,8 @@ def resolve_base(given: str | None, checkpoint: str, option: str = "base_model_d
         return HFBase(os.path.abspath(given), f"given as --{option}")
     found = recorded_hf_dir(checkpoint)
     if found:
-        return HFBase(found, f"recorded by {checkpoint}")
+        same = os.path.abspath(found) == os.path.abspath(checkpoint)
+        return HFBase(found, "the base" if same else f"recorded by {checkpoint}")
     return HFBase(None, f"{checkpoint} records no Hugging Face directory as its origin")
 
 
