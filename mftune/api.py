@@ -37,10 +37,11 @@ class LlamaForCausalLM(llama.LlamaForCausalLM):
         """The model of the Hugging Face directory ``path`` (config.json + safetensors or .bin), in eval mode.
 
         ``dtype``: the parameters' and the compute dtype (a torch dtype or its name); None: config.json's
-        ``torch_dtype`` on a GPU (float16 as bfloat16 where the GPU has it), float32 on a CPU (logged). ``device``: where the weights go (default: the
-        GPU when there is one). ``model_config``: further ``model.model_config`` keys (``seq_length``,
-        decoding settings, ``pet_config`` is not one: apply PET with ``mftune.pet.get_pet_model``); an
-        architecture key that disagrees with config.json is a ConfigError naming both values.
+        ``torch_dtype`` on a GPU (float16 as bfloat16 where the GPU has it), float32 on a CPU (logged).
+        ``device``: where the weights go (default: the GPU when there is one). ``model_config``: further
+        ``model.model_config`` keys (``seq_length``, decoding settings; ``pet_config`` is not one: apply PET
+        with ``mftune.pet.get_pet_model``); an architecture key that disagrees with config.json is a
+        ConfigError naming both values.
         """
         if "pet_config" in model_config:
             raise ValueError("from_pretrained(pet_config=...) is invalid: PET is applied to the loaded model with "
@@ -55,6 +56,8 @@ class LlamaForCausalLM(llama.LlamaForCausalLM):
                                     bf16=gpu and torch.cuda.is_bf16_supported())
         for note in merged.notes:
             logger.info("%s: %s", path, note)
+        for warning in merged.warnings:
+            logger.warning("%s: %s", path, warning)
         config = LlamaConfig.from_dict(merged.model_config)
         with torch.device("meta"):
             model = cls(config)

@@ -37,7 +37,8 @@ TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 class MergedModelConfig:
     model_config: dict[str, Any]  # the run's model.model_config
     from_directory: list[str] = field(default_factory=list)  # keys taken from config.json
-    notes: list[str] = field(default_factory=list)  # what to log: choices made, YAML values kept
+    notes: list[str] = field(default_factory=list)  # choices made (logged)
+    warnings: list[str] = field(default_factory=list)  # YAML values kept over config.json's (logged as warnings)
 
 
 def directory_model_config(directory: str, key: str = "pretrained_model_dir") -> dict[str, Any]:
@@ -74,7 +75,7 @@ def merge_model_config(given: dict[str, Any], directory_config: dict[str, Any], 
             mc[k] = value
             out.from_directory.append(k)
         elif k in TOKEN_ID_KEYS and given[k] != value:
-            out.notes.append(f"model.model_config.{k}={given[k]!r} is used, not config.json's {value!r}")
+            out.warnings.append(f"model.model_config.{k}={given[k]!r} is used, not config.json's {value!r}")
     _merge_seq_length(out, given, directory_config)
     _merge_dtypes(out, given, directory_config.get("param_init_type", "float32"), gpu, bf16)
     errors = [f"model.model_config.{k}={ours!r} is invalid: {source}/config.json has {k}={theirs!r}. Remove "

@@ -122,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("mode", "device_id", "device_target", "run_mode", "do_eval", "train_dataset_dir",
                  "eval_dataset_dir", "predict_data", "predict_batch_size", "load_checkpoint",
                  "pretrained_model_dir", "src_strategy_path_or_dir", "auto_trans_ckpt", "transform_process_num",
-                 "only_save_strategy", "resume_training", "strategy_load_checkpoint", "remote_save_url", "seed", "use_parallel",
-                 "profile", "options", "epochs", "batch_size", "gradient_accumulation_steps", "sink_mode",
-                 "num_samples", "output_dir", "register_path", "do_sample", "adapter_id", "modal_type"):
+                 "only_save_strategy", "resume_training", "strategy_load_checkpoint", "remote_save_url", "seed",
+                 "use_parallel", "profile", "options", "epochs", "batch_size", "gradient_accumulation_steps",
+                 "sink_mode", "num_samples", "output_dir", "register_path", "do_sample", "adapter_id", "modal_type"):
         kwargs: dict[str, Any] = {"default": None, "help": _HELP[name]}
         kwargs["type"] = int if name in int_flags else str
         if name in ("predict_data", "options", "adapter_id", "modal_type"):

@@ -1,10 +1,10 @@
 """``run_finetune.py``'s body: one ``main()`` that reads top to bottom (STYLE #5).
 
-config (completed from pretrained_model_dir) -> launch checks -> process group -> output dir -> data -> model (PET, parallelize, weights)
--> optimizer -> resume -> loop -> save -> report. ``train`` and ``finetune`` apply pet_config when
-present (LoRA: only adapters train, as MindFormers does in both) and train every parameter otherwise;
-``eval`` and ``predict`` build the model the same way and run ``mftune.trainer.evaluate`` /
-``mftune.trainer.predict``.
+config (completed from a Hugging Face directory: pretrained_model_dir) -> launch checks -> process group
+-> output dir -> data -> model (PET, parallelize, weights) -> optimizer -> resume -> loop -> save -> report.
+``train`` and ``finetune`` apply pet_config when present (LoRA: only adapters train, as MindFormers does in
+both) and train every parameter otherwise; ``eval`` and ``predict`` build the model the same way and run
+``mftune.trainer.evaluate`` / ``mftune.trainer.predict``.
 """
 from __future__ import annotations
 

@@ -66,7 +66,9 @@ def apply_pretrained_dir(cfg: MFConfig, *, gpu: bool, bf16: bool = True) -> MFCo
     logger.info("%s=%s: the architecture from its config.json (%s)", key, directory,
                 ", ".join(merged.from_directory) or "model_config gives every key")
     for note in merged.notes:
-        (logger.warning if " is used, not " in note else logger.info)("%s: %s", key, note)
+        logger.info("%s: %s", key, note)
+    for warning in merged.warnings:
+        logger.warning("%s: %s", key, warning)
     changes = {"model": dataclasses.replace(cfg.model, model_config=merged.model_config)}
     if key == "pretrained_model_dir":
         changes["pretrained_model_dir"] = directory  # also when found through a resumed run

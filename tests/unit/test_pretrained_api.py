@@ -82,7 +82,7 @@ def test_architecture_that_disagrees_is_an_error_naming_both_values(hf_dir):
 def test_a_differing_token_id_is_kept_and_said(hf_dir):
     merged = _merge({"eos_token_id": 4}, hf_dir)
     assert merged.model_config["eos_token_id"] == 4
-    assert any("eos_token_id=4 is used, not config.json's [1, 4]" in n for n in merged.notes)
+    assert merged.warnings == ["model.model_config.eos_token_id=4 is used, not config.json's [1, 4]"]
 
 
 def test_run_config_takes_weights_tokenizer_and_template(hf_dir, caplog):
