@@ -12,6 +12,7 @@ from mftune.pet.lora import (
     init_lora_weights,
     lora_delta_weight,
     lora_layers,
+    lora_targets,
     lora_state_dict,
     merge_lora,
     trainable_summary,
@@ -20,6 +21,6 @@ from mftune.pet.lora import (
 
 __all__ = [
     "LORA_MARK", "LoRALinear", "LoraConfig", "count_parameters", "freeze_lora", "get_pet_model",
-    "init_lora_weights", "lora_delta_weight", "lora_layers", "lora_state_dict", "merge_lora",
+    "init_lora_weights", "lora_delta_weight", "lora_layers", "lora_state_dict", "lora_targets", "merge_lora",
     "pet_config_errors", "trainable_summary", "unmerge_lora",
 ]

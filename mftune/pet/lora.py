@@ -189,18 +189,36 @@ def _swap(module: nn.Module, prefix: str, config: LoraConfig,
           targets: list[re.Pattern], excludes: list[re.Pattern], init_std: float | None) -> list[str]:
     """MindFormers ``recursive_replace_dense_cell``: returns the dotted names of the swapped layers."""
     swapped = []
+    for parent, name, child, full in _targets(module, prefix, targets, excludes):
+        setattr(parent, name, LoRALinear(child, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                                         config.param_dtype, config.compute_torch_dtype, init_std))
+        swapped.append(full)
+    return swapped
+
+
+def _targets(module: nn.Module, prefix: str, targets: list[re.Pattern], excludes: list[re.Pattern]):
+    """``(parent, local name, nn.Linear, dotted name)`` of every layer LoRA replaces, in module order: a child
+    whose local name matches an exclude is not visited, one matching a target is taken if it is an
+    ``nn.Linear`` (and never recursed into), any other child is searched the same way."""
     for name, child in list(module.named_children()):
         full = f"{prefix}.{name}" if prefix else name
         if child is None or any(p.match(name) for p in excludes):
             continue
         if any(p.match(name) for p in targets):
             if isinstance(child, nn.Linear):  # a matching non-Linear is skipped and not recursed into
-                setattr(module, name, LoRALinear(child, config.lora_rank, config.lora_alpha, config.lora_dropout,
-                                                 config.param_dtype, config.compute_torch_dtype, init_std))
-                swapped.append(full)
+                yield module, name, child, full
         else:
-            swapped += _swap(child, full, config, targets, excludes, init_std)
-    return swapped
+            yield from _targets(child, full, targets, excludes)
+
+
+def lora_targets(model: nn.Module, pet_config: dict | LoraConfig) -> list[str]:
+    """The dotted names of the ``nn.Linear`` layers ``get_pet_model(model, pet_config)`` would replace,
+    nothing changed (e.g. ``model.layers.0.attention.wq``); works on a meta-device model."""
+    config = pet_config if isinstance(pet_config, LoraConfig) else LoraConfig.from_dict(dict(pet_config))
+    root, root_name = _backbone(model)
+    targets = [re.compile(p) for p in config.target_patterns]
+    excludes = [re.compile(p) for p in config.exclude_patterns]
+    return [full for _, _, _, full in _targets(root, root_name, targets, excludes)]
 
 
 def _no_match_message(root: nn.Module, root_name: str, config: LoraConfig) -> str:

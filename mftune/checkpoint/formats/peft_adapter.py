@@ -70,6 +70,9 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
     "alora_invocation_tokens": "activated LoRA is not implemented in mftune",
     "use_bdlora": "BD-LoRA is not implemented in mftune",
 }
+# What to do with an adapter mftune cannot apply as LoRA: the merged model is a plain Llama.
+MERGE_FIX = ("Merge it into its base with peft (PeftModel.from_pretrained(base, DIR).merge_and_unload()"
+             ".save_pretrained(OUT)) and load OUT as a Hugging Face directory, or use an adapter trained without it.")
 # init_lora_weights values whose adapter only makes sense on a base the init modified (residual W).
 BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
@@ -202,30 +205,17 @@ def header(path: str) -> dict[str, Any]:
     return {"pet_config": read_peft_adapter(path)[1]}
 
 
-def read_peft_adapter(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_peft_adapter(adapter_dir: str, num_layers: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a PEFT LoRA adapter directory: its tensors under mftune names
     (``model.layers.{i}.attention.wq.mindpet_delta_lora_a``) and an equivalent mftune pet_config.
 
     The pet_config's ``target_modules`` is a MindFormers regex over the adapted module types
-    (``.*wq|.*wv``); when the adapter covers only some layers, ``exclude_layers`` is a regex that
-    re.matches every other layer index (``(?!(?:0|2)$)\\d+$``), so it holds for any layer count.
-    Features mftune's LoRA cannot reproduce are a CheckpointError naming each field.
+    (``.*wq|.*wv``); when the adapter covers only some layers (of ``num_layers``, when given), ``exclude_layers``
+    is a regex that re.matches every other layer index (``(?!(?:0|2)$)\\d+$``), so it holds for any layer count.
+    Features mftune's LoRA cannot reproduce are a CheckpointError naming each field. What the adapter's
+    ``target_modules`` selects on a given model is ``mftune.checkpoint.adapter_config``'s (PEFT's matching rules).
     """
-    config_path = os.path.join(adapter_dir, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise CheckpointError(f"adapter_dir={adapter_dir} is invalid: it has no {CONFIG_NAME}. Pass a PEFT "
-                              f"adapter directory (save_pretrained output).")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except ValueError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON ({exc}). Re-save the adapter.") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path} is invalid: expected a JSON object. Re-save the adapter.")
-    errors = adapter_config_errors(config)
-    if errors:
-        raise CheckpointError(f"{len(errors)} problem(s) in {config_path}:\n  " + "\n  ".join(errors))
-
+    config, config_path = read_adapter_config(adapter_dir)
     raw, weights_path = _read_adapter_weights(adapter_dir)
     unknown = []
     tensors = {}
@@ -252,6 +242,15 @@ def read_peft_adapter(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[s
         if wanted != layers:
             raise CheckpointError(f"{config_path}: layers_to_transform={wanted} is invalid: {weights_path} has "
                                   f"adapters on layers {layers}. Use the adapter's own adapter_config.json.")
+    every = list(range(len(layers) if num_layers is None else num_layers))
+    return tensors, grid_pet_config(config, rank, layers, leaves,
+                                    partial=layers != every or (num_layers is None and wanted is not None))
+
+
+def grid_pet_config(config: dict[str, Any], rank: int, layers: list[int], leaves: list[str],
+                    partial: bool) -> dict[str, Any]:
+    """The mftune pet_config of a LoRA grid (``leaves`` like ``attention.wq``), with the adapter's alpha and
+    dropout (peft's defaults when absent); ``partial``: not every layer, so ``exclude_layers`` names the others."""
     pet_config: dict[str, Any] = {
         "pet_type": "lora",
         "lora_rank": rank,
@@ -259,9 +258,29 @@ def read_peft_adapter(adapter_dir: str) -> tuple[dict[str, torch.Tensor], dict[s
         "lora_dropout": config.get("lora_dropout", 0.0),
         "target_modules": "|".join(f".*{leaf.split('.')[-1]}" for leaf in leaves),
     }
-    if wanted is not None or layers != list(range(len(layers))):
+    if partial:
         pet_config["exclude_layers"] = "(?!(?:" + "|".join(map(str, layers)) + r")$)\d+$"
-    return tensors, pet_config
+    return pet_config
+
+
+def read_adapter_config(adapter_dir: str) -> tuple[dict[str, Any], str]:
+    """``(adapter_config.json's fields, its path)``; a CheckpointError for a missing or unreadable file and for
+    every field mftune's LoRA cannot reproduce (``adapter_config_errors``)."""
+    config_path = os.path.join(adapter_dir, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"adapter_dir={adapter_dir} is invalid: it has no {CONFIG_NAME}. Pass a PEFT "
+                              f"adapter directory (save_pretrained output).")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON ({exc}). Re-save the adapter.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} is invalid: expected a JSON object. Re-save the adapter.")
+    errors = adapter_config_errors(config)
+    if errors:
+        raise CheckpointError(f"{len(errors)} problem(s) in {config_path}:\n  " + "\n  ".join(errors))
+    return config, config_path
 
 
 def adapter_config_errors(config: dict[str, Any]) -> list[str]:
@@ -286,7 +305,7 @@ def adapter_config_errors(config: dict[str, Any]) -> list[str]:
                           'Use an adapter trained with bias "none".'))
     for key, why in UNSUPPORTED_FIELDS.items():
         if config.get(key):
-            fix = "Use an adapter trained without it."
+            fix = MERGE_FIX
             if key == "use_rslora" and isinstance(r, int) and r > 0 and isinstance(alpha, (int, float)):
                 fix = (f"The same adapter as plain LoRA has lora_alpha={alpha * math.sqrt(r):g} (alpha*sqrt(r)): "
                        f"set that and use_rslora false.")
