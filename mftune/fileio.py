@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -87,3 +89,45 @@ def inside(path: str, folder: str) -> bool:
     """Whether ``path`` is ``folder`` or lies below it (symbolic links resolved)."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder + os.sep)
+
+
+# what atomic_path and atomic_directory leave behind when their process is killed
+_TEMPORARY = re.compile(r"(\.tmp\.(?P<pid>\d+)$)|(^\..+\.tmp-[A-Za-z0-9_]+$)")
+
+
+def stale_temporaries(folder: str, min_age_s: float = 60.0) -> list[str]:
+    """mftune's own temporary files and folders under ``folder`` (``<name>.tmp.<pid>``, ``.<name>.tmp-XXXX``)
+    that no live process on this host is writing: older than ``min_age_s`` and, when their name holds a pid,
+    that process gone. A save in progress (this run's other ranks) is never one."""
+    found, now = [], time.time()
+    for directory, dirs, files in os.walk(folder):
+        for name in [*files, *dirs]:
+            match = _TEMPORARY.search(name)
+            path = os.path.join(directory, name)
+            if not match or now - os.lstat(path).st_mtime < min_age_s:
+                continue
+            if match.group("pid") and _alive(int(match.group("pid"))):
+                continue
+            found.append(path)
+        dirs[:] = [d for d in dirs if not _TEMPORARY.search(d)]
+    return found
+
+
+def remove_stale_temporaries(folder: str, min_age_s: float = 60.0) -> list[str]:
+    """Remove ``stale_temporaries(folder)``; returns what was removed (missing folder: nothing)."""
+    removed = []
+    for path in stale_temporaries(folder, min_age_s) if os.path.isdir(folder) else []:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

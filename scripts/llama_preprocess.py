@@ -20,8 +20,11 @@ on fewer records, set data_loader.num_samples / --num_samples).
 position_ids column restarting at 0 for each; training then attends within each conversation, so
 no compute goes to padding. Prints a summary (records, tokens, truncated, masked labels, tokens/s).
 Differences from MindFormers: --file_partition sets the number of Arrow shards; --repeat applies to
-wiki; --input_glob of qa and wiki may match several files; added --template, --on_error, --num_proc and
---packing; the output is written atomically.
+wiki; --input_glob of qa and wiki may match several files; added --template, --on_error, --max_skipped_ratio,
+--num_proc and --packing; the output is written atomically. Malformed qa records are skipped and named
+(--on_error skip, the default) up to --max_skipped_ratio of the records read (default 0.01); above it, or
+with --on_error fail at the first one, nothing is written and the exit status is 2. An empty input, or
+one that is not UTF-8 (the byte offset is named), is an error too.
 """
 import argparse
 import os
@@ -33,6 +36,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mftune.data.preprocess import expand_input_glob, load_tokenizer, preprocess_qa, preprocess_wiki
+from mftune.data.records import DEFAULT_MAX_SKIPPED_RATIO
 from mftune.data.templates import TEMPLATE_NAMES
 from mftune.data.tokenizer_kinds import TOOL_NAMES
 from mftune.data.wikipedia import DEFAULT_SAMPLES_NUM, preprocess_wikipedia
@@ -65,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq_length", type=int, default=2048, help="records are seq_length + 1 tokens")
     p.add_argument("--on_error", choices=["skip", "fail"], default="skip",
                    help="malformed record: skip it and count it (default), or stop with exit status 2")
+    p.add_argument("--max_skipped_ratio", type=float, default=DEFAULT_MAX_SKIPPED_RATIO,
+                   help="qa, with --on_error skip: the largest fraction of the records read that may be skipped "
+                        "(default %(default)s); above it nothing is written and the exit status is 2")
     p.add_argument("--num_proc", type=int, default=1, help="tokenizer processes (datasets num_proc)")
     p.add_argument("--packing", action="store_true",
                    help="qa: pack several conversations per record, each attending only to itself")
@@ -76,6 +83,9 @@ def _check_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise DataError(f"--{name}={value} is invalid: it must be >= 1.")
+    if not 0 <= args.max_skipped_ratio <= 1:
+        raise DataError(f"--max_skipped_ratio={args.max_skipped_ratio} is invalid: it must be in [0, 1] (a fraction "
+                        f"of the records read).")
     if args.template is not None and args.dataset_type != "qa":
         raise DataError(f"--template applies to --dataset_type qa (conversations), not {args.dataset_type}. "
                         "Drop --template.")
@@ -97,7 +107,8 @@ def run(args) -> int:
     elif args.dataset_type == "qa":
         summary = preprocess_qa(expand_input_glob(args.input_glob), tokenizer, args.seq_length, args.output_file,
                                 on_error=args.on_error, num_proc=args.num_proc, num_shards=args.file_partition,
-                                packing=args.packing, template=args.template)
+                                packing=args.packing, template=args.template,
+                                max_skipped_ratio=args.max_skipped_ratio)
     else:
         files = expand_input_glob(args.input_glob)
         with open(files[0], encoding="utf-8", errors="replace") as f:

@@ -186,6 +186,8 @@ def _check_training(c: _Checker) -> None:
         c.at_least(f"{ds}.data_loader.num_samples", 1, "Remove it to use every record.")
         c.at_least(f"{ds}.num_parallel_workers", 1, "Use e.g. num_parallel_workers: 8.")
         c.at_least(f"{ds}.repeat", 1, "Use repeat: 1 (each record once per epoch).")
+        c.rule(f"{ds}.max_skipped_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]",
+               "Use e.g. max_skipped_ratio: 0.01 (0: no malformed record; 1: keep every valid one).")
     in_01 = (lambda v: 0 <= v < 1)
     c.rule("optimizer.learning_rate", lambda v: v >= 0, "must be >= 0", "Use e.g. learning_rate: 1.e-5.")
     c.rule("optimizer.eps", lambda v: v > 0, "must be > 0", "Use eps: 1.e-8.")

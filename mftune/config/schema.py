@@ -102,6 +102,7 @@ class DatasetConfig:
     drop_remainder: bool = True  # drop the last incomplete global batch
     batch_size: int = 1  # overwritten by runner_config.batch_size (as in MindFormers)
     repeat: int = 1  # passes over the records per epoch (MindSpore's dataset.repeat), each in its own order
+    max_skipped_ratio: float = 0.01  # a raw data file's malformed records (of those read) allowed before the run stops
     output_columns: list[str] | None = ignored(None, "MindSpore dataset map output")
     column_order: list[str] | None = ignored(None, "MindSpore dataset map output")
     max_rowsize: int | None = ignored(None, "MindSpore shared-memory row size")

@@ -38,7 +38,7 @@ def open_dataset(cfg: MFConfig, model_config: LlamaConfig, *, dp_rank: int, dp_s
                         f"pretrained_model_dir set).")
     dataset_dir, read = loader_cfg.dataset_dir, None
     if is_raw(dataset_dir):  # tokenized on first use (rank 0), cached in output_dir, reused afterwards
-        dataset_dir = _raw_dataset(cfg, model_config, dataset_dir, loader_cfg.packing, dataset.num_parallel_workers)
+        dataset_dir = _raw_dataset(cfg, model_config, dataset_dir, which)
     elif loader_cfg.packing:
         raise DataError(f"{which}.data_loader.packing=True packs raw data files, but dataset_dir={dataset_dir} "
                         f"is tokenized data (a directory or MindRecord), read as written. Pack it with "
@@ -89,17 +89,21 @@ def check_against_model(data: TrainData, model_config: LlamaConfig, dataset_dir:
                 f"ignore_token_id to the label of masked positions, or re-tokenize.")
 
 
-def _raw_dataset(cfg: MFConfig, model_config: LlamaConfig, path: str, packing: bool, num_proc: int) -> str:
+def _raw_dataset(cfg: MFConfig, model_config: LlamaConfig, path: str, which: str) -> str:
     """The tokenized cache of a raw data file (mftune.data.raw): built by rank 0, read by all."""
+    dataset = getattr(cfg, which)
     args = (path, cfg.processor.tokenizer.vocab_file, model_config.seq_length,
-            os.path.join(os.path.abspath(cfg.output_dir), "dataset_cache"), packing, num_proc)
+            os.path.join(os.path.abspath(cfg.output_dir), "dataset_cache"), dataset.data_loader.packing,
+            dataset.num_parallel_workers)
 
     def build() -> str:
         try:
             return cached_dataset(*args, tokenizer_type=cfg.processor.tokenizer.type,
-                                  template=cfg.processor.tokenizer.chat_template)
+                                  template=cfg.processor.tokenizer.chat_template,
+                                  max_skipped_ratio=dataset.max_skipped_ratio, setting=f"{which}.max_skipped_ratio")
         except (DataError, OSError) as exc:  # the same error on every rank
-            raise DataError(f"dataset_dir={path}: {exc}") from None
+            raise DataError(f"{which}.data_loader.dataset_dir={path}: {exc}".replace(f"{path}: {path}", path)) \
+                from None
 
     return _built_by_rank0(build)
 

@@ -20,6 +20,7 @@ full micro-batches (collectives never see ragged shapes).
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 
@@ -61,6 +62,8 @@ class TrainData:
             if c not in ds.column_names and not (c == "labels" and "input_ids" in ds.column_names):
                 raise ValueError(f"dataset_dir={dataset_dir!r} has no column {c!r} (it has {ds.column_names}). "
                                  "Preprocess it with scripts/llama_preprocess.py.")
+        if len(ds) == 0:
+            raise ValueError(_no_records(dataset_dir))
         self.record_length = _record_length(ds, read, dataset_dir)
         n = len(ds) if num_samples is None else min(num_samples, len(ds))
         self.num_records = n
@@ -75,8 +78,6 @@ class TrainData:
                              f"records' positions restart at 0 for each sample and stay below the record length "
                              f"{self.record_length}. Re-run scripts/llama_preprocess.py --packing.")
 
-        if n == 0:
-            raise ValueError(f"dataset_dir={dataset_dir!r} holds no records. Preprocess a non-empty input.")
         G = self.global_batch_size
         if drop_remainder and n < G:
             raise ValueError(
@@ -137,15 +138,31 @@ def _load(dataset_dir: str) -> datasets.Dataset:
     if not os.path.isdir(dataset_dir):
         raise ValueError(f"dataset_dir={dataset_dir!r} does not exist. Create it with scripts/llama_preprocess.py "
                          "--output_file DIR and pass DIR as --train_dataset_dir.")
+    if _saved_without_data(dataset_dir):  # datasets cannot load a set saved with 0 rows in 0 files
+        raise ValueError(_no_records(dataset_dir))
     try:
         ds = datasets.load_from_disk(dataset_dir)
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError, IndexError, KeyError) as e:
         raise ValueError(f"dataset_dir={dataset_dir!r} is not a dataset saved with datasets' save_to_disk ({e}). "
                          "Create it with scripts/llama_preprocess.py.") from None
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"dataset_dir={dataset_dir!r} holds splits {list(ds)}, not one dataset. "
                          f"Pass one split's directory, e.g. {os.path.join(dataset_dir, next(iter(ds), 'train'))!r}.")
     return ds
+
+
+def _saved_without_data(dataset_dir: str) -> bool:
+    """A save_to_disk directory whose state.json lists no data file (what a set of 0 rows writes)."""
+    try:
+        with open(os.path.join(dataset_dir, "state.json"), encoding="utf-8") as f:
+            return json.load(f).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False  # no readable state.json: load_from_disk says what it is
+
+
+def _no_records(dataset_dir: str) -> str:
+    return (f"dataset_dir={dataset_dir!r} holds no records (a dataset of 0 rows): there is nothing to train on. "
+            f"Preprocess a non-empty input with scripts/llama_preprocess.py, or pass another dataset.")
 
 
 def _record_length(ds: datasets.Dataset, columns: list[str], dataset_dir: str) -> int:

@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mftune.data.packing import INT_LIST, pack_dataset, records_column
-from mftune.data.records import OnError, Summary, collect, read_json_records
+from mftune.data.records import (DEFAULT_MAX_SKIPPED_RATIO, OnError, Summary, check_skipped, collect,
+                                  read_json_records, utf8_text)
 from mftune.data.templates import get_template
 from mftune.data.tokenizer_kinds import Tokenizer, build_tokenizer
 from mftune.errors import DataError
@@ -59,22 +60,27 @@ def preprocess_qa(input_files: list[str], tokenizer: Tokenizer, seq_length: int,
 
 def preprocess_conversations(sources: Iterable[tuple[str, list]], tokenizer: Tokenizer, seq_length: int,
                              output_dir: str, *, on_error: OnError = "skip", num_proc: int = 1, num_shards: int = 1,
-                             packing: bool = False, template: str | None = None) -> Summary:
+                             packing: bool = False, template: str | None = None,
+                             max_skipped_ratio: float = DEFAULT_MAX_SKIPPED_RATIO, setting: str = "--max_skipped_ratio",
+                             prior: Summary | None = None) -> Summary:
     """Conversation records, as ``(file name, records)`` pairs -> dataset directory with `input_ids`,
     `labels` (int32, seq_length+1), each conversation in ``template`` (None: MindFormers' Vicuna v1.1;
     ``llama2``/``chatml``/``hf`` also take ``{"messages": [{role, content}]}`` records and system turns);
-    with ``packing``, several conversations per record and a `position_ids` column (``pack_dataset``)."""
+    with ``packing``, several conversations per record and a `position_ids` column (``pack_dataset``).
+    Malformed records are skipped (``on_error``), and nothing is written when more than
+    ``max_skipped_ratio`` of them are (``check_skipped``; ``setting`` names its key). ``prior``: the summary
+    of the step that made these records (alpaca conversion), whose skipped records count as read and skipped."""
     check_output_dir(output_dir)
     chat = get_template(template, tokenizer)
     summary = Summary(packed=packing)
-    prompts: list[str] = []
-    names: list[str] = []
-    for name, records in sources:
-        names.append(name)
-        prompts += collect(records, name, on_error, summary, chat.sample_text)
+    if prior is not None:
+        summary.read = summary.skipped = prior.skipped
+        summary.errors = list(prior.errors)
+    names, prompts = _prompts(sources, chat.sample_text, on_error, summary)
     if not prompts:
         first = f" (first: {summary.errors[0]})" if summary.errors else ""
         raise DataError(f"no valid record in {', '.join(names)}: {summary.skipped} malformed{first}.")
+    check_skipped(summary, max_skipped_ratio, setting, ", ".join(names))
     record_length = seq_length + 1
     features = datasets.Features({"input_ids": INT_LIST, "labels": INT_LIST, "_truncated": datasets.Value("bool"),
                                   "_tokens": datasets.Value("int64"), "_labelled": datasets.Value("int64")})
@@ -111,6 +117,17 @@ def preprocess_conversations(sources: Iterable[tuple[str, list]], tokenizer: Tok
     return summary
 
 
+def _prompts(sources: Iterable[tuple[str, list]], sample_text, on_error: OnError,
+             summary: Summary) -> tuple[list[str], list[str]]:
+    """(the file names, the templated text of each valid record of them), the rest counted in ``summary``."""
+    names: list[str] = []
+    prompts: list[str] = []
+    for name, records in sources:
+        names.append(name)
+        prompts += collect(records, name, on_error, summary, sample_text)
+    return names, prompts
+
+
 def clean_wikitext(s: str) -> str:
     """Undo WikiText's tokenisation artefacts (MindFormers `clean_wikitext`, trimmed to the common cases)."""
     for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "), (" . ", ". "),
@@ -135,8 +152,9 @@ def preprocess_wiki(input_files: list[str], tokenizer: Tokenizer, seq_length: in
     check_output_dir(output_dir)
     paragraphs: list[str] = []
     for path in input_files:
-        with open(path, encoding="utf-8") as f:
-            paragraphs += [p for p in clean_wikitext(f.read()).split("\n\n") if p and not p.strip().startswith("=")]
+        with open(path, "rb") as f:
+            text = utf8_text(f.read(), path)
+        paragraphs += [p for p in clean_wikitext(text).split("\n\n") if p and not p.strip().startswith("=")]
     n = seq_length + 1
     if not paragraphs:
         raise DataError(f"{', '.join(input_files)} hold no text paragraphs (only blank or '= heading =' lines), "

@@ -8,10 +8,13 @@ does, seq_length + 1 tokens) under
 ``<cache_root>/<file name>-<key>/``. The key hashes the file's bytes, the tokenizer model's bytes, the
 template, seq_length and packing, so a change of any of them tokenizes again and an unchanged run
 starts at once. ``packing`` packs several conversations per record, as ``--packing`` does. Writing is
-atomic (preprocess' own temporary folder + rename).
+atomic (preprocess' own temporary folder + rename). Malformed records are skipped, named in the log and
+counted (alpaca conversion and templating together); more than ``max_skipped_ratio`` of those read stops
+the run, also when a cache built with a higher ratio is reused (its counts are kept beside it).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +24,9 @@ import pyarrow.parquet as pq
 
 from mftune.data.conversation import get_default_conv_template
 from mftune.data.preprocess import is_dataset_dir, load_tokenizer, preprocess_conversations
-from mftune.data.records import convert_alpaca, read_json_records
+from mftune.data.records import (DEFAULT_MAX_SKIPPED_RATIO, NAMED_SKIPS, Summary, check_skipped, convert_alpaca,
+                                  first_skipped, read_json_records, read_jsonl_records, require_records)
+from mftune.fileio import atomic_open
 from mftune.data.templates import DEFAULT_TEMPLATE
 from mftune.data.tokenizer_kinds import resolve_vocab_file
 from mftune.errors import DataError
@@ -35,22 +40,27 @@ def is_raw(path: str) -> bool:
 
 
 def read_raw_records(path: str) -> list:
+    """The records of a raw ``.json``, ``.jsonl`` or ``.parquet`` file; DataError naming the file when it
+    cannot be read, is not UTF-8 JSON (the byte offset named) or holds no record."""
     if path.endswith(".json"):
         return read_json_records(path)
     if path.endswith(".jsonl"):
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}).") from None
-        return records
+        return read_jsonl_records(path)
     try:
-        return pq.read_table(path).to_pylist()
+        records = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow's own error types for a damaged file
         raise DataError(f"{path}: cannot be read as parquet ({e}).") from None
+    return require_records(records, path, "a parquet table of 0 rows")
+
+
+def is_alpaca(records: list) -> bool:
+    """Whether ``records`` are alpaca records: the first object with a record's keys decides, so that a
+    first record missing ``instruction`` (or not an object) is reported as malformed alpaca, not as a
+    conversation record without ``conversations``."""
+    for record in records:
+        if isinstance(record, dict) and record.keys() & {"instruction", "output", "conversations", "messages"}:
+            return not record.keys() & {"conversations", "messages"}
+    return False
 
 
 # files beside a tokenizer that change what a chat template renders (hashed for non-Vicuna templates)
@@ -86,10 +96,13 @@ RECORDS_PER_PROCESS = 5000  # below this a tokenizer process costs more to start
 
 def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_root: str,
                    packing: bool = False, num_proc: int = 1, tokenizer_type: str | None = None,
-                   template: str | None = None) -> str:
+                   template: str | None = None, max_skipped_ratio: float = DEFAULT_MAX_SKIPPED_RATIO,
+                   setting: str = "train_dataset.max_skipped_ratio") -> str:
     """The dataset directory for raw ``path`` (built now unless cached, with up to ``num_proc``
     tokenizer processes); ``tokenizer_type`` (processor.tokenizer.type) must fit the file when given,
-    ``template`` names the conversation template (None: Vicuna). DataError names the fix."""
+    ``template`` names the conversation template (None: Vicuna). More than ``max_skipped_ratio`` malformed
+    records (``setting``) is an error, for a cache built earlier too (its counts are kept beside it, in
+    COUNTS_FILE). DataError names the fix."""
     if not vocab_file:
         raise DataError(f"dataset_dir={path} is a raw data file: tokenizing it needs processor.tokenizer.vocab_file "
                         f"(the tokenizer file or its directory). Set it (or pretrained_model_dir), or preprocess with "
@@ -98,17 +111,50 @@ def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_roo
     key = cache_key(path, vocab_file, seq_length, packing, template, tokenizer_type)
     out = os.path.join(cache_root, f"{name}-{key}")
     if is_dataset_dir(out):
-        logger.info("Dataset %s: using the tokenized cache %s", path, out)
+        summary = _cached_counts(out)
+        logger.info("Dataset %s: using the tokenized cache %s%s", path, out,
+                    f" ({summary.read} records read, {summary.records} written)" if summary else "")
+        if summary:
+            _report_skipped(path, summary)
+            check_skipped(summary, max_skipped_ratio, setting, path)
         return out
     records = read_raw_records(path)
-    alpaca = bool(records) and isinstance(records[0], dict) and "instruction" in records[0]
+    alpaca, converted = is_alpaca(records), None
     if alpaca:
         # Vicuna: MindFormers' alpaca_converter prompt; a chat template frames the bare instruction itself
-        records, _ = convert_alpaca(records, file=path, plain=template not in (None, DEFAULT_TEMPLATE))
+        records, converted = convert_alpaca(records, file=path, plain=template not in (None, DEFAULT_TEMPLATE))
     tokenizer = load_tokenizer(vocab_file, tokenizer_type)
     summary = preprocess_conversations([(path, records)], tokenizer, seq_length, out, packing=packing,
-                                       template=template,
+                                       template=template, max_skipped_ratio=max_skipped_ratio, setting=setting,
+                                       prior=converted,
                                        num_proc=max(1, min(num_proc, len(records) // RECORDS_PER_PROCESS)))
+    _keep_counts(out, summary)
     logger.info("Dataset %s (%s records) tokenized into %s: %s", path, "alpaca" if alpaca else "conversation",
                 out, summary.line())
+    _report_skipped(path, summary)
     return out
+
+
+COUNTS_FILE = "mftune_counts.json"  # a cache's Summary (without tokens): its skipped records count on reuse
+
+
+def _report_skipped(path: str, summary: Summary | None) -> None:
+    if summary and summary.skipped:
+        logger.warning("Dataset %s: skipped %d malformed record(s) of %d read: %s", path, summary.skipped,
+                       summary.read, first_skipped(summary.errors, path))
+
+
+def _keep_counts(out: str, summary: Summary) -> None:
+    counts = {f.name: getattr(summary, f.name) for f in dataclasses.fields(Summary) if f.name != "errors"}
+    counts["errors"] = [str(e) for e in summary.errors[:NAMED_SKIPS]]
+    with atomic_open(os.path.join(out, COUNTS_FILE), "w", encoding="utf-8") as f:
+        json.dump(counts, f)
+
+
+def _cached_counts(out: str) -> Summary | None:
+    """The Summary kept beside a cache (None for a cache of an earlier version, or an unreadable file)."""
+    try:
+        with open(os.path.join(out, COUNTS_FILE), encoding="utf-8") as f:
+            return Summary(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None

@@ -4,7 +4,10 @@ MindFormers' ``alpaca_converter.py`` step: alpaca records ``{instruction, input,
 ``{"id", "conversations": [{"from": "human", "value": <alpaca prompt>}, {"from": "gpt", "value":
 output}]}``; a conversation's validated turns -> its Vicuna v1.1 text. Malformed records are
 ``RecordError`` (file, record index, field); ``on_error="skip"`` drops and counts them,
-``on_error="fail"`` raises the first. ``Summary`` is the report every data tool prints.
+``on_error="fail"`` raises the first. ``Summary`` is the report every data tool prints;
+``check_skipped`` stops a tool or a run whose skipped records are more than ``max_skipped_ratio`` of those
+read (one rule for the scripts' ``--max_skipped_ratio`` and a run's ``*_dataset.max_skipped_ratio``).
+Raw text is read as UTF-8 (``utf8_text``): anything else is a DataError naming the byte offset.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from mftune.data.conversation import alpaca_prompt, get_default_conv_template
 from mftune.errors import DataError, RecordError
 
 OnError = Literal["skip", "fail"]
+DEFAULT_MAX_SKIPPED_RATIO = 0.01  # the tools' --max_skipped_ratio and the schema's *_dataset.max_skipped_ratio
+NAMED_SKIPS = 5  # skipped records named in a log line or an error
 _ROLES = {"human": 0, "gpt": 1}  # "from" value -> index into the template's roles (USER, ASSISTANT)
 
 
@@ -27,6 +32,7 @@ class Summary:
     """Counts printed after a run (the first line is MindFormers' "Transformed N records.")."""
 
     records: int = 0          # records written
+    read: int = 0             # records read from the input files (valid or not)
     samples: int = 0          # samples (conversations or paragraphs) in them
     skipped: int = 0          # malformed records dropped (on_error="skip")
     truncated: int = 0        # samples longer than seq_length + 1 tokens, cut
@@ -45,25 +51,70 @@ class Summary:
         frac = self.ignored_labels / self.positions if self.positions else 0.0
         fill = self.tokens / self.positions if self.positions else 0.0
         packed = f"Packed {self.samples} samples into them; skipped" if self.packed else "Skipped"
-        return (f"Transformed {self.records} records. {packed} {self.skipped} malformed, "
+        return (f"Transformed {self.records} records. {packed} {self.skipped} malformed of {self.read} read, "
                 f"truncated {self.truncated}, fully masked {self.fully_masked}; {self.tokens} tokens in "
                 f"{self.positions} positions ({fill:.1%} filled); {frac:.1%} of labels are -100.{speed}")
 
 
 def read_json_records(path: str) -> list:
-    """The JSON list in `path`; DataError naming the file when missing, unreadable or not a list."""
+    """The JSON list in `path`; DataError naming the file when missing, unreadable, not UTF-8, not a list
+    or empty."""
+    text = utf8_text(_read_bytes(path), path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}).") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}.")
+    return require_records(data, path, "an empty JSON list")
+
+
+def read_jsonl_records(path: str) -> list:
+    """The records of a JSON Lines file (blank lines ignored); DataError naming the file and the line
+    or byte offset of a line that is not UTF-8 JSON, or when there is no record."""
+    records, offset = [], 0
+    for n, raw in enumerate(_read_bytes(path).splitlines(keepends=True), start=1):
+        line = utf8_text(raw, path, offset, n)
+        offset += len(raw)
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}).") from None
+    return require_records(records, path, "no JSON line")
+
+
+def require_records(records: list, path: str, what: str) -> list:
+    """``records``, or a DataError naming ``path`` when it holds none (``what`` it holds instead)."""
+    if not records:
+        raise DataError(f"{path} holds no records ({what}): there is nothing to train on. Pass a file with "
+                        f"records, or check that it was written completely.")
+    return records
+
+
+def _read_bytes(path: str) -> bytes:
     if not os.path.isfile(path):
         raise DataError(f"input file {path!r} does not exist.")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}).") from None
-    except (OSError, UnicodeDecodeError) as e:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
         raise DataError(f"{path}: cannot be read ({e}).") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}.")
-    return data
+
+
+def utf8_text(data: bytes, path: str, offset: int = 0, line: int = 1) -> str:
+    """``data`` (the bytes of ``path`` from byte ``offset``, line ``line``) as text: UTF-8, a leading
+    byte-order mark dropped. Anything else is a DataError naming the file, the byte offset and its line."""
+    bom = 3 if offset == 0 and data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = bom + e.start  # in data
+        at = offset + start
+        line += data.count(b"\n", 0, start)
+        raise DataError(f"{path} is not UTF-8 text: byte 0x{data[start]:02x} at byte offset {at} (line {line}) "
+                        f"cannot be decoded ({e.reason}). Re-encode the file as UTF-8, e.g. iconv -f latin1 "
+                        f"-t utf-8 (name the encoding it has).") from None
 
 
 def _type(x: Any) -> str:
@@ -144,8 +195,11 @@ def conversation_prompt(turns: list[tuple[int, str]]) -> str:
 
 
 def collect(items, file: str, on_error: OnError, summary: Summary, fn: Callable[[Any, int], Any]) -> list:
+    """``fn(item, index)`` of every item; a RecordError is raised (on_error "fail") or counted in ``summary``
+    and the item dropped. Counts ``summary.read``."""
     out = []
     for i, item in enumerate(items):
+        summary.read += 1
         try:
             out.append(fn(item, i))
         except RecordError as e:
@@ -155,6 +209,23 @@ def collect(items, file: str, on_error: OnError, summary: Summary, fn: Callable[
             summary.skipped += 1
             summary.errors.append(e)
     return out
+
+
+def first_skipped(errors: list, named: str = "", n: int = NAMED_SKIPS) -> str:
+    """The first ``n`` skipped records, by file, index and field, on one line (``; ``-separated); the
+    file is left out where it is ``named`` already."""
+    more = f"; ... {len(errors) - n} more" if len(errors) > n else ""
+    return "; ".join(str(e).removeprefix(f"{named}: ") for e in errors[:n]) + more
+
+
+def check_skipped(summary: Summary, max_ratio: float, setting: str, files: str) -> None:
+    """DataError when more than ``max_ratio`` of the records read were skipped as malformed; ``setting``
+    names the key or flag that allows more (``--max_skipped_ratio``, ``train_dataset.max_skipped_ratio``)."""
+    if summary.skipped and summary.skipped > max_ratio * summary.read:
+        raise DataError(f"{files}: {summary.skipped} of {summary.read} records are malformed "
+                        f"({summary.skipped / summary.read:.1%}), more than {setting}={max_ratio:g} allows. "
+                        f"First: {first_skipped(summary.errors, files)}. Fix or remove those records, or raise "
+                        f"{setting} (1 keeps every valid record).")
 
 
 def plain_prompt(instruction: str, inp: str) -> str:
@@ -167,7 +238,7 @@ def convert_alpaca(data: list, *, on_error: OnError = "skip", file: str | None =
                    plain: bool = False) -> tuple[list[dict], Summary]:
     """Alpaca records -> conversation records (step 1); malformed records skipped or raised. ``plain``: the
     human turns without the Alpaca preamble (``alpaca_to_conversation``)."""
-    summary = Summary()
+    summary = Summary()  # its read and skipped counts go on to preprocess_conversations(prior=...)
     out = collect(data, file, on_error, summary, functools.partial(alpaca_to_conversation, plain=plain))
     summary.records = len(out)
     return out, summary

@@ -21,7 +21,7 @@ from mftune.config.schema import MFConfig
 from mftune.data.dataset import open_dataset
 from mftune.data.loader import TrainData
 from mftune.errors import ConfigError, TrainingError, UserError, report
-from mftune.fileio import inside
+from mftune.fileio import inside, remove_stale_temporaries
 from mftune.log import setup_logging
 from mftune.models.config import LlamaConfig
 from mftune.parallel.mesh import ParallelContext, env_world, init_distributed, layout_errors, seed_ranks, shutdown
@@ -33,7 +33,7 @@ from mftune.trainer.monitor import LossMonitor, fresh_metrics_file, progress_bar
 from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
 from mftune.trainer.predict import run_predict
 from mftune.trainer.pretrained import apply_pretrained_dir
-from mftune.trainer.resume import ResumePoint, find_resume_point, restore, same_layout
+from mftune.trainer.resume import ResumePoint, check_steps_left, find_resume_point, restore, same_layout
 
 logger = logging.getLogger("mftune")
 
@@ -149,17 +149,29 @@ def _note_eval(run: TrainRun, step: int, result: dict) -> None:
 
 
 def _prepare_output_dir(cfg: MFConfig, ctx: ParallelContext) -> str:
-    """output_dir created, this rank's log there, the resolved config written by rank 0."""
+    """output_dir created, this rank's log there, the resolved config written by rank 0, which also removes the
+    temporary files a killed earlier save left there and in the checkpoint folder (``fileio.stale_temporaries``)."""
     output_dir = os.path.abspath(cfg.output_dir)
     try:
         os.makedirs(output_dir, exist_ok=True)
         setup_logging(output_dir, ctx.rank)
         if ctx.is_main:
+            _remove_stale_temporaries(cfg, output_dir)
             save_config(cfg, os.path.join(output_dir, "resolved_config.yaml"))
     except OSError as exc:
         raise UserError(f"output_dir={cfg.output_dir} cannot be written ({exc}). "
                         f"Pass a writable directory with --output_dir.") from None
     return output_dir
+
+
+def _remove_stale_temporaries(cfg: MFConfig, output_dir: str) -> None:
+    ckpt_cb = cfg.callback("CheckpointMonitor")
+    folders = {output_dir, os.path.abspath(ckpt_cb.directory)} if ckpt_cb and ckpt_cb.directory else {output_dir}
+    for folder in sorted(folders):
+        removed = remove_stale_temporaries(folder)
+        if removed:
+            logger.warning("Removed %d temporary file(s) an interrupted earlier save left in %s: %s", len(removed),
+                           folder, ", ".join(os.path.relpath(p, folder) for p in removed[:5]))
 
 
 def _dataset(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext, which: str = "train_dataset") -> TrainData:
@@ -183,6 +195,7 @@ def _resume_point(cfg: MFConfig, data: TrainData) -> ResumePoint | None:
         raise UserError(f"resume_training: the checkpoint was saved with a global batch of "
                         f"{point.global_batch_size} sequences, this run has {data.global_batch_size} "
                         f"(batch_size x data_parallel x gradient_accumulation_steps). Keep the global batch.")
+    check_steps_left(point, cfg.runner_config.epochs, data.steps_per_epoch)
     return point
 
 

@@ -2,11 +2,14 @@
 
 ``load_checkpoint`` names the checkpoint: a training checkpoint file, or the run's
 ``checkpoint/`` directory (``rank_{r}/`` folders). ``resume_training: True`` takes, in a
-directory, the newest (epoch, step) that every rank folder holds complete (its file is listed in
-that folder and, for the last one, matches meta.json's recorded size); a file name (e.g.
-``llama2_7b_lora_rank_0-2_500.safetensors``, ``.safetensors`` optional) takes that step in every
-folder, with ``_rank_k`` rewritten to each folder's rank. Folders whose file names carry no step (a
-transformed checkpoint) resume from each folder's meta.json file.
+directory, the newest (epoch, step) that every rank folder holds intact: a step whose file is
+truncated or damaged in some folder (its size differs from what meta.json recorded for it, or its
+safetensors header does not describe its bytes) is skipped, with a warning naming it and the step
+used instead. A file name (e.g. ``llama2_7b_lora_rank_0-2_500.safetensors``, ``.safetensors``
+optional) takes that step in every folder, with ``_rank_k`` rewritten to each folder's rank; a damaged
+one is an error naming the file. Folders whose file names carry no step (a transformed checkpoint)
+resume from each folder's meta.json file. A resume point with no step left to train (at or past
+``epochs`` x steps per epoch) is an error (``check_steps_left``).
 
 Restored: trainable parameters, AdamW moments and step count, the LR schedule position (global
 step), the data position (epoch and step within it: the order of the samples does not depend on
@@ -18,6 +21,7 @@ differ from this run's: every tensor is read as the blocks this rank holds.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
@@ -32,11 +36,12 @@ from mftune.checkpoint.formats.distributed import distributed_entries, rank_dirs
 from mftune.checkpoint.keys import moment_names
 from mftune.checkpoint.load import fingerprint, load_entries, load_recorded_base
 from mftune.checkpoint.safetensors_io import load_tensors, read_metadata, read_tensor, safetensors_header
-from mftune.errors import CheckpointError
+from mftune.errors import CheckpointError, ConfigError
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")
 STEP_IN_NAME = re.compile(r"-(\d+)_(\d+)\.safetensors$")
+_WARNED: set[tuple] = set()  # damaged checkpoints already reported as skipped
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,7 @@ def find_resume_point(path: str, resume_training: bool | str) -> ResumePoint:
     if os.path.isfile(path):
         if name:
             logger.warning("resume_training=%s ignored: load_checkpoint is the file %s", name, path)
+        _refuse_damaged([path], "load_checkpoint")
         files, entries = [path], safetensors_entries(path)
     elif rank_dirs(path):
         files = _named_files(path, name) if name else _newest_common(path)
@@ -99,11 +105,21 @@ def _named_files(root: str, name: str) -> list[str]:
             raise CheckpointError(f"resume_training={name}: {file} does not exist. Give a checkpoint name "
                                   f"saved by every rank, or resume_training: True for the newest.")
         files.append(file)
+    _refuse_damaged(files, f"resume_training={name}")
     return files
 
 
+def _refuse_damaged(files: list[str], asked: str) -> None:
+    for file in files:
+        why = damage(file)
+        if why:
+            raise CheckpointError(f"{asked}: checkpoint {file} cannot be resumed from: {why}. Name another "
+                                  f"checkpoint, or use resume_training: True for the newest intact one.")
+
+
 def _newest_common(root: str) -> list[str]:
-    """Per rank, the file of the newest (epoch, step) that every rank folder holds."""
+    """Per rank, the file of the newest (epoch, step) that every rank folder holds intact; newer steps
+    with a damaged file in some folder are skipped with a warning naming them and the step used."""
     per_rank: list[dict[tuple[int, int], str]] = []
     for d in rank_dirs(root):
         steps: dict[tuple[int, int], str] = {}
@@ -118,8 +134,62 @@ def _newest_common(root: str) -> list[str]:
     if not common:
         raise CheckpointError(f"checkpoint directory {root}: no step is saved by every rank folder. "
                               f"Name a checkpoint file with resume_training, or start a new run.")
-    step = max(common)
-    return [steps[step] for steps in per_rank]
+    skipped: list[str] = []
+    for step in sorted(common, reverse=True):
+        files = [steps[step] for steps in per_rank]
+        damaged = [f"{file} ({why})" for file in files if (why := damage(file))]
+        if not damaged:
+            if skipped and (tuple(skipped), step) not in _WARNED:  # once per process (it is looked up twice)
+                _WARNED.add((tuple(skipped), step))
+                logger.warning("resume_training: skipped the damaged checkpoint(s) %s; resuming from %s "
+                               "(epoch %d, step %d), the newest intact one", "; ".join(skipped), files[0], *step)
+            return files
+        skipped += damaged
+    raise CheckpointError(f"checkpoint directory {root}: every saved step has a damaged file: "
+                          f"{'; '.join(skipped)}. Restore the files, or start a new run.")
+
+
+def damage(file: str) -> str | None:
+    """Why ``file`` cannot be resumed from, None when it is intact: its size differs from what its folder's
+    meta.json recorded for it (the newest save), or its safetensors header does not describe its bytes
+    (truncated, damaged or not a safetensors file)."""
+    size, recorded = os.path.getsize(file), _recorded_size(file)
+    if recorded is not None and size != recorded:
+        return f"it has {size} bytes but meta.json recorded {recorded}: truncated or replaced"
+    try:
+        safetensors_header(file)
+    except CheckpointError:
+        return f"its {size} bytes are not a complete safetensors file: truncated or damaged"
+    return None
+
+
+def _recorded_size(file: str) -> int | None:
+    """The size meta.json beside ``file`` recorded when it names ``file`` (None otherwise or unreadable)."""
+    try:
+        with open(os.path.join(os.path.dirname(file), "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("last_ckpt_file") != os.path.basename(file):
+        return None
+    size = meta.get("file_size")
+    return size if isinstance(size, int) else None
+
+
+def check_steps_left(point: ResumePoint, epochs: int, steps_per_epoch: int) -> None:
+    """ConfigError when the resume point leaves no step to train: at or past the end of ``epochs`` epochs
+    of ``steps_per_epoch`` steps (the run would end at once, having trained nothing)."""
+    left = max(0, steps_per_epoch - point.step_in_epoch) if point.epoch <= epochs else 0
+    left += max(0, epochs - point.epoch) * steps_per_epoch
+    if left:
+        return
+    needed = point.epoch + (point.step_in_epoch >= steps_per_epoch)
+    raise ConfigError([f"runner_config.epochs={epochs} is invalid for this resume: checkpoint {point.files[0]} is "
+                       f"at epoch {point.epoch}, step {point.step_in_epoch} (global step {point.global_step}), at "
+                       f"or past the end of this run ({epochs} epoch(s) x {steps_per_epoch} steps = "
+                       f"{epochs * steps_per_epoch} steps): nothing is left to train. Raise --epochs (e.g. "
+                       f"--epochs {max(needed, epochs + 1)}) to train on from it, or start a new run without "
+                       f"--resume_training."])
 
 
 def load_base(model: nn.Module, point: ResumePoint, base: str = "") -> dict:

@@ -56,10 +56,11 @@ def test_one_process_resume_is_bitwise(workdir, full):
     assert pp.losses(resumed, "global_norm") == pp.losses(full, "global_norm")[4:]
     assert pp.losses(resumed, "loss_scale") == pp.losses(full, "loss_scale")[4:] == [1024, 2048]
     # resume_training True takes the newest step saved by every rank folder: the final one (6),
-    # after which nothing is left to train
+    # after which nothing is left to train: an error saying to raise --epochs (tests/e2e/test_silent_runs.py)
     again = os.path.join(d, "again")
-    _run(pp._args(config, "finetune", again, 1, 1, DROPOUT) + ["--load_checkpoint", ckpt_dir,
-                                                               "--resume_training", "True"])
+    r = subprocess.run([sys.executable, *pp._args(config, "finetune", again, 1, 1, DROPOUT), "--load_checkpoint",
+                        ckpt_dir, "--resume_training", "True"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "Raise --epochs" in r.stderr, r.stderr[-2000:]
     assert pp.losses(again) == []
 
 

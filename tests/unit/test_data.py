@@ -104,10 +104,11 @@ def test_converter_skips_malformed(tmp_path, capsys):
     data = [{"instruction": "a", "input": "", "output": "b"}, ["not", "a", "dict"], {"instruction": "a"},
             {"instruction": 3, "output": "x"}, {"instruction": "c", "input": "d", "output": "e"}]
     out = tmp_path / "conv.json"
-    rc = _load_script(CONVERTER).main(["--data_path", _write_json(tmp_path / "a.json", data), "--output_path", str(out)])
+    rc = _load_script(CONVERTER).main(["--data_path", _write_json(tmp_path / "a.json", data), "--output_path", str(out),
+                                       "--max_skipped_ratio", "1"])  # default 0.01: tests/unit/test_silent_inputs.py
     assert rc == 0
     cap = capsys.readouterr()
-    assert "Converted 2 records" in cap.out and "Skipped 3 malformed" in cap.out
+    assert "Converted 2 records" in cap.out and "Skipped 3 malformed of 5 read" in cap.out
     assert "record 1: field '<record>'" in cap.err
     assert "record 2: field 'output' is missing" in cap.err
     assert "record 3: field 'instruction' must be a string" in cap.err
@@ -183,10 +184,11 @@ def test_malformed_records_skipped_and_reported(tmp_path, model_file, capsys):
     good = _conv("Convert to uppercase.", "CAT")
     src = _write_json(tmp_path / "m.json", [good] + [m for m, _ in MALFORMED] + [good])
     rc = _load_script(PREPROCESS).main(["--dataset_type", "qa", "--input_glob", src, "--model_file", model_file,
-                                        "--seq_length", str(SEQ), "--output_file", str(tmp_path / "out")])
+                                        "--seq_length", str(SEQ), "--output_file", str(tmp_path / "out"),
+                                        "--max_skipped_ratio", "1"])  # default 0.01: test_silent_inputs.py
     assert rc == 0
     cap = capsys.readouterr()
-    assert "Transformed 2 records." in cap.out and f"Skipped {len(MALFORMED)} malformed" in cap.out
+    assert "Transformed 2 records." in cap.out and f"Skipped {len(MALFORMED)} malformed of 9 read" in cap.out
     for _, message in MALFORMED:
         assert f"{src}: {message}" in cap.err
     assert len(datasets.load_from_disk(str(tmp_path / "out"))) == 2
