@@ -102,9 +102,9 @@ def train_loop(run: TrainRun, settings: LoopSettings, start: Position, progress)
             if nonfinite >= MAX_NONFINITE_STEPS:
                 raise TrainingError(
                     f"the loss or gradients were not finite for {nonfinite} consecutive steps "
-                    f"(last: step {global_step}, loss {stats['loss']}); the updates were skipped. "
-                    f"Lower the learning rate, use compute_dtype bfloat16 instead of float16, or use "
-                    f"a DynamicLossScaleUpdateCell scale_sense.")
+                    f"(last: step {global_step}, loss {stats['loss']}); the updates were skipped. " +
+                    (_damaged_weights(run.model) or "Lower the learning rate, use compute_dtype bfloat16 instead "
+                     "of float16, or use a DynamicLossScaleUpdateCell scale_sense."))
             if run.saver and global_step % settings.save_checkpoint_steps == 0:
                 run.save(epoch, step_in_epoch, global_step)
             evaluated = _due(settings.eval_step_interval, global_step) and run.evaluate is not None
@@ -114,9 +114,24 @@ def train_loop(run: TrainRun, settings: LoopSettings, start: Position, progress)
             run.evaluate(global_step)
     if nonfinite:
         raise TrainingError(f"the last {nonfinite} step(s) had a non-finite loss or gradients and were "
-                            f"skipped; no final checkpoint was written. Check the model_config values, "
-                            f"lower the learning rate, or use compute_dtype bfloat16.")
+                            f"skipped; no final checkpoint was written. " + (
+                                _damaged_weights(run.model) or "Check the model_config values, lower the "
+                                "learning rate, or use compute_dtype bfloat16."))
     return global_step
+
+
+def _damaged_weights(model: torch.nn.Module) -> str:
+    """When the model's own weights hold NaN or Inf (this rank's blocks; a finite step never makes them so),
+    the sentence that names them and blames the checkpoint, not the learning rate; else "". Checked only
+    once training has failed: an isfinite pass over every weight at load time would cost more than the read."""
+    with torch.no_grad():
+        bad = [name for name, p in model.named_parameters()
+               if p.is_floating_point() and not bool(torch.isfinite(local(p)).all())]
+    if not bad:
+        return ""
+    return (f"The model's weights are not finite ({', '.join(bad[:3])}{' and more' if len(bad) > 3 else ''}): "
+            f"the checkpoint they were loaded from holds NaN or Inf values (damaged, or saved by a diverged run). "
+            f"Load another checkpoint.")
 
 
 def _due(interval: int, count: int) -> bool:

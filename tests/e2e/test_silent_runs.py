@@ -138,3 +138,21 @@ def test_truncated_newest_checkpoint(workdir):
     refused(run(config, os.path.join(d, "named"), "--load_checkpoint", ckpt, "--resume_training",
                 CKPT.format(6)[:-len(".safetensors")], "--epochs", "2"),
             f"checkpoint {newest} cannot be resumed from", "meta.json recorded")
+
+
+def test_nan_in_a_base_weight_is_blamed_on_the_checkpoint(workdir):
+    """A base checkpoint with NaN inside one frozen tensor: every step is skipped as non-finite, and the error
+    names that tensor and the checkpoint instead of advising a lower learning rate (exit 1, no traceback)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d, config, _ = workdir
+    tensors = load_file(os.path.join(d, "base.safetensors"))
+    name = "model.layers.1.feed_forward.w2.weight"
+    tensors[name].view(-1)[7] = float("nan")
+    damaged = os.path.join(d, "nan_base.safetensors")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, damaged)
+    r = run(config, os.path.join(d, "nan"), "--load_checkpoint", damaged)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"weights are not finite ({name})" in r.stderr and "Lower the learning rate" not in r.stderr
+    assert torch.isnan(tensors[name]).any()
