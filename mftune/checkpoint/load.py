@@ -76,45 +76,35 @@ def load_checkpoint(model: nn.Module, path: str, src_strategy: str = "", base: s
     names = set(model.state_dict())
     if any(not is_lora(n) and n not in entries for n in names):
         recorded = checkpoint_header(path).get("base_checkpoint") or {}
-        if base and os.path.abspath(base) != os.path.abspath(path):
-            given = load_given_base(model, base, recorded, path)
-            return {**load_entries(model, entries, path, only=names & entries.keys()), "base": given}
-        if recorded.get("path"):
-            base = load_recorded_base(model, recorded, path)
-            report = load_entries(model, entries, path, only=names & entries.keys())
-            return {**report, "base": base}
+        given = base and os.path.abspath(base) != os.path.abspath(path)
+        if given or recorded.get("path"):
+            found = load_recorded_base(model, recorded, path, base if given else "", strict=False)
+            return {**load_entries(model, entries, path, only=names & entries.keys()), "base": found}
     return load_entries(model, entries, path)
 
 
-def load_recorded_base(model: nn.Module, recorded: dict, origin: str) -> dict:
-    """Load the base checkpoint a LoRA checkpoint's header records (``{"path", "fingerprint"}``),
-    refusing a base that is missing or changed; returns its path and fingerprint."""
-    path = recorded.get("path") or ""
+def load_recorded_base(model: nn.Module, recorded: dict, origin: str, base: str = "", strict: bool = True) -> dict:
+    """Load the base of a checkpoint ``origin`` that holds only trained tensors: ``base`` when given (a run's
+    pretrained_model_dir), else the one its header records (``recorded``: ``{"path", "fingerprint"}``).
+    A base whose contents differ from the recorded fingerprint is refused when ``strict`` (a resumed run, or
+    the recorded base itself: it changed), else named in a warning (the adapters then sit on another model).
+    Returns its path and fingerprint."""
+    path = base or recorded.get("path") or ""
     if not path or not os.path.exists(path):
         raise CheckpointError(f"checkpoint {origin} holds only the trained tensors and its base checkpoint "
                               f"{path or '(not recorded)'} is not found. Restore the base at that path, or "
                               f"pass a directory holding both the base and this checkpoint.")
-    actual = fingerprint(path)
-    if recorded.get("fingerprint") and actual != recorded["fingerprint"]:
-        raise CheckpointError(f"base checkpoint {path} changed since the run that wrote {origin} started "
-                              f"(fingerprint {actual}, recorded {recorded['fingerprint']}). "
-                              f"Restore the original base.")
-    logger.info("Loading the base checkpoint %s recorded in %s", path, origin)
+    actual, expected = fingerprint(path), recorded.get("fingerprint")
+    if expected and actual != expected:
+        why = (f"checkpoint {origin} was trained over the base {recorded.get('path')} (fingerprint {expected}), "
+               f"and {path} holds other contents (fingerprint {actual})")
+        if strict or not base:
+            fix = "Restore the original base." if not base else "Resume over the original base, or start a new run."
+            raise CheckpointError(f"{why}. {fix}")
+        logger.warning("%s; it is applied to %s, as pretrained_model_dir says", why, path)
+    logger.info("Loading the base checkpoint %s under %s", path, origin)
     load_entries(model, open_checkpoint(path), path)
     return {"path": os.path.abspath(path), "fingerprint": actual}
-
-
-def load_given_base(model: nn.Module, base: str, recorded: dict, origin: str) -> dict:
-    """Load ``base`` as the base of the checkpoint ``origin`` (whose header records ``recorded``); a
-    recorded base of other contents is named in a warning (the adapters then sit on another model)."""
-    actual = fingerprint(base)
-    if recorded.get("fingerprint") and actual != recorded["fingerprint"]:
-        logger.warning("checkpoint %s was trained over the base %s (fingerprint %s); it is applied to %s "
-                       "(fingerprint %s), as pretrained_model_dir says", origin, recorded.get("path"),
-                       recorded["fingerprint"], base, actual)
-    logger.info("Loading the base %s under %s", base, origin)
-    load_entries(model, open_checkpoint(base), base)
-    return {"path": os.path.abspath(base), "fingerprint": actual}
 
 
 def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,

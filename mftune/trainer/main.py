@@ -52,19 +52,21 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 def main(cfg: MFConfig) -> int:
+    training = cfg.run_mode in ("train", "finetune")
+    point = find_resume_point(cfg.load_checkpoint, cfg.resume_training) if training and cfg.resume_training else None
     gpu = _default_device().type == "cuda"  # architecture, tokenizer, weights from a Hugging Face directory
-    cfg = apply_pretrained_dir(cfg, gpu=gpu, bf16=gpu and torch.cuda.is_bf16_supported())
+    cfg = apply_pretrained_dir(cfg, point, gpu=gpu, bf16=gpu and torch.cuda.is_bf16_supported())
     _check_supported(cfg)
     model_config = LlamaConfig.from_dict(cfg.model.model_config)
     world = _check_launch(cfg, model_config)  # before any heavy work or collective
     ctx = init_distributed(cfg.parallel_config) if world else ParallelContext(device=_default_device())
     try:
-        return _run(cfg, model_config, ctx)
+        return _run(cfg, model_config, ctx, point)
     finally:
         shutdown()
 
 
-def _run(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext) -> int:
+def _run(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext, point: ResumePoint | None) -> int:
     output_dir = _prepare_output_dir(cfg, ctx)
     _seed_everything(cfg.seed)  # the same seed on every rank: replicated values stay identical
     if cfg.run_mode == "predict":
@@ -73,17 +75,19 @@ def _run(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext) -> int:
         eval_data = _dataset(cfg, model_config, ctx, "eval_dataset")  # before the model: cheap checks first
         run_evaluation(build_model(cfg, model_config, ctx).model, eval_data, ctx, output_dir)
     else:
-        _train(cfg, model_config, ctx, output_dir)
+        _train(cfg, model_config, ctx, output_dir, point)
     return 0
 
 
-def _train(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext, output_dir: str) -> None:
-    """run_mode train / finetune."""
+def _train(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext, output_dir: str,
+           point: ResumePoint | None) -> None:
+    """run_mode train / finetune; ``point``: where a resumed run continues from."""
     data = _dataset(cfg, model_config, ctx)  # cheap checks first: no model is built for bad data
     eval_data = _dataset(cfg, model_config, ctx, "eval_dataset") if cfg.do_eval else None
     if eval_data:
         _warn_if_no_evaluation(cfg, data)
-    point = _resume_point(cfg, data)
+    if point is not None:
+        _check_resume_point(cfg, point, data)
     built = build_model(cfg, model_config, ctx, point)
     if cfg.only_save_strategy:
         logger.info("only_save_strategy: strategy files written to %s; exiting", os.path.join(output_dir, "strategy"))
@@ -186,17 +190,13 @@ def _warn_if_no_evaluation(cfg: MFConfig, data: TrainData) -> None:
                        epochs, data.steps_per_epoch, cfg.eval_step_interval, cfg.eval_epoch_interval)
 
 
-def _resume_point(cfg: MFConfig, data: TrainData) -> ResumePoint | None:
-    """The checkpoint to resume from (``resume_training``), checked against this run's global batch."""
-    if not cfg.resume_training:
-        return None
-    point = find_resume_point(cfg.load_checkpoint, cfg.resume_training)
+def _check_resume_point(cfg: MFConfig, point: ResumePoint, data: TrainData) -> None:
+    """The checkpoint to resume from (``resume_training``) against this run's global batch and length."""
     if point.global_batch_size != data.global_batch_size:
         raise UserError(f"resume_training: the checkpoint was saved with a global batch of "
                         f"{point.global_batch_size} sequences, this run has {data.global_batch_size} "
                         f"(batch_size x data_parallel x gradient_accumulation_steps). Keep the global batch.")
     check_steps_left(point, cfg.runner_config.epochs, data.steps_per_epoch)
-    return point
 
 
 def _checkpoint_monitor(cfg: MFConfig, output_dir: str, rank: int) -> CheckpointMonitor | None:

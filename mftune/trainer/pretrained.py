@@ -27,14 +27,14 @@ from mftune.data.hf_tokenizer import read_directory_meta
 from mftune.data.templates import tokenizer_kinds
 from mftune.data.tokenizer_kinds import detect_type, resolve_vocab_file
 from mftune.errors import DataError
-from mftune.trainer.resume import find_resume_point
+from mftune.trainer.resume import ResumePoint
 
 logger = logging.getLogger("mftune")
 
 
-def hf_directory(cfg: MFConfig) -> tuple[str, str] | None:
+def hf_directory(cfg: MFConfig, point: ResumePoint | None = None) -> tuple[str, str] | None:
     """``(directory, the key that names it)``: pretrained_model_dir, else a Hugging Face load_checkpoint, else
-    (resuming) the Hugging Face directory the resumed run started from, as recorded in its checkpoint."""
+    (resuming from ``point``) the Hugging Face directory the resumed run started from, as its checkpoint records."""
     if cfg.pretrained_model_dir:
         return cfg.pretrained_model_dir, "pretrained_model_dir"
     path = cfg.load_checkpoint
@@ -42,7 +42,7 @@ def hf_directory(cfg: MFConfig) -> tuple[str, str] | None:
         return None
     if not cfg.resume_training:
         return (path, "load_checkpoint") if _is_hf(path) else None
-    base = (find_resume_point(path, cfg.resume_training).base_checkpoint or {}).get("path") or ""
+    base = (point.base_checkpoint or {}).get("path") if point is not None else None
     if base and os.path.exists(base) and _is_hf(base):
         logger.info("resume_training: the run started from the Hugging Face directory %s; it is the "
                     "pretrained_model_dir again", base)
@@ -54,10 +54,12 @@ def _is_hf(path: str) -> bool:
     return recognise(path) is huggingface
 
 
-def apply_pretrained_dir(cfg: MFConfig, *, gpu: bool, bf16: bool = True) -> MFConfig:
+def apply_pretrained_dir(cfg: MFConfig, point: ResumePoint | None = None, *, gpu: bool,
+                         bf16: bool = True) -> MFConfig:
     """``cfg`` with what its Hugging Face directory gives (module docstring); ``cfg`` itself without one.
-    ``gpu``, ``bf16``: the run computes on a GPU, one with bfloat16 (the default compute dtype depends on it)."""
-    found = hf_directory(cfg)
+    ``point``: the resume point of a resumed run. ``gpu``, ``bf16``: the run computes on a GPU, one with
+    bfloat16 (the default compute dtype depends on it)."""
+    found = hf_directory(cfg, point)
     if found is None:
         return cfg
     directory, key = found

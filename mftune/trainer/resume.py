@@ -34,14 +34,13 @@ from mftune.checkpoint.entries import Entry, safetensors_entries
 from mftune.checkpoint.formats import MINDSPORE_FORMATS, recognise
 from mftune.checkpoint.formats.distributed import distributed_entries, rank_dirs, rank_files
 from mftune.checkpoint.keys import moment_names
-from mftune.checkpoint.load import fingerprint, load_entries, load_recorded_base
+from mftune.checkpoint.load import load_entries, load_recorded_base
 from mftune.checkpoint.safetensors_io import load_tensors, read_metadata, read_tensor, safetensors_header
 from mftune.errors import CheckpointError, ConfigError
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")
 STEP_IN_NAME = re.compile(r"-(\d+)_(\d+)\.safetensors$")
-_WARNED: set[tuple] = set()  # damaged checkpoints already reported as skipped
 
 
 @dataclass(frozen=True)
@@ -139,8 +138,7 @@ def _newest_common(root: str) -> list[str]:
         files = [steps[step] for steps in per_rank]
         damaged = [f"{file} ({why})" for file in files if (why := damage(file))]
         if not damaged:
-            if skipped and (tuple(skipped), step) not in _WARNED:  # once per process (it is looked up twice)
-                _WARNED.add((tuple(skipped), step))
+            if skipped:
                 logger.warning("resume_training: skipped the damaged checkpoint(s) %s; resuming from %s "
                                "(epoch %d, step %d), the newest intact one", "; ".join(skipped), files[0], *step)
             return files
@@ -199,16 +197,7 @@ def load_base(model: nn.Module, point: ResumePoint, base: str = "") -> dict:
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     if not frozen or all(n in point.entries for n in frozen):
         return {}
-    recorded = point.base_checkpoint
-    if base and os.path.abspath(base) != os.path.abspath(recorded.get("path") or ""):
-        actual = fingerprint(base)
-        if recorded.get("fingerprint") and actual != recorded["fingerprint"]:
-            raise CheckpointError(f"pretrained_model_dir={base} is not the base the resumed run trained over "
-                                  f"({recorded.get('path')}): fingerprint {actual}, recorded "
-                                  f"{recorded['fingerprint']}. Resume over the original base, or start a new "
-                                  f"run from the checkpoint.")
-        recorded = {**recorded, "path": base}
-    return load_recorded_base(model, recorded, point.files[0])
+    return load_recorded_base(model, point.base_checkpoint, point.files[0], base)
 
 
 def same_layout(point: ResumePoint, layout: dict) -> bool:
