@@ -26,10 +26,10 @@ from mftune.data.conversation import get_default_conv_template
 from mftune.data.preprocess import is_dataset_dir, load_tokenizer, preprocess_conversations
 from mftune.data.records import (DEFAULT_MAX_SKIPPED_RATIO, NAMED_SKIPS, Summary, check_skipped, convert_alpaca,
                                   first_skipped, read_json_records, read_jsonl_records, require_records)
-from mftune.fileio import atomic_open
 from mftune.data.templates import DEFAULT_TEMPLATE
 from mftune.data.tokenizer_kinds import resolve_vocab_file
 from mftune.errors import DataError
+from mftune.fileio import atomic_open
 
 logger = logging.getLogger("mftune")
 RAW_SUFFIXES = (".json", ".jsonl", ".parquet")

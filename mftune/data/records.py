@@ -70,17 +70,21 @@ def read_json_records(path: str) -> list:
 
 
 def read_jsonl_records(path: str) -> list:
-    """The records of a JSON Lines file (blank lines ignored); DataError naming the file and the line
-    or byte offset of a line that is not UTF-8 JSON, or when there is no record."""
+    """The records of a JSON Lines file (blank lines ignored), read line by line; DataError naming the file
+    and the line or byte offset of a line that is not UTF-8 JSON, or when there is no record."""
     records, offset = [], 0
-    for n, raw in enumerate(_read_bytes(path).splitlines(keepends=True), start=1):
-        line = utf8_text(raw, path, offset, n)
-        offset += len(raw)
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}).") from None
+    try:
+        with open(_existing(path), "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                line = utf8_text(raw, path, offset, n)
+                offset += len(raw)
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}).") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e}).") from None
     return require_records(records, path, "no JSON line")
 
 
@@ -92,11 +96,15 @@ def require_records(records: list, path: str, what: str) -> list:
     return records
 
 
-def _read_bytes(path: str) -> bytes:
+def _existing(path: str) -> str:
     if not os.path.isfile(path):
         raise DataError(f"input file {path!r} does not exist.")
+    return path
+
+
+def _read_bytes(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with open(_existing(path), "rb") as f:
             return f.read()
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e}).") from None
