@@ -131,3 +131,19 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def rotate(path: str, keep: int = 5) -> str | None:
+    """Move an existing ``path`` aside as ``<path>.1`` (``.1`` -> ``.2`` ... up to ``keep``; the oldest beyond
+    is removed), as logrotate names them, so that a new run writing ``path`` loses nothing a previous run
+    wrote there. Returns the name it was moved to, or None when ``path`` does not exist."""
+    if not os.path.lexists(path):
+        return None
+    oldest = f"{path}.{keep}"
+    if os.path.lexists(oldest):
+        os.remove(oldest)
+    for n in range(keep - 1, 0, -1):
+        if os.path.lexists(f"{path}.{n}"):
+            os.replace(f"{path}.{n}", f"{path}.{n + 1}")
+    os.replace(path, f"{path}.1")
+    return f"{path}.1"
