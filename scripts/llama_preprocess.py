@@ -120,6 +120,8 @@ def run(args) -> int:
         print(f"skipped {e}", file=sys.stderr)
     if len(summary.errors) > MAX_REPORTED:
         print(f"... and {len(summary.errors) - MAX_REPORTED} more skipped", file=sys.stderr)
+    for note in summary.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(summary.line(qa=args.dataset_type == "qa"))
     print(f"Transform finished, output files refer: {args.output_file}")
     return 0

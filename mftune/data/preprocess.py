@@ -22,7 +22,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import datasets
@@ -62,14 +62,16 @@ def preprocess_conversations(sources: Iterable[tuple[str, list]], tokenizer: Tok
                              output_dir: str, *, on_error: OnError = "skip", num_proc: int = 1, num_shards: int = 1,
                              packing: bool = False, template: str | None = None,
                              max_skipped_ratio: float = DEFAULT_MAX_SKIPPED_RATIO, setting: str = "--max_skipped_ratio",
-                             prior: Summary | None = None) -> Summary:
+                             prior: Summary | None = None, keep: Callable[[str, Summary], None] | None = None
+                             ) -> Summary:
     """Conversation records, as ``(file name, records)`` pairs -> dataset directory with `input_ids`,
     `labels` (int32, seq_length+1), each conversation in ``template`` (None: MindFormers' Vicuna v1.1;
     ``llama2``/``chatml``/``hf`` also take ``{"messages": [{role, content}]}`` records and system turns);
     with ``packing``, several conversations per record and a `position_ids` column (``pack_dataset``).
     Malformed records are skipped (``on_error``), and nothing is written when more than
     ``max_skipped_ratio`` of them are (``check_skipped``; ``setting`` names its key). ``prior``: the summary
-    of the step that made these records (alpaca conversion), whose skipped records count as read and skipped."""
+    of the step that made these records (alpaca conversion), whose skipped records count as read and skipped.
+    ``keep(directory, summary)`` writes more files into the new directory before it is renamed into place."""
     check_output_dir(output_dir)
     chat = get_template(template, tokenizer)
     summary = Summary(packed=packing)
@@ -99,13 +101,7 @@ def preprocess_conversations(sources: Iterable[tuple[str, list]], tokenizer: Tok
         summary.tokens = pc.sum(table.column("_tokens")).as_py()
         labelled = table.column("_labelled").to_numpy()
         summary.fully_masked = int((labelled == 0).sum())
-        if summary.fully_masked == summary.samples:  # training on it would run at loss 0 and learn nothing
-            cut = f"{summary.truncated} were cut at seq_length + 1 = {record_length} tokens before their answers"
-            rest = summary.samples - summary.truncated
-            raise DataError(f"no sample of {', '.join(names)} has a token to train on: all {summary.samples} are "
-                            f"fully masked ({cut}" + (f"; {rest} have no answer tokens under template "
-                                                       f"{chat.name}" if rest else "") +
-                            "). Raise seq_length, or check the conversation template.")
+        _check_trainable(summary, names, record_length, chat.name)
         ds = ds.remove_columns(["_truncated", "_tokens", "_labelled"])
         if packing:
             ds = pack_dataset(ds, record_length, tokenizer.pad_token_id)
@@ -114,7 +110,21 @@ def preprocess_conversations(sources: Iterable[tuple[str, list]], tokenizer: Tok
         summary.ignored_labels = summary.positions - int(labelled.sum())
         summary.seconds = time.perf_counter() - start
         ds.save_to_disk(stage.path, num_shards=min(num_shards, max(1, len(ds))))
+        if keep is not None:
+            keep(stage.path, summary)
     return summary
+
+
+def _check_trainable(summary: Summary, names: list[str], record_length: int, template: str) -> None:
+    """A dataset whose every sample is fully masked would train at loss 0 and learn nothing: a DataError."""
+    if summary.fully_masked < summary.samples:
+        return
+    cut = f"{summary.truncated} were cut at seq_length + 1 = {record_length} tokens before their answers"
+    rest = summary.samples - summary.truncated
+    raise DataError(f"no sample of {', '.join(names)} has a token to train on: all {summary.samples} are "
+                    f"fully masked ({cut}" + (f"; {rest} have no answer tokens under template {template}"
+                                               if rest else "") +
+                    "). Raise seq_length, or check the conversation template.")
 
 
 def _prompts(sources: Iterable[tuple[str, list]], sample_text, on_error: OnError,
@@ -151,10 +161,14 @@ def preprocess_wiki(input_files: list[str], tokenizer: Tokenizer, seq_length: in
     """
     check_output_dir(output_dir)
     paragraphs: list[str] = []
+    notes = []
     for path in input_files:
         with open(path, "rb") as f:
             text = utf8_text(f.read(), path)
-        paragraphs += [p for p in clean_wikitext(text).split("\n\n") if p and not p.strip().startswith("=")]
+        found = [p for p in clean_wikitext(text).split("\n\n") if p and not p.strip().startswith("=")]
+        if not found:
+            notes.append(f"{path} holds no text paragraph (only blank or '= heading =' lines): nothing read from it")
+        paragraphs += found
     n = seq_length + 1
     if not paragraphs:
         raise DataError(f"{', '.join(input_files)} hold no text paragraphs (only blank or '= heading =' lines), "
@@ -175,8 +189,13 @@ def preprocess_wiki(input_files: list[str], tokenizer: Tokenizer, seq_length: in
                             f"seq_length + 1 = {n}. Pass more text or a smaller --seq_length.")
         table = pa.table({"input_ids": records_column(content[:records * n].astype(np.int32).reshape(records, n))})
         out = datasets.Dataset(table).cast(datasets.Features({"input_ids": INT_LIST}))
+        text = len(content) // repeat
         summary = Summary(records=records, samples=len(paragraphs), tokens=records * n, positions=records * n,
-                          seconds=time.perf_counter() - start)
+                          seconds=time.perf_counter() - start, files=len(input_files), unit="paragraphs",
+                          text_tokens=text, dropped_tokens=len(content) - records * n, notes=notes)
+        if repeat > 1:
+            summary.notes.append(f"the text ({text} tokens) was repeated {repeat} times (--repeat) before cutting "
+                                 "into records")
         out.save_to_disk(stage.path, num_shards=min(num_shards, max(1, records)))
     return summary
 

@@ -126,9 +126,8 @@ def cached_dataset(path: str, vocab_file: str | None, seq_length: int, cache_roo
     tokenizer = load_tokenizer(vocab_file, tokenizer_type)
     summary = preprocess_conversations([(path, records)], tokenizer, seq_length, out, packing=packing,
                                        template=template, max_skipped_ratio=max_skipped_ratio, setting=setting,
-                                       prior=converted,
+                                       prior=converted, keep=_keep_counts,  # in the cache before it is in place
                                        num_proc=max(1, min(num_proc, len(records) // RECORDS_PER_PROCESS)))
-    _keep_counts(out, summary)
     logger.info("Dataset %s (%s records) tokenized into %s: %s", path, "alpaca" if alpaca else "conversation",
                 out, summary.line())
     _report_skipped(path, summary)

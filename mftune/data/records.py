@@ -43,11 +43,19 @@ class Summary:
     packed: bool = False      # several samples per record (--packing)
     seconds: float = 0.0      # tokenizing (and packing) time
     errors: list[RecordError] = dataclasses.field(default_factory=list)
+    # plain-text paths (wiki, wikipedia): what was read and what of it no record holds
+    files: int = 0            # input files read
+    unit: str = "samples"     # what ``samples`` counts there ("paragraphs", "lines")
+    text_tokens: int = 0      # tokens the text gave (one pass over the files)
+    dropped_tokens: int = 0   # of those, tokens in no record (a tail shorter than a record, cut ids)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what the tool also says (files unused...)
 
     def line(self, qa: bool = True) -> str:
         speed = f" Took {self.seconds:.1f} s, {self.tokens / self.seconds:,.0f} tokens/s." if self.seconds else ""
         if not qa:
-            return f"Transformed {self.records} records. {self.tokens} tokens.{speed}"
+            read = (f" Read {self.samples} {self.unit} from {self.files} file(s), {self.text_tokens} tokens of "
+                    f"text; {self.dropped_tokens} of them are in no record." if self.files else "")
+            return f"Transformed {self.records} records. {self.tokens} tokens.{read}{speed}"
         frac = self.ignored_labels / self.positions if self.positions else 0.0
         fill = self.tokens / self.positions if self.positions else 0.0
         packed = f"Packed {self.samples} samples into them; skipped" if self.packed else "Skipped"

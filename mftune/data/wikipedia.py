@@ -18,8 +18,9 @@ training_dataloader.py``: ``file_format="parquet"``, ``is_align=True``, ``shuffl
   10000); when the files run out first they are read again from the first ("All data files have been
   read, but the number of samples is still not met"), so the count is always ``samples_num``.
 
-A file that yields no chunk is skipped (MindFormers fails with an IndexError there); no chunk at all is
-a DataError.
+A file that yields no chunk is skipped and named in the summary (MindFormers fails with an IndexError
+there); no chunk at all is a DataError. The summary counts the lines and text tokens read and the tokens
+no record holds (chunk remainders, the two ids per chunk a record cuts, text beyond ``samples_num``).
 """
 from __future__ import annotations
 
@@ -86,23 +87,53 @@ def align(encoded: list[list[int]], n: int) -> list[list[int]]:
     return chunks
 
 
-def wikipedia_records(files: list[str], tokenizer: Tokenizer, n: int, samples_num: int) -> np.ndarray:
-    """``samples_num`` records of ``n`` ids, ``(samples_num, n)`` int32, read file after file and round again."""
+def wikipedia_records(files: list[str], tokenizer: Tokenizer, n: int, samples_num: int,
+                      counts: Summary | None = None) -> np.ndarray:
+    """``samples_num`` records of ``n`` ids, ``(samples_num, n)`` int32, read file after file and round again.
+    ``counts``: filled with what was read (files, lines, text tokens of one pass) and what no record holds."""
     out: list[list[int]] = []
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     chunks_of: dict[str, list[list[int]]] = {}  # a later pass over the files reads the same chunks
+    counts = Summary() if counts is None else counts
     while len(out) < samples_num:
         before = len(out)
         for path in files:
             if path not in chunks_of:
-                chunks_of[path] = align(tokenizer.encode_batch(file_sentences(path)), n)
+                encoded = tokenizer.encode_batch(file_sentences(path))
+                chunks_of[path] = align(encoded, n)
+                _count_file(counts, path, encoded, len(chunks_of[path]), n)
             out += [[bos] + c[:n - 2] + [eos] for c in chunks_of[path][:samples_num - len(out)]]
             if len(out) == samples_num:
                 break
         if len(out) == before:
             raise DataError(f"{', '.join(files)} hold fewer than seq_length + 1 = {n} tokens of text per file: "
                             "no record. Pass more text or a smaller --seq_length.")
+    _count_use(counts, chunks_of, samples_num, n)
     return np.asarray(out, dtype=np.int32).reshape(samples_num, n)
+
+
+def _count_file(counts: Summary, path: str, encoded: list[list[int]], chunks: int, n: int) -> None:
+    counts.files += 1
+    counts.samples += len(encoded)
+    counts.text_tokens += sum(len(ids) for ids in encoded)
+    if not chunks:  # MindFormers fails here (IndexError); mftune reads on, and says so
+        counts.notes.append(f"{path} gives no record: its text is fewer than seq_length + 1 = {n} tokens "
+                            "(MindFormers cuts each file on its own)")
+
+
+def _count_use(counts: Summary, chunks_of: dict[str, list[list[int]]], samples_num: int, n: int) -> None:
+    """Tokens in no record (chunk remainders, the 2 ids of each chunk the record cuts, chunks beyond
+    samples_num) and, when the text gives fewer chunks than samples_num, how often records repeat."""
+    available = sum(len(c) for c in chunks_of.values())
+    used = min(available, samples_num)
+    counts.dropped_tokens = counts.text_tokens - used * (n - 2)
+    if available < samples_num:
+        counts.notes.append(f"the text gives {available} records and --samples_num is {samples_num}: the files "
+                            f"were read again from the first ({samples_num / available:.1f} passes), so records "
+                            "repeat (MindFormers does the same)")
+    elif available > samples_num:
+        counts.notes.append(f"the text gives {available} records; --samples_num {samples_num} keeps the first "
+                            f"{samples_num} (the rest of the text is in no record)")
 
 
 def preprocess_wikipedia(path: str, tokenizer: Tokenizer, seq_length: int, output_dir: str, *,
@@ -113,10 +144,11 @@ def preprocess_wikipedia(path: str, tokenizer: Tokenizer, seq_length: int, outpu
     n = seq_length + 1
     start = time.perf_counter()
     with atomic_directory(output_dir, lambda: check_output_dir(output_dir)) as stage:
-        records = wikipedia_records(files, tokenizer, n, samples_num)
+        summary = Summary(unit="lines")
+        records = wikipedia_records(files, tokenizer, n, samples_num, summary)
         table = pa.table({"input_ids": records_column(records)})
         out = datasets.Dataset(table).cast(datasets.Features({"input_ids": INT_LIST}))
-        summary = Summary(records=samples_num, samples=samples_num, tokens=records.size, positions=records.size,
-                          seconds=time.perf_counter() - start)
+        summary.records, summary.tokens, summary.positions = samples_num, records.size, records.size
+        summary.seconds = time.perf_counter() - start
         out.save_to_disk(stage.path, num_shards=min(num_shards, samples_num))
     return summary

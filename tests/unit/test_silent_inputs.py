@@ -23,7 +23,7 @@ import torch
 
 from mftune.config.schema import DatasetConfig
 from mftune.data.loader import TrainData
-from mftune.data.preprocess import preprocess_wiki
+from mftune.data.preprocess import preprocess_conversations, preprocess_wiki
 from mftune.data.raw import cached_dataset, read_raw_records
 from mftune.data.records import (DEFAULT_MAX_SKIPPED_RATIO, Summary, check_skipped, convert_alpaca,
                                  read_json_records)
@@ -311,3 +311,58 @@ def test_named_damaged_checkpoint_is_an_error_naming_the_file(tmp_path):
         _truncate(files[0, step])
     with pytest.raises(CheckpointError, match="every saved step has a damaged file"):
         find_resume_point(str(tmp_path / "checkpoint"), True)
+
+
+# ---------------------------------------------------------------------------------------------
+# plain-text paths: what was read and what no record holds
+# ---------------------------------------------------------------------------------------------
+
+def _fake_tokenizer(words: list[str]):
+    return type("T", (), {"bos_token_id": 100, "eos_token_id": 101,
+                          "encode_batch": lambda self, texts: [[words.index(w) for w in t.split()] for t in texts]})()
+
+
+def test_wikipedia_counts_lines_tokens_dropped_and_names_a_file_without_records(tmp_path):
+    from mftune.data.wikipedia import wikipedia_records
+    words = "a b c d e f g h".split()
+    full, short = tmp_path / "1.parquet", tmp_path / "2.parquet"
+    pq.write_table(pa.table({"text": ["a b\nc d e f g h"]}), full)  # 8 ids: chunks [0..2], [3..5]; 2 left
+    pq.write_table(pa.table({"text": ["a b"]}), short)  # 2 ids < n: no chunk
+    counts = Summary()
+    records = wikipedia_records([str(full), str(short)], _fake_tokenizer(words), 3, 3, counts)
+    assert records.tolist() == [[100, 0, 101], [100, 3, 101], [100, 0, 101]]  # a second pass for the third
+    assert (counts.files, counts.samples, counts.text_tokens) == (2, 3, 10)  # each file counted once
+    assert counts.dropped_tokens == 10 - 2 * 1  # each of the 2 distinct records keeps n - 2 = 1 id of its chunk
+    assert str(short) in counts.notes[0] and "gives no record" in counts.notes[0]
+    assert "1.5 passes" in counts.notes[1]
+    fewer = Summary()
+    wikipedia_records([str(full)], _fake_tokenizer(words), 3, 1, fewer)
+    assert fewer.dropped_tokens == 8 - 1 and "keeps the first 1" in fewer.notes[-1]
+
+
+def test_wiki_summary_counts_paragraphs_tokens_and_the_dropped_tail(tmp_path, tok):
+    text, empty = tmp_path / "wiki.txt", tmp_path / "headings.txt"
+    text.write_text("\n\n".join(f"paragraph number {i} with a few words of text." for i in range(30)))
+    empty.write_text(" = Heading = \n\n")
+    tokenizer = build_tokenizer(tok)
+    summary = preprocess_wiki([str(text), str(empty)], tokenizer, SEQ, str(tmp_path / "out"))
+    ids = [len(tokenizer.encode(f"paragraph number {i} with a few words of text.", add_bos=True, add_eos=True))
+           for i in range(30)]
+    assert (summary.files, summary.samples, summary.text_tokens) == (2, 30, sum(ids))
+    assert summary.dropped_tokens == sum(ids) % (SEQ + 1) and summary.records == sum(ids) // (SEQ + 1)
+    assert any(str(empty) in note for note in summary.notes)
+    assert f"Read 30 paragraphs from 2 file(s), {sum(ids)} tokens of text; {summary.dropped_tokens} of them" \
+        in summary.line(qa=False)
+
+
+def test_a_caches_counts_are_written_before_the_cache_is_in_place(tmp_path, tok):
+    """A kill between the rename and the counts file left a cache reused without its skip check."""
+    out, seen = tmp_path / "cache", []
+
+    def keep(directory: str, summary: Summary) -> None:
+        seen.append((os.path.exists(out), summary.records))
+        Path(directory, "extra.json").write_text("{}")
+
+    records = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}] * 3
+    summary = preprocess_conversations([("a.json", records)], build_tokenizer(tok), SEQ, str(out), keep=keep)
+    assert seen == [(False, summary.records)] and (out / "extra.json").is_file()
