@@ -33,12 +33,12 @@ from mftune.checkpoint.formats import peft_adapter
 from mftune.checkpoint.formats.peft_adapter import (LINEAR_LEAVES, grid_pet_config, lora_grid, read_adapter_config,
                                                     read_peft_adapter)
 from mftune.checkpoint.names import MFTUNE_TO_HF_TOP, mftune_to_hf
+from mftune.checkpoint.recorded_pet import KEY_PREFIX, checkpoint_pet_config, describe, first, source, yaml_targets
 from mftune.errors import CheckpointError
 from mftune.pet import LoraConfig, lora_targets
 
 logger = logging.getLogger("mftune")
 
-KEY_PREFIX = "model.model_config.pet_config"
 # mftune pet_config key -> the adapter_config.json field that sets it
 ADAPTER_FIELDS: dict[str, str] = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}
 PEFT_LLAMA_DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -51,14 +51,18 @@ OUTSIDE_LAYERS = tuple(k[: -len(".weight")] for k in MFTUNE_TO_HF_TOP if not k.e
 def effective_pet_config(run_pet_config: dict | None, load_checkpoint: str, model: nn.Module,
                          run_mode: str) -> dict | None:
     """The pet_config to apply to ``model`` (a plain Llama, e.g. on meta, LoRA not yet applied): the run's,
-    unless ``load_checkpoint`` is a PEFT adapter directory, then the adapter's over the run's (module doc)."""
-    if not load_checkpoint or not peft_adapter.matches(load_checkpoint):
+    unless ``load_checkpoint`` is a PEFT adapter directory, then the adapter's over the run's (module doc), or
+    an mftune checkpoint holding LoRA weights, then the pet_config it records over the run's
+    (``mftune.checkpoint.recorded_pet``)."""
+    if not load_checkpoint:
         return run_pet_config
+    if not peft_adapter.matches(load_checkpoint):
+        return checkpoint_pet_config(run_pet_config, load_checkpoint, model, run_mode)
     adapter, config, config_path = adapter_pet_config(load_checkpoint, model.config.num_layers)
     if not run_pet_config:
         log = logger.warning if run_mode in ("train", "finetune") else logger.info
         log("model.model_config.pet_config is empty and load_checkpoint=%s is a PEFT LoRA adapter: its settings "
-            "are applied (%s)%s", load_checkpoint, _describe(adapter),
+            "are applied (%s)%s", load_checkpoint, describe(adapter),
             ", so only the adapters train" if run_mode in ("train", "finetune") else "")
         return adapter
     effective = {**run_pet_config, **{k: adapter[k] for k in ADAPTER_FIELDS}, "pet_type": "lora"}
@@ -66,15 +70,15 @@ def effective_pet_config(run_pet_config: dict | None, load_checkpoint: str, mode
     for key, field in ADAPTER_FIELDS.items():
         if getattr(yaml, key) != adapter[key]:
             logger.warning("%s.%s=%s (%s) is replaced by the adapter's %s=%s (%s)", KEY_PREFIX, key,
-                           getattr(yaml, key), _source(run_pet_config, key), field, adapter[key], config_path)
+                           getattr(yaml, key), source(run_pet_config, key), field, adapter[key], config_path)
     ours, theirs = lora_targets(model, run_pet_config), lora_targets(model, adapter)
     if ours != theirs:
         effective["target_modules"], effective["exclude_layers"] = adapter["target_modules"], adapter.get(
             "exclude_layers")
         logger.warning("%s (%s) is replaced by the adapter's %s (%s): LoRA on %d layers (%s) instead of %d",
-                       _yaml_targets(run_pet_config), _source(run_pet_config, "target_modules"),
-                       _adapter_targets(config), config_path, len(theirs), _first(theirs), len(ours))
-    logger.info("load_checkpoint=%s is a PEFT LoRA adapter: pet_config %s", load_checkpoint, _describe(effective))
+                       yaml_targets(run_pet_config), source(run_pet_config, "target_modules"),
+                       _adapter_targets(config), config_path, len(theirs), first(theirs), len(ours))
+    logger.info("load_checkpoint=%s is a PEFT LoRA adapter: pet_config %s", load_checkpoint, describe(effective))
     return effective
 
 
@@ -195,29 +199,8 @@ def _hf(module: str) -> str:
     return mftune_to_hf(f"{module}.weight")[: -len(".weight")]
 
 
-def _source(run_pet_config: dict, key: str) -> str:
-    return "YAML" if key in run_pet_config else "default"
-
-
-def _yaml_targets(run_pet_config: dict) -> str:
-    text = f"{KEY_PREFIX}.target_modules={run_pet_config.get('target_modules')!r}"
-    if run_pet_config.get("exclude_layers") is not None:
-        text += f" with exclude_layers={run_pet_config['exclude_layers']!r}"
-    return text
-
-
 def _adapter_targets(config: dict) -> str:
     text = f"target_modules={json.dumps(config.get('target_modules'))}"
     if config.get("layers_to_transform") is not None:
         text += f" with layers_to_transform={json.dumps(config['layers_to_transform'])}"
     return text
-
-
-def _first(modules: list[str]) -> str:
-    return ", ".join(modules[:4]) + (", ..." if len(modules) > 4 else "")
-
-
-def _describe(pet_config: dict) -> str:
-    return ", ".join(f"{k}={pet_config[k]!r}" for k in ("lora_rank", "lora_alpha", "lora_dropout", "target_modules",
-                                                        "exclude_layers") if pet_config.get(k) is not None)
-

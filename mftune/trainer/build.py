@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mftune.checkpoint.adapter_config import effective_pet_config
+from mftune.checkpoint.recorded_pet import checkpoint_pet_config
 from mftune.config.schema import MFConfig
 from mftune.errors import UserError
 from mftune.models.config import LlamaConfig
@@ -41,12 +42,17 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext,
     """The run's model in ``ctx``'s layout with its starting weights (``mftune.trainer.weights``);
     with ``only_save_strategy``, the strategy files written and no weights."""
     # applied whenever present, in every run mode (MindFormers' build_network does the same); a run
-    # without pet_config trains every parameter. A PEFT adapter as load_checkpoint brings its own LoRA settings,
-    # which win over the YAML's (each difference logged); the checkpoints the run saves record those.
+    # without pet_config trains every parameter. A PEFT adapter or an mftune LoRA checkpoint as load_checkpoint
+    # (or resume point) brings its own LoRA settings, which win over the YAML's (each difference logged); the
+    # checkpoints the run saves record those.
     try:
         with torch.device("meta"):
             model = LlamaForCausalLM(model_config)
-        pet_config = effective_pet_config(model_config.pet_config, cfg.load_checkpoint, model, cfg.run_mode)
+        if point is not None:  # what the resumed adapters were trained with (the run's own checkpoints)
+            pet_config = checkpoint_pet_config(model_config.pet_config, point.files[0], model, cfg.run_mode,
+                                               list(point.entries))
+        else:
+            pet_config = effective_pet_config(model_config.pet_config, cfg.load_checkpoint, model, cfg.run_mode)
         model.config = dataclasses.replace(model.config, pet_config=pet_config)
         if pet_config:
             get_pet_model(model, LoraConfig(**pet_config))  # validated with the config (or the adapter's)

@@ -88,8 +88,9 @@ def test_predict_applies_the_adapter_config_over_a_differing_yaml(adapter):
     assert expected != _peft_answer(adapter, scaling=16 / 4)  # what the YAML's alpha would have given
 
 
-def test_finetune_from_the_adapter_records_its_pet_config(adapter):
-    """The checkpoints a run saves record the pet_config it applied: the adapter's."""
+@pytest.fixture(scope="module")
+def finetuned(adapter):
+    """A finetune from the adapter with the YAML's differing pet_config: (its output_dir, the run)."""
     data = str(adapter["d"] / "alpaca.json")
     with open(data, "w") as f:
         json.dump([{"instruction": QUESTION, "input": "", "output": "Four."},
@@ -100,6 +101,12 @@ def test_finetune_from_the_adapter_records_its_pet_config(adapter):
             "--epochs", "1", "--batch_size", "2", "--model.model_config.seq_length", "48",
             "--callbacks.1.save_checkpoint_steps", "1", *YAML_ALPHA)
     assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_finetune_from_the_adapter_records_its_pet_config(finetuned):
+    """The checkpoints a run saves record the pet_config it applied: the adapter's."""
+    out, r = finetuned
     assert "is replaced by the adapter's lora_alpha=64" in r.stdout + r.stderr
     rank_dir = os.path.join(out, "checkpoint", "rank_0")
     with open(os.path.join(rank_dir, "meta.json")) as f:
@@ -107,3 +114,27 @@ def test_finetune_from_the_adapter_records_its_pet_config(adapter):
     meta = read_metadata(ckpt)
     for pet_config in (meta["pet_config"], meta["model_config"]["pet_config"]):
         assert (pet_config["lora_rank"], pet_config["lora_alpha"], pet_config["target_modules"]) == (4, 64, ".*wq|.*wv")
+
+
+def test_an_mftune_lora_checkpoint_applies_the_pet_config_it_records(adapter, finetuned):
+    """Its LoRA factors were trained with r 4, alpha 64 on wq/wv: a YAML saying r 16, alpha 16 on wq|wk|wv|wo is
+    overruled with a warning per value, and predict answers as with the checkpoint's own values in the YAML."""
+    checkpoint = os.path.join(finetuned[0], "checkpoint")
+    answers, logs = [], []
+    for name, pet in (("differing", YAML_ALPHA), ("matching", [
+            "--model.model_config.pet_config.lora_alpha", "64", "--model.model_config.pet_config.lora_rank", "4",
+            "--model.model_config.pet_config.target_modules", ".*wq|.*wv"])):
+        out = str(adapter["d"] / f"predict_{name}")
+        r = run("run_finetune.py", "--config", CONFIG, "--run_mode", "predict", "--pretrained_model_dir",
+                adapter["dir"], "--load_checkpoint", checkpoint, "--predict_data", QUESTION, "--output_dir", out,
+                "--model.model_config.max_decode_length", str(MAX_DECODE), *pet)
+        assert r.returncode == 0, r.stderr[-3000:]
+        logs.append(r.stdout + r.stderr)
+        with open(os.path.join(out, "predict_results.jsonl")) as f:
+            answers.append(json.loads(f.readline())["output_ids"])
+    assert f"model.model_config.pet_config.lora_alpha=16 (YAML) is replaced by lora_alpha=64, which " \
+           f"load_checkpoint={checkpoint} was trained with" in logs[0], logs[0][-3000:]
+    assert "model.model_config.pet_config.lora_rank=16 (YAML) is replaced by lora_rank=4" in logs[0]
+    assert "is replaced by the checkpoint's target_modules='.*wq|.*wv'" in logs[0]
+    assert "is replaced" not in logs[1]
+    assert len(answers[0]) >= 5 and answers[0] == answers[1]
