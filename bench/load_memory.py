@@ -301,6 +301,24 @@ def verify_slices(model, path: str, tp_rank: int, tp: int, vocab_emb_dp: bool) -
     return checked
 
 
+def _time_reads() -> list[float]:
+    """A one-element list that accumulates the CPU time (user + system) spent in ``read_block`` on
+    safetensors files from now on (wrapped where the entries call it)."""
+    from mftune.checkpoint import entries
+
+    spent, read_block = [0.0], entries.read_block
+
+    def timed(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return read_block(*args, **kwargs)
+        finally:
+            spent[0] += time.process_time() - start
+
+    entries.read_block = timed
+    return spent
+
+
 def worker(args) -> int:
     t_proc = time.perf_counter()
     import logging
@@ -313,6 +331,7 @@ def worker(args) -> int:
     from mftune.trainer.build import build_model
 
     logging.basicConfig(level=logging.WARNING)
+    read_cpu = _time_reads()
     cfg = load_cfg(args, os.path.abspath(args.checkpoint))
     model_config = LlamaConfig.from_dict(cfg.model.model_config)
     errors = layout_errors(cfg.parallel_config, model_config, env_world())
@@ -325,9 +344,9 @@ def worker(args) -> int:
     sampler = PeakSampler()
     sampler.start()
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model = build_model(cfg, model_config, dist_info).model
-    load_s = time.perf_counter() - t0
+    load_s, load_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     sampler.stop.set()
     sampler.join()
     after = proc_status()
@@ -357,7 +376,7 @@ def worker(args) -> int:
            "peak": after["VmHWM"], "ru_maxrss": ru_maxrss, "rss_after": after["VmRSS"],
            "anon_after": after["RssAnon"], "file_after": after["RssFile"],
            "max_anon_sampled": sampler.anon, "max_file_sampled": sampler.file,
-           "load_s": load_s, "proc_s": time.perf_counter() - t_proc, "verified": verified}
+           "load_s": load_s, "load_cpu_s": load_cpu_s, "read_cpu_s": read_cpu[0], "proc_s": time.perf_counter() - t_proc, "verified": verified}
     rows = [None] * dist_info.world_size
     dist.all_gather_object(rows, row)
     if dist_info.rank == 0:

@@ -6,27 +6,69 @@ are left to resuming (``mftune.trainer.resume``).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 from typing import Any
 
 import torch
+import xxhash
 from torch import nn
 
 from mftune.checkpoint.entries import Entry
-from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
+from mftune.checkpoint.checksum import content_hash
+from mftune.checkpoint.formats import checkpoint_header, huggingface, open_checkpoint
 from mftune.checkpoint.keys import is_lora, is_training_state
-from mftune.checkpoint.safetensors_io import raw_header
+from mftune.checkpoint.safetensors_io import checksummed, raw_header
 from mftune.errors import CheckpointError
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")
+FINGERPRINT_KIND = "c1:"  # content identities; fingerprints recorded before them have no prefix
 
 
-def fingerprint(path: str) -> str:
-    """A cheap identity of a checkpoint: sha256 of a safetensors file's size and JSON header (names,
-    shapes, offsets, metadata); a directory hashes each file's name and size (and header) in order."""
+def fingerprint(path: str, like: str | None = None) -> str:
+    """The identity of a checkpoint's contents, ``"c1:"`` + 32 hex digits. A file whose tensors carry checksums
+    is identified by its size and header (which holds the hashes of every byte: cheap, and still content);
+    any other file (a Hugging Face download, a .bin) by a hash of its bytes. A directory combines its files'
+    names and identities in order: a Hugging Face directory just config.json and the weight files it is read
+    from, any other directory every file. Each file's identity is computed once per process and version
+    (path, size, mtime). ``like``: a recorded fingerprint; one recorded before content identities (no
+    ``"c1:"``: the size and header only) is recomputed that way, so that it still compares."""
+    if like and not like.startswith(FINGERPRINT_KIND):
+        return _legacy_fingerprint(path)
+    if os.path.isfile(path):
+        return FINGERPRINT_KIND + _file_identity(path)
+    digest = xxhash.xxh3_128()
+    for file in _identity_files(path):
+        digest.update(f"{os.path.relpath(file, path)}:{_file_identity(file)}\n".encode())
+    return FINGERPRINT_KIND + digest.hexdigest()
+
+
+def _identity_files(directory: str) -> list[str]:
+    if huggingface.matches(directory):  # not tokenizer files, nor a .bin copy beside the safetensors read
+        return sorted({os.path.join(directory, "config.json"), *huggingface.find_source(directory).files})
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(directory) for f in names)
+
+
+def _file_identity(file: str) -> str:
+    stat = os.stat(file)
+    return _identity(os.path.abspath(file), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity(file: str, size: int, mtime_ns: int) -> str:
+    try:
+        if file.endswith(".safetensors") and checksummed(file):
+            return xxhash.xxh3_128_hexdigest(b"header:%d:" % size + raw_header(file))
+    except CheckpointError:  # not readable: identified by its bytes (a damaged leftover changes the identity)
+        pass
+    return content_hash(file)
+
+
+def _legacy_fingerprint(path: str) -> str:
+    """The fingerprint recorded before content identities: sha256 of each file's size and header."""
     if os.path.isfile(path):
         return hashlib.sha256(_size_and_header(path)).hexdigest()[:16]
     digest = hashlib.sha256()
@@ -94,7 +136,8 @@ def load_recorded_base(model: nn.Module, recorded: dict, origin: str, base: str 
         raise CheckpointError(f"checkpoint {origin} holds only the trained tensors and its base checkpoint "
                               f"{path or '(not recorded)'} is not found. Restore the base at that path, or "
                               f"pass a directory holding both the base and this checkpoint.")
-    actual, expected = fingerprint(path), recorded.get("fingerprint")
+    expected = recorded.get("fingerprint")
+    actual = fingerprint(path, like=expected)
     if expected and actual != expected:
         why = (f"checkpoint {origin} was trained over the base {recorded.get('path')} (fingerprint {expected}), "
                f"and {path} holds other contents (fingerprint {actual})")

@@ -6,7 +6,9 @@ raw bytes. mftune's header metadata keys start with ``mftune_`` and hold JSON (`
 
 Invariants: the header is parsed and checked once per file version (path, size, mtime) and cached;
 reads use ``os.preadv`` on exactly the bytes of the block asked for (no memory map, so nothing of
-the file stays mapped); writes are atomic (``mftune.fileio``).
+the file stays mapped); writes are atomic (``mftune.fileio``). Every tensor written carries checksums
+of its bytes in the header, hashed from memory as it is written, and a read checks the chunks it
+touches against them (``mftune.checkpoint.checksum``); files without them read unchecked.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from mftune.checkpoint.checksum import (KEY, RangeCheck, TensorSums, check_column_block, decode, encode,
+                                        hash_chunks, placeholder, verify_enabled)
 from mftune.errors import CheckpointError
 from mftune.fileio import atomic_open, atomic_path
 
@@ -85,10 +89,11 @@ def tensor_specs(path: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
 
 
 def read_metadata(path: str) -> dict[str, Any]:
-    """The ``mftune_*`` header entries of a file, JSON-decoded, without the prefix."""
+    """The ``mftune_*`` header entries of a file, JSON-decoded, without the prefix (the checksums left out: a
+    writer that copies these entries into another file must not carry them)."""
     out = {}
     for key, value in safetensors_header(path)[2].items():
-        if key.startswith(METADATA_PREFIX):
+        if key.startswith(METADATA_PREFIX) and key != KEY:  # the checksums belong to this file's bytes only
             try:
                 out[key[len(METADATA_PREFIX):]] = json.loads(value)
             except json.JSONDecodeError:
@@ -99,6 +104,45 @@ def read_metadata(path: str) -> dict[str, Any]:
 def encode_metadata(entries: dict[str, Any]) -> dict[str, str]:
     """``{"format": "pt", "mftune_<key>": JSON}``: the header metadata of a file mftune writes."""
     return {"format": "pt", **{f"{METADATA_PREFIX}{k}": json.dumps(v, default=str) for k, v in entries.items()}}
+
+
+def file_checksums(path: str) -> tuple[int, dict[str, str]]:
+    """(chunk size, ``{tensor name: hex hashes}``) of a file; ``{}`` for a file written without checksums.
+    A checksum record that does not fit the file's tensors is an error (its header is damaged)."""
+    stat = os.stat(path)
+    return _checksums(path, stat.st_size, stat.st_mtime_ns)
+
+
+def checksummed(path: str) -> bool:
+    """Whether every tensor of the (readable) file ``path`` carries checksums."""
+    return KEY in safetensors_header(path)[2] and file_checksums(path)[1].keys() == safetensors_header(path)[1].keys()
+
+
+@functools.lru_cache(maxsize=256)
+def _checksums(path: str, size: int, mtime_ns: int) -> tuple[int, dict[str, str]]:
+    _, header, metadata = _parse_header(path, size, mtime_ns)
+    if KEY not in metadata:
+        return 0, {}
+    return decode(metadata[KEY], {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}, path)
+
+
+def _tensor_sums(path: str, key: str, offset: int, nbytes: int) -> TensorSums | None:
+    """What to check the bytes of tensor ``key`` (at file ``offset``) against; None: nothing (no checksums, or
+    MFTUNE_VERIFY_CHECKSUMS=0)."""
+    if not verify_enabled():
+        return None
+    chunk, sums = file_checksums(path)
+    return TensorSums(path, key, sums[key], nbytes, offset, chunk) if key in sums else None
+
+
+def verify_tensors(path: str) -> bool:
+    """Read every tensor of ``path`` (one at a time), checking its bytes against the file's checksums; False
+    (nothing read) when the file carries none. A mismatch is a CheckpointError naming tensor and bytes."""
+    if not file_checksums(path)[1]:
+        return False
+    for key in safetensors_header(path)[1]:
+        read_tensor(path, key)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +164,8 @@ def read_block(path: str, key: str, block: Block, out: torch.Tensor | None = Non
     """``block`` of tensor ``key``: its byte ranges read from the file (a row range in one read; a
     column range of a matrix with one read per row; other blocks of 3+-D tensors through whole rows,
     a chunk at a time). ``out``: a contiguous tensor of the block's shape and the file's dtype to
-    read into (e.g. a parameter's local shard: no temporary copy)."""
+    read into (e.g. a parameter's local shard: no temporary copy). The chunks read are checked
+    against the file's checksums, if it has them (a column block: the chunks it owns, ``checksum``)."""
     start, header, _ = safetensors_header(path)
     info = header[key]
     dtype, shape = FROM_ST[info["dtype"]], info["shape"]
@@ -131,39 +176,63 @@ def read_block(path: str, key: str, block: Block, out: torch.Tensor | None = Non
         out = torch.empty(want, dtype=dtype)
     elif list(out.shape) != want or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"read_block into {tuple(out.shape)} {out.dtype}: {key} block is {want} {dtype}")
+    sums = _tensor_sums(path, key, begin, info["data_offsets"][1] - info["data_offsets"][0])
     if not shape:  # a scalar
-        return _pread(path, begin, out)
+        return _pread_checked(path, begin, out, sums, 0)
     if out.numel() == 0:
         return out
     row = math.prod(shape[1:]) * dtype.itemsize
     (lo, hi), rest = ranges[0], block[1:]
     if all(r == (0, n) for r, n in zip(ranges[1:], shape[1:])):  # whole rows: straight into out
-        return _pread(path, begin + lo * row, out)
+        return _pread_checked(path, begin + lo * row, out, sums, lo * row)
     if len(shape) == 2:  # a column range (row-parallel weights): one read of just those bytes per row
-        (c0, _), width = ranges[1], out.shape[1] * dtype.itemsize
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        with open(path, "rb", buffering=0) as f:
-            for i in range(hi - lo):
-                if os.preadv(f.fileno(), [view[i * width:(i + 1) * width]],
-                             begin + (lo + i) * row + c0 * dtype.itemsize) != width:
-                    raise CheckpointError(f"checkpoint {path} ends before the data of {key}: it is truncated.")
+        _read_columns(path, key, begin + lo * row, row, ranges[1], out)
+        if sums is not None:
+            check_column_block(sums, ranges[0], ranges[1], shape[1], row)
         return out
+    check = RangeCheck(sums, lo * row) if sums is not None else None
     step = max(1, READ_CHUNK // max(row, 1))
     for r in range(lo, hi, step):
-        rows = _pread(path, begin + r * row, torch.empty([min(step, hi - r), *shape[1:]], dtype=dtype))
+        rows = _pread(path, begin + r * row, torch.empty([min(step, hi - r), *shape[1:]], dtype=dtype), check)
         out[r - lo:r - lo + len(rows)] = rows[(slice(None), *rest)]
+    if check is not None:
+        check.finish()
     return out
 
 
-def _pread(path: str, offset: int, out: torch.Tensor) -> torch.Tensor:
-    """Fill the contiguous tensor ``out`` with the bytes of ``path`` from ``offset``."""
+def _read_columns(path: str, key: str, offset: int, row: int, cols: tuple[int, int], out: torch.Tensor) -> None:
+    """Columns [c0, c1) of the matrix rows from file ``offset`` (``row`` bytes each) into ``out``, one read per row."""
+    width, item = out.shape[1] * out.element_size(), out.element_size()
+    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    with open(path, "rb", buffering=0) as f:
+        for i in range(out.shape[0]):
+            if os.preadv(f.fileno(), [view[i * width:(i + 1) * width]], offset + i * row + cols[0] * item) != width:
+                raise CheckpointError(f"checkpoint {path} ends before the data of {key}: it is truncated.")
+
+
+def _pread_checked(path: str, offset: int, out: torch.Tensor, sums: TensorSums | None, at: int) -> torch.Tensor:
+    """``_pread`` of bytes that start at byte ``at`` of the tensor ``sums`` describes, every chunk touched checked."""
+    check = RangeCheck(sums, at) if sums is not None else None
+    _pread(path, offset, out, check)
+    if check is not None:
+        check.finish()
+    return out
+
+
+def _pread(path: str, offset: int, out: torch.Tensor, check: RangeCheck | None = None) -> torch.Tensor:
+    """Fill the contiguous tensor ``out`` with the bytes of ``path`` from ``offset``; with ``check``, a
+    chunk at a time, each hashed right after its read, from the CPU's cache (cheaper than 8 MiB pieces
+    or one read then one pass: docs/performance.md "Checksums")."""
     view = memoryview(out.view(-1).view(torch.uint8).numpy())
     with open(path, "rb", buffering=0) as f:
         done = 0
         while done < len(view):
-            n = os.preadv(f.fileno(), [view[done:]], offset + done)
+            piece = len(view) if check is None else check.sums.chunk - check.pos % check.sums.chunk  # to a chunk's end
+            n = os.preadv(f.fileno(), [view[done:done + piece]], offset + done)
             if n <= 0:
                 raise CheckpointError(f"checkpoint {path} ends before the data of a tensor: it is truncated.")
+            if check is not None:
+                check.feed(view[done:done + n])
             done += n
     return out
 
@@ -173,10 +242,11 @@ def _pread(path: str, offset: int, out: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """Write ``tensors`` (all in memory) to ``path`` atomically."""
+    """Write ``tensors`` (all in memory) to ``path`` atomically, with their checksums (hashed from memory)."""
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    sums = {k: hash_chunks(tensor_bytes(v)) for k, v in contiguous.items()}
     with atomic_path(path) as tmp:
-        save_file(contiguous, tmp, metadata=metadata)
+        save_file(contiguous, tmp, metadata={**metadata, KEY: encode(sums)})
 
 
 def write_safetensors_streaming(path: str, specs: Sequence[Spec], tensors: Iterable[tuple[str, torch.Tensor]],
@@ -184,25 +254,40 @@ def write_safetensors_streaming(path: str, specs: Sequence[Spec], tensors: Itera
     """Write a safetensors file whose header is built from ``specs`` before any tensor is read.
 
     ``tensors`` yields ``(name, tensor)`` in ``specs`` order (e.g. a generator reading one at a time),
-    each checked against its spec; the header is padded with spaces to a multiple of 8. Peak memory
-    is one tensor. Atomic. Returns the number of data bytes.
+    each checked against its spec and hashed as it is written; the header is padded with spaces to a
+    multiple of 8, written first with placeholder checksums of the final length and rewritten in place
+    at the end. Peak memory is one tensor. Atomic. Returns the number of data bytes.
     """
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    entries: dict[str, Any] = {}
     offset = 0
     for name, dtype, shape in specs:
-        if name in header or dtype not in ST_DTYPES:
+        if name in entries or name == "__metadata__" or dtype not in ST_DTYPES:
             raise CheckpointError(f"tensor {name} ({dtype}) cannot be written to {path}: duplicate name or dtype.")
         end = offset + math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        entries[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
         offset = end
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    metadata = dict(metadata or {})
+    first = _header_bytes(metadata, entries, placeholder((k, v["data_offsets"][1] - v["data_offsets"][0])
+                                                         for k, v in entries.items()))
+    sums: dict[str, str] = {}
     with atomic_open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for _, tensor in checked_stream(path, specs, tensors):
-            f.write(tensor_bytes(tensor))
-            del tensor  # not held while the next one is read: peak ~ one tensor
+        f.write(struct.pack("<Q", len(first)) + first)
+        for name, tensor in checked_stream(path, specs, tensors):
+            data = tensor_bytes(tensor)
+            sums[name] = hash_chunks(data)
+            f.write(data)
+            del tensor, data  # not held while the next one is read: peak ~ one tensor
+        final = _header_bytes(metadata, entries, sums)
+        if len(final) != len(first):
+            raise RuntimeError(f"writing {path}: the checksum header changed length ({len(first)} -> {len(final)})")
+        f.seek(8)
+        f.write(final)
     return offset
+
+
+def _header_bytes(metadata: dict[str, str], entries: dict[str, Any], sums: dict[str, str]) -> bytes:
+    raw = json.dumps({"__metadata__": {**metadata, KEY: encode(sums)}, **entries}, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -30,17 +30,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mftune.checkpoint.checksum import ChecksumMismatch
 from mftune.checkpoint.entries import Entry, safetensors_entries
 from mftune.checkpoint.formats import MINDSPORE_FORMATS, recognise
 from mftune.checkpoint.formats.distributed import distributed_entries, rank_dirs, rank_files
 from mftune.checkpoint.keys import moment_names
 from mftune.checkpoint.load import load_entries, load_recorded_base
-from mftune.checkpoint.safetensors_io import load_tensors, read_metadata, read_tensor, safetensors_header
+from mftune.checkpoint.safetensors_io import (load_tensors, read_metadata, read_tensor, safetensors_header,
+                                              verify_tensors)
 from mftune.errors import CheckpointError, ConfigError
 from mftune.parallel.layout import local, local_block
 
 logger = logging.getLogger("mftune")
 STEP_IN_NAME = re.compile(r"-(\d+)_(\d+)\.safetensors$")
+VERIFY_ON_RESUME_BYTES = 256 * 2**20  # damage() reads files up to this size whole to check their checksums
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,8 @@ def _newest_common(root: str) -> list[str]:
 def damage(file: str) -> str | None:
     """Why ``file`` cannot be resumed from, None when it is intact: its size differs from what its folder's
     meta.json recorded for it (the newest save), or its safetensors header does not describe its bytes
-    (truncated, damaged or not a safetensors file)."""
+    (truncated, damaged or not a safetensors file), or (files up to VERIFY_ON_RESUME_BYTES) its bytes do not
+    match their checksums; larger files are checked as they are read."""
     size, recorded = os.path.getsize(file), _recorded_size(file)
     if recorded is not None and size != recorded:
         return f"it has {size} bytes but meta.json recorded {recorded}: truncated or replaced"
@@ -158,6 +162,11 @@ def damage(file: str) -> str | None:
         safetensors_header(file)
     except CheckpointError:
         return f"its {size} bytes are not a complete safetensors file: truncated or damaged"
+    try:  # a LoRA run's checkpoint (MBs): every byte checked against its checksums, cheaply
+        if size <= VERIFY_ON_RESUME_BYTES:
+            verify_tensors(file)
+    except CheckpointError as exc:
+        return f"{exc.detail}: damaged" if isinstance(exc, ChecksumMismatch) else "its checksum record is damaged"
     return None
 
 

@@ -91,7 +91,7 @@ def test_reversed_sharding_matches_transformers_index_format(hf_dirs, tmp_path):
     for shard in shards:
         size = os.path.getsize(os.path.join(out, shard))
         with safe_open(os.path.join(out, shard), "pt") as f:
-            assert f.metadata() == {"format": "pt"}
+            assert f.metadata().keys() == {"format", "mftune_checksums"} and f.metadata()["format"] == "pt"
             for name in f.keys():
                 seen[name] = shard
                 nbytes = f.get_tensor(name).numel() * 4
@@ -209,7 +209,8 @@ def test_streaming_writer_layout_and_one_tensor_at_a_time(tmp_path):
         header_len = int.from_bytes(f.read(8), "little")
     assert header_len % 8 == 0 and os.path.getsize(path) == 8 + header_len + size
     with safe_open(path, "pt") as f:
-        assert f.metadata() == {"format": "pt", "k": "v"} and list(f.keys()) == sorted(tensors)
+        assert f.metadata().keys() == {"format", "k", "mftune_checksums"} and list(f.keys()) == sorted(tensors)
+        assert f.metadata()["format"] == "pt" and f.metadata()["k"] == "v"
         for k, v in tensors.items():
             assert f.get_tensor(k).dtype == v.dtype and torch.equal(f.get_tensor(k), v), k
     with pytest.raises(CheckpointError, match="expected tensor"):
