@@ -5,16 +5,23 @@ where it is tested. The four positional forms and their defaults are msrun_launc
 The launcher validates them, prints msrun's "Running Command:" and "Please check log files in"
 lines, then starts
 
-    python -m mftune.launch --torchrun --nnodes N --nproc-per-node LOCAL_WORKER --node-rank R
-        --master-addr ADDR --master-port PORT -m mftune.launch --worker LOG_DIR script args...
+    python -m mftune.launch_agent --log-dir LOG_DIR --heartbeat-timeout S --nnodes N
+        --nproc-per-node LOCAL_WORKER --node-rank R --master-addr ADDR --master-port PORT
+        --max-restarts M -m mftune.launch --worker LOG_DIR script args...
 
-(``--torchrun`` is ``python -m torch.distributed.run`` without its traceback dump on failure)
+(``mftune.launch_agent`` is ``python -m torch.distributed.run`` with the hang watchdog, the failure
+report and no traceback dump) with MFTUNE_CLUSTER_TIME_OUT (seconds; the trainer's process-group
+timeout) and MFTUNE_JOB_START (when the job started: a restart resumes only from checkpoints saved
+after it) exported. torchrun sets RANK/WORLD_SIZE, so msrun's RANK_ID/RANK_SIZE are not needed. Each
+worker (``--worker``, ``mftune.launch_worker``) writes LOG_DIR/worker_{RANK}.log (global rank, msrun's
+names; an earlier attempt's moved to .1, .2 ...), runs the script as ``python script args`` would and,
+on failure, writes one line and the log's tail to the console and exits with the script's status.
+torchrun then stops the node's other workers and, with restarts left, starts them again, else exits 1.
 
-with MFTUNE_CLUSTER_TIME_OUT exported (seconds; the trainer's process-group timeout). torchrun sets
-RANK/WORLD_SIZE, so msrun's RANK_ID/RANK_SIZE are not needed. Each worker (``--worker``) points fds
-1 and 2 at LOG_DIR/worker_{RANK}.log (global rank, msrun's names), runs the script as ``python
-script args`` would and, on failure, writes one line and the log's tail to the console (its original
-stderr) and exits with the script's status. torchrun then stops the node's other workers and exits 1.
+``--max_restarts N`` and ``--heartbeat_timeout S`` may stand anywhere among the launcher's arguments
+(also as ``--max_restarts=N``); without them the YAML named by ``--config`` in EXECUTE_ORDER gives them
+(top-level keys ``max_restarts``, ``heartbeat_timeout``, ``base_config`` files followed), else the
+defaults (0 restarts; 600 s). The YAML is read with plain PyYAML here: the launcher imports no torch.
 
 Deviations from msrun_launcher:
   * Forms 1 and 2 wait for the job (JOIN=True; msrun's default is False): the headline command
@@ -28,18 +35,20 @@ Deviations from msrun_launcher:
 from __future__ import annotations
 
 import dataclasses
-import faulthandler
 import os
 import re
-import runpy
 import shlex
 import socket
 import subprocess
 import sys
-import traceback
+import time
 from collections.abc import Sequence
 
-from mftune.errors import UsageError, exit_status
+import yaml
+
+from mftune.errors import UsageError, exit_status, print_debug_traceback
+from mftune.fileio import rotate
+from mftune.launch_worker import run_worker
 
 __all__ = ["LaunchArgs", "UsageError", "USAGE", "parse_args", "build_command", "worker_env", "main"]
 
@@ -53,7 +62,12 @@ Defaults: WORKER_NUM=8 LOCAL_WORKER=WORKER_NUM MASTER_ADDR=127.0.0.1 MASTER_PORT
   LOG_DIR=output/msrun_log CLUSTER_TIME_OUT=7200 (seconds) JOIN=True in forms 1-2 (msrun: False).
 JOIN=True waits for the job and exits with its status; JOIN=False starts it in the background
   (torchrun output in LOG_DIR/scheduler.log) and returns at once. Ranks log to LOG_DIR/worker_{rank}.log.
-Multi-node: run form 4 on every node with the same arguments and NODE_RANK 0, 1, ..."""
+Multi-node: run form 4 on every node with the same arguments and NODE_RANK 0, 1, ...
+Options, anywhere among the arguments (the YAML named by --config gives them otherwise):
+  --max_restarts N       restart a job whose rank died or hung up to N times, from its last complete
+                         checkpoint (YAML key max_restarts; default 0: the job ends at the first failure)
+  --heartbeat_timeout S  seconds without progress after which a training rank counts as hung (YAML key
+                         heartbeat_timeout; default 600, or CLUSTER_TIME_OUT/2 if shorter; 0: no watchdog)"""
 
 DEFAULTS: dict[str, str] = {"WORKER_NUM": "8", "LOCAL_WORKER": "8", "MASTER_ADDR": "127.0.0.1",
                             "MASTER_PORT": "8118", "NODE_RANK": "0", "LOG_DIR": "output/msrun_log",
@@ -76,6 +90,11 @@ NUMBERS: dict[str, tuple[int, int | None, str]] = {
     "CLUSTER_TIME_OUT": (1, None, "Give a timeout in seconds, e.g. 7200."),
 }
 PYTHON_WORD = re.compile(r"python[0-9.]*")
+# The launcher's own options: name -> (default, what to give instead of a bad value).
+OPTIONS: dict[str, tuple[int, str]] = {
+    "max_restarts": (0, "Give e.g. --max_restarts 2 (0: the job ends at the first failure)."),
+    "heartbeat_timeout": (600, "Give seconds, e.g. --heartbeat_timeout 600 (0: no hang watchdog)."),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +112,10 @@ class LaunchArgs:
     join: bool
     cluster_time_out: int           # seconds, exported as MFTUNE_CLUSTER_TIME_OUT
     notice: str | None = None       # msrun's informational line for forms 1 and 4
+    max_restarts: int = 0           # torchrun's --max-restarts: elastic restarts of the whole job
+    heartbeat_timeout: int = 600    # seconds without a heartbeat before the watchdog looks for a hung rank
+                                    # (default: 600, or half of CLUSTER_TIME_OUT when that is shorter)
+    settings_from: str = ""         # where max_restarts / heartbeat_timeout came from, for the console
 
     @property
     def nnodes(self) -> int:
@@ -139,40 +162,147 @@ def _check_values(raw: dict[str, str], given: tuple[str, ...]) -> list[str]:
     return errors
 
 
+def split_options(argv: Sequence[str]) -> tuple[list[str], dict[str, str], list[str]]:
+    """The launcher's own options (``--max_restarts N``, ``--max_restarts=N``, also with hyphens), wherever
+    they stand, out of ``argv``: (the positional arguments, {option: value as given}, errors)."""
+    positional: list[str] = []
+    given: dict[str, str] = {}
+    errors: list[str] = []
+    words = iter(argv)
+    for word in words:
+        name, eq, value = word[2:].partition("=") if word.startswith("--") else ("", "", "")
+        name = name.replace("-", "_")
+        if name not in OPTIONS:
+            positional.append(word)
+            continue
+        if not eq:
+            value = next(words, None)
+            if value is None:
+                errors.append(f"--{name} is invalid: it needs a value. {OPTIONS[name][1]}")
+                break
+        given[name] = value
+    return positional, given, errors
+
+
+def _yaml_options(path: str, seen: tuple[str, ...] = ()) -> dict[str, object]:
+    """``max_restarts`` / ``heartbeat_timeout`` of the YAML at ``path``, over its ``base_config`` files; {}
+    when it cannot be read (the run itself reports that, with the trainer's full checks)."""
+    real = os.path.realpath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    if not isinstance(data, dict) or real in seen:
+        return {}
+    bases = data.get("base_config") or []
+    out: dict[str, object] = {}
+    for base in [bases] if isinstance(bases, str) else bases if isinstance(bases, list) else []:
+        if isinstance(base, str):
+            out.update(_yaml_options(os.path.join(os.path.dirname(path), base), (*seen, real)))
+    out.update({name: data[name] for name in OPTIONS if name in data})
+    return out
+
+
+def _order_options(script_args: Sequence[str]) -> tuple[str | None, dict[str, str]]:
+    """EXECUTE_ORDER's ``--config`` and its ``--max_restarts`` / ``--heartbeat_timeout`` overrides."""
+    found: dict[str, str] = {}
+    for i, word in enumerate(script_args):
+        name, eq, value = word[2:].partition("=") if word.startswith("--") else ("", "", "")
+        if name in ("config", *OPTIONS) and (eq or i + 1 < len(script_args)):
+            found[name] = value if eq else script_args[i + 1]
+    return found.pop("config", None), found
+
+
+def _whole(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if value >= 0 else None
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else None
+
+
+def resolve_options(given: dict[str, str], script_args: Sequence[str]) -> tuple[dict[str, int], dict[str, str],
+                                                                                list[str]]:
+    """Each option from the launcher's flag, else EXECUTE_ORDER's override, else its YAML, else the default:
+    (values, {option: where it came from} for the non-default ones, errors)."""
+    config, overrides = _order_options(script_args)
+    from_yaml = _yaml_options(config) if config else {}
+    values, sources, errors = {}, {}, []
+    for name, (default, fix) in OPTIONS.items():
+        for value, source in ((given.get(name), f"--{name}"), (overrides.get(name), f"--{name} in EXECUTE_ORDER"),
+                              (from_yaml.get(name), config)):
+            if value is not None:
+                break
+        else:
+            values[name] = default
+            continue
+        number = _whole(value)
+        if number is None:
+            errors.append(f"{name}={value} is invalid (from {source}): not a whole number >= 0. {fix}")
+        else:
+            values[name] = number
+            sources[name] = source
+    return values, sources, errors
+
+
 def parse_args(argv: Sequence[str]) -> LaunchArgs:
-    """msrun_launcher's positional forms -> LaunchArgs; raises UsageError listing every mistake."""
+    """msrun_launcher's positional forms and the launcher's options -> LaunchArgs; raises UsageError
+    listing every mistake."""
+    argv, given, option_errors = split_options(argv)
     if len(argv) not in FORMS:
         raise UsageError([f"{len(argv)} argument(s) given; the launcher takes 1, 2, 6 or 9. "
-                          "Quote EXECUTE_ORDER as one argument and use one of the forms below."])
+                          "Quote EXECUTE_ORDER as one argument and use one of the forms below.", *option_errors])
     raw = {**DEFAULTS, **dict(zip(FORMS[len(argv)], argv[1:]))}
     if "LOCAL_WORKER" not in FORMS[len(argv)]:    # forms 1-3 run on one node
         raw["LOCAL_WORKER"] = raw["WORKER_NUM"]
     words, errors = _split_order(argv[0])
-    errors += _check_values(raw, FORMS[len(argv)])
-    if errors:
-        raise UsageError(errors)
+    errors += _check_values(raw, FORMS[len(argv)]) + option_errors
+    options, sources, more = resolve_options(given, words[1:]) if words else ({}, {}, [])
+    if errors or more:
+        raise UsageError(errors + more)
+    if "heartbeat_timeout" not in sources:  # the default stays below the collectives' timeout
+        options["heartbeat_timeout"] = min(options["heartbeat_timeout"], max(1, int(raw["CLUSTER_TIME_OUT"]) // 2))
+    source = "; ".join(f"{name} {options[name]} from {where}" for name, where in sources.items())
     total, local = int(raw["WORKER_NUM"]), int(raw["LOCAL_WORKER"])
     notice = NOTICES["default"] if len(argv) == 1 else None
     if len(argv) == 9:
         notice = NOTICES["single"] if total == local else NOTICES["multi"].format(total, local)
     return LaunchArgs(words[0], tuple(words[1:]), total, local, raw["MASTER_ADDR"],
                       int(raw["MASTER_PORT"]), int(raw["NODE_RANK"]), raw["LOG_DIR"],
-                      raw["JOIN"].lower() == "true", int(raw["CLUSTER_TIME_OUT"]), notice)
+                      raw["JOIN"].lower() == "true", int(raw["CLUSTER_TIME_OUT"]), notice,
+                      options["max_restarts"], options["heartbeat_timeout"], source)
 
 
 def build_command(args: LaunchArgs) -> list[str]:
-    """The torchrun argv (run through ``--torchrun``, see ``run_torchrun``). LOG_DIR is made
-    absolute so workers agree on it whatever their cwd."""
-    return [sys.executable, "-m", "mftune.launch", "--torchrun", "--nnodes", str(args.nnodes),
+    """The torchrun argv (``mftune.launch_agent``: torchrun with the watchdog and the failure report).
+    LOG_DIR is made absolute so workers agree on it whatever their cwd."""
+    log_dir = os.path.abspath(args.log_dir)
+    return [sys.executable, "-m", "mftune.launch_agent", "--log-dir", log_dir,
+            "--heartbeat-timeout", str(args.heartbeat_timeout), "--nnodes", str(args.nnodes),
             "--nproc-per-node", str(args.local_worker), "--node-rank", str(args.node_rank),
             "--master-addr", args.master_addr, "--master-port", str(args.master_port),
-            "-m", "mftune.launch", "--worker", os.path.abspath(args.log_dir),
+            "--max-restarts", str(args.max_restarts), "-m", "mftune.launch", "--worker", log_dir,
             args.script, *args.script_args]
 
 
-def worker_env(args: LaunchArgs, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment torchrun and its workers inherit: ``base`` plus MFTUNE_CLUSTER_TIME_OUT."""
-    return {**(os.environ if base is None else base), "MFTUNE_CLUSTER_TIME_OUT": str(args.cluster_time_out)}
+def worker_env(args: LaunchArgs, base: dict[str, str] | None = None, start: float | None = None) -> dict[str, str]:
+    """The environment torchrun and its workers inherit: ``base`` plus MFTUNE_CLUSTER_TIME_OUT and
+    MFTUNE_JOB_START (``start``, default now: a restarted rank resumes only from checkpoints saved since)."""
+    return {**(os.environ if base is None else base), "MFTUNE_CLUSTER_TIME_OUT": str(args.cluster_time_out),
+            "MFTUNE_JOB_START": f"{time.time() if start is None else start:.3f}"}
+
+
+def settings_lines(args: LaunchArgs) -> list[str]:
+    """What the console says of the restart budget and the watchdog (nothing when both are defaults)."""
+    lines = []
+    if args.settings_from or args.max_restarts:
+        watch = f"a rank without progress for {args.heartbeat_timeout} s counts as hung" \
+            if args.heartbeat_timeout else "no hang watchdog"
+        lines.append(f"Restarts: up to {args.max_restarts}; {watch} ({args.settings_from or 'defaults'})")
+    if 0 < args.cluster_time_out <= args.heartbeat_timeout:
+        lines.append(f"Notice: heartbeat_timeout={args.heartbeat_timeout} is not below CLUSTER_TIME_OUT="
+                     f"{args.cluster_time_out}: collectives time out first, so a hung rank's peers fail and the "
+                     f"hung rank is not named. Give a heartbeat_timeout below CLUSTER_TIME_OUT.")
+    return lines
 
 
 def _prepare_machine(args: LaunchArgs) -> None:
@@ -202,8 +332,9 @@ def launch(args: LaunchArgs) -> int:
         print(args.notice)
     cmd, log_dir = build_command(args), os.path.abspath(args.log_dir)
     print(f"Running Command: {shlex.join(cmd)}")
-    print(f"Please check log files in {log_dir}", flush=True)
+    print("\n".join([f"Please check log files in {log_dir}", *settings_lines(args)]), flush=True)
     if not args.join:
+        rotate(os.path.join(log_dir, "scheduler.log"))  # an earlier job's is kept as scheduler.log.1
         with open(os.path.join(log_dir, "scheduler.log"), "wb") as log:
             proc = subprocess.Popen(cmd, env=worker_env(args), stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -220,81 +351,9 @@ def launch(args: LaunchArgs) -> int:
     return code
 
 
-def _redirect_output(log_path: str) -> int:
-    """Point fds 1 and 2 (ours and our children's) at ``log_path``; return a dup of the console's stderr."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    console = os.dup(2)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    sys.stdout.reconfigure(line_buffering=True)     # a file is block-buffered; SIGTERM would lose it
-    return console
-
-
-def _run_script(script: str, script_args: Sequence[str]) -> int:
-    """Run ``script`` as ``python script args`` would; its exit status (a traceback goes to the log)."""
-    sys.argv = [script, *script_args]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))     # python puts the script's folder first
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            return exc.code or 0
-        print(exc.code, file=sys.stderr)                        # sys.exit("message"), as python does
-        return 1
-    except BaseException:  # noqa: BLE001 -- any failure of the user's script is reported, not re-raised
-        traceback.print_exc()
-        return 1
-    return 0
-
-
-def run_worker(log_dir: str, script: str, script_args: Sequence[str], rank: str) -> int:
-    """One torchrun worker: run the script with its output in LOG_DIR/worker_{rank}.log."""
-    os.makedirs(log_dir, exist_ok=True)
-    log_path = os.path.join(log_dir, f"worker_{rank}.log")
-    console = _redirect_output(log_path)
-    faulthandler.enable()  # a native crash (SIGSEGV in a library) leaves the Python stacks in the log
-    code = _run_script(script, script_args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code:
-        with open(log_path, encoding="utf-8", errors="replace") as log:
-            tail = [line.rstrip() for line in log if line.strip()][-5:]
-        lines = [f"mftune launcher: rank {rank} failed (exit {code}); see {log_path}"]
-        lines += [f"  [rank {rank}] {line}" for line in tail]
-        os.write(console, ("\n".join(lines) + "\n").encode())  # one write: ranks do not interleave
-    return code
-
-
-def run_torchrun(torchrun_args: Sequence[str]) -> int:
-    """torchrun (``torch.distributed.run``) with its arguments, minus its failure dump.
-
-    torchrun's own ``main`` prints a Python traceback and a table of every rank on any failure;
-    the failing rank has already written its message and log tail to the console (``run_worker``),
-    so this prints one line naming the first failed rank instead.
-    """
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args as torchrun_parse_args
-    from torch.distributed.run import run
-
-    try:
-        run(torchrun_parse_args(list(torchrun_args)))
-    except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        print(f"mftune launcher: the job failed; first failure: rank {rank} (exit {failure.exitcode})",
-              file=sys.stderr, flush=True)
-        return 1
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of launcher.sh (launcher mode), of torchrun (``--torchrun``) and of its
-    workers (``--worker``)."""
+    """Entry point of launcher.sh (launcher mode) and of torchrun's workers (``--worker``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--torchrun"]:
-        return run_torchrun(argv[1:])
     if argv[:1] == ["--worker"]:
         if len(argv) < 3 or "RANK" not in os.environ:
             print("error: --worker LOG_DIR script [args...] is run by torchrun (RANK must be set); "
@@ -309,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
         _prepare_machine(args)
     except UsageError as exc:
+        print_debug_traceback(exc)  # MFTUNE_DEBUG=1 only
         print("\n".join(f"error: {line}" for line in exc.errors), file=sys.stderr)
         print(usage, file=sys.stderr)
         return exit_status(exc)

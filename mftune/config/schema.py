@@ -302,6 +302,8 @@ class MFConfig:
     transform_process_num: int = 1  # ranks writing the auto_trans_ckpt transform
     run_mode: RunMode = "finetune"
     use_parallel: bool = False  # True: multi-rank (torchrun)
+    max_restarts: int = 0  # launcher: restart a job whose rank died or hung up to N times (docs/parallel.md)
+    heartbeat_timeout: int = 600  # launcher: seconds without progress before a rank counts as hung; 0: off
     do_eval: bool = False  # evaluate on eval_dataset during training
     eval_step_interval: int = -1  # read with do_eval
     eval_epoch_interval: int = 50  # read with do_eval

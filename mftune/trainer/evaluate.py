@@ -27,6 +27,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from mftune.data.loader import TrainData
 from mftune.errors import DataError
+from mftune.heartbeat import beat
 from mftune.parallel.data_parallel import reshard
 from mftune.parallel.layout import local
 from mftune.parallel.mesh import ParallelContext
@@ -79,6 +80,7 @@ def evaluate(model, data: TrainData, *, device: torch.device, dp_group=None, voc
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, supervised tokens
     try:
         for batch in eval_batches(data, ignore, model.config.pad_token_id):
+            beat("eval")  # the launcher's hang watchdog: each batch is progress
             with loss_parallel() if vocab_sharded else contextlib.nullcontext():
                 loss_sum, tokens = score_batch(model, batch, device)
             total += torch.stack([local(loss_sum).double(), local(tokens).double()])

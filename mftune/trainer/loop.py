@@ -18,6 +18,8 @@ from torch.distributed.tensor.parallel import loss_parallel
 from mftune.config.schema import MFConfig
 from mftune.data.loader import TrainData
 from mftune.errors import TrainingError
+from mftune.faults import inject_fault
+from mftune.heartbeat import beat, phase
 from mftune.models.llama import LlamaForCausalLM
 from mftune.parallel.data_parallel import all_reduce_grads, clip_grad_norm_, settle_grads
 from mftune.parallel.layout import local
@@ -73,9 +75,11 @@ class TrainRun:
     evaluate: Callable[[int], None] | None = None  # do_eval: evaluate(global_step)
 
     def save(self, epoch: int, step_in_epoch: int, global_step: int) -> None:
-        self.saver.save(self.model, self.optimizer, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
-                        loss_scale=self.scaler.scale, loss_scale_good_steps=self.scaler.good_steps,
-                        global_batch_size=self.data.global_batch_size, **self.checkpoint_metadata)
+        with phase("save", global_step):  # the launcher's watchdog: a save is progress, not a hang
+            self.saver.save(self.model, self.optimizer, epoch=epoch, step_in_epoch=step_in_epoch,
+                            global_step=global_step, loss_scale=self.scaler.scale,
+                            loss_scale_good_steps=self.scaler.good_steps,
+                            global_batch_size=self.data.global_batch_size, **self.checkpoint_metadata)
 
 
 def train_loop(run: TrainRun, settings: LoopSettings, start: Position, progress) -> int:
@@ -87,6 +91,8 @@ def train_loop(run: TrainRun, settings: LoopSettings, start: Position, progress)
     for epoch in range(start.epoch, settings.epochs + 1):
         skip = start.done_in_epoch if epoch == start.epoch else 0
         for step_in_epoch, micro_batches in enumerate(run.data.epoch(epoch - 1, start_step=skip), start=skip + 1):
+            beat("step", global_step + 1)  # the launcher's hang watchdog (mftune.heartbeat)
+            inject_fault(global_step + 1)  # tests only: MFTUNE_FAULT (mftune.faults)
             began = time.perf_counter()
             stats = train_step(run, settings, micro_batches, run.schedule(global_step))
             if run.ctx.device.type == "cuda":
@@ -117,6 +123,7 @@ def train_loop(run: TrainRun, settings: LoopSettings, start: Position, progress)
                             f"skipped; no final checkpoint was written. " + (
                                 _damaged_weights(run.model) or "Check the model_config values, lower the "
                                 "learning rate, or use compute_dtype bfloat16."))
+    beat("done")  # the watchdog stops watching this rank (final save, report, shutdown follow)
     return global_step
 
 

@@ -109,10 +109,12 @@ def test_busy_master_port_is_a_readable_error(script, capsys):
 def test_build_command_and_env(script, tmp_path):
     args = parse_args([f"{script} --x 1", "4", "2", "10.0.0.1", "9000", "1", str(tmp_path / "l"), "True", "60"])
     assert build_command(args) == [
-        sys.executable, "-m", "mftune.launch", "--torchrun", "--nnodes", "2", "--nproc-per-node", "2",
-        "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "9000",
+        sys.executable, "-m", "mftune.launch_agent", "--log-dir", str(tmp_path / "l"), "--heartbeat-timeout", "30",
+        "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
+        "--master-port", "9000", "--max-restarts", "0",
         "-m", "mftune.launch", "--worker", str(tmp_path / "l"), script, "--x", "1"]
-    assert worker_env(args, {"PATH": "/bin"}) == {"PATH": "/bin", "MFTUNE_CLUSTER_TIME_OUT": "60"}
+    assert worker_env(args, {"PATH": "/bin"}, start=12.5) == {"PATH": "/bin", "MFTUNE_CLUSTER_TIME_OUT": "60",
+                                                              "MFTUNE_JOB_START": "12.500"}
 
 
 def test_help_prints_usage(capsys):
