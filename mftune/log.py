@@ -30,6 +30,12 @@ class _Early(logging.Handler):
         self.records.append(record)
 
 
+def log_file(output_dir: str, rank: int = 0) -> str:
+    """``<output_dir>/log/rank_<rank>/info.log``: where rank ``rank`` of a run logs (appended to; a new run
+    moves an earlier run's aside first, ``mftune.trainer.outputs``)."""
+    return os.path.join(output_dir, "log", f"rank_{rank}", "info.log")
+
+
 def setup_logging(output_dir: str | None = None, rank: int = 0) -> logging.Logger:
     """Configure the ``mftune`` logger once per process (idempotent); rank > 0 logs warnings only."""
     logger.setLevel(logging.INFO)
@@ -45,9 +51,9 @@ def setup_logging(output_dir: str | None = None, rank: int = 0) -> logging.Logge
     stream.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     handlers: list[logging.Handler] = [stream]
     if output_dir:
-        log_dir = os.path.join(output_dir, "log", f"rank_{rank}")
-        os.makedirs(log_dir, exist_ok=True)
-        file_handler = logging.FileHandler(os.path.join(log_dir, "info.log"))
+        path = log_file(output_dir, rank)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        file_handler = logging.FileHandler(path)
         file_handler.setFormatter(logging.Formatter(FORMAT))
         for record in early:
             file_handler.handle(record)

@@ -21,6 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from mftune.errors import UserError, report  # noqa: E402
 from mftune.data.sample import DEMO_VOCAB_SIZE, SAMPLE_ALPACA_PATH, train_sample_tokenizer  # noqa: E402
 from mftune.trainer.monitor import plot_loss_curve, read_losses  # noqa: E402
 
@@ -104,4 +105,7 @@ def _plot_both(train_metrics: str, lora_metrics: str, png: str) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (UserError, OSError) as exc:  # e.g. an --output_dir that cannot be created
+        sys.exit(report("demo.py", exc))

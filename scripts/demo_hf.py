@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from mftune.checkpoint.sample_hf import build_sample_hf_dir  # noqa: E402
+from mftune.errors import UserError, report  # noqa: E402
 from mftune.data.sample import SAMPLE_ALPACA_PATH  # noqa: E402
 from mftune.trainer.monitor import plot_loss_curve, read_losses  # noqa: E402
 
@@ -131,4 +132,7 @@ The same commands take a downloaded model: --pretrained_model_dir /path/to/Llama
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (UserError, OSError) as exc:  # e.g. an --output_dir that cannot be created
+        sys.exit(report("demo_hf.py", exc))

@@ -40,7 +40,7 @@ from mftune.checkpoint.safetensors_io import (Spec, encode_metadata, read_metada
                                               write_safetensors_streaming)
 from mftune.config.load import read_yaml
 from mftune.errors import CheckpointError, ConfigError
-from mftune.fileio import atomic_open
+from mftune.fileio import atomic_open, check_free_space, specs_bytes
 from mftune.log import Progress, with_progress
 from mftune.models.config import to_dtype
 
@@ -125,6 +125,7 @@ def convert_hf_to_mftune(input_path: str, output_path: str, dtype: str | None = 
 
     source = {"format": "huggingface", "path": src.directory, "files": [os.path.basename(f) for f in src.files],
               "dtype": _long(target) if target else "source"}
+    check_free_space(os.path.dirname(out), specs_bytes(specs), f"the converted checkpoint {os.path.basename(out)}")
     if is_ckpt(out):
         size = write_ckpt_streaming(out, specs, stream())
     else:
@@ -233,6 +234,7 @@ def convert_mftune_to_hf(input_path: str, output_dir: str, max_shard_size: int |
         raise CheckpointError(f"output_path={output_dir} is invalid: it is the base model's Hugging Face directory "
                               f"({base.how}), which would be overwritten. Choose a new directory.")
     check_base_config(base, hf_config)  # before a byte is written
+    check_free_space(out, specs_bytes(specs), "the Hugging Face weights")
     total, written = _write_hf_weights(read, out, specs, list(expected), _plan_shards(specs, limit), target, progress)
     files = complete_model_dir(base, out, hf_config, file_dtype)
     written += [f for f in files.copied if f not in written]

@@ -23,7 +23,7 @@ from mftune.checkpoint.hf_files import CopyReport, HFBase, complete_adapter_dir,
 from mftune.checkpoint.keys import LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, is_lora, moment_names
 from mftune.checkpoint.safetensors_io import load_tensors, read_metadata, safetensors_header, save_safetensors
 from mftune.errors import CheckpointError
-from mftune.fileio import atomic_directory, atomic_open
+from mftune.fileio import atomic_directory, atomic_open, check_free_space
 
 Loader = Callable[[list[str]], dict[str, torch.Tensor]]
 
@@ -206,6 +206,8 @@ def _write_adapter_dir(output_dir: str, config: dict, tensors: dict[str, torch.T
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise CheckpointError(f"output_dir={output_dir} is invalid: it exists and is not empty. Pass "
                               f"--overwrite to replace it, or choose another directory.")
+    check_free_space(os.path.dirname(out), sum(t.numel() * t.element_size() for t in tensors.values()),
+                     "the PEFT adapter")
     with atomic_directory(out) as stage:
         os.makedirs(stage.path)
         with atomic_open(os.path.join(stage.path, CONFIG_NAME)) as f:

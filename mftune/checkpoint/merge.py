@@ -26,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -46,6 +47,7 @@ from mftune.checkpoint.model_weights import check_weights, expected_weights
 from mftune.checkpoint.names import model_config_to_hf_config
 from mftune.checkpoint.safetensors_io import encode_metadata, write_safetensors_streaming
 from mftune.errors import CheckpointError
+from mftune.fileio import check_free_space, specs_bytes
 from mftune.log import Progress, with_progress
 from mftune.pet.lora import lora_delta_weight
 
@@ -81,6 +83,9 @@ def _pairs(lora: dict[str, Entry], where: str) -> dict[str, tuple[str, str]]:
 
 def _scaling(pet_config: dict | None, lora_scaling: float | None, ranks: set[int], where: str) -> float:
     if lora_scaling is not None:
+        if not math.isfinite(lora_scaling):  # every merged weight would be NaN or Inf
+            raise CheckpointError(f"lora_scaling={lora_scaling} is invalid: not a finite number. Pass "
+                                  f"lora_alpha / lora_rank (e.g. --lora_scaling 2), or leave it out to use {where}'s.")
         return float(lora_scaling)
     pc = pet_config or {}
     if pc.get("lora_alpha") is None or not pc.get("lora_rank"):
@@ -199,8 +204,9 @@ def _open_base(lora_path: str, header: dict, base_path: str | None,
         raise CheckpointError(f"base checkpoint {base_path} ({given}) does not exist. Pass the base the LoRA "
                               f"was trained on with --base_checkpoint PATH.")
     want = recorded.get("fingerprint")
-    if want and not ignore_fingerprint and fingerprint(base_path) != want:
-        raise CheckpointError(f"base checkpoint {base_path} has fingerprint {fingerprint(base_path)} but "
+    got = fingerprint(base_path, like=want) if want and not ignore_fingerprint else want
+    if got != want:
+        raise CheckpointError(f"base checkpoint {base_path} has fingerprint {got} but "
                               f"{lora_path} was trained on {recorded.get('path')} with fingerprint {want}. Pass "
                               f"the original base with --base_checkpoint, or --ignore_fingerprint if you are sure.")
     return base_path, open_checkpoint(base_path)
@@ -288,6 +294,8 @@ def _write(target: str, output_format: str, specs: list, tensors: Iterator[tuple
     """Stream the merged tensors to ``target``; a HF directory goes through a temporary mftune file,
     converted and removed (disk: about twice the model) and completed from ``hf_base``; a .ckpt file
     gets no header. Returns (the output, what a HF directory took from its base)."""
+    folder = target if output_format == "hf" else os.path.dirname(os.path.abspath(target))
+    check_free_space(folder, specs_bytes(specs) * (2 if output_format == "hf" else 1), "the merged model")
     if output_format == "mftune":
         write_safetensors_streaming(target, specs, tensors, metadata)
         return target, None

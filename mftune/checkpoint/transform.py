@@ -51,7 +51,7 @@ from mftune.checkpoint.mindspore.names import to_mindformers
 from mftune.checkpoint.mindspore.strategy import MindSporeStrategy
 from mftune.checkpoint.safetensors_io import encode_metadata, safetensors_header, write_safetensors_streaming
 from mftune.errors import CheckpointError
-from mftune.fileio import atomic_open, inside
+from mftune.fileio import atomic_open, check_free_space, inside, specs_bytes
 from mftune.log import Progress, with_progress
 
 logger = logging.getLogger("mftune")
@@ -208,6 +208,7 @@ def _write_rank(entries: dict[str, Entry], blocks: dict, rank_dir: str, file_nam
 
     path = os.path.join(rank_dir, file_name)
     os.makedirs(rank_dir, exist_ok=True)
+    check_free_space(rank_dir, specs_bytes(specs), f"the transformed checkpoint of rank {rank} ({file_name})")
     if is_ckpt(path):  # MindFormers' names; no header, no meta.json (MindFormers reads its own there)
         size = write_ckpt_streaming(path, *to_mindformers(specs, stream()))
     else:

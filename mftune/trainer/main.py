@@ -21,7 +21,7 @@ from mftune.config.schema import MFConfig
 from mftune.data.dataset import open_dataset
 from mftune.data.loader import TrainData
 from mftune.errors import ConfigError, TrainingError, UserError, report
-from mftune.fileio import inside, remove_stale_temporaries
+from mftune.fileio import disk_full, inside, remove_stale_temporaries
 from mftune.log import setup_logging
 from mftune.models.config import LlamaConfig
 from mftune.parallel.mesh import ParallelContext, env_world, init_distributed, layout_errors, seed_ranks, shutdown
@@ -31,8 +31,10 @@ from mftune.trainer.evaluate import run_evaluation
 from mftune.trainer.loop import LoopSettings, Position, TrainRun, train_loop
 from mftune.trainer.monitor import LossMonitor, fresh_metrics_file, progress_bar, report_outputs
 from mftune.trainer.optim import LossScaler, build_optimizer, build_schedule
+from mftune.trainer.outputs import note_set_aside, run_outputs, set_aside_previous_run
 from mftune.trainer.predict import run_predict
 from mftune.trainer.pretrained import apply_pretrained_dir
+from mftune.trainer.restart import restart_config
 from mftune.trainer.resume import ResumePoint, check_steps_left, find_resume_point, restore, same_layout
 
 logger = logging.getLogger("mftune")
@@ -49,9 +51,14 @@ def cli(argv: list[str] | None = None) -> int:
         return report("mftune", exc)
     except UserError as exc:
         return report("mftune", exc)
+    except OSError as exc:  # a full disk outside the checkpoint writes (a log, metrics.jsonl); else a bug
+        if not disk_full(exc):
+            raise
+        return report("mftune", exc)
 
 
 def main(cfg: MFConfig) -> int:
+    cfg = restart_config(cfg)  # a job the launcher restarted (--max_restarts) resumes from its last checkpoint
     training = cfg.run_mode in ("train", "finetune")
     point = find_resume_point(cfg.load_checkpoint, cfg.resume_training) if training and cfg.resume_training else None
     gpu = _default_device().type == "cuda"  # architecture, tokenizer, weights from a Hugging Face directory
@@ -95,8 +102,7 @@ def _train(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext, outpu
     seed_ranks(cfg.seed, ctx)  # dropout: independent per data-parallel rank
     optimizer, schedule, scaler = _optimization(cfg, built, data)
     start = _resume(built, optimizer, scaler, ctx) if built.weights.resume else Position()
-    # the monitor moves an earlier metrics.jsonl aside and the saver picks its file prefix: only once
-    # the run can start (a failed resume leaves output_dir as it was)
+    # the saver picks its file prefix only once the run can start (a failed resume leaves no unused prefix)
     run = TrainRun(built.model, optimizer, scaler, schedule, data, _loss_monitor(cfg, data, ctx, output_dir), ctx,
                    _checkpoint_monitor(cfg, output_dir, ctx.rank), _checkpoint_metadata(cfg, built, ctx))
     if eval_data:
@@ -157,8 +163,11 @@ def _prepare_output_dir(cfg: MFConfig, ctx: ParallelContext) -> str:
     temporary files a killed earlier save left there and in the checkpoint folder (``fileio.stale_temporaries``)."""
     output_dir = os.path.abspath(cfg.output_dir)
     try:
-        os.makedirs(output_dir, exist_ok=True)
+        os.makedirs(output_dir, exist_ok=True)  # an earlier run's files are moved to *.1, never overwritten:
+        moved = set_aside_previous_run(output_dir, ctx.rank,  # rank 0 the shared ones, each rank its log
+                                       run_outputs(cfg.run_mode, cfg.only_save_strategy) if ctx.is_main else [])
         setup_logging(output_dir, ctx.rank)
+        note_set_aside(output_dir, moved)
         if ctx.is_main:
             _remove_stale_temporaries(cfg, output_dir)
             save_config(cfg, os.path.join(output_dir, "resolved_config.yaml"))

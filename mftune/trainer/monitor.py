@@ -9,10 +9,12 @@ import logging
 import os
 import resource
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
+
+from mftune.fileio import atomic_open, rotate
+from mftune.trainer.outputs import KEEP, LOSS_CURVE, METRICS, RESOLVED_CONFIG, RUN_SUMMARY
 
 logger = logging.getLogger("mftune")
 
@@ -145,11 +147,11 @@ def plot_loss_curve(png_path: str, curves: dict[str, list[tuple[int, float]]],
 
 
 def fresh_metrics_file(output_dir: str) -> str:
-    """metrics.jsonl of this run; an earlier run's file is kept under a timestamped name."""
-    path = os.path.join(output_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        kept = os.path.join(output_dir, f"metrics-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-        os.replace(path, kept)
+    """metrics.jsonl of this run, new; an earlier run's file (which a run moves aside when it starts,
+    ``trainer.outputs``) is moved to metrics.jsonl.1 here too, for a caller that did not."""
+    path = os.path.join(output_dir, METRICS)
+    kept = rotate(path, KEEP)
+    if kept:
         logger.info("Kept the previous run's metrics as %s", kept)
     return path
 
@@ -173,7 +175,8 @@ class _NoBar:
 
 
 def report_outputs(output_dir: str, metrics_path: str, saver) -> None:
-    png = plot_loss_curve(os.path.join(output_dir, "loss_curve.png"),
+    """The loss curve, the end-of-run lines naming every output, and run_summary.json (atomically)."""
+    png = plot_loss_curve(os.path.join(output_dir, LOSS_CURVE),
                           {"loss": read_losses(metrics_path)}) if os.path.exists(metrics_path) else None
     lines = [f"Training finished. Outputs in {output_dir}:",
              f"  logs:        {os.path.join(output_dir, 'log', 'rank_0', 'info.log')}",
@@ -183,8 +186,8 @@ def report_outputs(output_dir: str, metrics_path: str, saver) -> None:
                      + (f" (last: {os.path.basename(saver.written[-1])})" if saver.written else ""))
     if png:
         lines.append(f"  loss curve:  {png}")
-    lines.append(f"  config:      {os.path.join(output_dir, 'resolved_config.yaml')}")
+    lines.append(f"  config:      {os.path.join(output_dir, RESOLVED_CONFIG)}")
     logger.info("\n".join(lines))
-    with open(os.path.join(output_dir, "run_summary.json"), "w") as f:
+    with atomic_open(os.path.join(output_dir, RUN_SUMMARY)) as f:
         json.dump({"metrics": metrics_path, "loss_curve": png,
                    "checkpoint": saver.written[-1] if saver and saver.written else None}, f, indent=1)

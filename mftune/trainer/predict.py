@@ -38,10 +38,11 @@ from mftune.errors import UserError
 from mftune.generation import GenerationConfig, check_generation, generate, max_new_tokens_for
 from mftune.models.config import LlamaConfig
 from mftune.parallel.mesh import ParallelContext
+from mftune.fileio import atomic_open
 from mftune.trainer.build import build_model
+from mftune.trainer.outputs import PREDICT_RESULTS as RESULTS
 
 logger = logging.getLogger("mftune")
-RESULTS = "predict_results.jsonl"
 
 
 def run_predict(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext, output_dir: str) -> None:
@@ -75,7 +76,16 @@ def read_prompts(input_data: str | list[str] | None) -> list[str]:
     texts = [input_data] if isinstance(input_data, str) else list(input_data)
     if len(texts) == 1 and os.path.isfile(texts[0]):
         return _prompts_file(texts[0])
+    if len(texts) == 1 and _looks_like_a_file(texts[0]):
+        raise ValueError(f"predict_data={texts[0]} looks like a prompts file but does not exist. Give the path of "
+                         f"an existing file (one prompt per line, or .json / .jsonl), or quote the prompt text.")
     return texts
+
+
+def _looks_like_a_file(text: str) -> bool:
+    """One word (no white space) naming a folder and a prompts file suffix: a path, not a prompt."""
+    return (not any(c.isspace() for c in text) and os.sep in text
+            and text.lower().endswith((".txt", ".json", ".jsonl")))
 
 
 def _prompts_file(path: str) -> list[str]:
@@ -144,7 +154,7 @@ def predict(model, tokenizer: Tokenizer, prompts: list[str], ids: list[list[int]
     tokens = sum(len(r["output_ids"]) for r in results)
     path = os.path.join(output_dir, RESULTS)
     if is_main:
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_open(path, "w", encoding="utf-8") as f:
             for r in results:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     logger.info("Predicted %d prompts (%d new tokens, %.1f tokens/s) -> %s", len(results), tokens,

@@ -281,3 +281,15 @@ def test_invalid_settings_are_reported_together() -> None:
         assert key in str(err.value)
     with pytest.raises(ValueError, match="prompts is invalid"):
         generate(model, [[5], []], max_new_tokens=2, eos_token_id=2, pad_token_id=PAD)
+
+
+def test_a_missing_prompts_file_is_an_error_not_a_prompt(tmp_path):
+    """--predict_data DIR/prompts.txt that does not exist used to be decoded as the prompt text itself."""
+    import pytest
+
+    from mftune.trainer.predict import read_prompts
+    missing = str(tmp_path / "prompts.txt")
+    with pytest.raises(ValueError, match=f"predict_data={missing} looks like a prompts file but does not exist"):
+        read_prompts(missing)
+    assert read_prompts("What is in data/prompts.txt?") == ["What is in data/prompts.txt?"]  # a prompt with spaces
+    assert read_prompts("hello.txt") == ["hello.txt"]  # no folder: could be either; taken as text, as before

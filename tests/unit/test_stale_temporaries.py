@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from mftune.fileio import atomic_directory, atomic_path, remove_stale_temporaries, stale_temporaries
+from mftune.fileio import HOST, atomic_directory, atomic_path, remove_stale_temporaries, stale_temporaries
 
 DEAD_PID = 2 ** 22 + 12345  # above the default pid_max: no process has it
 
@@ -44,10 +44,28 @@ def test_the_atomic_writers_names_are_the_patterns(tmp_path):
     with atomic_path(str(tmp_path / "a.json")) as tmp:
         open(tmp, "w").close()
         assert stale_temporaries(str(tmp_path), min_age_s=0) == []  # its writer (this process) is alive
-        assert os.path.basename(tmp) == f"a.json.tmp.{os.getpid()}"
+        assert os.path.basename(tmp) == f"a.json.tmp.{HOST}-{os.getpid()}"
     with atomic_directory(str(tmp_path / "d")) as stage:
         os.makedirs(stage.path)
-        assert stale_temporaries(str(tmp_path), min_age_s=0) == [os.path.dirname(stage.path)]
+        assert os.path.basename(os.path.dirname(stage.path)).startswith(f".d.tmp-{HOST}-{os.getpid()}-")
+        assert stale_temporaries(str(tmp_path), min_age_s=0) == []  # its writer (this process) is alive
+
+
+def test_this_hosts_temporaries_of_a_dead_process_go_at_once(tmp_path):
+    """A restart a second after a kill (the launcher's --max_restarts) leaves nothing behind; another host's
+    (a shared filesystem) and an earlier version's names keep the age rule."""
+    dead = tmp_path / f"llama_rank_0-1_4.safetensors.tmp.{HOST}-{DEAD_PID}"
+    live = tmp_path / f"meta.json.tmp.{HOST}-{os.getpid()}"
+    other_host = tmp_path / f"meta.json.tmp.{'0' * 8 if HOST != '0' * 8 else '1' * 8}-{DEAD_PID}"
+    old_name = tmp_path / f"x.safetensors.tmp.{DEAD_PID}"
+    folder = tmp_path / f".dataset.tmp-{HOST}-{DEAD_PID}-abc_123"
+    for path in (dead, live, other_host, old_name):
+        path.write_text("partial")
+    folder.mkdir()
+    assert sorted(stale_temporaries(str(tmp_path))) == sorted([str(dead), str(folder)])
+    for path in (other_host, old_name):
+        _old(str(path))
+    assert sorted(stale_temporaries(str(tmp_path))) == sorted(map(str, [dead, folder, other_host, old_name]))
 
 
 def test_a_run_removes_them_from_its_output_dir_and_says_so(tmp_path, caplog):
