@@ -9,6 +9,7 @@ MindFormers' rewrites (``finalize``). Each problem is one message
 from __future__ import annotations
 
 import logging
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -16,7 +17,12 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from mftune.config.coerce import did_you_mean, invalid
-from mftune.config.schema import CALLBACK_KEYS, IGNORED_CALLBACK_TYPES, IGNORED_KEYS, MFConfig
+from mftune.config.schema import (
+    CALLBACK_KEYS,
+    IGNORED_CALLBACK_TYPES,
+    IGNORED_KEYS,
+    MFConfig,
+)
 from mftune.models.config import LlamaConfig, model_config_errors
 
 logger = logging.getLogger("mftune")
@@ -110,7 +116,9 @@ class _Checker:
 
     def rule(self, key: str, ok: typing.Callable[[Any], bool], why: str, fix: str) -> None:
         value = _get(self.cfg, key)
-        if value is not None and not ok(value):
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison's "not"
+            self.errors.append(invalid(key, value, "must be a finite number", fix))
+        elif value is not None and not ok(value):
             self.errors.append(invalid(key, value, why, fix))
 
     def at_least(self, key: str, low: int, fix: str) -> None:

@@ -12,13 +12,23 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
 
-from mftune.config.schema import (CALLBACK_ALIASES, CALLBACK_KEYS, IGNORED_CALLBACK_TYPES, CallbackConfig, MFConfig,
-                                  ModelConfig, RunnerWrapperConfig, section_type, type_hints)
+from mftune.config.schema import (
+    CALLBACK_ALIASES,
+    CALLBACK_KEYS,
+    IGNORED_CALLBACK_TYPES,
+    CallbackConfig,
+    MFConfig,
+    ModelConfig,
+    RunnerWrapperConfig,
+    section_type,
+    type_hints,
+)
 from mftune.models.config import LlamaConfig
 from mftune.pet.config import pet_config_errors
 
@@ -215,8 +225,9 @@ def _arch(value: Any, key: str, errors: list[str]) -> Any:
 def _scale_sense(value: Any, key: str, errors: list[str]) -> Any:
     """A static loss scale (number > 0) or a DynamicLossScaleUpdateCell mapping (defaults filled in)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            errors.append(invalid(key, value, "the loss scale must be > 0", "Use scale_sense: 1.0 (no scaling)."))
+        if not math.isfinite(value) or value <= 0:
+            errors.append(invalid(key, value, "the loss scale must be a finite number > 0",
+                                  "Use scale_sense: 1.0 (no scaling)."))
             return _BAD
         return float(value)
     if not isinstance(value, Mapping):
@@ -230,7 +241,7 @@ def _scale_sense(value: Any, key: str, errors: list[str]) -> Any:
         elif name == "type" and v != "DynamicLossScaleUpdateCell":
             errors.append(invalid(k, v, "the only loss-scale cell is DynamicLossScaleUpdateCell",
                                   "Use type: DynamicLossScaleUpdateCell, or a number for a static scale."))
-        elif name == "loss_scale_value" and (_kind(v) not in ("an int", "a number") or v <= 0):
+        elif name == "loss_scale_value" and (_kind(v) not in ("an int", "a number") or not math.isfinite(v) or v <= 0):
             errors.append(invalid(k, v, "expected a number > 0", "Use e.g. loss_scale_value: 65536."))
         elif name == "scale_factor" and (_kind(v) not in ("an int", "a number") or v <= 1):
             errors.append(invalid(k, v, "expected a number > 1", "Use e.g. scale_factor: 2."))

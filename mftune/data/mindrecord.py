@@ -144,6 +144,17 @@ def _check_complete(shard: Shard) -> None:
         if not os.path.isfile(sibling):
             raise DataError(f"{sibling} is missing: {shard.path}'s header lists it as a shard of its set "
                             f"{shard.header['shard_addresses']}. Copy every shard and its .db together.")
+    _index_file(shard)
+
+
+def _index_file(shard: Shard) -> str:
+    """``<shard>.db``, or a DataError saying it is missing (checked when the set is opened, before anything
+    reads it)."""
+    db = shard.path + ".db"
+    if not os.path.isfile(db):
+        raise DataError(f"{db} is missing: it is the index of the MindRecord shard {shard.path}, written beside "
+                        f"it by FileWriter.commit(). Copy each shard's .db with it.")
+    return db
 
 
 # ----------------------------------------------------------------------------- header
@@ -232,10 +243,7 @@ def describe_file(path: str) -> str:
 
 def read_index(shard: Shard) -> list[tuple[int, ...]]:
     """The rows of ``<shard>.db``: (ROW_ID, ROW_GROUP_ID, blob start, blob end, raw page, raw start, raw end)."""
-    db = shard.path + ".db"
-    if not os.path.isfile(db):
-        raise DataError(f"{db} is missing: it is the index of the MindRecord shard {shard.path}, written beside "
-                        f"it by FileWriter.commit(). Copy each shard's .db with it.")
+    db = _index_file(shard)
     try:
         conn = sqlite3.connect(f"file:{urllib.request.pathname2url(os.path.abspath(db))}?mode=ro", uri=True)
         try:

@@ -26,7 +26,7 @@ from mftune.config.schema import MFConfig, TokenizerConfig
 from mftune.data.hf_tokenizer import read_directory_meta
 from mftune.data.templates import tokenizer_kinds
 from mftune.data.tokenizer_kinds import detect_type, resolve_vocab_file
-from mftune.errors import DataError
+from mftune.errors import CheckpointError, DataError
 from mftune.trainer.resume import ResumePoint
 
 logger = logging.getLogger("mftune")
@@ -79,12 +79,23 @@ def apply_pretrained_dir(cfg: MFConfig, point: ResumePoint | None = None, *, gpu
             changes["load_checkpoint"] = directory
             logger.info("pretrained_model_dir: the weights from %s (load_checkpoint is empty)", directory)
         else:
-            logger.warning("pretrained_model_dir=%s holds no weights (model.safetensors, its index, or "
-                           "pytorch_model.bin) and load_checkpoint is empty", directory)
+            _no_weights(directory, cfg.run_mode)
     tokenizer = _tokenizer(cfg.processor.tokenizer, directory, key)
     if tokenizer is not None:
         changes["processor"] = dataclasses.replace(cfg.processor, tokenizer=tokenizer)
     return dataclasses.replace(cfg, **changes)
+
+
+def _no_weights(directory: str, run_mode: str) -> None:
+    """pretrained_model_dir without weights and no load_checkpoint: run_mode train starts from random weights
+    (warned); finetune, eval and predict would quietly use a random model, so they are refused."""
+    what = f"pretrained_model_dir={directory} holds no weights (model.safetensors, its index, or pytorch_model.bin)"
+    if run_mode == "train":
+        logger.warning("%s and load_checkpoint is empty: training starts from random weights", what)
+        return
+    raise CheckpointError(f"{what} and load_checkpoint is empty: run_mode {run_mode} would use a randomly "
+                          f"initialised model. Put the weights in the directory, pass them with --load_checkpoint, "
+                          f"or use --run_mode train to train from random weights.")
 
 
 def _tokenizer(tok: TokenizerConfig, directory: str, key: str) -> TokenizerConfig | None:

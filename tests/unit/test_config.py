@@ -670,3 +670,11 @@ def test_recompute_lists_and_offsets_are_checked(tmp_path):
         "model.model_config.offset=[1, 1] is invalid: the layers added per pipeline stage (2 stage(s)) must be an "
         "int or one int per stage summing to num_layers % stages = 0. Use offset: 0 (layers split evenly over the "
         "stages)."]
+
+
+def test_numbers_that_are_not_finite_are_refused():
+    """learning_rate inf trained (exit 0); scale_sense nan trained 5 skipped steps; nan said 'must be >= 0'."""
+    for flag, value in (("--optimizer.learning_rate", "inf"), ("--lr_schedule.learning_rate", "nan"),
+                        ("--runner_wrapper.scale_sense", "nan"), ("--runner_wrapper.max_grad_norm", "inf")):
+        with pytest.raises(ConfigError, match=rf"{flag[2:]}={value} is invalid: [^\n]*finite"):
+            parse(["--config", LORA_7B, flag, value])
