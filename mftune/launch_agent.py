@@ -21,6 +21,7 @@ torch is imported here: only the torchrun process runs this module (``mftune.lau
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import signal
@@ -193,7 +194,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         launcher_api.LocalElasticAgent = original
+        _remove_bookkeeping(settings.log_dir)
     return 0
+
+
+def _remove_bookkeeping(log_dir: str) -> None:
+    """The workers' heartbeat and exit-record files (``.heartbeat_R``, ``.exit_R``): the job's own state, of no
+    use once it ended; LOG_DIR keeps the logs (and any stacks the watchdog asked for)."""
+    for name in os.listdir(log_dir) if os.path.isdir(log_dir) else []:
+        if name.startswith((".heartbeat_", ".exit_")):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(log_dir, name))
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mftune.checkpoint.checksum import (KEY, RangeCheck, TensorSums, check_column_block, decode, encode,
                                         hash_chunks, placeholder, verify_enabled)
 from mftune.errors import CheckpointError
-from mftune.fileio import atomic_open, atomic_path
+from mftune.fileio import atomic_open
 
 Block = tuple[slice, ...]  # one slice per dimension of a global tensor
 Spec = tuple[str, torch.dtype, tuple[int, ...]]  # (name, dtype, shape) of a tensor to write
@@ -244,9 +243,10 @@ def _pread(path: str, offset: int, out: torch.Tensor, check: RangeCheck | None =
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
     """Write ``tensors`` (all in memory) to ``path`` atomically, with their checksums (hashed from memory)."""
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    sums = {k: hash_chunks(tensor_bytes(v)) for k, v in contiguous.items()}
-    with atomic_path(path) as tmp:
-        save_file(contiguous, tmp, metadata={**metadata, KEY: encode(sums)})
+    # our own header (not safetensors' save_file, whose Rust map orders the metadata keys differently in every
+    # process): the same tensors give the same bytes
+    write_safetensors_streaming(path, [(k, v.dtype, tuple(v.shape)) for k, v in contiguous.items()],
+                                contiguous.items(), metadata)
 
 
 def write_safetensors_streaming(path: str, specs: Sequence[Spec], tensors: Iterable[tuple[str, torch.Tensor]],
