@@ -14,9 +14,7 @@ import json
 import logging
 import math
 import os
-import socket
 import time
-import zlib
 
 import torch
 import torch.distributed as dist
@@ -26,7 +24,7 @@ from mftune.checkpoint.formats.single_file import save_complete
 from mftune.checkpoint.keys import moment_names
 from mftune.checkpoint.load import unique_state_dict
 from mftune.errors import CheckpointError, TrainingError
-from mftune.fileio import atomic_open, disk_full, disk_full_reason, free_bytes, human_bytes, with_margin
+from mftune.fileio import HOST, atomic_open, disk_full, disk_full_reason, free_bytes, human_bytes, with_margin
 from mftune.parallel.layout import local, shard_layout, strategy
 
 logger = logging.getLogger("mftune")
@@ -271,4 +269,4 @@ def gather_ints(values: list[int]) -> list[list[int]]:
 
 
 def _host_id() -> int:
-    return zlib.crc32(socket.gethostname().encode())
+    return int(HOST, 16)  # the host tag fileio puts in temporary names

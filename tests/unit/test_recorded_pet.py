@@ -19,10 +19,15 @@ import lora_checkpoint
 RUN = {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": ".*wq|.*wk|.*wv"}
 
 
-def test_the_recorded_values_win_with_a_warning_each_and_give_the_saved_logits(tmp_path, caplog):
+def _saved_and_meta_model(tmp_path):
+    """tests/lora_checkpoint.py's base and LoRA checkpoint, and a plain model on meta to select layers on."""
     saved = lora_checkpoint.build(tmp_path)
     with torch.device("meta"):
-        meta = LlamaForCausalLM(dict(lora_checkpoint.TINY))
+        return saved, LlamaForCausalLM(dict(lora_checkpoint.TINY))
+
+
+def test_the_recorded_values_win_with_a_warning_each_and_give_the_saved_logits(tmp_path, caplog):
+    saved, meta = _saved_and_meta_model(tmp_path)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mftune"):
         pet = checkpoint_pet_config(RUN, saved.lora_path, meta, "predict")
@@ -40,9 +45,7 @@ def test_the_recorded_values_win_with_a_warning_each_and_give_the_saved_logits(t
 
 
 def test_a_checkpoint_without_lora_tensors_or_pet_config_leaves_the_run_pet_config(tmp_path, caplog):
-    saved = lora_checkpoint.build(tmp_path)
-    with torch.device("meta"):
-        meta = LlamaForCausalLM(dict(lora_checkpoint.TINY))
+    saved, meta = _saved_and_meta_model(tmp_path)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mftune"):
         assert checkpoint_pet_config(RUN, saved.base_path, meta, "finetune") is RUN  # a base: no LoRA, no record
