@@ -14,14 +14,13 @@ uninterrupted one (tests/e2e/test_restart.py).
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
 
 from mftune.checkpoint.safetensors_io import load_tensors
 from mftune.config.schema import MFConfig
 from mftune.errors import ConfigError
-from mftune.trainer.resume import STEP_IN_NAME, damage
+from mftune.trainer.resume import newest_intact, saved_steps
 
 logger = logging.getLogger("mftune")
 RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"  # set by torchrun for every worker: 0, 1, 2 ...
@@ -53,23 +52,11 @@ def own_checkpoint(root: str, since: float, world_size: int) -> list[str] | None
     """Per rank (``root/rank_0`` .. ``rank_{world_size-1}``), the file of the newest (epoch, step) that every
     rank saved at or after ``since`` and holds intact; None when there is none. Damaged newer steps are skipped
     with a warning naming them."""
-    per_rank: list[dict[tuple[int, int], str]] = []
-    for rank in range(world_size):
-        steps: dict[tuple[int, int], str] = {}
-        folder = os.path.join(root, f"rank_{rank}")
-        for file in sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors")), key=_mtime):
-            match = STEP_IN_NAME.search(file)
-            if match and _mtime(file) >= since:
-                steps[(int(match.group(1)), int(match.group(2)))] = file  # the newest of a step wins
-        per_rank.append(steps)
-    common = set.intersection(*(set(s) for s in per_rank)) if per_rank else set()
-    for step in sorted(common, reverse=True):
-        files = [steps[step] for steps in per_rank]
-        damaged = [f"{f} ({why})" for f in files if (why := damage(f))]
-        if not damaged:
-            return files
-        logger.warning("restart: skipping the damaged checkpoint(s) %s", "; ".join(damaged))
-    return None
+    per_rank = saved_steps([os.path.join(root, f"rank_{rank}") for rank in range(world_size)], since)
+    files, skipped = newest_intact(per_rank)
+    if skipped:
+        logger.warning("restart: skipping the damaged checkpoint(s) %s", "; ".join(skipped))
+    return files
 
 
 def job_start() -> float:
@@ -105,7 +92,3 @@ def _env_int(name: str) -> int:
         return int(os.environ.get(name, "0") or 0)
     except ValueError:
         return 0
-
-
-def _mtime(path: str) -> float:
-    return os.path.getmtime(path)

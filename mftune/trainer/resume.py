@@ -122,32 +122,49 @@ def _refuse_damaged(files: list[str], asked: str) -> None:
 def _newest_common(root: str) -> list[str]:
     """Per rank, the file of the newest (epoch, step) that every rank folder holds intact; newer steps
     with a damaged file in some folder are skipped with a warning naming them and the step used."""
-    per_rank: list[dict[tuple[int, int], str]] = []
-    for d in rank_dirs(root):
-        steps: dict[tuple[int, int], str] = {}
-        for file in sorted(glob.glob(os.path.join(glob.escape(d), "*.safetensors")), key=os.path.getmtime):
-            match = STEP_IN_NAME.search(file)
-            if match:
-                steps[(int(match.group(1)), int(match.group(2)))] = file  # the newest prefix wins
-        per_rank.append(steps)
+    per_rank = saved_steps(rank_dirs(root))
     if per_rank and not any(per_rank):  # no <prefix>-<epoch>_<step> names, e.g. a transformed checkpoint
         return rank_files(root)
-    common = set.intersection(*(set(s) for s in per_rank)) if per_rank else set()
-    if not common:
+    if not per_rank or not set.intersection(*(set(s) for s in per_rank)):
         raise CheckpointError(f"checkpoint directory {root}: no step is saved by every rank folder. "
                               f"Name a checkpoint file with resume_training, or start a new run.")
+    files, skipped = newest_intact(per_rank)
+    if files is None:
+        raise CheckpointError(f"checkpoint directory {root}: every saved step has a damaged file: "
+                              f"{'; '.join(skipped)}. Restore the files, or start a new run.")
+    if skipped:
+        step = STEP_IN_NAME.search(files[0])
+        logger.warning("resume_training: skipped the damaged checkpoint(s) %s; resuming from %s (epoch %s, step %s), "
+                       "the newest intact one", "; ".join(skipped), files[0], step.group(1), step.group(2))
+    return files
+
+
+def saved_steps(folders: list[str], since: float = 0.0) -> list[dict[tuple[int, int], str]]:
+    """Per folder, ``{(epoch, step): file}`` of its ``<prefix>-<epoch>_<step>.safetensors`` files modified at or
+    after ``since`` (the newest file of a step wins: a later prefix)."""
+    per_rank = []
+    for folder in folders:
+        steps: dict[tuple[int, int], str] = {}
+        for file in sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors")), key=os.path.getmtime):
+            match = STEP_IN_NAME.search(file)
+            if match and os.path.getmtime(file) >= since:
+                steps[(int(match.group(1)), int(match.group(2)))] = file
+        per_rank.append(steps)
+    return per_rank
+
+
+def newest_intact(per_rank: list[dict[tuple[int, int], str]]) -> tuple[list[str] | None, list[str]]:
+    """(per rank, the file of the newest step every rank holds intact, or None; the damaged files of the newer
+    steps skipped, each with why)."""
     skipped: list[str] = []
+    common = set.intersection(*(set(s) for s in per_rank)) if per_rank else set()
     for step in sorted(common, reverse=True):
         files = [steps[step] for steps in per_rank]
         damaged = [f"{file} ({why})" for file in files if (why := damage(file))]
         if not damaged:
-            if skipped:
-                logger.warning("resume_training: skipped the damaged checkpoint(s) %s; resuming from %s "
-                               "(epoch %d, step %d), the newest intact one", "; ".join(skipped), files[0], *step)
-            return files
+            return files, skipped
         skipped += damaged
-    raise CheckpointError(f"checkpoint directory {root}: every saved step has a damaged file: "
-                          f"{'; '.join(skipped)}. Restore the files, or start a new run.")
+    return None, skipped
 
 
 def damage(file: str) -> str | None:
