@@ -12,7 +12,8 @@ Steps (GB = 1e9 bytes; the page cache is warm: every figure is CPU work, not the
   read         in this one process, the blocks each of 8 tensor-parallel ranks reads in the 7B YAML's layout
                (model_parallel 8, vocab_emb_dp True): wq/wk/wv/w1/w3 a row block, wo/w2 a column block,
                embedding, lm_head and norms whole; ``read_block`` into a preallocated buffer, with
-               MFTUNE_VERIFY_CHECKSUMS=1 and =0 alternating, best of --repeat; CPU time (user + system). Columns "full" is the other
+               MFTUNE_VERIFY_CHECKSUMS=1 and =0 alternating, best of --repeat; CPU time (user + system). A tensor
+               every rank reads whole is checked by one of them, as load_entries does. Columns "full" is the other
                policy for column blocks: every reader checks every chunk of its rows (whole rows read 64 MB at a
                time, hashed, its columns copied out) instead of only the chunks its columns own.
   fingerprint  ``mftune.checkpoint.load.fingerprint`` of this file (carries checksums: size + header) and the
@@ -20,7 +21,8 @@ Steps (GB = 1e9 bytes; the page cache is warm: every figure is CPU work, not the
   load         (--load) bench/load_memory.py --checkpoint FILE --layers N on 8 torchrun ranks (the trainer's
                build_model), with MFTUNE_VERIFY_CHECKSUMS=1 and =0 alternating: the slowest rank's load_s
                (wall), the ranks' CPU time in build_model summed (what other jobs on the machine change least) and
-               the part of it spent in read_block; medians of --repeat.
+               the part of it spent in read_block, and the thread CPU time spent in the checks themselves
+               (hashing, and the extra reads of owned column chunks and of partial chunks); medians of --repeat.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def make(path: str, layers: int, seed: int) -> None:
 
 
 def rank_blocks(path: str) -> dict[str, list[tuple[str, tuple]]]:
-    """{kind: [(tensor, block)]} over the 8 ranks: "rows", "columns", "whole"."""
+    """{kind: [(tensor, block)]} over the 8 ranks: "rows", "columns", "whole" (+ whether this copy is checked)."""
     from mftune.checkpoint.safetensors_io import safetensors_header
 
     out: dict[str, list] = {"rows": [], "columns": [], "whole": []}
@@ -89,8 +91,8 @@ def rank_blocks(path: str) -> dict[str, list[tuple[str, tuple]]]:
                 block = [slice(0, n) for n in shape]
                 block[dim] = slice(r * size, min((r + 1) * size, shape[dim]))
                 out["rows" if dim == 0 else "columns"].append((name, tuple(block)))
-            else:
-                out["whole"].append((name, tuple(slice(0, n) for n in shape)))
+            else:  # every rank reads it whole; one of them checks it (load_entries: copy i % ranks)
+                out["whole"].append((name, tuple(slice(0, n) for n in shape), r == len(out["whole"]) // TP % TP))
     return out
 
 
@@ -101,11 +103,14 @@ def read_all(path: str, blocks: list, buf, full_columns: bool = False) -> tuple[
 
     from mftune.checkpoint.safetensors_io import read_block
 
+    from mftune.checkpoint.checksum import skipped
+
     start, done = time.process_time(), 0  # CPU time (user + system): what other jobs on the machine change least
-    for name, block in blocks:
+    for name, block, *checked in blocks:
         shape = [s.stop - s.start for s in block]
         out = buf[:math.prod(shape) * 2].view(torch.bfloat16).view(shape)
-        (_read_full_columns if full_columns else read_block)(path, name, block, out)
+        with skipped(checked == [False]):
+            (_read_full_columns if full_columns else read_block)(path, name, block, out)
         done += out.numel() * 2
     return time.process_time() - start, done
 
@@ -138,7 +143,7 @@ def reads(path: str, repeat: int) -> dict:
     import torch
 
     blocks = rank_blocks(path)
-    biggest = max(math.prod(s.stop - s.start for s in b) for items in blocks.values() for _, b in items) * 2
+    biggest = max(math.prod(s.stop - s.start for s in b) for items in blocks.values() for _, b, *_ in items) * 2
     buf = torch.empty(biggest, dtype=torch.uint8)
     results: dict = {}
     for i in range(repeat):
@@ -206,10 +211,14 @@ def loads(path: str, layers: int, repeat: int, workdir: str) -> None:
                 rows = json.load(f)["rows"]
             slowest, load_cpu = max(r["load_s"] for r in rows), sum(r["load_cpu_s"] for r in rows)
             read_cpu = sum(r["read_cpu_s"] for r in rows)
+            check_cpu = sum(r.get("check_cpu_s", 0.0) for r in rows)
+            check_share = max(r.get("check_cpu_s", 0.0) / r["load_cpu_s"] for r in rows)
             print(f"  load {i + 1} verify={verify}: slowest rank {slowest:.2f} s wall; CPU summed over the ranks: "
                   f"build_model {load_cpu:.2f} s, of which read_block {read_cpu:.2f} s; the whole run (start-up, slice "
-                  f"check) {used:.1f} s", flush=True)
-            for key, value in (("wall", slowest), ("cpu", load_cpu), ("read", read_cpu)):
+                  f"check) {used:.1f} s; in the checks themselves {check_cpu:.2f} s (at most {check_share:.1%} of a rank's "
+                  f"build_model CPU)", flush=True)
+            for key, value in (("wall", slowest), ("cpu", load_cpu), ("read", read_cpu), ("check", check_cpu),
+                               ("share", check_share)):
                 runs.setdefault((key, verify), []).append(value)
     med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
     extra = med[("read", "1")] - med[("read", "0")]
@@ -218,6 +227,9 @@ def loads(path: str, layers: int, repeat: int, workdir: str) -> None:
           f" CPU summed over the ranks {med[('cpu', '1')]:.2f} s vs {med[('cpu', '0')]:.2f} s "
           f"({med[('cpu', '1')] / med[('cpu', '0')] - 1:+.1%}); of it in read_block {med[('read', '1')]:.2f} s vs "
           f"{med[('read', '0')]:.2f} s: the checks' {extra:.2f} s are {extra / med[('cpu', '0')]:+.1%} of the load's CPU")
+    print(f"the checks measured inside the checked loads (thread CPU time of hashing and of the extra chunk reads): "
+          f"{med[('check', '1')]:.2f} s summed over the ranks = {med[('check', '1')] / med[('cpu', '1')]:.1%} of the "
+          f"load's CPU; the largest share on one rank {med[('share', '1')]:.1%} of its build_model CPU")
 
 
 def main() -> int:

@@ -319,6 +319,29 @@ def _time_reads() -> list[float]:
     return spent
 
 
+def _time_checks() -> list[float]:
+    """A one-element list that accumulates the CPU time of this thread spent checking checksums from now on:
+    hashing the bytes read (``RangeCheck``), the reads and hashes of the chunks a column block owns and of the
+    partial chunks at a block's ends (``TensorSums.check_chunks`` / ``read``)."""
+    from mftune.checkpoint import checksum
+
+    spent = [0.0]
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.thread_time() - start
+        return wrapper
+
+    for cls, names in ((checksum.RangeCheck, ("__init__", "feed", "finish")), (checksum.TensorSums, ("check_chunks",))):
+        for name in names:
+            setattr(cls, name, timed(getattr(cls, name)))
+    return spent
+
+
 def worker(args) -> int:
     t_proc = time.perf_counter()
     import logging
@@ -331,7 +354,7 @@ def worker(args) -> int:
     from mftune.trainer.build import build_model
 
     logging.basicConfig(level=logging.WARNING)
-    read_cpu = _time_reads()
+    read_cpu, check_cpu = _time_reads(), _time_checks()
     cfg = load_cfg(args, os.path.abspath(args.checkpoint))
     model_config = LlamaConfig.from_dict(cfg.model.model_config)
     errors = layout_errors(cfg.parallel_config, model_config, env_world())
@@ -376,7 +399,8 @@ def worker(args) -> int:
            "peak": after["VmHWM"], "ru_maxrss": ru_maxrss, "rss_after": after["VmRSS"],
            "anon_after": after["RssAnon"], "file_after": after["RssFile"],
            "max_anon_sampled": sampler.anon, "max_file_sampled": sampler.file,
-           "load_s": load_s, "load_cpu_s": load_cpu_s, "read_cpu_s": read_cpu[0], "proc_s": time.perf_counter() - t_proc, "verified": verified}
+           "load_s": load_s, "load_cpu_s": load_cpu_s, "read_cpu_s": read_cpu[0],
+           "check_cpu_s": check_cpu[0], "proc_s": time.perf_counter() - t_proc, "verified": verified}
     rows = [None] * dist_info.world_size
     dist.all_gather_object(rows, row)
     if dist_info.rank == 0:

@@ -12,15 +12,19 @@ partial chunks at its ends completed with small reads of the missing bytes). The
 column block of a matrix (a row-parallel weight under tensor parallelism): there each chunk is
 checked by the one reader whose columns hold the chunk's ``owner_column``, so a job whose ranks read
 all the columns checks every chunk once instead of every rank reading every row whole
-(docs/performance.md, "Checksums", has both costs). Files without checksums (foreign ones) read as
-before. ``MFTUNE_VERIFY_CHECKSUMS=0`` turns the checks off; files are still written with checksums.
+(docs/performance.md, "Checksums", has both costs). Likewise a tensor that several ranks hold whole
+(a replicated embedding under tensor parallelism) is checked by one of them (``skipped``). Files
+without checksums (foreign ones) read as before. ``MFTUNE_VERIFY_CHECKSUMS=0`` turns the checks off;
+files are still written with checksums.
 MindSpore ``.ckpt`` files have no place for them.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import xxhash
@@ -36,9 +40,23 @@ _MIX = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads chunk numbers over the c
 _MASK = 2**64 - 1
 
 
+_SKIPPED: contextvars.ContextVar[bool] = contextvars.ContextVar("mftune_checks_skipped", default=False)
+
+
 def verify_enabled() -> bool:
-    """False when the user set MFTUNE_VERIFY_CHECKSUMS=0 (read at each call)."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    """False when the user set MFTUNE_VERIFY_CHECKSUMS=0 (read at each call), or inside ``skipped()``."""
+    return not _SKIPPED.get() and os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def skipped(skip: bool = True) -> Iterator[None]:
+    """Reads inside are not checked when ``skip``: another rank reads and checks the same bytes (a tensor
+    every rank holds whole, ``mftune.checkpoint.load``), as for column blocks (``check_column_block``)."""
+    token = _SKIPPED.set(skip)
+    try:
+        yield
+    finally:
+        _SKIPPED.reset(token)
 
 
 def chunk_count(nbytes: int, chunk: int = CHUNK) -> int:

@@ -6,7 +6,6 @@ are left to resuming (``mftune.trainer.resume``).
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -16,13 +15,14 @@ import torch
 import xxhash
 from torch import nn
 
-from mftune.checkpoint.entries import Entry
 from mftune.checkpoint.checksum import content_hash
+from mftune.checkpoint.checksum import skipped as checksum_skipped
+from mftune.checkpoint.entries import Entry
 from mftune.checkpoint.formats import checkpoint_header, huggingface, open_checkpoint
 from mftune.checkpoint.keys import is_lora, is_training_state
 from mftune.checkpoint.safetensors_io import checksummed, raw_header
 from mftune.errors import CheckpointError
-from mftune.parallel.layout import local, local_block
+from mftune.parallel.layout import local, local_block, replica
 
 logger = logging.getLogger("mftune")
 FINGERPRINT_KIND = "c1:"  # content identities; fingerprints recorded before them have no prefix
@@ -39,10 +39,10 @@ def fingerprint(path: str, like: str | None = None) -> str:
     if like and not like.startswith(FINGERPRINT_KIND):
         return _legacy_fingerprint(path)
     if os.path.isfile(path):
-        return FINGERPRINT_KIND + _file_identity(path)
+        return FINGERPRINT_KIND + file_identity(path)
     digest = xxhash.xxh3_128()
     for file in _identity_files(path):
-        digest.update(f"{os.path.relpath(file, path)}:{_file_identity(file)}\n".encode())
+        digest.update(f"{os.path.relpath(file, path)}:{file_identity(file)}\n".encode())
     return FINGERPRINT_KIND + digest.hexdigest()
 
 
@@ -52,19 +52,43 @@ def _identity_files(directory: str) -> list[str]:
     return sorted(os.path.join(d, f) for d, _, names in os.walk(directory) for f in names)
 
 
-def _file_identity(file: str) -> str:
+_IDENTITIES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns): each file's identity, once per process
+
+
+def _key(file: str) -> tuple[str, int, int]:
     stat = os.stat(file)
-    return _identity(os.path.abspath(file), stat.st_size, stat.st_mtime_ns)
+    return os.path.abspath(file), stat.st_size, stat.st_mtime_ns
 
 
-@functools.lru_cache(maxsize=1024)
-def _identity(file: str, size: int, mtime_ns: int) -> str:
+def file_identity(file: str) -> str:
+    """The identity ``fingerprint`` gives one file (computed once per process and version of the file)."""
+    key = _key(file)
+    if key not in _IDENTITIES:
+        _IDENTITIES[key] = _header_identity(*key[:2]) or content_hash(file)
+    return _IDENTITIES[key]
+
+
+def _header_identity(file: str, size: int) -> str | None:
+    """The identity of a file whose tensors carry checksums (its size and header); None for any other file."""
     try:
         if file.endswith(".safetensors") and checksummed(file):
             return xxhash.xxh3_128_hexdigest(b"header:%d:" % size + raw_header(file))
     except CheckpointError:  # not readable: identified by its bytes (a damaged leftover changes the identity)
         pass
-    return content_hash(file)
+    return None
+
+
+def hashed_files(path: str) -> list[str]:
+    """The files ``fingerprint(path)`` would identify by a hash of all their bytes (no checksums: a Hugging Face
+    download, a .bin, a MindSpore .ckpt) and this process has not hashed yet: its costly part."""
+    files = [path] if os.path.isfile(path) else _identity_files(path)
+    return [f for f in files if _key(f) not in _IDENTITIES and _header_identity(f, os.path.getsize(f)) is None]
+
+
+def remember_identity(file: str, identity: str) -> None:
+    """Take ``identity`` (``file_identity`` of the same file, computed by another process of this machine) as
+    ``file``'s, instead of hashing its bytes again."""
+    _IDENTITIES[_key(file)] = identity
 
 
 def _legacy_fingerprint(path: str) -> str:
@@ -169,7 +193,7 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
             f"a LoRA-only checkpoint needs its base: put both files in one directory and pass the "
             f"directory.")
     loaded, fresh = [], []
-    for names in groups.values():
+    for i, names in enumerate(groups.values()):
         target = state[names[0]]
         source = next((n for n in names if n in entries), None)
         if source is None:
@@ -180,7 +204,8 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
             raise CheckpointError(
                 f"checkpoint {entry.origin}: tensor {source} has shape {list(entry.shape)} but the "
                 f"model expects {list(target.shape)}. Use a model_config matching the checkpoint.")
-        with torch.no_grad():  # only this rank's block is read
+        copy, copies = replica(target)  # tensors held whole by several ranks: each checked by one of them
+        with torch.no_grad(), checksum_skipped(i % copies != copy):  # only this rank's block is read
             dst = local(target)
             if entry.read_into and entry.known_dtype == dst.dtype and dst.is_contiguous() and dst.device.type == "cpu":
                 entry.read_into(local_block(target), dst)  # straight into the parameter: no temporary

@@ -56,6 +56,20 @@ def local_block(t: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(lo, hi) for lo, hi in ranges)
 
 
+def replica(t: torch.Tensor) -> tuple[int, int]:
+    """``(index, count)``: ``count`` ranks hold the same block of ``t`` (its DTensor mesh dims that do not
+    split it: tensor parallel's ``Replicate``), this rank being copy ``index`` of them; ``(0, 1)`` for a
+    plain tensor (nothing says which other ranks hold it)."""
+    if not isinstance(t, DTensor):
+        return 0, 1
+    mesh, coords = t.device_mesh, t.device_mesh.get_coordinate()
+    index, count = 0, 1
+    for mesh_dim, placement in enumerate(t.placements):
+        if not is_split(placement):
+            index, count = index * mesh.size(mesh_dim) + coords[mesh_dim], count * mesh.size(mesh_dim)
+    return index, count
+
+
 def shard_layout(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
     """``{name: {"global_shape", "block"}}`` for the tensors of which this rank holds only a part
     (empty when every tensor is held whole): what a per-rank checkpoint file records so that its

@@ -17,14 +17,21 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mftune.checkpoint.formats.single_file import save_complete
 from mftune.checkpoint.keys import moment_names
 from mftune.checkpoint.load import unique_state_dict
 from mftune.errors import CheckpointError, TrainingError
-from mftune.fileio import HOST, atomic_open, disk_full, disk_full_reason, free_bytes, human_bytes, with_margin
+from mftune.fileio import (
+    atomic_open,
+    disk_full,
+    disk_full_reason,
+    free_bytes,
+    human_bytes,
+    with_margin,
+)
+from mftune.parallel.gather import gather_ints, host_id
 from mftune.parallel.layout import local, shard_layout, strategy
 
 logger = logging.getLogger("mftune")
@@ -140,7 +147,7 @@ class CheckpointMonitor:
         system are summed; ranks elsewhere on a shared file system cannot be told from the others, so each of
         them counts only itself plus the margin (``fileio.with_margin``)."""
         os.makedirs(self.dir, exist_ok=True)  # (removed since the run started: the save recreates it anyway)
-        rows = gather_ints([need, free_bytes(self.dir), os.stat(self.dir).st_dev & _MASK, _host_id()])
+        rows = gather_ints([need, free_bytes(self.dir), os.stat(self.dir).st_dev & _MASK, host_id()])
         groups: dict[tuple[int, int], list[int]] = {}
         for rank, (_, _, device, host) in enumerate(rows):
             groups.setdefault((device, host), []).append(rank)
@@ -253,20 +260,3 @@ def estimate_bytes(tensors: dict[str, torch.Tensor], metadata: dict) -> int:
     entries = sum(2 * len(name) + 160 + 24 * t.dim() + 20 * math.ceil(t.numel() * t.element_size() / 2**20)
                   for name, t in tensors.items())
     return data + entries + 2 * len(json.dumps(metadata, default=str)) + 1024
-
-
-def gather_ints(values: list[int]) -> list[list[int]]:
-    """``values`` of every rank, in rank order: a collective that every rank calls at the same point of a
-    run (``[values]`` alone without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [list(values)]
-    nccl = dist.get_backend() == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    return [t.tolist() for t in every]
-
-
-def _host_id() -> int:
-    return int(HOST, 16)  # the host tag fileio puts in temporary names

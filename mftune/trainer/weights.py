@@ -10,16 +10,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Literal
 
+import torch.distributed as dist
 from torch import nn
 
 from mftune.checkpoint.formats.distributed import distributed_entries
-from mftune.checkpoint.load import fingerprint, load_checkpoint
+from mftune.checkpoint.load import (
+    FINGERPRINT_KIND,
+    file_identity,
+    fingerprint,
+    hashed_files,
+    load_checkpoint,
+    remember_identity,
+)
 from mftune.checkpoint.recorded_config import check_recorded_architecture
 from mftune.checkpoint.transform import auto_transform
 from mftune.config.schema import MFConfig
+from mftune.errors import CheckpointError
+from mftune.fileio import human_bytes
+from mftune.parallel.gather import distributed, gather_ints, host_id
 from mftune.parallel.layout import fill_from_full
 from mftune.parallel.mesh import ParallelContext
 from mftune.pet import init_lora_weights
@@ -56,6 +68,7 @@ def plan_weights(cfg: MFConfig, point: ResumePoint | None) -> WeightsPlan:
 
 def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: ParallelContext) -> LoadedWeights:
     """Fill the materialised ``model`` as ``plan`` says; returns what the run's checkpoints record."""
+    share_hashing(fingerprinted(plan, cfg))
     if plan.source == "init":
         model.init_weights(fill_from_full)
         named = cfg.model.model_config.get("checkpoint_name_or_path")
@@ -94,3 +107,49 @@ def _transform(cfg: MFConfig, ctx: ParallelContext, files: list[str] | None = No
     return auto_transform(cfg.load_checkpoint, os.path.abspath(cfg.output_dir), rank=ctx.rank,
                           world_size=ctx.world_size, process_num=cfg.transform_process_num,
                           src_strategy=cfg.src_strategy_path_or_dir, files=files)
+
+
+def fingerprinted(plan: WeightsPlan, cfg: MFConfig) -> list[str]:
+    """The checkpoints whose fingerprint this run records or checks: what it loads, its pretrained_model_dir,
+    and a resume point's recorded base (when recorded as a content identity)."""
+    paths = [plan.path if plan.source == "checkpoint" else "", cfg.pretrained_model_dir]
+    if plan.resume is not None and (plan.resume.base_checkpoint or {}).get("fingerprint", "").startswith(
+            FINGERPRINT_KIND):
+        paths.append(plan.resume.base_checkpoint.get("path") or "")
+    return [p for p in dict.fromkeys(paths) if p and os.path.exists(p)]
+
+
+def share_hashing(paths: list[str]) -> None:
+    """Hash the files of ``paths`` that carry no checksums (a Hugging Face download: its fingerprint is a hash of
+    every byte) once per machine: the machine's first rank reads them, the others take its result, instead of
+    every rank reading the whole base again (2-4 s per rank for 7B). A collective: every rank calls it. When the
+    ranks' lists differ, or the first rank cannot read a file, each rank hashes for itself (and meets the error
+    itself)."""
+    if not distributed():
+        return
+    found: set[str] = set()
+    for path in paths:
+        try:
+            found.update(hashed_files(path))
+        except (OSError, CheckpointError):  # the load names the problem
+            pass
+    files = sorted(found)
+    rows = gather_ints([host_id(), len(files)])
+    if not files or len({n for _, n in rows}) != 1:
+        return
+    leader = [h for h, _ in rows].index(host_id())  # this machine's first rank
+    mine = [0] * (1 + 2 * len(files))  # [read, then each identity (128 bits) as two int64]
+    if dist.get_rank() == leader:
+        try:
+            start = time.perf_counter()
+            identities = [file_identity(f) for f in files]
+            mine = [1] + [int(h[i:i + 16], 16) - 2**63 for h in identities for i in (0, 16)]
+            logger.info("Fingerprinted %d file(s) without checksums (%s) by their bytes in %.1f s, for this "
+                        "machine's %d rank(s)", len(files), human_bytes(sum(os.path.getsize(f) for f in files)),
+                        time.perf_counter() - start, [h for h, _ in rows].count(host_id()))
+        except (OSError, CheckpointError):
+            pass
+    got = gather_ints(mine)[leader]
+    if got[0] == 1:
+        for k, f in enumerate(files):
+            remember_identity(f, "".join(f"{v + 2**63:016x}" for v in got[1 + 2 * k:3 + 2 * k]))
