@@ -24,20 +24,21 @@ def tokens() -> torch.Tensor:
     return torch.randint(1, TINY["vocab_size"], (2, TINY["seq_length"]), generator=torch.Generator().manual_seed(3))
 
 
-def save_lora(path, tensors, model_config, base_checkpoint):
-    save_complete(path, tensors, model_config={**model_config, "pet_config": PET},
-                  extra_metadata={"run_mode": "finetune", "pet_config": PET, "base_checkpoint": base_checkpoint})
+def save_lora(path, tensors, model_config, base_checkpoint, pet=PET):
+    save_complete(path, tensors, model_config={**model_config, "pet_config": pet},
+                  extra_metadata={"run_mode": "finetune", "pet_config": pet, "base_checkpoint": base_checkpoint})
 
 
-def build(d) -> SimpleNamespace:
-    """In the folder ``d``: the base, the LoRA checkpoint, and the LoRA and base models' logits on ``tokens()``."""
+def build(d, pet=PET) -> SimpleNamespace:
+    """In the folder ``d``: the base, the LoRA checkpoint (``pet``: its pet_config), and the LoRA and base models'
+    logits on ``tokens()``."""
     torch.manual_seed(0)
     mc = LlamaConfig(**TINY).to_dict()
     base_model = LlamaForCausalLM(dict(TINY)).eval()
     base_path = str(d / "base.safetensors")
     save_complete(base_path, unique_state_dict(base_model), model_config=mc, extra_metadata={"run_mode": "train"})
     lora_model = copy.deepcopy(base_model)
-    get_pet_model(lora_model, PET).eval()  # the new LoRA dropout modules start in training mode
+    get_pet_model(lora_model, pet).eval()  # the new LoRA dropout modules start in training mode
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _, layer in lora_layers(lora_model):
@@ -50,7 +51,7 @@ def build(d) -> SimpleNamespace:
                "loss_scale": torch.tensor(1.0)}
     recorded = {"path": base_path, "fingerprint": fingerprint(base_path)}
     lora_path = str(d / "lora_rank_0-1_3.safetensors")
-    save_lora(lora_path, tensors, mc, recorded)
+    save_lora(lora_path, tensors, mc, recorded, pet)
     x = tokens()
     with torch.no_grad():
         lora_logits, base_logits = lora_model(x), base_model(x)

@@ -40,7 +40,8 @@ from mftune.pet import LoraConfig, lora_targets
 logger = logging.getLogger("mftune")
 
 # mftune pet_config key -> the adapter_config.json field that sets it
-ADAPTER_FIELDS: dict[str, str] = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}
+ADAPTER_FIELDS: dict[str, str] = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                                  "use_rslora": "use_rslora"}
 PEFT_LLAMA_DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 ALL_LINEAR = "all-linear"  # peft's INCLUDE_LINEAR_LAYERS_SHORTHAND
 # transformers module names outside the decoder layers that a target_modules may select (PEFT would put LoRA

@@ -173,6 +173,7 @@ def _lora_hparams(pet_config: dict, fallback: dict[str, Any], where: str) -> dic
             raise CheckpointError(f"--{key}={given} is invalid: {where} records pet_config.{key}={recorded}. "
                                   f"Drop --{key}.")
         out[key] = recorded if recorded is not None else given
+    out["use_rslora"] = bool(pet_config.get("use_rslora", False))  # no flag: a run records it when it used it
     return out
 
 

@@ -49,6 +49,7 @@ from mftune.checkpoint.safetensors_io import encode_metadata, write_safetensors_
 from mftune.errors import CheckpointError
 from mftune.fileio import check_free_space, specs_bytes
 from mftune.log import Progress, with_progress
+from mftune.pet.config import lora_scaling as pet_scaling
 from mftune.pet.lora import lora_delta_weight
 
 logger = logging.getLogger("mftune")
@@ -94,7 +95,7 @@ def _scaling(pet_config: dict | None, lora_scaling: float | None, ranks: set[int
     if ranks and ranks != {int(pc["lora_rank"])}:
         raise CheckpointError(f"{where}: pet_config lora_rank={pc['lora_rank']} but the adapters have rank(s) "
                               f"{sorted(ranks)}. Pass --lora_scaling <lora_alpha / rank> explicitly.")
-    return float(pc["lora_alpha"]) / float(pc["lora_rank"])
+    return pet_scaling(float(pc["lora_alpha"]), int(pc["lora_rank"]), bool(pc.get("use_rslora")))
 
 
 def _inputs(path: str) -> tuple[set[str], set[str]]:
@@ -115,7 +116,7 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     ``dst_dir/merged_lora.safetensors`` (``output_format="mftune"``), a HF directory ``dst_dir``
     (``"hf"``) or ``dst_dir/merged_lora.ckpt`` (``"ckpt"``). ``base_path`` default: the base recorded
     in the LoRA header, whose fingerprint must match (unless ``ignore_fingerprint``). ``lora_scaling``
-    default: pet_config lora_alpha / lora_rank. ``model_config``: when the checkpoints record none
+    default: pet_config lora_alpha / lora_rank (``/ sqrt(lora_rank)`` with use_rslora). ``model_config``: when the checkpoints record none
     (MindSpore's); ``src_strategy``: the strategy of a distributed MindSpore source. ``base_model_dir``
     (``"hf"`` only): the Hugging Face directory whose config.json, generation_config.json and tokenizer
     files complete the output; default: the one the base (or the LoRA source) records as its origin.

@@ -24,7 +24,7 @@ from mftune.pet import LoraConfig, lora_targets
 logger = logging.getLogger("mftune")
 
 KEY_PREFIX = "model.model_config.pet_config"
-MEANING = ("lora_rank", "lora_alpha")  # besides the selected layers: what the factors were trained with
+MEANING = ("lora_rank", "lora_alpha", "use_rslora")  # besides the selected layers: what the factors were trained with
 SELECTION = ("target_modules", "exclude_layers")
 
 

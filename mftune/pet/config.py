@@ -40,6 +40,8 @@ class LoraConfig:
     lora_rank: int = 8  # r: rows of A [r, in], columns of B [out, r]
     lora_alpha: float = 16  # scaling = lora_alpha / lora_rank
     lora_dropout: float = 0.01  # dropout on the LoRA branch input only; 0 -> identity
+    use_rslora: bool = False  # rank-stabilised LoRA (mftune and PEFT, not MindFormers): scaling = alpha / sqrt(rank)
+    lora_plus_lr_ratio: float | None = None  # LoRA+ (mftune and PEFT): B learns at this multiple of the learning rate
     lora_a_init: str | None = "normal"  # accepted and ignored, as in MindFormers: A is kaiming-uniform(a=sqrt(5))
     lora_b_init: str | None = "zero"  # accepted and ignored, as in MindFormers: B is zeros
     param_init_type: str | None = None  # dtype of A/B; None = the replaced layer's weight dtype
@@ -66,7 +68,7 @@ class LoraConfig:
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.lora_rank
+        return lora_scaling(self.lora_alpha, self.lora_rank, self.use_rslora)
 
     @property
     def target_patterns(self) -> list[str]:
@@ -83,6 +85,11 @@ class LoraConfig:
     @property
     def compute_torch_dtype(self) -> torch.dtype | None:
         return None if self.compute_dtype is None else PET_DTYPES[self.compute_dtype.lower()]
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """The factor on ``B A``: ``alpha / rank``, or rsLoRA's ``alpha / sqrt(rank)`` (PEFT's ``use_rslora``)."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
 def _as_list(value: str | list[str] | None) -> list[str]:
@@ -155,6 +162,13 @@ def _value_errors(pet_config: dict, err) -> list[str]:
         if not _is_number(v) or not 0 <= v < 1:
             errors.append(err("lora_dropout", "must be a number in [0, 1)",
                               "Use e.g. lora_dropout: 0.05 (0 disables it)."))
+    if "use_rslora" in pet_config and not isinstance(pet_config["use_rslora"], bool):
+        errors.append(err("use_rslora", "must be true or false",
+                          "Use use_rslora: true for scaling lora_alpha / sqrt(lora_rank), false for lora_alpha / lora_rank."))
+    v = pet_config.get("lora_plus_lr_ratio")
+    if v is not None and (not _is_number(v) or not math.isfinite(v) or v <= 0):
+        errors.append(err("lora_plus_lr_ratio", "must be a positive number (B's learning rate over A's)",
+                          "Use e.g. lora_plus_lr_ratio: 16 (LoRA+), or remove it for plain LoRA."))
     for key in ("lora_a_init", "lora_b_init"):
         if pet_config.get(key) is not None and not isinstance(pet_config[key], str):
             errors.append(err(key, "must be a string (MindFormers ignores it; A is kaiming-uniform, B zeros)",

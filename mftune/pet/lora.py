@@ -3,7 +3,8 @@
 MindFormers/MindPet semantics (reference/mindformers.md §6.3-§6.5):
 - targets: recursion over child modules by *local* attribute name under the backbone
   (``model.model`` for Llama, so ``lm_head`` is never a target); ``re.match(target_modules, name)``;
-- layer: ``y = x W^T + b + dropout(x) A^T B^T * lora_alpha / lora_rank``, A ``[r, in]``
+- layer: ``y = x W^T + b + dropout(x) A^T B^T * lora_alpha / lora_rank`` (``use_rslora``, PEFT's
+  rank-stabilised LoRA: ``/ sqrt(lora_rank)``), A ``[r, in]``
   kaiming-uniform(a=sqrt(5)), B ``[out, r]`` zeros, parameters ``mindpet_delta_lora_a/b``;
 - freezing: everything but ``*mindpet_delta_lora*``, then ``freeze_include`` / ``freeze_exclude``.
 The layer follows torchtune's ``modules/peft/lora.py``: the base weight Parameter is reused, so
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mftune.models.llama import Fill, fill_in_place
-from mftune.pet.config import LoraConfig
+from mftune.pet.config import LoraConfig, lora_scaling
 
 logger = logging.getLogger("mftune")
 
@@ -44,7 +45,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  param_init_type: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
-                 base_init_std: float | None = None):
+                 base_init_std: float | None = None, use_rslora: bool = False):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
@@ -52,7 +53,8 @@ class LoRALinear(nn.Module):
         self.out_features = base.out_features
         self.rank = rank
         self.alpha = alpha
-        self.scaling = alpha / rank
+        self.use_rslora = use_rslora
+        self.scaling = lora_scaling(alpha, rank, use_rslora)
         self.compute_dtype = compute_dtype
         self.base_init_std = base_init_std  # how init_weights() re-draws W; None = nn.Linear's default init
         self.merged = False
@@ -169,8 +171,9 @@ def get_pet_model(model: nn.Module, pet_config: dict | LoraConfig) -> nn.Module:
         raise ValueError(_no_match_message(root, root_name, config))
     freeze_lora(model, config.freeze_include, config.freeze_exclude)
     logger.info("LoRA: replaced %d Linear layers (target_modules=%r, exclude_layers=%r, rank %d, alpha %g, "
-                "scaling %g, dropout %g): %s%s", len(swapped), config.target_modules, config.exclude_layers,
-                config.lora_rank, config.lora_alpha, config.scaling, config.lora_dropout,
+                "scaling %g%s, dropout %g): %s%s", len(swapped), config.target_modules, config.exclude_layers,
+                config.lora_rank, config.lora_alpha, config.scaling, " (rsLoRA: alpha / sqrt(rank))"
+                if config.use_rslora else "", config.lora_dropout,
                 ", ".join(swapped[:4]), ", ..." if len(swapped) > 4 else "")
     logger.info(trainable_summary(model))
     return model
@@ -191,7 +194,8 @@ def _swap(module: nn.Module, prefix: str, config: LoraConfig,
     swapped = []
     for parent, name, child, full in _targets(module, prefix, targets, excludes):
         setattr(parent, name, LoRALinear(child, config.lora_rank, config.lora_alpha, config.lora_dropout,
-                                         config.param_dtype, config.compute_torch_dtype, init_std))
+                                         config.param_dtype, config.compute_torch_dtype, init_std,
+                                         config.use_rslora))
         swapped.append(full)
     return swapped
 

@@ -27,7 +27,7 @@ from mftune.parallel.mesh import ParallelContext
 from mftune.trainer.checkpointing import CheckpointMonitor
 from mftune.trainer.evaluate import batch_loss
 from mftune.trainer.monitor import LossMonitor, StepStats
-from mftune.trainer.optim import LossScaler, LRSchedule
+from mftune.trainer.optim import LossScaler, LRSchedule, set_lr
 
 MAX_NONFINITE_STEPS = 5  # consecutive skipped steps (static loss scale) before training stops
 
@@ -177,8 +177,7 @@ def train_step(run: TrainRun, settings: LoopSettings, micro_batches: list[dict[s
     norm = clip_grad_norm_(trainable, settings.max_grad_norm)
     overflow = not math.isfinite(norm)
     if not overflow:
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(run.optimizer, lr)
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     loss_scale = run.scaler.scale

@@ -121,7 +121,8 @@ def _optimization(cfg: MFConfig, built: BuiltModel, data: TrainData) -> tuple:
     """(AdamW over the trainable parameters, the LR schedule, the loss scaler)."""
     schedule = build_schedule(cfg.lr_schedule, cfg.optimizer, data.steps_per_epoch, cfg.runner_config.epochs)
     try:
-        optimizer = build_optimizer(built.model, cfg.optimizer, schedule(0))
+        optimizer = build_optimizer(built.model, cfg.optimizer, schedule(0),
+                                    (built.pet_config or {}).get("lora_plus_lr_ratio"))
     except ValueError as exc:  # nothing left to train (freeze_include)
         raise UserError(str(exc)) from None
     return optimizer, schedule, LossScaler(cfg.runner_wrapper)

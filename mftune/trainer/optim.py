@@ -8,27 +8,39 @@ import torch
 from torch import nn
 
 from mftune.config.schema import LRScheduleConfig, OptimizerConfig, RunnerWrapperConfig
+from mftune.pet.lora import LORA_B
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,
+                    lora_plus_lr_ratio: float | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; 1-D parameters and biases get no weight decay.
 
     Every optimizer ``type`` the config accepts (AdamW, FP32StateAdamWeightDecay,
     AdamWeightDecay) is this AdamW. Trainable parameters are float32 (the trainer keeps fp32
     master weights), so the moments are float32 too, as FP32StateAdamWeightDecay requires.
+    ``lora_plus_lr_ratio`` (LoRA+, pet_config): LoRA's B factors learn at that multiple of the learning
+    rate. Each group's ``lr_scale`` is what the training loop multiplies the scheduled rate by.
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    if not decay and not no_decay:
+        decay = not (param.ndim <= 1 or name.endswith(".bias"))
+        scale = float(lora_plus_lr_ratio) if lora_plus_lr_ratio and name.endswith(LORA_B) else 1.0
+        groups.setdefault((not decay, scale), []).append(param)
+    if not groups:
         raise ValueError("no trainable parameters: check pet_config.target_modules / freeze_exclude")
     betas = tuple(cfg.betas) if cfg.betas else (cfg.beta1, cfg.beta2)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=cfg.eps)
+    return torch.optim.AdamW([{"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+                               "lr": lr * scale, "lr_scale": scale}
+                              for (no_decay, scale), params in sorted(groups.items(), key=lambda kv: kv[0])],
+                             lr=lr, betas=betas, eps=cfg.eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled learning rate for the next step: each group's ``lr_scale`` times ``lr``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 @dataclass

@@ -187,6 +187,24 @@ def test_full_parameter_training_dp2_mp2_matches_one_process(parity):
     _check_parity(refs, "train", out, r)
 
 
+# scaling alpha / sqrt(r); LoRA+ with B at 2 x the learning rate. (At 16 x, B's rate of 0.08 makes this tiny run
+# chaotic: the layouts' fp32 summation orders, 3e-7 apart at step 2, grow to 1e-3 in the gradient norm by step 5.)
+LORA_VARIANTS = {"model.model_config.pet_config.use_rslora": True,
+                 "model.model_config.pet_config.lora_plus_lr_ratio": 2}
+
+
+def test_rslora_and_lora_plus_dp2_mp2_with_every_option_match_one_process(parity):
+    """The LoRA variants (docs/pet.md) on 4 ranks with FSDP2, sequence parallel, recompute and a vocab-parallel
+    embedding: the one-process losses and gradient norms of the same variants (which differ from plain LoRA's)."""
+    d, config, refs = parity
+    single, out = os.path.join(d, "variants-single"), os.path.join(d, "variants-2x2")
+    r = pp.run_single(config, "finetune", single, LORA_VARIANTS)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert pp.compare(refs["finetune"][0], pp.losses(single)) > 1e-4  # the variants change training
+    r = pp.run_layout(config, "finetune", out, 2, 2, {**pp.ALL_ON, **LORA_VARIANTS})
+    _check_parity({"finetune": (pp.losses(single), pp.losses(single, "global_norm"))}, "finetune", out, r)
+
+
 def test_use_parallel_without_launcher_is_a_clear_error(parity):
     _, config, _ = parity
     r = subprocess.run([sys.executable, "run_finetune.py", "--config", config, "--run_mode", "finetune",

@@ -64,6 +64,19 @@ def test_one_process_resume_is_bitwise(workdir, full):
     assert pp.losses(again) == []
 
 
+def test_lora_variants_resume_bitwise(workdir):
+    """rsLoRA and LoRA+ (docs/pet.md): the resumed run rebuilds B's learning-rate groups and continues exactly."""
+    d, config = workdir
+    variants = {**DROPOUT, "model.model_config.pet_config.use_rslora": True,
+                "model.model_config.pet_config.lora_plus_lr_ratio": 16}
+    full, resumed = os.path.join(d, "variants-full"), os.path.join(d, "variants-resumed")
+    _run(pp._args(config, "finetune", full, 1, 1, variants))
+    _run(pp._args(config, "finetune", resumed, 1, 1, variants) +
+         ["--load_checkpoint", os.path.join(full, "checkpoint"), "--resume_training", "llama_7b_lora_rank_0-1_4"])
+    assert pp.losses(resumed) == pp.losses(full)[4:]
+    assert pp.losses(resumed, "global_norm") == pp.losses(full, "global_norm")[4:]
+
+
 @pytest.fixture(scope="module")
 def single(workdir):
     """The one-process run without dropout: the reference of multi-rank runs."""

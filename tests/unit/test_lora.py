@@ -56,13 +56,14 @@ def hf_copy(model: LlamaForCausalLM) -> transformers.LlamaForCausalLM:
     return hf.eval()
 
 
-def peft_twin(model: LlamaForCausalLM, targets: list[str], rank: int, alpha: float):
+def peft_twin(model: LlamaForCausalLM, targets: list[str], rank: int, alpha: float, use_rslora: bool = False):
     """peft model on the same base weights, with every adapter's A/B copied from the mftune model.
 
     peft ``...self_attn.q_proj.lora_A.default.weight`` [r, in] <-> mftune ``...attention.wq.mindpet_delta_lora_a``.
     """
     ref = peft.get_peft_model(hf_copy(model), peft.LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"))
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
+        use_rslora=use_rslora))
     hf_layers = {n: m for n, m in ref.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     ours = dict(lora_layers(model))
     assert {hf_to_mftune(n + ".weight")[: -len(".weight")] for n in hf_layers} == set(ours), "same layers wrapped"
@@ -90,17 +91,20 @@ def tokens(seed: int = 0) -> torch.Tensor:
 
 # (a) logits vs peft ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("target,hf_targets,rank,alpha", [
-    (ATTN, HF_ATTN, 16, 16),  # lora_llama2_7b.yaml: scaling 1
-    (ATTN, HF_ATTN, 4, 8),    # lora_llama2_13b.yaml's ratio: scaling 2
-    (ALL, HF_ALL, 2, 3),      # every Linear of the block, scaling 1.5
+@pytest.mark.parametrize("target,hf_targets,rank,alpha,rslora", [
+    (ATTN, HF_ATTN, 16, 16, False),  # lora_llama2_7b.yaml: scaling 1
+    (ATTN, HF_ATTN, 4, 8, False),    # lora_llama2_13b.yaml's ratio: scaling 2
+    (ALL, HF_ALL, 2, 3, False),      # every Linear of the block, scaling 1.5
+    (ATTN, HF_ATTN, 16, 16, True),   # rsLoRA: scaling 16 / sqrt(16) = 4
 ])
-def test_logits_match_peft(target, hf_targets, rank, alpha):
-    """Expected: peft's logits on transformers' Llama with identical base and A/B (fp32, B random)."""
+def test_logits_match_peft(target, hf_targets, rank, alpha, rslora):
+    """Expected: peft's logits on transformers' Llama with identical base and A/B (fp32, B random); peft_twin
+    also checks each layer's scaling equals peft's."""
     model = tiny_model()
-    get_pet_model(model, dict(lora_rank=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target))
+    get_pet_model(model, dict(lora_rank=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target,
+                              use_rslora=rslora))
     randomize_adapters(model)
-    ref = peft_twin(model, hf_targets, rank, alpha)
+    ref = peft_twin(model, hf_targets, rank, alpha, rslora)
     x = tokens()
     with torch.no_grad():
         ours, theirs = model(x), ref(input_ids=x).logits
@@ -113,14 +117,15 @@ def test_logits_match_peft(target, hf_targets, rank, alpha):
 
 # (b) merge / unmerge ---------------------------------------------------------------------------------
 
-def test_merge_equals_unmerged_and_peft_merge():
+@pytest.mark.parametrize("rslora", [False, True])
+def test_merge_equals_unmerged_and_peft_merge(rslora):
     """Expected: unmerged logits (ours); merged W equals peft ``merge_and_unload`` W; unmerge restores W."""
     model = tiny_model()
-    get_pet_model(model, dict(lora_rank=4, lora_alpha=8, lora_dropout=0.0, target_modules=ATTN))
+    get_pet_model(model, dict(lora_rank=4, lora_alpha=8, lora_dropout=0.0, target_modules=ATTN, use_rslora=rslora))
     randomize_adapters(model)
     x = tokens()
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
-    ref_merged = peft_twin(model, HF_ATTN, 4, 8).merge_and_unload().state_dict()
+    ref_merged = peft_twin(model, HF_ATTN, 4, 8, rslora).merge_and_unload().state_dict()
     with torch.no_grad():
         unmerged = model(x)
         merge_lora(model)
@@ -138,6 +143,46 @@ def test_merge_equals_unmerged_and_peft_merge():
         torch.testing.assert_close(v, w0[k], rtol=0, atol=1e-7)
     with torch.no_grad():
         torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [16.0, None])
+def test_lora_plus_steps_match_peft(ratio):
+    """LoRA+ (pet_config lora_plus_lr_ratio): three AdamW steps of mftune's optimizer (B's groups at ratio x lr,
+    set by the training loop's set_lr) and of peft's create_loraplus_optimizer on the twin model give the same
+    A and B (fp32, 1e-5); plain LoRA (None) gives another B, so the comparison bites."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from mftune.config.schema import OptimizerConfig
+    from mftune.trainer.optim import build_optimizer, set_lr
+
+    model = tiny_model()
+    get_pet_model(model, dict(lora_rank=4, lora_alpha=8, lora_dropout=0.0, target_modules=ATTN,
+                              lora_plus_lr_ratio=ratio))
+    randomize_adapters(model)
+    ref = peft_twin(model, HF_ATTN, 4, 8)
+    cfg = OptimizerConfig(weight_decay=0.01, eps=1e-8)
+    ours = build_optimizer(model, cfg, 0.0, ratio)
+    theirs = create_loraplus_optimizer(ref, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0,
+                                       loraplus_weight_decay=0.01, eps=1e-8)
+    x = tokens()
+    for _ in range(3):
+        set_lr(ours, 1e-3)
+        for net, opt, logits in ((model, ours, lambda: model(x)), (ref, theirs, lambda: ref(input_ids=x).logits)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(logits()[:, :-1].reshape(-1, TINY["vocab_size"]),
+                                              x[:, 1:].reshape(-1)).backward()
+            opt.step()
+    peft_layers = {hf_to_mftune(n + ".weight")[: -len(".weight")]: m for n, m in ref.base_model.model.named_modules()
+                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    moved = 0.0
+    for name, layer in lora_layers(model):
+        b, peft_b = layer.mindpet_delta_lora_b.detach(), peft_layers[name].lora_B["default"].weight.detach()
+        moved = max(moved, float((b - peft_b).abs().max()))
+        if ratio:
+            torch.testing.assert_close(b, peft_b, rtol=0, atol=1e-5)
+            torch.testing.assert_close(layer.mindpet_delta_lora_a, peft_layers[name].lora_A["default"].weight,
+                                       rtol=0, atol=1e-5)
+    assert ratio or moved > 1e-3
 
 
 # (c) parameter counts and the summary line --------------------------------------------------------

@@ -61,6 +61,17 @@ def test_merged_checkpoint_is_the_lora_model(ckpt, tmp_path):
         torch.testing.assert_close(tensor, reference[name], atol=1e-6, rtol=0, msg=name)
 
 
+def test_an_rslora_checkpoint_merges_with_its_scaling(tmp_path):
+    """use_rslora recorded in the header: scaling lora_alpha / sqrt(lora_rank) = 8 / 2, the LoRA model's logits."""
+    rs = lora_checkpoint.build(tmp_path, {**PET, "use_rslora": True})
+    report = merge_lora_checkpoint(rs.lora_path, str(tmp_path / "merged"))
+    assert report["scaling"] == 4.0
+    plain = LlamaForCausalLM(dict(read_metadata(report["output"])["model_config"])).eval()
+    load_checkpoint(plain, report["output"])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(rs.x), rs.lora_logits, atol=1e-5, rtol=0)
+
+
 def test_lora_scaling_overrides_the_header(ckpt, tmp_path):
     report = merge_lora_checkpoint(ckpt.lora_path, str(tmp_path), lora_scaling=0.5)
     assert report["scaling"] == 0.5

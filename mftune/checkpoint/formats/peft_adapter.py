@@ -56,7 +56,6 @@ _MODULE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # truthy (absent, null, false, {} and [] are all "not used").
 UNSUPPORTED_FIELDS: dict[str, str] = {
     "use_dora": "DoRA adds a magnitude vector that mftune's LoRA layer does not have",
-    "use_rslora": "rsLoRA scales by lora_alpha/sqrt(r), mftune by lora_alpha/r",
     "modules_to_save": "fully trained extra modules are not LoRA tensors and mftune cannot load them with an adapter",
     "lora_bias": "mftune's lora_B has no bias",
     "fan_in_fan_out": "Llama Linear weights are [out, in]; a transposed (Conv1D) layout does not apply",
@@ -180,7 +179,7 @@ def peft_adapter_config(hparams: dict[str, Any], layers: list[int], leaves: list
         "target_modules": hf_leaves,
         "task_type": "CAUSAL_LM",
         "use_dora": False,
-        "use_rslora": False,
+        "use_rslora": hparams.get("use_rslora", False),
     }
 
 
@@ -256,6 +255,7 @@ def grid_pet_config(config: dict[str, Any], rank: int, layers: list[int], leaves
         "lora_rank": rank,
         "lora_alpha": config.get("lora_alpha", 8),  # peft's default
         "lora_dropout": config.get("lora_dropout", 0.0),
+        "use_rslora": bool(config.get("use_rslora", False)),
         "target_modules": "|".join(f".*{leaf.split('.')[-1]}" for leaf in leaves),
     }
     if partial:
@@ -303,13 +303,11 @@ def adapter_config_errors(config: dict[str, Any]) -> list[str]:
     if config.get("bias", "none") != "none":
         errors.append(err("bias", "mftune's Llama has no biases to train or load",
                           'Use an adapter trained with bias "none".'))
+    if not isinstance(config.get("use_rslora", False), bool):
+        errors.append(err("use_rslora", "must be true or false", "Fix adapter_config.json."))
     for key, why in UNSUPPORTED_FIELDS.items():
         if config.get(key):
-            fix = MERGE_FIX
-            if key == "use_rslora" and isinstance(r, int) and r > 0 and isinstance(alpha, (int, float)):
-                fix = (f"The same adapter as plain LoRA has lora_alpha={alpha * math.sqrt(r):g} (alpha*sqrt(r)): "
-                       f"set that and use_rslora false.")
-            errors.append(err(key, why, fix))
+            errors.append(err(key, why, MERGE_FIX))
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_MODIFYING_INITS):
         errors.append(err("init_lora_weights", "this initialisation modifies the base weights, so the adapter "
