@@ -25,7 +25,20 @@ from mftune.errors import DiskSpaceError
 
 UMASK = os.umask(0)
 os.umask(UMASK)
-HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]  # in temporary names: whose pid it is
+
+
+def _boot_id() -> str:
+    """This boot of this machine (Linux): containers given the same hostname on different machines, or one
+    machine after a reboot (pids reused), still differ."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+# in temporary names: whose pid it is; host_id() for the ranks of one machine
+HOST = hashlib.sha1(f"{socket.gethostname()}\n{_boot_id()}".encode()).hexdigest()[:8]
 
 
 def fsync_replace(tmp: str, path: str) -> None:

@@ -21,7 +21,8 @@ mftune additions: --base_checkpoint (default: the base recorded in the LoRA head
 match unless --ignore_fingerprint), --output_format, --config (a YAML whose model.model_config describes the
 model, for checkpoints that record none: MindSpore's; without it a .ckpt output is merged as MindFormers does,
 checking only that each adapter fits its weight). --lora_scaling default: the checkpoint's pet_config
-lora_alpha / lora_rank (MindFormers' default is 1, which is rarely right).
+lora_alpha / lora_rank, or lora_alpha / sqrt(lora_rank) with use_rslora (MindFormers' default is 1, which is
+rarely right). DoRA adapters (use_dora) merge as m / ||W + dW|| * (W + dW).
 --src_ckpt_strategy is used for a MindSpore rank_*/ source and ignored otherwise (mftune's rank files record
 their own layout); --dst_ckpt_strategy / --prefix are accepted for MindFormers compatibility and ignored.
 Errors: one line on stderr, exit status 2.
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA checkpoint: complete file, rank_*/ directory or PEFT adapter directory")
     p.add_argument("--dst_ckpt_dir", required=True, help="output directory")
     p.add_argument("--lora_scaling", type=float, default=None,
-                   help="scale of B@A (default: pet_config lora_alpha / lora_rank)")
+                   help="scale of B@A (default: pet_config lora_alpha / lora_rank, / sqrt(lora_rank) with "
+                        "use_rslora)")
     p.add_argument("--base_checkpoint", default=None,
                    help="base weights (default: the path recorded in the LoRA checkpoint's header)")
     p.add_argument("--ignore_fingerprint", action="store_true",

@@ -1,15 +1,15 @@
 """The pet_config of a run whose ``load_checkpoint`` is a PEFT adapter: the adapter's own.
 
-A PEFT adapter means what its ``adapter_config.json`` says: ``r``, ``lora_alpha`` (scaling = alpha / r),
-``lora_dropout``, and the layers that ``target_modules`` / ``layers_to_transform`` / ``layers_pattern`` /
+A PEFT adapter means what its ``adapter_config.json`` says: ``r``, ``lora_alpha`` (scaling = alpha / r, or
+alpha / sqrt(r) with ``use_rslora``), ``use_dora``, ``lora_dropout``, and the layers that ``target_modules`` / ``layers_to_transform`` / ``layers_pattern`` /
 ``exclude_modules`` select. The model is built (LoRA applied) before weights are read, so this is decided
 first, by ``effective_pet_config``, from the run's pet_config, the adapter and the (meta-device) model.
 
 The rule for a conflict: the adapter's values win, because they are what the adapter was trained with (PEFT
 applies an adapter with its own config too); each value of the run's pet_config that differs is a WARNING
 naming both. A run without pet_config takes the adapter's. Keys an adapter has no say in (``param_init_type``,
-``compute_dtype``, ``freeze_include`` / ``freeze_exclude``) stay the run's. What mftune cannot honour
-(rsLoRA, DoRA, modules_to_save, biases, per-module ranks, LoRA outside the decoder layers, a selection that
+``compute_dtype``, ``freeze_include`` / ``freeze_exclude``, ``lora_plus_lr_ratio``) stay the run's. What mftune
+cannot honour (modules_to_save, biases, per-module ranks, LoRA outside the decoder layers, a selection that
 is not the same module types in every adapted layer, a config that selects other modules than the file
 holds) is a CheckpointError naming the field and its value (``mftune.checkpoint.formats.peft_adapter``).
 
@@ -41,7 +41,7 @@ logger = logging.getLogger("mftune")
 
 # mftune pet_config key -> the adapter_config.json field that sets it
 ADAPTER_FIELDS: dict[str, str] = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-                                  "use_rslora": "use_rslora"}
+                                  "use_rslora": "use_rslora", "use_dora": "use_dora"}
 PEFT_LLAMA_DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 ALL_LINEAR = "all-linear"  # peft's INCLUDE_LINEAR_LAYERS_SHORTHAND
 # transformers module names outside the decoder layers that a target_modules may select (PEFT would put LoRA

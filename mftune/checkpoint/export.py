@@ -58,7 +58,7 @@ def export_adapter_dir(src_checkpoint: str, output_dir: str, *, base_model_name_
     pet_config = _lora_pet_config(meta, src_checkpoint)
     hparams = _lora_hparams(pet_config, fallback or {}, src_checkpoint)
     tensors = load(_adapter_keys(keys, pet_config, src_checkpoint))
-    modules, rank = pair_and_rank(tensors, src_checkpoint)
+    modules, rank = pair_and_rank(tensors, src_checkpoint, dora=hparams["use_dora"])
     if rank != hparams["lora_rank"]:
         raise CheckpointError(f"pet_config.lora_rank={hparams['lora_rank']} is invalid: the LoRA tensors of "
                               f"{src_checkpoint} have rank {rank}. Check the checkpoint and its header.")
@@ -173,7 +173,8 @@ def _lora_hparams(pet_config: dict, fallback: dict[str, Any], where: str) -> dic
             raise CheckpointError(f"--{key}={given} is invalid: {where} records pet_config.{key}={recorded}. "
                                   f"Drop --{key}.")
         out[key] = recorded if recorded is not None else given
-    out["use_rslora"] = bool(pet_config.get("use_rslora", False))  # no flag: a run records it when it used it
+    for key in ("use_rslora", "use_dora"):  # no flags: a run records them when it used them
+        out[key] = bool(pet_config.get(key, False))
     return out
 
 

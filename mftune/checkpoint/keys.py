@@ -7,10 +7,11 @@ counters (``epoch_num``, ``step_num``, ...) and per-rank RNG states.
 """
 from __future__ import annotations
 
+from mftune.pet.dora import LORA_M
 from mftune.pet.lora import LORA_A, LORA_B, LORA_MARK
 
-__all__ = ["LORA_A", "LORA_B", "LORA_MARK", "OPTIMIZER_PREFIXES", "PER_RANK_KEYS", "SCALAR_KEYS", "is_lora",
-           "is_training_state", "moment_names", "parameter_of"]
+__all__ = ["LORA_A", "LORA_B", "LORA_M", "LORA_MARK", "OPTIMIZER_PREFIXES", "PER_RANK_KEYS", "SCALAR_KEYS",
+           "is_lora", "is_training_state", "moment_names", "parameter_of"]
 
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")  # AdamW exp_avg, exp_avg_sq of the parameter named after the dot
 PER_RANK_KEYS = ("rng_state", "cuda_rng_state")  # belong to the saving rank of the saving layout

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zlib
 from typing import Any
 
 import torch
@@ -140,13 +141,19 @@ def load_checkpoint(model: nn.Module, path: str, src_strategy: str = "", base: s
     """
     entries = open_checkpoint(path, src_strategy)
     names = set(model.state_dict())
-    if any(not is_lora(n) and n not in entries for n in names):
+    if lacks_base(model, entries):
         recorded = checkpoint_header(path).get("base_checkpoint") or {}
         given = base and os.path.abspath(base) != os.path.abspath(path)
         if given or recorded.get("path"):
             found = load_recorded_base(model, recorded, path, base if given else "", strict=False)
             return {**load_entries(model, entries, path, only=names & entries.keys()), "base": found}
     return load_entries(model, entries, path)
+
+
+def lacks_base(model: nn.Module, entries: dict[str, Entry]) -> bool:
+    """Whether ``entries`` miss base (non-LoRA) weights of ``model``: a checkpoint of trained tensors only, loaded
+    over a base."""
+    return any(not is_lora(n) and n not in entries for n in model.state_dict())
 
 
 def load_recorded_base(model: nn.Module, recorded: dict, origin: str, base: str = "", strict: bool = True) -> dict:
@@ -193,7 +200,7 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
             f"a LoRA-only checkpoint needs its base: put both files in one directory and pass the "
             f"directory.")
     loaded, fresh = [], []
-    for i, names in enumerate(groups.values()):
+    for names in groups.values():
         target = state[names[0]]
         source = next((n for n in names if n in entries), None)
         if source is None:
@@ -205,7 +212,7 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
                 f"checkpoint {entry.origin}: tensor {source} has shape {list(entry.shape)} but the "
                 f"model expects {list(target.shape)}. Use a model_config matching the checkpoint.")
         copy, copies = replica(target)  # tensors held whole by several ranks: each checked by one of them
-        with torch.no_grad(), checksum_skipped(i % copies != copy):  # only this rank's block is read
+        with torch.no_grad(), checksum_skipped(zlib.crc32(names[0].encode()) % copies != copy):  # own block only
             dst = local(target)
             if entry.read_into and entry.known_dtype == dst.dtype and dst.is_contiguous() and dst.device.type == "cpu":
                 entry.read_into(local_block(target), dst)  # straight into the parameter: no temporary

@@ -1,7 +1,8 @@
 """Merge LoRA adapters into their base weights (MindFormers' ``mindformers/tools/transform_ckpt_lora.py``).
 
 For every adapted Linear ``W`` with adapters ``A [r, in]``, ``B [out, r]``:
-``W' = (W.float() + B.float() @ A.float() * scaling).to(W.dtype)`` (``mftune.pet.lora_delta_weight``).
+``W' = (W.float() + B.float() @ A.float() * scaling).to(W.dtype)`` (``mftune.pet.lora_delta_weight``); with
+a DoRA magnitude ``m``, ``W' = m / ||W + dW|| * (W + dW)`` per output row (``mftune.pet.dora.merged_weight``).
 Every other model tensor is copied as is; LoRA tensors, optimizer moments (``adam_m.*``, ``adam_v.*``)
 and counters are dropped. The result is a plain model: a complete mftune file whose header holds the
 model_config without ``pet_config`` (``load_checkpoint`` and ``convert_weight.py --reversed`` read it),
@@ -40,7 +41,7 @@ from mftune.checkpoint.convert import convert_mftune_to_hf
 from mftune.checkpoint.entries import Entry
 from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
 from mftune.checkpoint.hf_files import CopyReport, HFBase, check_base_config, resolve_base
-from mftune.checkpoint.keys import LORA_A, LORA_B, LORA_MARK, is_lora, is_training_state
+from mftune.checkpoint.keys import LORA_A, LORA_B, LORA_M, LORA_MARK, is_lora, is_training_state
 from mftune.checkpoint.load import fingerprint
 from mftune.checkpoint.mindspore.ckpt import write_ckpt_streaming
 from mftune.checkpoint.model_weights import check_weights, expected_weights
@@ -50,21 +51,27 @@ from mftune.errors import CheckpointError
 from mftune.fileio import check_free_space, specs_bytes
 from mftune.log import Progress, with_progress
 from mftune.pet.config import lora_scaling as pet_scaling
+from mftune.pet.dora import merged_weight
 from mftune.pet.lora import lora_delta_weight
 
 logger = logging.getLogger("mftune")
 
 MERGED_NAME = "merged_lora.safetensors"  # MindFormers writes dst/merged_lora.ckpt
 MERGED_CKPT = "merged_lora.ckpt"
-SUFFIX_A, SUFFIX_B = f".{LORA_A}", f".{LORA_B}"
+SUFFIX_A, SUFFIX_B, SUFFIX_M = f".{LORA_A}", f".{LORA_B}", f".{LORA_M}"
 FORMATS = ("mftune", "hf", "ckpt", "mindspore")  # mindspore: another name of ckpt
 
 
-def _pairs(lora: dict[str, Entry], where: str) -> dict[str, tuple[str, str]]:
-    """``{base weight name: (A name, B name)}``; an adapter without its partner is an error naming it."""
+def _pairs(lora: dict[str, Entry], where: str) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
+    """(``{base weight name: (A name, B name)}``, ``{base weight name: DoRA magnitude name}``); an adapter without
+    its partner is an error naming it."""
     halves: dict[str, dict[str, str]] = {}
+    magnitudes: dict[str, str] = {}
     odd = []
     for name in lora:
+        if name.endswith(SUFFIX_M):
+            magnitudes[name[:-len(SUFFIX_M)] + ".weight"] = name
+            continue
         for suffix, side in ((SUFFIX_A, "a"), (SUFFIX_B, "b")):
             if name.endswith(suffix):
                 halves.setdefault(name[:-len(suffix)] + ".weight", {})[side] = name
@@ -79,7 +86,11 @@ def _pairs(lora: dict[str, Entry], where: str) -> dict[str, tuple[str, str]]:
     if unpaired:
         raise CheckpointError(f"{where}: incomplete LoRA adapter pair(s): {'; '.join(unpaired)}. The checkpoint "
                               f"is damaged or was edited; use a complete save.")
-    return {w: (s["a"], s["b"]) for w, s in halves.items()}
+    alone = sorted(set(magnitudes) - set(halves))
+    if alone:
+        raise CheckpointError(f"{where}: DoRA magnitude {magnitudes[alone[0]]} has no LoRA pair. The checkpoint is "
+                              f"damaged or was edited; use a complete save.")
+    return {w: (s["a"], s["b"]) for w, s in halves.items()}, magnitudes
 
 
 def _scaling(pet_config: dict | None, lora_scaling: float | None, ranks: set[int], where: str) -> float:
@@ -94,7 +105,8 @@ def _scaling(pet_config: dict | None, lora_scaling: float | None, ranks: set[int
                               f"is unknown. Pass --lora_scaling <lora_alpha / lora_rank>.")
     if ranks and ranks != {int(pc["lora_rank"])}:
         raise CheckpointError(f"{where}: pet_config lora_rank={pc['lora_rank']} but the adapters have rank(s) "
-                              f"{sorted(ranks)}. Pass --lora_scaling <lora_alpha / rank> explicitly.")
+                              f"{sorted(ranks)}. Pass --lora_scaling <lora_alpha / rank> explicitly (lora_alpha / sqrt(rank) "
+                              f"for rsLoRA).")
     return pet_scaling(float(pc["lora_alpha"]), int(pc["lora_rank"]), bool(pc.get("use_rslora")))
 
 
@@ -133,7 +145,7 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     cfg, expected = expected_weights(mc, lora_path) if mc else (None, None)
     parts = _sort_tensors(source, base, base_path, lora_path, expected, bool(cfg and cfg.tie_word_embeddings))
     expected = expected or {n: e.shape for n, e in parts.model.items()}
-    pairs = _pairs(parts.lora, lora_path)
+    pairs, magnitudes = _pairs(parts.lora, lora_path)
     _check_fit(pairs, parts.model, parts.lora, lora_path)
     scaling = _scaling(pet_config, lora_scaling, {parts.lora[a].shape[0] for a, _ in pairs.values()}, lora_path)
     target = _destination(dst_dir, output_format, lora_path, base_path)
@@ -147,7 +159,10 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
             w = parts.model[name].full()
             if name in pairs:
                 a, b = pairs[name]
-                w = (w.float() + lora_delta_weight(parts.lora[a].full(), parts.lora[b].full(), scaling)).to(w.dtype)
+                delta = lora_delta_weight(parts.lora[a].full(), parts.lora[b].full(), scaling)
+                merged = (merged_weight(w, parts.lora[magnitudes[name]].full(), delta)[0] if name in magnitudes
+                          else w.float() + delta)  # DoRA: m / ||W + dW|| * (W + dW)
+                w = merged.to(w.dtype)
             yield name, w
             del w  # before the next one is read
 
@@ -157,7 +172,7 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     metadata = encode_metadata({"model_config": mc, "source": info})
     output, hf_files = _write(target, output_format, specs, stream(), metadata, hf_base)
     return {"output": output, "merged": len(pairs), "copied": len(names) - len(pairs),
-            "overridden": sorted(parts.overridden), "dropped": len(parts.dropped) + 2 * len(pairs),
+            "overridden": sorted(parts.overridden), "dropped": len(parts.dropped) + 2 * len(pairs) + len(magnitudes),
             "scaling": scaling, "base": base_path, "hf_files": hf_files, "seconds": time.perf_counter() - start}
 
 

@@ -1,8 +1,8 @@
 """The pet_config of a run whose ``load_checkpoint`` (or resume point) is an mftune checkpoint holding LoRA
 weights: the one its header records, over the run's.
 
-LoRA factors mean what they were trained with: ``lora_rank`` (their shape), ``lora_alpha`` (the scaling
-alpha / rank) and the layers ``target_modules`` / ``exclude_layers`` select. A run that loads them with another
+LoRA factors mean what they were trained with: ``lora_rank`` (their shape), ``lora_alpha`` and ``use_rslora``
+(the scaling alpha / rank or alpha / sqrt(rank)), ``use_dora`` (a magnitude per row) and the layers ``target_modules`` / ``exclude_layers`` select. A run that loads them with another
 alpha gives other outputs without any error, and one that selects other layers trains fresh adapters beside
 them or leaves some out; so, as for a PEFT adapter (``mftune.checkpoint.adapter_config``), the checkpoint's
 values win over the run's pet_config, each difference a WARNING naming both, and the run's own checkpoints
@@ -24,7 +24,8 @@ from mftune.pet import LoraConfig, lora_targets
 logger = logging.getLogger("mftune")
 
 KEY_PREFIX = "model.model_config.pet_config"
-MEANING = ("lora_rank", "lora_alpha", "use_rslora")  # besides the selected layers: what the factors were trained with
+# besides the selected layers: what the factors were trained with
+MEANING = ("lora_rank", "lora_alpha", "use_rslora", "use_dora")
 SELECTION = ("target_modules", "exclude_layers")
 
 
@@ -88,5 +89,6 @@ def first(modules: list[str]) -> str:
 
 
 def describe(pet_config: dict) -> str:
-    return ", ".join(f"{k}={pet_config[k]!r}" for k in ("lora_rank", "lora_alpha", "lora_dropout", "target_modules",
-                                                        "exclude_layers") if pet_config.get(k) is not None)
+    return ", ".join(f"{k}={pet_config[k]!r}" for k in ("lora_rank", "lora_alpha", "use_rslora", "use_dora",
+                                                        "lora_dropout", "lora_plus_lr_ratio", "target_modules",
+                                                        "exclude_layers") if pet_config.get(k) not in (None, False))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -45,7 +46,7 @@ import torch.distributed as dist
 from mftune.checkpoint.entries import Entry
 from mftune.checkpoint.formats import checkpoint_header, distributed, open_checkpoint, reads_strategy, recognise
 from mftune.checkpoint.formats.distributed import distributed_entries, file_blocks, rank_files
-from mftune.checkpoint.keys import PER_RANK_KEYS, SCALAR_KEYS, moment_names, parameter_of
+from mftune.checkpoint.keys import PER_RANK_KEYS, SCALAR_KEYS, is_lora, moment_names, parameter_of
 from mftune.checkpoint.mindspore.ckpt import is_ckpt, write_ckpt_streaming
 from mftune.checkpoint.mindspore.names import to_mindformers
 from mftune.checkpoint.mindspore.strategy import MindSporeStrategy
@@ -175,6 +176,8 @@ def transform(src: str, dst_dir: str, strategy: dict[int, dict] | MindSporeStrat
                               "pass the strategy/ folder of a MindFormers run (ckpt_strategy_rank_*.ckpt) as the "
                               "destination strategy, or none for one complete .ckpt.")
     header = checkpoint_header(files[0] if files else src)
+    if suffix == ".ckpt":
+        _refuse_unportable_lora(header.get("pet_config") or {}, entries, src)
     header["transformed_from"] = {"path": os.path.abspath(src), "name": name}
     written = []
     for rank in ranks:
@@ -186,6 +189,19 @@ def transform(src: str, dst_dir: str, strategy: dict[int, dict] | MindSporeStrat
         written.append(_write_rank(entries, blocks, os.path.join(out_root, f"rank_{rank}"),
                                    f"{prefix}{rank}{suffix}", rank, header, progress))
     return written
+
+
+def _refuse_unportable_lora(pet_config: dict, entries: dict[str, Entry], src: str) -> None:
+    """A .ckpt has no header to say how its LoRA tensors are meant, and MindFormers scales B A by alpha / r and
+    knows no DoRA magnitude: rsLoRA or DoRA adapters written there would mean something else."""
+    used = [k for k in ("use_rslora", "use_dora") if pet_config.get(k)]
+    if used and any(is_lora(n) for n in entries):
+        plain = pet_config.get("lora_alpha", 16) * math.sqrt(pet_config.get("lora_rank", 8))
+        fix = f" (as plain LoRA these adapters have lora_alpha={plain:g})" if used == ["use_rslora"] else ""
+        raise CheckpointError(f"output_format=ckpt is invalid for {src}: its LoRA adapters use {' and '.join(used)}, "
+                              f"which a MindSpore .ckpt cannot record (MindFormers scales LoRA by lora_alpha / "
+                              f"lora_rank and has no DoRA){fix}. Merge them first (scripts/transform_ckpt_lora.py "
+                              f"--output_format ckpt), or keep output_format mftune.")
 
 
 def _suffix(output_format: str) -> str:

@@ -26,6 +26,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                SequenceParallel, parallelize_module)
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
+from mftune.errors import ConfigError
 from mftune.pet.lora import LORA_A, LORA_B, LoRALinear
 
 
@@ -99,6 +100,12 @@ def rowwise(module: nn.Module, output: Placement) -> ParallelStyle:
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel: bool,
                           seq_parallel: bool) -> None:
     """Shard ``model`` (a ``LlamaForCausalLM``, LoRA applied or not, on any device incl. meta) in place."""
+    dora = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.use_dora]
+    if dora:  # DoRA's norm needs whole rows of W + s B A; a row-parallel weight splits them
+        raise ConfigError([f"parallel_config.model_parallel={tp_mesh.size()} is invalid with pet_config use_dora "
+                           f"(DoRA on {dora[0]} and {len(dora) - 1} more layers): DoRA under tensor parallel is not "
+                           f"supported yet. Use model_parallel 1 (data parallel with FSDP2 works), or LoRA without "
+                           f"use_dora."])
     stream = Shard(1) if seq_parallel else Replicate()  # layout of the residual stream between blocks
 
     def norm() -> ParallelStyle:

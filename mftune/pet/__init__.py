@@ -1,4 +1,4 @@
-"""Parameter-efficient tuning (MindFormers ``mindformers.pet``): LoRA for now.
+"""Parameter-efficient tuning (MindFormers ``mindformers.pet``): LoRA and its variants (rsLoRA, DoRA, LoRA+).
 
 ``get_pet_model(model, pet_config)`` applies it in place between build and parallelize.
 """
@@ -9,6 +9,7 @@ from mftune.pet.lora import (
     count_parameters,
     freeze_lora,
     get_pet_model,
+    init_dora_magnitudes,
     init_lora_weights,
     lora_delta_weight,
     lora_layers,
@@ -21,6 +22,6 @@ from mftune.pet.lora import (
 
 __all__ = [
     "LORA_MARK", "LoRALinear", "LoraConfig", "count_parameters", "freeze_lora", "get_pet_model",
-    "init_lora_weights", "lora_delta_weight", "lora_layers", "lora_state_dict", "lora_targets", "merge_lora",
-    "pet_config_errors", "trainable_summary", "unmerge_lora",
+    "init_dora_magnitudes", "init_lora_weights", "lora_delta_weight", "lora_layers", "lora_state_dict",
+    "lora_targets", "merge_lora", "pet_config_errors", "trainable_summary", "unmerge_lora",
 ]

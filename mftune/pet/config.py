@@ -41,6 +41,7 @@ class LoraConfig:
     lora_alpha: float = 16  # scaling = lora_alpha / lora_rank
     lora_dropout: float = 0.01  # dropout on the LoRA branch input only; 0 -> identity
     use_rslora: bool = False  # rank-stabilised LoRA (mftune and PEFT, not MindFormers): scaling = alpha / sqrt(rank)
+    use_dora: bool = False  # DoRA (mftune and PEFT): a trained magnitude per output row (mftune.pet.dora)
     lora_plus_lr_ratio: float | None = None  # LoRA+ (mftune and PEFT): B learns at this multiple of the learning rate
     lora_a_init: str | None = "normal"  # accepted and ignored, as in MindFormers: A is kaiming-uniform(a=sqrt(5))
     lora_b_init: str | None = "zero"  # accepted and ignored, as in MindFormers: B is zeros
@@ -162,6 +163,8 @@ def _value_errors(pet_config: dict, err) -> list[str]:
         if not _is_number(v) or not 0 <= v < 1:
             errors.append(err("lora_dropout", "must be a number in [0, 1)",
                               "Use e.g. lora_dropout: 0.05 (0 disables it)."))
+    if "use_dora" in pet_config and not isinstance(pet_config["use_dora"], bool):
+        errors.append(err("use_dora", "must be true or false", "Use use_dora: true for DoRA, false for LoRA."))
     if "use_rslora" in pet_config and not isinstance(pet_config["use_rslora"], bool):
         errors.append(err("use_rslora", "must be true or false",
                           "Use use_rslora: true for scaling lora_alpha / sqrt(lora_rank), false for lora_alpha / lora_rank."))

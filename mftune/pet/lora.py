@@ -24,6 +24,7 @@ from torch import nn
 
 from mftune.models.llama import Fill, fill_in_place
 from mftune.pet.config import LoraConfig, lora_scaling
+from mftune.pet.dora import LORA_M, dora_term, init_magnitude, merged_weight, row_norm, unmerged_weight
 
 logger = logging.getLogger("mftune")
 
@@ -45,7 +46,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  param_init_type: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
-                 base_init_std: float | None = None, use_rslora: bool = False):
+                 base_init_std: float | None = None, use_rslora: bool = False, use_dora: bool = False):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
@@ -64,14 +65,26 @@ class LoRALinear(nn.Module):
         device = base.weight.device
         self.mindpet_delta_lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=dtype))
         self.mindpet_delta_lora_b = nn.Parameter(torch.empty(self.out_features, rank, device=device, dtype=dtype))
+        self.use_dora = use_dora
+        if use_dora:  # DoRA's magnitude vector (mftune.pet.dora): starts as the row norms of W
+            self.mindpet_delta_lora_magnitude = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))
+        self._merge_norm: torch.Tensor | None = None  # DoRA: the norm a merge divided by
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self, fill: Fill | None = None) -> None:
-        """A: kaiming-uniform(a=sqrt(5)) (MindPet HeUniform(sqrt(5)), PEFT, torch Linear default); B: zeros."""
+        """A: kaiming-uniform(a=sqrt(5)) (MindPet HeUniform(sqrt(5)), PEFT, torch Linear default); B: zeros.
+        DoRA's magnitude: the row norms of the current W (``init_magnitude``; again once W is loaded)."""
         fill = fill or fill_in_place
         fill(self.mindpet_delta_lora_a, functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)))
         fill(self.mindpet_delta_lora_b, nn.init.zeros_)
+        if self.use_dora:
+            self.init_magnitude()
+
+    def init_magnitude(self) -> None:
+        """DoRA: ``m = ||W + s B A||`` per output row (a layer equal to its LoRA form)."""
+        init_magnitude(self.weight, self.mindpet_delta_lora_a, self.mindpet_delta_lora_b,
+                       self.mindpet_delta_lora_magnitude, self.scaling)
 
     @torch.no_grad()
     def init_weights(self, fill: Fill | None = None) -> None:
@@ -99,20 +112,33 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """``W += B A * scaling`` (float32 arithmetic, cast back to W's dtype). Merging twice is a no-op."""
+        """``W += B A * scaling`` (DoRA: ``W = m / ||W + dW|| * (W + dW)``), float32 arithmetic, cast back to W's
+        dtype. Merging twice is a no-op."""
         if self.merged:
             logger.warning("LoRA layer is already merged; merge() ignored")
             return
-        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        if self.use_dora:
+            merged, self._merge_norm = merged_weight(self.weight, self.mindpet_delta_lora_magnitude,
+                                                     self.delta_weight())
+        else:
+            merged = self.weight.float() + self.delta_weight()
+        self.weight.copy_(merged.to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """``W -= B A * scaling``; exact up to rounding in W's dtype. Unmerging an unmerged layer is a no-op."""
+        """``W -= B A * scaling`` (DoRA: the merge's norm multiplied back); exact up to rounding in W's dtype.
+        Unmerging an unmerged layer is a no-op."""
         if not self.merged:
             logger.warning("LoRA layer is not merged; unmerge() ignored")
             return
-        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        if self.use_dora:
+            weight = unmerged_weight(self.weight, self.mindpet_delta_lora_magnitude, self._merge_norm,
+                                     self.delta_weight())
+            self._merge_norm = None
+        else:
+            weight = self.weight.float() - self.delta_weight()
+        self.weight.copy_(weight.to(self.weight.dtype))
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,11 +161,18 @@ class LoRALinear(nn.Module):
         if h.dtype != lora_a.dtype and not torch.is_autocast_enabled(h.device.type):
             h = h.to(lora_a.dtype)  # e.g. bf16 activations, fp32 adapters, no autocast (as PEFT does)
         delta = F.linear(F.linear(h, lora_a), lora_b)  # (..., r) -> (..., out)
-        return out + (delta * self.scaling).to(out.dtype)
+        if not self.use_dora:
+            return out + (delta * self.scaling).to(out.dtype)
+        magnitude = self.mindpet_delta_lora_magnitude
+        no_dropout = isinstance(self.lora_dropout, nn.Identity) or not self.training
+        base = (out if bias is None else out - bias) if no_dropout else None
+        norm = row_norm(weight, lora_a, lora_b, self.scaling)
+        return out + dora_term(h, weight, magnitude.to(delta.dtype), norm, delta, self.scaling, base).to(out.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}")
+                f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, dora={self.use_dora}, "
+                f"merged={self.merged}")
 
 
 def lora_delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -195,7 +228,7 @@ def _swap(module: nn.Module, prefix: str, config: LoraConfig,
     for parent, name, child, full in _targets(module, prefix, targets, excludes):
         setattr(parent, name, LoRALinear(child, config.lora_rank, config.lora_alpha, config.lora_dropout,
                                          config.param_dtype, config.compute_torch_dtype, init_std,
-                                         config.use_rslora))
+                                         config.use_rslora, config.use_dora))
         swapped.append(full)
     return swapped
 
@@ -290,6 +323,15 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors only, mftune names (``model.layers.0.attention.wq.mindpet_delta_lora_a``)."""
     return {k: v for k, v in model.state_dict().items() if LORA_MARK in k}
+
+
+def init_dora_magnitudes(model: nn.Module, names: list[str] | set[str] | None = None) -> None:
+    """Set DoRA magnitudes to the row norms of their layers' current weights (``names``: only these
+    parameters, e.g. the ones a checkpoint did not provide; None: all). A collective under FSDP2."""
+    wanted = None if names is None else set(names)
+    for name, layer in lora_layers(model):
+        if layer.use_dora and (wanted is None or f"{name}.{LORA_M}" in wanted):
+            layer.init_magnitude()
 
 
 @torch.no_grad()

@@ -17,15 +17,10 @@ from typing import Literal
 import torch.distributed as dist
 from torch import nn
 
+from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
 from mftune.checkpoint.formats.distributed import distributed_entries
-from mftune.checkpoint.load import (
-    FINGERPRINT_KIND,
-    file_identity,
-    fingerprint,
-    hashed_files,
-    load_checkpoint,
-    remember_identity,
-)
+from mftune.checkpoint.load import (FINGERPRINT_KIND, file_identity, fingerprint, hashed_files, lacks_base,
+                                    load_checkpoint, remember_identity)
 from mftune.checkpoint.recorded_config import check_recorded_architecture
 from mftune.checkpoint.transform import auto_transform
 from mftune.config.schema import MFConfig
@@ -34,7 +29,7 @@ from mftune.fileio import human_bytes
 from mftune.parallel.gather import distributed, gather_ints, host_id
 from mftune.parallel.layout import fill_from_full
 from mftune.parallel.mesh import ParallelContext
-from mftune.pet import init_lora_weights
+from mftune.pet import init_dora_magnitudes, init_lora_weights
 from mftune.trainer.resume import ResumePoint, load_base
 
 logger = logging.getLogger("mftune")
@@ -68,7 +63,7 @@ def plan_weights(cfg: MFConfig, point: ResumePoint | None) -> WeightsPlan:
 
 def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: ParallelContext) -> LoadedWeights:
     """Fill the materialised ``model`` as ``plan`` says; returns what the run's checkpoints record."""
-    share_hashing(fingerprinted(plan, cfg))
+    share_hashing(fingerprinted(model, plan, cfg))
     if plan.source == "init":
         model.init_weights(fill_from_full)
         named = cfg.model.model_config.get("checkpoint_name_or_path")
@@ -94,6 +89,7 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
     base = cfg.pretrained_model_dir
     report = (load_checkpoint(model, _transform(cfg, ctx)[0], base=base) if plan.transform else
               load_checkpoint(model, plan.path, src_strategy=cfg.src_strategy_path_or_dir, base=base))
+    init_dora_magnitudes(model, report["fresh_lora"])  # DoRA magnitudes not loaded: from the loaded weights
     if report["fresh_lora"] and cfg.run_mode in ("eval", "predict"):
         logger.warning("%d LoRA tensors are not in load_checkpoint=%s: they start fresh (B = 0), so "
                        "the %s uses the base model alone", len(report["fresh_lora"]), plan.path, cfg.run_mode)
@@ -109,14 +105,30 @@ def _transform(cfg: MFConfig, ctx: ParallelContext, files: list[str] | None = No
                           src_strategy=cfg.src_strategy_path_or_dir, files=files)
 
 
-def fingerprinted(plan: WeightsPlan, cfg: MFConfig) -> list[str]:
-    """The checkpoints whose fingerprint this run records or checks: what it loads, its pretrained_model_dir,
-    and a resume point's recorded base (when recorded as a content identity)."""
-    paths = [plan.path if plan.source == "checkpoint" else "", cfg.pretrained_model_dir]
-    if plan.resume is not None and (plan.resume.base_checkpoint or {}).get("fingerprint", "").startswith(
-            FINGERPRINT_KIND):
-        paths.append(plan.resume.base_checkpoint.get("path") or "")
-    return [p for p in dict.fromkeys(paths) if p and os.path.exists(p)]
+def fingerprinted(model: nn.Module, plan: WeightsPlan, cfg: MFConfig) -> list[str]:
+    """The checkpoint whose contents this run fingerprints ([] or one path): a complete load_checkpoint itself;
+    under one of trained tensors only (a LoRA run's, a PEFT adapter) or a resume point, the base loaded first
+    (pretrained_model_dir, else the recorded one), unless its recorded fingerprint is an old size + header one.
+    A checkpoint that cannot be read gives []: the load names the problem."""
+    try:
+        if plan.source == "resume":
+            frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+            if all(n in plan.resume.entries for n in frozen):
+                return []
+            recorded = plan.resume.base_checkpoint or {}
+        elif plan.source == "checkpoint":
+            if not lacks_base(model, open_checkpoint(plan.path, cfg.src_strategy_path_or_dir)):
+                return [plan.path]
+            recorded = checkpoint_header(plan.path).get("base_checkpoint") or {}
+        else:
+            return []
+    except (OSError, CheckpointError):
+        return []
+    expected = str(recorded.get("fingerprint") or "")
+    path = cfg.pretrained_model_dir or recorded.get("path") or ""
+    if expected and not expected.startswith(FINGERPRINT_KIND):  # compared by the old size + header rule
+        return []
+    return [path] if path and os.path.exists(path) else []
 
 
 def share_hashing(paths: list[str]) -> None:

@@ -56,14 +56,15 @@ def hf_copy(model: LlamaForCausalLM) -> transformers.LlamaForCausalLM:
     return hf.eval()
 
 
-def peft_twin(model: LlamaForCausalLM, targets: list[str], rank: int, alpha: float, use_rslora: bool = False):
+def peft_twin(model: LlamaForCausalLM, targets: list[str], rank: int, alpha: float, use_rslora: bool = False,
+              use_dora: bool = False, dropout: float = 0.0):
     """peft model on the same base weights, with every adapter's A/B copied from the mftune model.
 
     peft ``...self_attn.q_proj.lora_A.default.weight`` [r, in] <-> mftune ``...attention.wq.mindpet_delta_lora_a``.
     """
     ref = peft.get_peft_model(hf_copy(model), peft.LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
-        use_rslora=use_rslora))
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM",
+        use_rslora=use_rslora, use_dora=use_dora))
     hf_layers = {n: m for n, m in ref.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     ours = dict(lora_layers(model))
     assert {hf_to_mftune(n + ".weight")[: -len(".weight")] for n in hf_layers} == set(ours), "same layers wrapped"
@@ -73,6 +74,8 @@ def peft_twin(model: LlamaForCausalLM, targets: list[str], rank: int, alpha: flo
             assert layer.scaling["default"] == mine.scaling
             layer.lora_A["default"].weight.copy_(mine.mindpet_delta_lora_a)
             layer.lora_B["default"].weight.copy_(mine.mindpet_delta_lora_b)
+            if use_dora:
+                layer.lora_magnitude_vector["default"].weight.copy_(mine.mindpet_delta_lora_magnitude)
     return ref.eval()
 
 
@@ -183,6 +186,88 @@ def test_lora_plus_steps_match_peft(ratio):
             torch.testing.assert_close(layer.mindpet_delta_lora_a, peft_layers[name].lora_A["default"].weight,
                                        rtol=0, atol=1e-5)
     assert ratio or moved > 1e-3
+
+
+def dora_model(dropout: float = 0.0, seed: int = 1) -> LlamaForCausalLM:
+    """A DoRA model with random A and B and magnitudes off the row norms (so every term of the layer counts)."""
+    model = tiny_model()
+    get_pet_model(model, dict(lora_rank=4, lora_alpha=8, lora_dropout=dropout, target_modules=ATTN, use_dora=True))
+    randomize_adapters(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            assert torch.allclose(layer.mindpet_delta_lora_magnitude, layer.weight.norm(dim=1))  # B was 0: ||W||
+            layer.mindpet_delta_lora_magnitude.mul_(1 + 0.2 * torch.rand(layer.out_features, generator=g))
+    return model
+
+
+def test_dora_logits_and_merge_match_peft():
+    """use_dora: logits equal peft's (fp32, 1e-5) for the same W, A, B and magnitudes; merging gives peft's
+    merge_and_unload weights and the same logits; unmerging restores W."""
+    model = dora_model()
+    ref = peft_twin(model, HF_ATTN, 4, 8, use_dora=True)
+    x = tokens()
+    with torch.no_grad():
+        ours, theirs = model(x), ref(input_ids=x).logits
+        with ref.disable_adapter():
+            plain = ref(input_ids=x).logits
+    assert (theirs - plain).abs().max() > 1e-2
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    ref_merged = ref.merge_and_unload().state_dict()
+    merge_lora(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ours, rtol=1e-5, atol=1e-5)
+    for k, v in model.state_dict().items():
+        if "mindpet_delta" not in k:
+            torch.testing.assert_close(v, ref_merged[mftune_to_hf(k)], rtol=1e-6, atol=1e-6)
+    unmerge_lora(model)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, w0[k], rtol=0, atol=1e-6)
+
+
+def test_dora_training_with_dropout_matches_peft_gradients():
+    """Training mode with LoRA dropout (peft recomputes x W^T from the dropped input): the same dropout masks
+    (same seed, same call order) give the same loss and the same gradients of A, B and the magnitude."""
+    model = dora_model(dropout=0.2)
+    ref = peft_twin(model, HF_ATTN, 4, 8, use_dora=True, dropout=0.2)
+    model.train()
+    ref.train()
+    x = tokens()
+    losses = []
+    for net, call in ((model, lambda: model(x)), (ref, lambda: ref(input_ids=x).logits)):
+        torch.manual_seed(7)
+        logits = call()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, TINY["vocab_size"]), x[:, 1:].reshape(-1))
+        loss.backward()
+        losses.append(float(loss))
+    assert abs(losses[0] - losses[1]) < 1e-5
+    peft_layers = {hf_to_mftune(n + ".weight")[: -len(".weight")]: m for n, m in ref.base_model.model.named_modules()
+                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+    for name, layer in lora_layers(model):
+        theirs = peft_layers[name]
+        for mine, other in ((layer.mindpet_delta_lora_a, theirs.lora_A["default"].weight),
+                            (layer.mindpet_delta_lora_b, theirs.lora_B["default"].weight),
+                            (layer.mindpet_delta_lora_magnitude, theirs.lora_magnitude_vector["default"].weight)):
+            torch.testing.assert_close(mine.grad, other.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_dora_magnitude_is_trainable_and_tensor_parallel_is_refused():
+    from torch.distributed.device_mesh import DeviceMesh  # noqa: F401 - only the type is used below
+
+    from mftune.errors import ConfigError
+    from mftune.parallel.tensor_parallel import apply_tensor_parallel
+
+    model = dora_model()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.layers.0.attention.wq.mindpet_delta_lora_magnitude" in trainable
+
+    class FakeMesh:
+        def size(self):
+            return 2
+
+    with pytest.raises(ConfigError, match="use_dora .* DoRA under tensor parallel is not supported yet"):
+        apply_tensor_parallel(model, FakeMesh(), vocab_parallel=False, seq_parallel=False)
 
 
 # (c) parameter counts and the summary line --------------------------------------------------------

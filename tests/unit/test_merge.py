@@ -72,6 +72,19 @@ def test_an_rslora_checkpoint_merges_with_its_scaling(tmp_path):
         torch.testing.assert_close(plain(rs.x), rs.lora_logits, atol=1e-5, rtol=0)
 
 
+def test_a_dora_checkpoint_merges_to_the_dora_model(tmp_path):
+    """use_dora: each adapted W becomes m / ||W + dW|| * (W + dW); the merged plain model gives the DoRA model's
+    logits."""
+    dora = lora_checkpoint.build(tmp_path, {**PET, "use_dora": True})
+    assert any(k.endswith("mindpet_delta_lora_magnitude") for k in dora.tensors)
+    report = merge_lora_checkpoint(dora.lora_path, str(tmp_path / "merged"))
+    plain = LlamaForCausalLM(dict(read_metadata(report["output"])["model_config"])).eval()
+    load_checkpoint(plain, report["output"])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(dora.x), dora.lora_logits, atol=1e-5, rtol=0)
+    assert (dora.lora_logits - dora.base_logits).abs().max() > 1e-2
+
+
 def test_lora_scaling_overrides_the_header(ckpt, tmp_path):
     report = merge_lora_checkpoint(ckpt.lora_path, str(tmp_path), lora_scaling=0.5)
     assert report["scaling"] == 0.5

@@ -350,6 +350,21 @@ def test_transform_writes_mindspore_rank_files(tmp_path):
                   output_format="ckpt")
 
 
+@pytest.mark.parametrize("variant, named", [("use_rslora", "as plain LoRA these adapters have lora_alpha=16"),
+                                            ("use_dora", "has no DoRA")])
+def test_transform_to_ckpt_refuses_adapters_mindformers_would_misread(tmp_path, variant, named):
+    """A .ckpt records no pet_config and MindFormers scales LoRA by alpha / r without DoRA: rsLoRA or DoRA
+    adapters written there would silently mean something else."""
+    from mftune.checkpoint.transform import transform
+
+    import lora_checkpoint
+
+    ck = lora_checkpoint.build(tmp_path, {**lora_checkpoint.PET, variant: True})
+    with pytest.raises(CheckpointError, match=f"output_format=ckpt is invalid .* use {variant}.*{named}"):
+        transform(ck.lora_path, str(tmp_path / "out"), None, [0], output_format="ckpt")
+    assert not (tmp_path / "out").exists()
+
+
 def test_merge_reads_and_writes_ckpt(tmp_path):
     """A LoRA checkpoint as .ckpt (base + adapters + moments, as MindFormers saves it) merges as MindFormers'
     tool does; the result equals mftune's merge of the same tensors."""

@@ -133,7 +133,9 @@ def test_a_run_without_pet_config_applies_the_adapters(base, tmp_path, caplog, r
                                                                 "feed_forward.w3")]),
     ({"r": 4, "lora_alpha": 6, "use_rslora": True, "target_modules": ["q_proj", "v_proj"]},
      [f"model.layers.{i}.attention.{w}" for i in range(3) for w in ("wq", "wv")]),
-], ids=["list_layers_to_transform_pattern", "int_layer", "regex", "all_linear", "rslora"])
+    ({"r": 4, "lora_alpha": 6, "use_dora": True, "target_modules": ["q_proj", "down_proj"]},
+     [f"model.layers.{i}.{w}" for i in range(3) for w in ("attention.wq", "feed_forward.w2")]),
+], ids=["list_layers_to_transform_pattern", "int_layer", "regex", "all_linear", "rslora", "dora"])
 def test_peft_selections_are_honoured(base, tmp_path, lora_kwargs, modules):
     peft_model = _peft_adapter(base, tmp_path / "adapter", **lora_kwargs)
     built = _build(base, tmp_path / "adapter", YAML_PET)
@@ -141,6 +143,7 @@ def test_peft_selections_are_honoured(base, tmp_path, lora_kwargs, modules):
     assert built.pet_config["lora_alpha"] == lora_kwargs["lora_alpha"]
     assert built.pet_config["lora_dropout"] == lora_kwargs.get("lora_dropout", 0.0)
     assert built.pet_config["use_rslora"] == lora_kwargs.get("use_rslora", False)
+    assert built.pet_config["use_dora"] == lora_kwargs.get("use_dora", False)
     _assert_peft_logits(built, peft_model, base)
 
 
@@ -154,7 +157,7 @@ def _edit_config(adapter_dir, **changes):
 @pytest.mark.parametrize("changes, expected", [
     ({"use_rslora": "yes"}, r'use_rslora="yes" is invalid: must be true or false'),
     ({"modules_to_save": ["lm_head"]}, r'modules_to_save=\["lm_head"\] is invalid: .*merge_and_unload'),
-    ({"use_dora": True}, r"use_dora=true is invalid: DoRA .*merge_and_unload"),
+    ({"use_dora": True}, r"LoRA module model\.layers\.0\.attention\.wq lacks a DoRA magnitude"),
     ({"bias": "all"}, r'bias="all" is invalid'),
     ({"fan_in_fan_out": True}, r"fan_in_fan_out=true is invalid"),
     ({"init_lora_weights": "pissa"}, r'init_lora_weights="pissa" is invalid'),

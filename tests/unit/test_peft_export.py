@@ -76,7 +76,8 @@ def _export(src, out, *extra) -> int:
     (SUBSET, [0, 2], ["q_proj", "v_proj"]),
     (MLP, None, ["gate_proj", "down_proj", "up_proj"]),
     ({**SUBSET, "use_rslora": True}, [0, 2], ["q_proj", "v_proj"]),
-], ids=["attention", "wq_wv_exclude_layer_1", "mlp", "rslora"])
+    ({**MLP, "use_dora": True}, None, ["gate_proj", "down_proj", "up_proj"]),
+], ids=["attention", "wq_wv_exclude_layer_1", "mlp", "rslora", "dora"])
 def test_exported_adapter_loads_in_peft_with_mftune_logits(base, tmp_path, caplog, pet_config, layers, targets):
     model, ckpt = lora_checkpoint(base, pet_config, f"run_{len(targets)}_{layers}")
     out = tmp_path / "adapter"
@@ -84,8 +85,9 @@ def test_exported_adapter_loads_in_peft_with_mftune_logits(base, tmp_path, caplo
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["target_modules"] == targets and config["layers_to_transform"] == layers
-    assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["use_rslora"]) == (
-        pet_config["lora_rank"], pet_config["lora_alpha"], pet_config["lora_dropout"], pet_config.get("use_rslora", False))
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["use_rslora"], config["use_dora"]) == (
+        pet_config["lora_rank"], pet_config["lora_alpha"], pet_config["lora_dropout"],
+        pet_config.get("use_rslora", False), pet_config.get("use_dora", False))
 
     peft_model, messages = _peft_load(base, out, caplog)
     assert not [m for m in messages if any(s in m.lower() for s in SUSPICIOUS)], messages
@@ -166,8 +168,8 @@ def test_read_adapter_saved_by_peft(base, tmp_path):
     tensors, pet_config = read_peft_adapter(str(tmp_path / "st"))
     bin_tensors, bin_config = read_peft_adapter(str(tmp_path / "bin"))
     assert bin_config == pet_config and all(torch.equal(bin_tensors[k], v) for k, v in tensors.items())
-    assert pet_config == {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 12, "lora_dropout": 0.0, "use_rslora": False,
-                          "target_modules": ".*wq|.*wo|.*w3", "exclude_layers": r"(?!(?:1)$)\d+$"}
+    assert pet_config == {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 12, "lora_dropout": 0.0,
+                          "use_rslora": False, "use_dora": False, "target_modules": ".*wq|.*wo|.*w3", "exclude_layers": r"(?!(?:1)$)\d+$"}
     model = mftune_model(base, pet_config)
     assert [n for n, _ in lora_layers(model)] == ["model.layers.1.attention.wq", "model.layers.1.attention.wo",
                                                   "model.layers.1.feed_forward.w3"]
@@ -199,14 +201,14 @@ def _edited(adapter_dir, tmp_path, config_changes=None, tensor_edit=None):
 
 
 @pytest.mark.parametrize("changes, expected", [
-    ({"use_dora": True}, "use_dora=true is invalid: DoRA"),
+    ({"use_dora": True}, "lacks a DoRA magnitude"),
     ({"use_rslora": 1}, r"use_rslora=1 is invalid: must be true or false"),
     ({"modules_to_save": ["lm_head"]}, r'modules_to_save=\["lm_head"\] is invalid'),
     ({"bias": "all"}, 'bias="all" is invalid'),
     ({"rank_pattern": {"q_proj": 2}}, "rank_pattern=.* is invalid"),
     ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights=\"pissa_niter_4\" is invalid: this initialisation"),
     ({"peft_type": "PREFIX_TUNING"}, "peft_type=\"PREFIX_TUNING\" is invalid"),
-    ({"use_dora": True, "bias": "lora_only"}, r"2 problem\(s\)"),
+    ({"use_dora": "yes", "bias": "lora_only"}, r"2 problem\(s\)"),
     ({"r": 8}, "r=8 is invalid: the tensors .* have rank 4"),
     ({"layers_to_transform": [0, 1]}, r"layers_to_transform=\[0, 1\] is invalid: .* layers \[0, 1, 2\]"),
 ])

@@ -4,7 +4,8 @@ An adapter is a directory with ``adapter_config.json`` and ``adapter_model.safet
 ``adapter_model.bin``) holding, per adapted Linear, ``base_model.model.<HF module>.lora_A.weight``
 ``[r, in]`` and ``....lora_B.weight`` ``[out, r]``: no adapter name inside the key (peft strips
 ``.default`` on save and re-inserts it on load). mftune's LoRA factors have the same orientation and
-the same scaling ``lora_alpha / r`` (PEFT recomputes it from the config, so nothing is baked into B),
+the same scaling ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``; PEFT recomputes it from the config,
+so nothing is baked into B), DoRA's magnitude is PEFT's ``lora_magnitude_vector``,
 and RoPE is rotate-half on both sides, so converting is a rename: module paths go through
 ``names.mftune_to_hf`` / ``names.hf_to_mftune``, the factor names through the table below.
 
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from mftune.checkpoint.entries import Entry, merge_entries, safetensors_entries, tensor_entries
-from mftune.checkpoint.keys import LORA_A, LORA_B
+from mftune.checkpoint.keys import LORA_A, LORA_B, LORA_M
 from mftune.checkpoint.names import MFTUNE_TO_HF_LAYER, hf_to_mftune, mftune_to_hf
 from mftune.checkpoint.safetensors_io import load_tensors
 from mftune.errors import CheckpointError
@@ -42,6 +43,7 @@ PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM.base_model (LoraModel)
 MFTUNE_TO_PEFT_PARAM: dict[str, str] = {
     LORA_A: "lora_A.weight",  # [r, in]
     LORA_B: "lora_B.weight",  # [out, r]
+    LORA_M: "lora_magnitude_vector",  # [out], DoRA (peft saves it without ".weight")
 }
 PEFT_TO_MFTUNE_PARAM: dict[str, str] = {v: k for k, v in MFTUNE_TO_PEFT_PARAM.items()}
 
@@ -55,7 +57,6 @@ _MODULE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # adapter_config.json fields mftune's LoRA cannot represent -> why. A field counts when its value is
 # truthy (absent, null, false, {} and [] are all "not used").
 UNSUPPORTED_FIELDS: dict[str, str] = {
-    "use_dora": "DoRA adds a magnitude vector that mftune's LoRA layer does not have",
     "modules_to_save": "fully trained extra modules are not LoRA tensors and mftune cannot load them with an adapter",
     "lora_bias": "mftune's lora_B has no bias",
     "fan_in_fan_out": "Llama Linear weights are [out, in]; a transposed (Conv1D) layout does not apply",
@@ -130,12 +131,20 @@ def lora_grid(modules: set[str], where: str) -> tuple[list[int], list[str]]:
     return layers, leaves
 
 
-def pair_and_rank(tensors: dict[str, torch.Tensor], where: str) -> tuple[set[str], int]:
-    """Check every module has A ``[r, in]`` and B ``[out, r]`` with one r; returns (modules, r)."""
+def pair_and_rank(tensors: dict[str, torch.Tensor], where: str, dora: bool = False) -> tuple[set[str], int]:
+    """Check every module has A ``[r, in]`` and B ``[out, r]`` with one r, and a DoRA magnitude ``[out]``
+    exactly when ``dora``; returns (modules, r)."""
     modules = {k.rpartition(".")[0] for k in tensors}
     ranks = set()
     for module in sorted(modules):
-        a, b = (tensors.get(f"{module}.{p}") for p in MFTUNE_TO_PEFT_PARAM)
+        a, b, m = (tensors.get(f"{module}.{p}") for p in (LORA_A, LORA_B, LORA_M))
+        if (m is not None) != dora:
+            raise CheckpointError(f"{where}: LoRA module {module} {'lacks' if dora else 'has'} a DoRA magnitude "
+                                  f"({LORA_M}) but {'' if dora else 'no '}DoRA is configured (use_dora). Use the "
+                                  f"adapter's own adapter_config.json.")
+        if m is not None and b is not None and tuple(m.shape) != (b.shape[0],):
+            raise CheckpointError(f"{where}: LoRA module {module} has a DoRA magnitude of shape {list(m.shape)}; "
+                                  f"expected [{b.shape[0]}] (one per output row). Use an unsharded adapter.")
         if a is None or b is None:
             half = f"{LORA_B} (lora_B)" if b is None else f"{LORA_A} (lora_A)"
             raise CheckpointError(f"{where}: LoRA module {module} lacks {half}. Use a complete adapter.")
@@ -178,7 +187,7 @@ def peft_adapter_config(hparams: dict[str, Any], layers: list[int], leaves: list
         "revision": None,
         "target_modules": hf_leaves,
         "task_type": "CAUSAL_LM",
-        "use_dora": False,
+        "use_dora": hparams.get("use_dora", False),
         "use_rslora": hparams.get("use_rslora", False),
     }
 
@@ -227,10 +236,10 @@ def read_peft_adapter(adapter_dir: str, num_layers: int | None = None) -> tuple[
         raise CheckpointError(
             f"{weights_path} is invalid: {len(unknown)} tensors are not LoRA A/B of a decoder-layer Linear "
             f"(e.g. {unknown[0]}); mftune applies LoRA to wq wk wv wo w1 w2 w3 (HF q/k/v/o_proj, gate/down/"
-            f"up_proj) only. Use an adapter without embedding/lm_head LoRA, biases or DoRA vectors.")
+            f"up_proj) only. Use an adapter without embedding/lm_head LoRA or biases.")
     if not tensors:
         raise CheckpointError(f"{weights_path} is invalid: it holds no tensors. Re-save the adapter.")
-    modules, rank = pair_and_rank(tensors, weights_path)
+    modules, rank = pair_and_rank(tensors, weights_path, dora=config.get("use_dora") is True)
     if rank != config.get("r", 8):  # peft's default r
         raise CheckpointError(f"{config_path}: r={config.get('r', 8)} is invalid: the tensors in {weights_path} have "
                               f"rank {rank}. Use the adapter's own adapter_config.json.")
@@ -256,6 +265,7 @@ def grid_pet_config(config: dict[str, Any], rank: int, layers: list[int], leaves
         "lora_alpha": config.get("lora_alpha", 8),  # peft's default
         "lora_dropout": config.get("lora_dropout", 0.0),
         "use_rslora": bool(config.get("use_rslora", False)),
+        "use_dora": bool(config.get("use_dora", False)),
         "target_modules": "|".join(f".*{leaf.split('.')[-1]}" for leaf in leaves),
     }
     if partial:
@@ -303,8 +313,9 @@ def adapter_config_errors(config: dict[str, Any]) -> list[str]:
     if config.get("bias", "none") != "none":
         errors.append(err("bias", "mftune's Llama has no biases to train or load",
                           'Use an adapter trained with bias "none".'))
-    if not isinstance(config.get("use_rslora", False), bool):
-        errors.append(err("use_rslora", "must be true or false", "Fix adapter_config.json."))
+    for key in ("use_rslora", "use_dora"):  # null: not used (as peft reads it)
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            errors.append(err(key, "must be true or false", "Fix adapter_config.json."))
     for key, why in UNSUPPORTED_FIELDS.items():
         if config.get(key):
             errors.append(err(key, why, MERGE_FIX))
