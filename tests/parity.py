@@ -9,6 +9,7 @@ scripts/launcher.sh, optionally as two "nodes"); ``losses`` reads a run's metric
 from __future__ import annotations
 
 import json
+import shlex
 import os
 import socket
 import subprocess
@@ -115,7 +116,7 @@ def run_layout(config: str, run_mode: str, out: str, dp: int, mp: int, options: 
                nodes: int = 1, grad_accum: int = 1) -> subprocess.CompletedProcess:
     """dp x mp ranks through scripts/launcher.sh; ``nodes=2`` runs the multi-node form twice on
     this machine (NODE_RANK 0 and 1, world/2 ranks each) and returns both nodes' output."""
-    order = " ".join(_args(config, run_mode, out, dp, mp, options, grad_accum))
+    order = shlex.join(_args(config, run_mode, out, dp, mp, options, grad_accum))  # values may hold quotes
     world, port, logs = dp * mp, str(free_port()), os.path.join(out, "msrun_log")
     if nodes == 1:
         return subprocess.run(["bash", "scripts/launcher.sh", order, str(world), port, logs, "True", "600"],

@@ -8,8 +8,8 @@ first, by ``effective_pet_config``, from the run's pet_config, the adapter and t
 The rule for a conflict: the adapter's values win, because they are what the adapter was trained with (PEFT
 applies an adapter with its own config too); each value of the run's pet_config that differs is a WARNING
 naming both. A run without pet_config takes the adapter's. Keys an adapter has no say in (``param_init_type``,
-``compute_dtype``, ``freeze_include`` / ``freeze_exclude``, ``lora_plus_lr_ratio``) stay the run's. What mftune
-cannot honour (modules_to_save, biases, per-module ranks, LoRA outside the decoder layers, a selection that
+``compute_dtype``, ``freeze_include`` / ``freeze_exclude``, ``lora_plus_lr_ratio``) stay the run's; its
+``modules_to_save`` (whole modules trained beside the adapters) is applied. What mftune cannot honour (biases, per-module ranks, LoRA outside the decoder layers, a selection that
 is not the same module types in every adapted layer, a config that selects other modules than the file
 holds) is a CheckpointError naming the field and its value (``mftune.checkpoint.formats.peft_adapter``).
 
@@ -32,6 +32,7 @@ from torch import nn
 from mftune.checkpoint.formats import peft_adapter
 from mftune.checkpoint.formats.peft_adapter import (LINEAR_LEAVES, grid_pet_config, lora_grid, read_adapter_config,
                                                     read_peft_adapter)
+from mftune.checkpoint.keys import is_lora
 from mftune.checkpoint.names import MFTUNE_TO_HF_TOP, mftune_to_hf
 from mftune.checkpoint.recorded_pet import KEY_PREFIX, checkpoint_pet_config, describe, first, source, yaml_targets
 from mftune.errors import CheckpointError
@@ -41,7 +42,8 @@ logger = logging.getLogger("mftune")
 
 # mftune pet_config key -> the adapter_config.json field that sets it
 ADAPTER_FIELDS: dict[str, str] = {"lora_rank": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-                                  "use_rslora": "use_rslora", "use_dora": "use_dora"}
+                                  "use_rslora": "use_rslora", "use_dora": "use_dora",
+                                  "modules_to_save": "modules_to_save"}
 PEFT_LLAMA_DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 ALL_LINEAR = "all-linear"  # peft's INCLUDE_LINEAR_LAYERS_SHORTHAND
 # transformers module names outside the decoder layers that a target_modules may select (PEFT would put LoRA
@@ -89,8 +91,8 @@ def adapter_pet_config(adapter_dir: str, num_layers: int) -> tuple[dict[str, Any
     the weights hold (peft would drop or start them fresh, each with a warning)."""
     config, config_path = read_adapter_config(adapter_dir)
     selected = peft_selected(config, num_layers, config_path)  # the config's own problems first
-    tensors, _ = read_peft_adapter(adapter_dir)
-    held = {k.rpartition(".")[0] for k in tensors}
+    tensors, read = read_peft_adapter(adapter_dir)
+    held = {k.rpartition(".")[0] for k in tensors if is_lora(k)}
     deeper = sorted(m for m in held if int(m.split(".")[2]) >= num_layers)
     if deeper:
         raise CheckpointError(f"{adapter_dir} holds LoRA for {_hf(deeper[0])} but the model has num_layers="
@@ -98,8 +100,9 @@ def adapter_pet_config(adapter_dir: str, num_layers: int) -> tuple[dict[str, Any
     if held != selected:
         raise CheckpointError(_mismatch(config, held, selected, adapter_dir, config_path))
     layers, leaves = lora_grid(held, config_path)
-    rank = config.get("r", 8)
-    return grid_pet_config(config, rank, layers, leaves, partial=layers != list(range(num_layers))), config, config_path
+    pet_config = grid_pet_config(config, config.get("r", 8), layers, leaves, partial=layers != list(range(num_layers)))
+    pet_config["modules_to_save"] = read.get("modules_to_save")  # trained whole beside the adapters
+    return pet_config, config, config_path
 
 
 def peft_selected(config: dict[str, Any], num_layers: int, where: str) -> set[str]:

@@ -19,6 +19,7 @@ import torch
 from mftune.checkpoint.formats import MINDSPORE_FORMATS, checkpoint_header, distributed, open_checkpoint, recognise
 from mftune.checkpoint.formats.peft_adapter import (CONFIG_NAME, SAFETENSORS_NAME, lora_grid, mftune_to_peft_name,
                                                     pair_and_rank, peft_adapter_config)
+from mftune.checkpoint.formats.peft_modules import to_peft
 from mftune.checkpoint.hf_files import CopyReport, HFBase, complete_adapter_dir, resolve_base
 from mftune.checkpoint.keys import LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, is_lora, moment_names
 from mftune.checkpoint.safetensors_io import load_tensors, read_metadata, safetensors_header, save_safetensors
@@ -58,12 +59,14 @@ def export_adapter_dir(src_checkpoint: str, output_dir: str, *, base_model_name_
     pet_config = _lora_pet_config(meta, src_checkpoint)
     hparams = _lora_hparams(pet_config, fallback or {}, src_checkpoint)
     tensors = load(_adapter_keys(keys, pet_config, src_checkpoint))
+    whole = {k: tensors.pop(k) for k in [k for k in tensors if not is_lora(k)]}  # modules_to_save
     modules, rank = pair_and_rank(tensors, src_checkpoint, dora=hparams["use_dora"])
     if rank != hparams["lora_rank"]:
         raise CheckpointError(f"pet_config.lora_rank={hparams['lora_rank']} is invalid: the LoRA tensors of "
                               f"{src_checkpoint} have rank {rank}. Check the checkpoint and its header.")
+    saved, hparams["modules_to_save"] = to_peft(whole, src_checkpoint)
     try:
-        peft_tensors = {mftune_to_peft_name(k): v.contiguous() for k, v in tensors.items()}
+        peft_tensors = {**{mftune_to_peft_name(k): v.contiguous() for k, v in tensors.items()}, **saved}
     except KeyError as exc:
         raise CheckpointError(f"src_checkpoint={src_checkpoint} is invalid: {exc.args[0]}. mftune exports LoRA on "
                               f"decoder-layer Linear layers (wq wk wv wo w1 w2 w3) only.") from None
@@ -103,14 +106,17 @@ def _adapter_keys(keys: list[str], pet_config: dict, src: str) -> list[str]:
     if not lora_keys:
         raise CheckpointError(f"src_checkpoint={src} is invalid: it holds no LoRA tensors "
                               f"(*{LORA_MARK}*). Export the checkpoint of a LoRA run.")
-    trained = _trained_base_tensors(keys, pet_config)
+    saved = pet_config.get("modules_to_save") or []
+    whole = [k for k in _trained_base_tensors(keys, pet_config)
+             if any(k.rpartition(".")[0] == m or k.rpartition(".")[0].endswith(f".{m}") for m in saved)]
+    trained = [k for k in _trained_base_tensors(keys, pet_config) if k not in whole]
     if trained:
         raise CheckpointError(
             f"src_checkpoint={src} is invalid: besides LoRA it holds trained base tensors "
             f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}; pet_config.freeze_exclude="
             f"{pet_config.get('freeze_exclude')!r}), which a PEFT LoRA adapter cannot carry. Export from a run "
-            f"that trains only the adapters.")
-    return lora_keys
+            f"that trains only the adapters (and modules_to_save).")
+    return lora_keys + whole
 
 
 def _is_mindspore(path: str) -> bool:

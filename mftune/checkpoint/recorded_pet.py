@@ -90,5 +90,5 @@ def first(modules: list[str]) -> str:
 
 def describe(pet_config: dict) -> str:
     return ", ".join(f"{k}={pet_config[k]!r}" for k in ("lora_rank", "lora_alpha", "use_rslora", "use_dora",
-                                                        "lora_dropout", "lora_plus_lr_ratio", "target_modules",
-                                                        "exclude_layers") if pet_config.get(k) not in (None, False))
+                                                        "lora_dropout", "lora_plus_lr_ratio", "modules_to_save",
+                                                        "target_modules", "exclude_layers") if pet_config.get(k) not in (None, False))

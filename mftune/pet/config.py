@@ -42,6 +42,7 @@ class LoraConfig:
     lora_dropout: float = 0.01  # dropout on the LoRA branch input only; 0 -> identity
     use_rslora: bool = False  # rank-stabilised LoRA (mftune and PEFT, not MindFormers): scaling = alpha / sqrt(rank)
     use_dora: bool = False  # DoRA (mftune and PEFT): a trained magnitude per output row (mftune.pet.dora)
+    modules_to_save: list[str] | None = None  # modules trained in full beside the adapters (PEFT's key), e.g. lm_head
     lora_plus_lr_ratio: float | None = None  # LoRA+ (mftune and PEFT): B learns at this multiple of the learning rate
     lora_a_init: str | None = "normal"  # accepted and ignored, as in MindFormers: A is kaiming-uniform(a=sqrt(5))
     lora_b_init: str | None = "zero"  # accepted and ignored, as in MindFormers: B is zeros
@@ -168,6 +169,10 @@ def _value_errors(pet_config: dict, err) -> list[str]:
     if "use_rslora" in pet_config and not isinstance(pet_config["use_rslora"], bool):
         errors.append(err("use_rslora", "must be true or false",
                           "Use use_rslora: true for scaling lora_alpha / sqrt(lora_rank), false for lora_alpha / lora_rank."))
+    v = pet_config.get("modules_to_save")
+    if v is not None and not (isinstance(v, list) and v and all(isinstance(m, str) and m for m in v)):
+        errors.append(err("modules_to_save", "must be a list of module names",
+                          "Use e.g. modules_to_save: [lm_head] (module names, or their last part), or remove it."))
     v = pet_config.get("lora_plus_lr_ratio")
     if v is not None and (not _is_number(v) or not math.isfinite(v) or v <= 0):
         errors.append(err("lora_plus_lr_ratio", "must be a positive number (B's learning rate over A's)",

@@ -202,7 +202,7 @@ def get_pet_model(model: nn.Module, pet_config: dict | LoraConfig) -> nn.Module:
     swapped = _swap(root, root_name, config, targets, excludes, init_std)
     if not swapped:
         raise ValueError(_no_match_message(root, root_name, config))
-    freeze_lora(model, config.freeze_include, config.freeze_exclude)
+    freeze_lora(model, config.freeze_include, config.freeze_exclude, config.modules_to_save)
     logger.info("LoRA: replaced %d Linear layers (target_modules=%r, exclude_layers=%r, rank %d, alpha %g, "
                 "scaling %g%s, dropout %g): %s%s", len(swapped), config.target_modules, config.exclude_layers,
                 config.lora_rank, config.lora_alpha, config.scaling, " (rsLoRA: alpha / sqrt(rank))"
@@ -270,23 +270,45 @@ def _no_match_message(root: nn.Module, root_name: str, config: LoraConfig) -> st
 
 
 def freeze_lora(model: nn.Module, freeze_include: list[str] | str | None = None,
-                freeze_exclude: list[str] | str | None = None) -> None:
+                freeze_exclude: list[str] | str | None = None, modules_to_save: list[str] | None = None) -> None:
     """MindPet ``freeze_delta(model, 'lora', include, exclude)``.
 
-    All parameters frozen except ``*mindpet_delta_lora*``; then a parameter whose full name matches a
-    ``freeze_include`` pattern (fnmatch) and no ``freeze_exclude`` pattern is frozen, one matching only
-    ``freeze_exclude`` is made trainable, one matching both is left as it is.
+    All parameters frozen except ``*mindpet_delta_lora*`` and those of ``modules_to_save`` (``saved_modules``);
+    then a parameter whose full name matches a ``freeze_include`` pattern (fnmatch) and no ``freeze_exclude``
+    pattern is frozen, one matching only ``freeze_exclude`` is made trainable, one matching both is left as it is.
     """
     include = [freeze_include] if isinstance(freeze_include, str) else list(freeze_include or [])
     exclude = [freeze_exclude] if isinstance(freeze_exclude, str) else list(freeze_exclude or [])
+    saved = {f"{m}.{n}" for m in saved_modules(model, modules_to_save or []) for n, _ in
+             model.get_submodule(m).named_parameters()}
     for name, param in model.named_parameters():
-        param.requires_grad_(LORA_MARK in name)
+        param.requires_grad_(LORA_MARK in name or name in saved)
         inc = any(fnmatch.fnmatchcase(name, p) for p in include)
         exc = any(fnmatch.fnmatchcase(name, p) for p in exclude)
         if inc and not exc:
             param.requires_grad_(False)
         elif exc and not inc:
             param.requires_grad_(True)
+
+
+def saved_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """The modules ``modules_to_save`` names (PEFT's rule: a module whose dotted name is an item or ends with
+    ``.<item>``), trained in full beside the adapters. An item naming no module is a ValueError, as is one
+    naming a tied embedding or lm_head (PEFT would train separate copies of the two)."""
+    modules = [n for n, _ in model.named_modules() if n]
+    found = []
+    for item in names:
+        hits = [n for n in modules if n == item or n.endswith(f".{item}")]
+        if not hits:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in modules if not n.split(".")[-1].isdigit()})
+            raise ValueError(f"pet_config.modules_to_save={names!r} is invalid: {item!r} names no module of the "
+                             f"model. Use module names or their last part: {', '.join(leaves)}.")
+        found += [h for h in hits if h not in found]
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied and any(h in ("lm_head", "model.tok_embeddings") for h in found):
+        raise ValueError(f"pet_config.modules_to_save={names!r} is invalid with tie_word_embeddings: the embedding "
+                         f"and lm_head are one tensor. Train it with freeze_exclude instead, or untie them.")
+    return found
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

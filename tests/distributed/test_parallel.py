@@ -190,12 +190,14 @@ def test_full_parameter_training_dp2_mp2_matches_one_process(parity):
 # scaling alpha / sqrt(r); LoRA+ with B at 2 x the learning rate. (At 16 x, B's rate of 0.08 makes this tiny run
 # chaotic: the layouts' fp32 summation orders, 3e-7 apart at step 2, grow to 1e-3 in the gradient norm by step 5.)
 LORA_VARIANTS = {"model.model_config.pet_config.use_rslora": True,
-                 "model.model_config.pet_config.lora_plus_lr_ratio": 2}
+                 "model.model_config.pet_config.lora_plus_lr_ratio": 2,
+                 "model.model_config.pet_config.modules_to_save": '["lm_head"]'}  # vocab-parallel under ALL_ON
 
 
 def test_rslora_and_lora_plus_dp2_mp2_with_every_option_match_one_process(parity):
-    """The LoRA variants (docs/pet.md) on 4 ranks with FSDP2, sequence parallel, recompute and a vocab-parallel
-    embedding: the one-process losses and gradient norms of the same variants (which differ from plain LoRA's)."""
+    """The LoRA variants (docs/pet.md: rsLoRA, LoRA+, a trained lm_head) on 4 ranks with FSDP2, sequence parallel,
+    recompute and a vocab-parallel embedding and lm_head: the one-process losses and gradient norms of the same
+    variants (which differ from plain LoRA's)."""
     d, config, refs = parity
     single, out = os.path.join(d, "variants-single"), os.path.join(d, "variants-2x2")
     r = pp.run_single(config, "finetune", single, LORA_VARIANTS)

@@ -65,11 +65,12 @@ def test_one_process_resume_is_bitwise(workdir, full):
 
 
 def test_lora_variants_resume_bitwise(workdir):
-    """rsLoRA, DoRA and LoRA+ (docs/pet.md): the resumed run restores the DoRA magnitudes, rebuilds B's
-    learning-rate groups and continues exactly."""
+    """rsLoRA, DoRA, LoRA+ and a trained lm_head (docs/pet.md): the resumed run restores the DoRA magnitudes and
+    lm_head, rebuilds B's learning-rate groups and continues exactly."""
     d, config = workdir
     variants = {**DROPOUT, "model.model_config.pet_config.use_rslora": True,
-                "model.model_config.pet_config.use_dora": True, "model.model_config.pet_config.lora_plus_lr_ratio": 16}
+                "model.model_config.pet_config.use_dora": True, "model.model_config.pet_config.lora_plus_lr_ratio": 16,
+                "model.model_config.pet_config.modules_to_save": '["lm_head"]'}
     full, resumed = os.path.join(d, "variants-full"), os.path.join(d, "variants-resumed")
     _run(pp._args(config, "finetune", full, 1, 1, variants))
     _run(pp._args(config, "finetune", resumed, 1, 1, variants) +

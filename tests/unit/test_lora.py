@@ -270,6 +270,21 @@ def test_dora_magnitude_is_trainable_and_tensor_parallel_is_refused():
         apply_tensor_parallel(model, FakeMesh(), vocab_parallel=False, seq_parallel=False)
 
 
+def test_modules_to_save_train_whole_modules():
+    """pet_config modules_to_save (PEFT's rule: a module named so, or ending with .<name>): its parameters train
+    with the adapters; a name of no module, or a tied lm_head, is refused naming the key."""
+    model = tiny_model()
+    get_pet_model(model, dict(lora_rank=4, lora_alpha=8, target_modules=ATTN, modules_to_save=["lm_head", "norm_out"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"lm_head.weight", "model.norm_out.weight"} <= trainable
+    assert not any("tok_embeddings" in n or "attention_norm" in n for n in trainable)
+    with pytest.raises(ValueError, match="modules_to_save=\\['lmhead'\\] is invalid: 'lmhead' names no module"):
+        get_pet_model(tiny_model(), dict(lora_rank=4, target_modules=ATTN, modules_to_save=["lmhead"]))
+    tied = LlamaForCausalLM(LlamaConfig(**{**TINY, "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match="with tie_word_embeddings"):
+        get_pet_model(tied, dict(lora_rank=4, target_modules=ATTN, modules_to_save=["lm_head"]))
+
+
 # (c) parameter counts and the summary line --------------------------------------------------------
 
 def test_trainable_counts_and_summary_match_peft(capsys):

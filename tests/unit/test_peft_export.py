@@ -77,7 +77,8 @@ def _export(src, out, *extra) -> int:
     (MLP, None, ["gate_proj", "down_proj", "up_proj"]),
     ({**SUBSET, "use_rslora": True}, [0, 2], ["q_proj", "v_proj"]),
     ({**MLP, "use_dora": True}, None, ["gate_proj", "down_proj", "up_proj"]),
-], ids=["attention", "wq_wv_exclude_layer_1", "mlp", "rslora", "dora"])
+    ({**SUBSET, "modules_to_save": ["lm_head", "tok_embeddings"]}, [0, 2], ["q_proj", "v_proj"]),
+], ids=["attention", "wq_wv_exclude_layer_1", "mlp", "rslora", "dora", "modules_to_save"])
 def test_exported_adapter_loads_in_peft_with_mftune_logits(base, tmp_path, caplog, pet_config, layers, targets):
     model, ckpt = lora_checkpoint(base, pet_config, f"run_{len(targets)}_{layers}")
     out = tmp_path / "adapter"
@@ -88,6 +89,7 @@ def test_exported_adapter_loads_in_peft_with_mftune_logits(base, tmp_path, caplo
     assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["use_rslora"], config["use_dora"]) == (
         pet_config["lora_rank"], pet_config["lora_alpha"], pet_config["lora_dropout"],
         pet_config.get("use_rslora", False), pet_config.get("use_dora", False))
+    assert config["modules_to_save"] == (["embed_tokens", "lm_head"] if "modules_to_save" in pet_config else None)
 
     peft_model, messages = _peft_load(base, out, caplog)
     assert not [m for m in messages if any(s in m.lower() for s in SUSPICIOUS)], messages
@@ -203,7 +205,7 @@ def _edited(adapter_dir, tmp_path, config_changes=None, tensor_edit=None):
 @pytest.mark.parametrize("changes, expected", [
     ({"use_dora": True}, "lacks a DoRA magnitude"),
     ({"use_rslora": 1}, r"use_rslora=1 is invalid: must be true or false"),
-    ({"modules_to_save": ["lm_head"]}, r'modules_to_save=\["lm_head"\] is invalid'),
+    ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] but the file holds no tensor of 'lm_head'"),
     ({"bias": "all"}, 'bias="all" is invalid'),
     ({"rank_pattern": {"q_proj": 2}}, "rank_pattern=.* is invalid"),
     ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights=\"pissa_niter_4\" is invalid: this initialisation"),

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from mftune.checkpoint.entries import Entry, merge_entries, safetensors_entries, tensor_entries
+from mftune.checkpoint.formats.peft_modules import mftune_module_names, peft_saved
 from mftune.checkpoint.keys import LORA_A, LORA_B, LORA_M
 from mftune.checkpoint.names import MFTUNE_TO_HF_LAYER, hf_to_mftune, mftune_to_hf
 from mftune.checkpoint.safetensors_io import load_tensors
@@ -57,7 +58,6 @@ _MODULE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # adapter_config.json fields mftune's LoRA cannot represent -> why. A field counts when its value is
 # truthy (absent, null, false, {} and [] are all "not used").
 UNSUPPORTED_FIELDS: dict[str, str] = {
-    "modules_to_save": "fully trained extra modules are not LoRA tensors and mftune cannot load them with an adapter",
     "lora_bias": "mftune's lora_B has no bias",
     "fan_in_fan_out": "Llama Linear weights are [out, in]; a transposed (Conv1D) layout does not apply",
     "rank_pattern": "per-module ranks; mftune has one lora_rank",
@@ -180,7 +180,7 @@ def peft_adapter_config(hparams: dict[str, Any], layers: list[int], leaves: list
         "layers_to_transform": layers if partial else None,
         "lora_alpha": hparams["lora_alpha"],
         "lora_dropout": hparams["lora_dropout"],
-        "modules_to_save": None,
+        "modules_to_save": hparams.get("modules_to_save") or None,
         "peft_type": "LORA",
         "r": hparams["lora_rank"],
         "rank_pattern": {},
@@ -201,11 +201,13 @@ def matches(path: str) -> bool:
 
 
 def entries(path: str) -> dict[str, Entry]:
-    """The adapters (renamed) plus the complete ``.safetensors`` files beside them (a base)."""
+    """The adapters (renamed) plus the complete ``.safetensors`` files beside them (a base); the adapter's
+    modules_to_save tensors replace the base's."""
     tensors, _ = read_peft_adapter(path)
     others = [f for f in glob.glob(os.path.join(glob.escape(path), "*.safetensors"))
               if os.path.basename(f) != SAFETENSORS_NAME]
-    return merge_entries(path, [tensor_entries(tensors, path)] + [safetensors_entries(f) for f in sorted(others)])
+    bases = [{k: e for k, e in safetensors_entries(f).items() if k not in tensors} for f in sorted(others)]
+    return merge_entries(path, [tensor_entries(tensors, path)] + bases)
 
 
 def header(path: str) -> dict[str, Any]:
@@ -225,9 +227,12 @@ def read_peft_adapter(adapter_dir: str, num_layers: int | None = None) -> tuple[
     """
     config, config_path = read_adapter_config(adapter_dir)
     raw, weights_path = _read_adapter_weights(adapter_dir)
+    saved, taken = peft_saved(raw, config, weights_path)
     unknown = []
     tensors = {}
     for key, value in raw.items():
+        if key in taken:
+            continue
         try:
             tensors[peft_to_mftune_name(key)] = value
         except KeyError:
@@ -251,8 +256,11 @@ def read_peft_adapter(adapter_dir: str, num_layers: int | None = None) -> tuple[
             raise CheckpointError(f"{config_path}: layers_to_transform={wanted} is invalid: {weights_path} has "
                                   f"adapters on layers {layers}. Use the adapter's own adapter_config.json.")
     every = list(range(len(layers) if num_layers is None else num_layers))
-    return tensors, grid_pet_config(config, rank, layers, leaves,
-                                    partial=layers != every or (num_layers is None and wanted is not None))
+    pet_config = grid_pet_config(config, rank, layers, leaves,
+                                 partial=layers != every or (num_layers is None and wanted is not None))
+    if saved:
+        pet_config["modules_to_save"] = mftune_module_names(saved)
+    return {**tensors, **saved}, pet_config
 
 
 def grid_pet_config(config: dict[str, Any], rank: int, layers: list[int], leaves: list[str],
