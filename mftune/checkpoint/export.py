@@ -107,8 +107,12 @@ def _adapter_keys(keys: list[str], pet_config: dict, src: str) -> list[str]:
         raise CheckpointError(f"src_checkpoint={src} is invalid: it holds no LoRA tensors "
                               f"(*{LORA_MARK}*). Export the checkpoint of a LoRA run.")
     saved = pet_config.get("modules_to_save") or []
-    whole = [k for k in _trained_base_tensors(keys, pet_config)
-             if any(k.rpartition(".")[0] == m or k.rpartition(".")[0].endswith(f".{m}") for m in saved)]
+    model_keys = [k for k in keys if not is_lora(k) and not k.startswith(OPTIMIZER_PREFIXES) and k not in SCALAR_KEYS]
+    whole = [k for k in model_keys if any(_in_module(k, m) for m in saved)]
+    missing = [m for m in saved if not any(_in_module(k, m) for k in whole)]
+    if missing:
+        raise CheckpointError(f"src_checkpoint={src} is invalid: its pet_config has modules_to_save={saved} but it "
+                              f"holds no tensor of {missing[0]!r}. Export the checkpoint the run saved.")
     trained = [k for k in _trained_base_tensors(keys, pet_config) if k not in whole]
     if trained:
         raise CheckpointError(
@@ -182,6 +186,11 @@ def _lora_hparams(pet_config: dict, fallback: dict[str, Any], where: str) -> dic
     for key in ("use_rslora", "use_dora"):  # no flags: a run records them when it used them
         out[key] = bool(pet_config.get(key, False))
     return out
+
+
+def _in_module(key: str, module: str) -> bool:
+    """Whether tensor ``key`` belongs to the module a modules_to_save item names (the module, or one inside it)."""
+    return f".{module}." in f".{key.rpartition('.')[0]}."
 
 
 def _trained_base_tensors(keys: list[str], pet_config: dict) -> list[str]:

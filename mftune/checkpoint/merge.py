@@ -90,6 +90,10 @@ def _pairs(lora: dict[str, Entry], where: str) -> tuple[dict[str, tuple[str, str
     if alone:
         raise CheckpointError(f"{where}: DoRA magnitude {magnitudes[alone[0]]} has no LoRA pair. The checkpoint is "
                               f"damaged or was edited; use a complete save.")
+    plain = sorted(set(halves) - set(magnitudes))
+    if magnitudes and plain:
+        raise CheckpointError(f"{where}: DoRA magnitudes for some adapted weights but none for {plain[0]} (and "
+                              f"{len(plain) - 1} more). The checkpoint is damaged or was edited; use a complete save.")
     return {w: (s["a"], s["b"]) for w, s in halves.items()}, magnitudes
 
 
@@ -146,7 +150,7 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     parts = _sort_tensors(source, base, base_path, lora_path, expected, bool(cfg and cfg.tie_word_embeddings))
     expected = expected or {n: e.shape for n, e in parts.model.items()}
     pairs, magnitudes = _pairs(parts.lora, lora_path)
-    _check_fit(pairs, parts.model, parts.lora, lora_path)
+    _check_fit(pairs, parts.model, parts.lora, lora_path, magnitudes)
     scaling = _scaling(pet_config, lora_scaling, {parts.lora[a].shape[0] for a, _ in pairs.values()}, lora_path)
     target = _destination(dst_dir, output_format, lora_path, base_path)
     hf_base = _hf_base(base_model_dir, base_path, lora_path, mc) if output_format == "hf" else None
@@ -275,9 +279,11 @@ def _sort_tensors(source: dict[str, Entry], base: dict[str, Entry], base_path: s
 
 
 def _check_fit(pairs: dict[str, tuple[str, str]], model: dict[str, Entry], lora: dict[str, Entry],
-               lora_path: str) -> None:
-    """Every adapter pair adapts a weight of the model, with shapes that fit it."""
-    problems = []
+               lora_path: str, magnitudes: dict[str, str]) -> None:
+    """Every adapter pair adapts a weight of the model, with shapes that fit it (a DoRA magnitude: one value per
+    output row)."""
+    problems = [f"{m} has shape {list(lora[m].shape)}, not [{model[w].shape[0]}]" for w, m in magnitudes.items()
+                if w in model and tuple(lora[m].shape) != (model[w].shape[0],)]
     for w, (a, b) in pairs.items():
         if w not in model:
             problems.append(f"{a} adapts {w}, which the model has not")

@@ -25,7 +25,7 @@ logger = logging.getLogger("mftune")
 
 KEY_PREFIX = "model.model_config.pet_config"
 # besides the selected layers: what the factors were trained with
-MEANING = ("lora_rank", "lora_alpha", "use_rslora", "use_dora")
+MEANING = ("lora_rank", "lora_alpha", "use_rslora", "use_dora", "modules_to_save")
 SELECTION = ("target_modules", "exclude_layers")
 
 

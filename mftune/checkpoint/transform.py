@@ -177,7 +177,8 @@ def transform(src: str, dst_dir: str, strategy: dict[int, dict] | MindSporeStrat
                               "destination strategy, or none for one complete .ckpt.")
     header = checkpoint_header(files[0] if files else src)
     if suffix == ".ckpt":
-        _refuse_unportable_lora(header.get("pet_config") or {}, entries, src)
+        _refuse_unportable_lora(header.get("pet_config") or (header.get("model_config") or {}).get("pet_config")
+                                or {}, entries, src)
     header["transformed_from"] = {"path": os.path.abspath(src), "name": name}
     written = []
     for rank in ranks:

@@ -38,7 +38,7 @@ class LoraConfig:
 
     pet_type: str = "lora"  # only "lora" is implemented; other MindFormers types are rejected
     lora_rank: int = 8  # r: rows of A [r, in], columns of B [out, r]
-    lora_alpha: float = 16  # scaling = lora_alpha / lora_rank
+    lora_alpha: float = 16  # scaling = lora_alpha / lora_rank (/ sqrt(lora_rank) with use_rslora)
     lora_dropout: float = 0.01  # dropout on the LoRA branch input only; 0 -> identity
     use_rslora: bool = False  # rank-stabilised LoRA (mftune and PEFT, not MindFormers): scaling = alpha / sqrt(rank)
     use_dora: bool = False  # DoRA (mftune and PEFT): a trained magnitude per output row (mftune.pet.dora)

@@ -5,7 +5,9 @@ A DoRA layer is a LoRA layer plus a trained magnitude vector ``m`` (``[out]``, t
 ``W' = m / ||W + s B A|| * (W + s B A)``, the norm taken over each output row. As in PEFT (and the
 paper's section 4.3), the norm is a constant for the gradient. The layer computes
 ``y = x W^T + b + (m/n - 1) * x W^T + m/n * s * B A x``, with dropout applied to the x of the last two
-terms. ``m`` starts as the norm itself, so a fresh layer is the base layer.
+terms. ``m`` starts as the norm itself, so a fresh layer is the base layer. The norm and ``m/n`` are
+float32 whatever the compute dtype (peft rounds them to it; equal in float32). A zero row gives NaN, as in
+peft.
 
 The norm needs each whole row of ``W + s B A``. Under FSDP2 every rank holds whole rows (the
 magnitude is sharded like the rows), so the magnitude is initialised from the local rows and all of
@@ -21,10 +23,9 @@ LORA_M = "mindpet_delta_lora_magnitude"  # the magnitude vector [out]
 
 
 def row_norm(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``||W + scaling * B A||`` over each output row (``[out]``), in ``lora_a``'s dtype, without gradient."""
-    with torch.no_grad():
-        dtype = lora_a.dtype
-        return torch.linalg.norm(weight.to(dtype) + scaling * (lora_b.to(dtype) @ lora_a), dim=1)
+    """``||W + scaling * B A||`` over each output row (``[out]``), in float32 (autocast off), without gradient."""
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+        return torch.linalg.norm(torch.addmm(weight.float(), lora_b.float(), lora_a.float(), alpha=scaling), dim=1)
 
 
 def dora_term(h: torch.Tensor, weight: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
@@ -32,10 +33,10 @@ def dora_term(h: torch.Tensor, weight: torch.Tensor, magnitude: torch.Tensor, no
     """What DoRA adds to the base output: ``(m/n - 1) * base + m/n * scaling * delta``. ``delta = B A h``;
     ``base = h W^T`` when the caller has it (no dropout: the layer's own output less its bias), else
     computed from ``h`` (PEFT's order, so that the numbers match)."""
-    scale = (magnitude / norm).view(*([1] * (delta.dim() - 1)), -1)
+    scale = (magnitude.float() / norm).view(*([1] * (delta.dim() - 1)), -1)  # float32: m moves smoothly in bf16
     if base is None:
         base = F.linear(h.to(weight.dtype), weight)
-    return (scale - 1) * base.to(delta.dtype) + scale * delta * scaling
+    return (scale - 1) * base.float() + scale * delta.float() * scaling
 
 
 def merged_weight(weight: torch.Tensor, magnitude: torch.Tensor, delta_weight: torch.Tensor
@@ -58,10 +59,10 @@ def init_magnitude(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Ten
                    scaling: float) -> None:
     """``m = ||W + s B A||`` per row, in place. Sharded parameters (FSDP2 rows) use this rank's rows of W, B and
     m and all of A (gathered: every rank holding a shard of A calls this at the same point)."""
+    if weight.device.type == "meta":
+        return
     a = lora_a.full_tensor() if isinstance(lora_a, DTensor) else lora_a
     w, b, m = (t.to_local() if isinstance(t, DTensor) else t for t in (weight, lora_b, magnitude))
-    if w.device.type == "meta":
-        return
     if not (w.shape[0] == b.shape[0] == m.shape[0]):
         raise RuntimeError(f"DoRA magnitude of {m.shape[0]} rows over a weight block of {w.shape[0]} rows: "
                            f"the rows must not be split (tensor parallel is not supported with use_dora)")

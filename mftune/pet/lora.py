@@ -6,7 +6,9 @@ MindFormers/MindPet semantics (reference/mindformers.md §6.3-§6.5):
 - layer: ``y = x W^T + b + dropout(x) A^T B^T * lora_alpha / lora_rank`` (``use_rslora``, PEFT's
   rank-stabilised LoRA: ``/ sqrt(lora_rank)``), A ``[r, in]``
   kaiming-uniform(a=sqrt(5)), B ``[out, r]`` zeros, parameters ``mindpet_delta_lora_a/b``;
-- freezing: everything but ``*mindpet_delta_lora*``, then ``freeze_include`` / ``freeze_exclude``.
+- freezing: everything but ``*mindpet_delta_lora*`` (and the modules of PEFT's ``modules_to_save``), then
+  ``freeze_include`` / ``freeze_exclude``.
+DoRA (``use_dora``) adds a magnitude per output row: ``mftune.pet.dora``.
 The layer follows torchtune's ``modules/peft/lora.py``: the base weight Parameter is reused, so
 its name (``...attention.wq.weight``) and any checkpoint loading it are unchanged.
 """
@@ -167,7 +169,7 @@ class LoRALinear(nn.Module):
         no_dropout = isinstance(self.lora_dropout, nn.Identity) or not self.training
         base = (out if bias is None else out - bias) if no_dropout else None
         norm = row_norm(weight, lora_a, lora_b, self.scaling)
-        return out + dora_term(h, weight, magnitude.to(delta.dtype), norm, delta, self.scaling, base).to(out.dtype)
+        return out + dora_term(h, weight, magnitude, norm, delta, self.scaling, base).to(out.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -204,9 +206,10 @@ def get_pet_model(model: nn.Module, pet_config: dict | LoraConfig) -> nn.Module:
         raise ValueError(_no_match_message(root, root_name, config))
     freeze_lora(model, config.freeze_include, config.freeze_exclude, config.modules_to_save)
     logger.info("LoRA: replaced %d Linear layers (target_modules=%r, exclude_layers=%r, rank %d, alpha %g, "
-                "scaling %g%s, dropout %g): %s%s", len(swapped), config.target_modules, config.exclude_layers,
+                "scaling %g%s%s, dropout %g%s): %s%s", len(swapped), config.target_modules, config.exclude_layers,
                 config.lora_rank, config.lora_alpha, config.scaling, " (rsLoRA: alpha / sqrt(rank))"
-                if config.use_rslora else "", config.lora_dropout,
+                if config.use_rslora else "", ", DoRA" if config.use_dora else "", config.lora_dropout,
+                f", modules_to_save {config.modules_to_save}" if config.modules_to_save else "",
                 ", ".join(swapped[:4]), ", ..." if len(swapped) > 4 else "")
     logger.info(trainable_summary(model))
     return model
@@ -347,12 +350,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if LORA_MARK in k}
 
 
-def init_dora_magnitudes(model: nn.Module, names: list[str] | set[str] | None = None) -> None:
-    """Set DoRA magnitudes to the row norms of their layers' current weights (``names``: only these
-    parameters, e.g. the ones a checkpoint did not provide; None: all). A collective under FSDP2."""
-    wanted = None if names is None else set(names)
+def init_dora_magnitudes(model: nn.Module, loaded: list[str] | set[str] = ()) -> None:
+    """Set the DoRA magnitudes not in ``loaded`` (parameter names a checkpoint provided) to the row norms of
+    their layers' current weights: after the base weights are loaded. A collective under FSDP2."""
+    keep = set(loaded)
     for name, layer in lora_layers(model):
-        if layer.use_dora and (wanted is None or f"{name}.{LORA_M}" in wanted):
+        if layer.use_dora and f"{name}.{LORA_M}" not in keep:
             layer.init_magnitude()
 
 

@@ -89,7 +89,7 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
     base = cfg.pretrained_model_dir
     report = (load_checkpoint(model, _transform(cfg, ctx)[0], base=base) if plan.transform else
               load_checkpoint(model, plan.path, src_strategy=cfg.src_strategy_path_or_dir, base=base))
-    init_dora_magnitudes(model, report["fresh_lora"])  # DoRA magnitudes not loaded: from the loaded weights
+    init_dora_magnitudes(model, report["loaded"])  # DoRA magnitudes not loaded: from the loaded weights
     if report["fresh_lora"] and cfg.run_mode in ("eval", "predict"):
         logger.warning("%d LoRA tensors are not in load_checkpoint=%s: they start fresh (B = 0), so "
                        "the %s uses the base model alone", len(report["fresh_lora"]), plan.path, cfg.run_mode)

@@ -252,6 +252,42 @@ def test_dora_training_with_dropout_matches_peft_gradients():
             torch.testing.assert_close(mine.grad, other.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_dora_fresh_layer_is_the_base_under_bf16_autocast():
+    """The norm and m / norm are float32: a fresh DoRA model gives exactly the plain model's logits under bf16
+    autocast (rounding m to bf16 moved them by ~0.4%)."""
+    plain = tiny_model()
+    model = tiny_model()
+    get_pet_model(model, dict(lora_rank=4, lora_alpha=8, lora_dropout=0.0, target_modules=ATTN, use_dora=True))
+    x = tokens()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(x), plain(x))
+
+
+def test_dora_magnitudes_follow_the_weights_loaded_after_them(tmp_path):
+    """The trainer's order: adapters initialised on empty memory, then the base loaded, then every magnitude a
+    checkpoint did not provide set from the loaded weights (init_dora_magnitudes)."""
+    from mftune.checkpoint.formats.single_file import save_complete
+    from mftune.checkpoint.load import load_checkpoint, unique_state_dict
+    from mftune.pet import init_dora_magnitudes, init_lora_weights
+
+    base = tiny_model(seed=3)
+    save_complete(str(tmp_path / "base.safetensors"), unique_state_dict(base), model_config=dict(TINY))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**TINY))
+    get_pet_model(model, dict(lora_rank=4, target_modules=ATTN, use_dora=True))
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # what empty memory may hold: every magnitude 0 after init_lora_weights
+    init_lora_weights(model)
+    report = load_checkpoint(model, str(tmp_path / "base.safetensors"))
+    init_dora_magnitudes(model, report["loaded"])
+    for _, layer in lora_layers(model):
+        torch.testing.assert_close(layer.mindpet_delta_lora_magnitude, layer.weight.norm(dim=1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(tokens()), base(tokens()), rtol=1e-5, atol=1e-5)
+
+
 def test_dora_magnitude_is_trainable_and_tensor_parallel_is_refused():
     from torch.distributed.device_mesh import DeviceMesh  # noqa: F401 - only the type is used below
 

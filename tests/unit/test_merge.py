@@ -85,6 +85,16 @@ def test_a_dora_checkpoint_merges_to_the_dora_model(tmp_path):
     assert (dora.lora_logits - dora.base_logits).abs().max() > 1e-2
 
 
+def test_a_dora_checkpoint_missing_a_magnitude_is_refused(tmp_path):
+    dora = lora_checkpoint.build(tmp_path, {**PET, "use_dora": True})
+    broken = {k: v for k, v in dora.tensors.items() if k != "model.layers.1.attention.wv.mindpet_delta_lora_magnitude"}
+    path = str(tmp_path / "broken.safetensors")
+    save_lora(path, broken, dora.mc, dora.recorded, {**PET, "use_dora": True})
+    with pytest.raises(CheckpointError, match=r"DoRA magnitudes for some adapted weights but none for "
+                                              r"model\.layers\.1\.attention\.wv\.weight"):
+        merge_lora_checkpoint(path, str(tmp_path / "m"))
+
+
 def test_lora_scaling_overrides_the_header(ckpt, tmp_path):
     report = merge_lora_checkpoint(ckpt.lora_path, str(tmp_path), lora_scaling=0.5)
     assert report["scaling"] == 0.5

@@ -150,8 +150,8 @@ def test_peft_selections_are_honoured(base, tmp_path, lora_kwargs, modules):
     assert built.pet_config["lora_dropout"] == lora_kwargs.get("lora_dropout", 0.0)
     assert built.pet_config["use_rslora"] == lora_kwargs.get("use_rslora", False)
     assert built.pet_config["use_dora"] == lora_kwargs.get("use_dora", False)
-    assert built.pet_config["modules_to_save"] == (["lm_head", "tok_embeddings"] if "modules_to_save" in lora_kwargs
-                                                   else None)
+    assert built.pet_config["modules_to_save"] == (["lm_head", "model.tok_embeddings"] if "modules_to_save" in
+                                                   lora_kwargs else None)
     _assert_peft_logits(built, peft_model, base)
 
 

@@ -89,7 +89,7 @@ def test_exported_adapter_loads_in_peft_with_mftune_logits(base, tmp_path, caplo
     assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["use_rslora"], config["use_dora"]) == (
         pet_config["lora_rank"], pet_config["lora_alpha"], pet_config["lora_dropout"],
         pet_config.get("use_rslora", False), pet_config.get("use_dora", False))
-    assert config["modules_to_save"] == (["embed_tokens", "lm_head"] if "modules_to_save" in pet_config else None)
+    assert config["modules_to_save"] == (["lm_head", "model.embed_tokens"] if "modules_to_save" in pet_config else None)
 
     peft_model, messages = _peft_load(base, out, caplog)
     assert not [m for m in messages if any(s in m.lower() for s in SUSPICIOUS)], messages

@@ -321,6 +321,9 @@ def adapter_config_errors(config: dict[str, Any]) -> list[str]:
     if config.get("bias", "none") != "none":
         errors.append(err("bias", "mftune's Llama has no biases to train or load",
                           'Use an adapter trained with bias "none".'))
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+        errors.append(err("modules_to_save", "must be a list of module names", "Fix adapter_config.json."))
     for key in ("use_rslora", "use_dora"):  # null: not used (as peft reads it)
         if config.get(key) is not None and not isinstance(config[key], bool):
             errors.append(err(key, "must be true or false", "Fix adapter_config.json."))

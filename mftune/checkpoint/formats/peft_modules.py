@@ -1,10 +1,11 @@
 """PEFT's ``modules_to_save``: whole modules trained beside the adapters, in an adapter directory.
 
 peft saves such a module's tensors under the transformers name with the ``base_model.model.`` prefix
-(``base_model.model.lm_head.weight``, ``base_model.model.model.embed_tokens.weight``) and lists the modules
-by their last name part in ``adapter_config.json`` (``"modules_to_save": ["lm_head", "embed_tokens"]``),
-selecting every module whose name is that or ends with ``.<name>``. mftune's pet_config key of the same name
-takes mftune module names (``lm_head``, ``tok_embeddings``); these helpers translate both ways.
+(``base_model.model.lm_head.weight``, ``base_model.model.model.embed_tokens.weight``) and lists the modules in
+``adapter_config.json`` (``"modules_to_save": ["lm_head", "embed_tokens"]``), selecting every module whose
+name ends with an item (a plain string suffix: peft 0.21's ``_get_submodules`` check). mftune writes full
+module paths (``model.embed_tokens``), which select exactly the modules saved. mftune's pet_config key of the
+same name takes mftune module names (``lm_head``, ``model.tok_embeddings``); these helpers translate both ways.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def peft_saved(raw: dict[str, torch.Tensor], config: dict[str, Any], where: str
         if not key.startswith(PEFT_PREFIX):
             continue
         module = key[len(PEFT_PREFIX):].rpartition(".")[0]
-        leaf = module.rpartition(".")[2]
-        if leaf in wanted:
+        leaf = next((item for item in wanted if module.endswith(item)), None)  # peft's rule
+        if leaf is not None:
             try:
                 out[hf_to_mftune(key[len(PEFT_PREFIX):])] = value
                 taken.add(key)
@@ -46,13 +47,13 @@ def peft_saved(raw: dict[str, torch.Tensor], config: dict[str, Any], where: str
 
 
 def mftune_module_names(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The pet_config ``modules_to_save`` (mftune module names' last parts) of saved-module tensors."""
-    return sorted({name.rpartition(".")[0].rpartition(".")[2] for name in tensors})
+    """The pet_config ``modules_to_save`` (full mftune module names) of saved-module tensors."""
+    return sorted({name.rpartition(".")[0] for name in tensors})
 
 
 def to_peft(tensors: dict[str, torch.Tensor], where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(peft's keys for mftune saved-module tensors, the adapter_config ``modules_to_save``: their transformers
-    module names' last parts). A tensor without a transformers name is an error."""
+    """(peft's keys for mftune saved-module tensors, the adapter_config ``modules_to_save``: their full
+    transformers module names). A tensor without a transformers name is an error."""
     out = {}
     for name, value in tensors.items():
         try:
@@ -60,4 +61,4 @@ def to_peft(tensors: dict[str, torch.Tensor], where: str) -> tuple[dict[str, tor
         except KeyError:
             raise CheckpointError(f"{where}: {name} (modules_to_save) has no Hugging Face name, so a PEFT adapter "
                                   f"cannot carry it. Export a run that trains only named modules.") from None
-    return out, sorted({key[len(PEFT_PREFIX):].rpartition(".")[0].rpartition(".")[2] for key in out})
+    return out, sorted({key[len(PEFT_PREFIX):].rpartition(".")[0] for key in out})
