@@ -215,8 +215,8 @@ def loads(path: str, layers: int, repeat: int, workdir: str) -> None:
             check_share = max(r.get("check_cpu_s", 0.0) / r["load_cpu_s"] for r in rows)
             print(f"  load {i + 1} verify={verify}: slowest rank {slowest:.2f} s wall; CPU summed over the ranks: "
                   f"build_model {load_cpu:.2f} s, of which read_block {read_cpu:.2f} s; the whole run (start-up, slice "
-                  f"check) {used:.1f} s; in the checks themselves {check_cpu:.2f} s (at most {check_share:.1%} of a rank's "
-                  f"build_model CPU)", flush=True)
+                  f"check) {used:.1f} s; in the checks themselves {check_cpu:.2f} s (at most {check_share:.1%} of a "
+                  f"rank's build_model CPU)", flush=True)
             for key, value in (("wall", slowest), ("cpu", load_cpu), ("read", read_cpu), ("check", check_cpu),
                                ("share", check_share)):
                 runs.setdefault((key, verify), []).append(value)

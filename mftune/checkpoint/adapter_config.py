@@ -1,17 +1,19 @@
 """The pet_config of a run whose ``load_checkpoint`` is a PEFT adapter: the adapter's own.
 
 A PEFT adapter means what its ``adapter_config.json`` says: ``r``, ``lora_alpha`` (scaling = alpha / r, or
-alpha / sqrt(r) with ``use_rslora``), ``use_dora``, ``lora_dropout``, and the layers that ``target_modules`` / ``layers_to_transform`` / ``layers_pattern`` /
-``exclude_modules`` select. The model is built (LoRA applied) before weights are read, so this is decided
-first, by ``effective_pet_config``, from the run's pet_config, the adapter and the (meta-device) model.
+alpha / sqrt(r) with ``use_rslora``), ``use_dora``, ``lora_dropout``, and the layers that ``target_modules`` /
+``layers_to_transform`` / ``layers_pattern`` / ``exclude_modules`` select. The model is built (LoRA applied)
+before weights are read, so this is decided first, by ``effective_pet_config``, from the run's pet_config, the
+adapter and the (meta-device) model.
 
 The rule for a conflict: the adapter's values win, because they are what the adapter was trained with (PEFT
 applies an adapter with its own config too); each value of the run's pet_config that differs is a WARNING
 naming both. A run without pet_config takes the adapter's. Keys an adapter has no say in (``param_init_type``,
 ``compute_dtype``, ``freeze_include`` / ``freeze_exclude``, ``lora_plus_lr_ratio``) stay the run's; its
-``modules_to_save`` (whole modules trained beside the adapters) is applied. What mftune cannot honour (biases, per-module ranks, LoRA outside the decoder layers, a selection that
-is not the same module types in every adapted layer, a config that selects other modules than the file
-holds) is a CheckpointError naming the field and its value (``mftune.checkpoint.formats.peft_adapter``).
+``modules_to_save`` (whole modules trained beside the adapters) is applied. What mftune cannot honour
+(biases, per-module ranks, LoRA outside the decoder layers, a selection that is not the same module types in
+every adapted layer, a config that selects other modules than the file holds) is a CheckpointError naming the
+field and its value (``mftune.checkpoint.formats.peft_adapter``).
 
 Which modules PEFT adapts (peft 0.21's ``check_target_module_exists``, run on every module name of the
 transformers model): ``target_modules`` a string is a regex ``re.fullmatch``ed against the full name

@@ -109,8 +109,8 @@ def _scaling(pet_config: dict | None, lora_scaling: float | None, ranks: set[int
                               f"is unknown. Pass --lora_scaling <lora_alpha / lora_rank>.")
     if ranks and ranks != {int(pc["lora_rank"])}:
         raise CheckpointError(f"{where}: pet_config lora_rank={pc['lora_rank']} but the adapters have rank(s) "
-                              f"{sorted(ranks)}. Pass --lora_scaling <lora_alpha / rank> explicitly (lora_alpha / sqrt(rank) "
-                              f"for rsLoRA).")
+                              f"{sorted(ranks)}. Pass --lora_scaling <lora_alpha / rank> explicitly "
+                              f"(lora_alpha / sqrt(rank) for rsLoRA).")
     return pet_scaling(float(pc["lora_alpha"]), int(pc["lora_rank"]), bool(pc.get("use_rslora")))
 
 
@@ -132,10 +132,10 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
     ``dst_dir/merged_lora.safetensors`` (``output_format="mftune"``), a HF directory ``dst_dir``
     (``"hf"``) or ``dst_dir/merged_lora.ckpt`` (``"ckpt"``). ``base_path`` default: the base recorded
     in the LoRA header, whose fingerprint must match (unless ``ignore_fingerprint``). ``lora_scaling``
-    default: pet_config lora_alpha / lora_rank (``/ sqrt(lora_rank)`` with use_rslora). ``model_config``: when the checkpoints record none
-    (MindSpore's); ``src_strategy``: the strategy of a distributed MindSpore source. ``base_model_dir``
-    (``"hf"`` only): the Hugging Face directory whose config.json, generation_config.json and tokenizer
-    files complete the output; default: the one the base (or the LoRA source) records as its origin.
+    default: pet_config lora_alpha / lora_rank (``/ sqrt(lora_rank)`` with use_rslora). ``model_config``: when
+    the checkpoints record none (MindSpore's); ``src_strategy``: the strategy of a distributed MindSpore source.
+    ``base_model_dir`` (``"hf"`` only): the Hugging Face directory whose config.json, generation_config.json and
+    tokenizer files complete the output; default: the one the base (or the LoRA source) records as its origin.
     Returns a report: output, merged, copied, dropped, scaling, base, hf_files (``"hf"``: what was copied)."""
     start = time.perf_counter()
     if output_format not in FORMATS:

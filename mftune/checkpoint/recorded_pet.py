@@ -2,12 +2,13 @@
 weights: the one its header records, over the run's.
 
 LoRA factors mean what they were trained with: ``lora_rank`` (their shape), ``lora_alpha`` and ``use_rslora``
-(the scaling alpha / rank or alpha / sqrt(rank)), ``use_dora`` (a magnitude per row) and the layers ``target_modules`` / ``exclude_layers`` select. A run that loads them with another
-alpha gives other outputs without any error, and one that selects other layers trains fresh adapters beside
-them or leaves some out; so, as for a PEFT adapter (``mftune.checkpoint.adapter_config``), the checkpoint's
-values win over the run's pet_config, each difference a WARNING naming both, and the run's own checkpoints
-record what was applied. Training settings (``lora_dropout``, dtypes, ``freeze_include`` / ``freeze_exclude``)
-stay the run's: a run may continue an adapter with another dropout. A checkpoint without LoRA tensors (a base,
+(the scaling alpha / rank or alpha / sqrt(rank)), ``use_dora`` (a magnitude per row), ``modules_to_save`` (whole
+modules trained with them) and the layers ``target_modules`` / ``exclude_layers`` select. A run that loads them
+with another alpha gives other outputs without any error, and one that selects other layers trains fresh
+adapters beside them or leaves some out; so, as for a PEFT adapter (``mftune.checkpoint.adapter_config``), the
+checkpoint's values win over the run's pet_config, each difference a WARNING naming both, and the run's own
+checkpoints record what was applied. Training settings (``lora_dropout``, dtypes, ``freeze_include`` /
+``freeze_exclude``, ``lora_plus_lr_ratio``) stay the run's: a run may continue an adapter with another dropout. A checkpoint without LoRA tensors (a base,
 a merged model) or without a recorded pet_config leaves the run's pet_config as it is.
 """
 from __future__ import annotations
@@ -89,6 +90,6 @@ def first(modules: list[str]) -> str:
 
 
 def describe(pet_config: dict) -> str:
-    return ", ".join(f"{k}={pet_config[k]!r}" for k in ("lora_rank", "lora_alpha", "use_rslora", "use_dora",
-                                                        "lora_dropout", "lora_plus_lr_ratio", "modules_to_save",
-                                                        "target_modules", "exclude_layers") if pet_config.get(k) not in (None, False))
+    keys = ("lora_rank", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "lora_plus_lr_ratio",
+            "modules_to_save", "target_modules", "exclude_layers")
+    return ", ".join(f"{k}={pet_config[k]!r}" for k in keys if pet_config.get(k) not in (None, False))

@@ -168,7 +168,8 @@ def _value_errors(pet_config: dict, err) -> list[str]:
         errors.append(err("use_dora", "must be true or false", "Use use_dora: true for DoRA, false for LoRA."))
     if "use_rslora" in pet_config and not isinstance(pet_config["use_rslora"], bool):
         errors.append(err("use_rslora", "must be true or false",
-                          "Use use_rslora: true for scaling lora_alpha / sqrt(lora_rank), false for lora_alpha / lora_rank."))
+                          "Use use_rslora: true for scaling lora_alpha / sqrt(lora_rank), false for "
+                          "lora_alpha / lora_rank."))
     v = pet_config.get("modules_to_save")
     if v is not None and not (isinstance(v, list) and v and all(isinstance(m, str) and m for m in v)):
         errors.append(err("modules_to_save", "must be a list of module names",

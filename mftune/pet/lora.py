@@ -295,9 +295,9 @@ def freeze_lora(model: nn.Module, freeze_include: list[str] | str | None = None,
 
 
 def saved_modules(model: nn.Module, names: list[str]) -> list[str]:
-    """The modules ``modules_to_save`` names (PEFT's rule: a module whose dotted name is an item or ends with
-    ``.<item>``), trained in full beside the adapters. An item naming no module is a ValueError, as is one
-    naming a tied embedding or lm_head (PEFT would train separate copies of the two)."""
+    """The modules ``modules_to_save`` names (a module whose dotted name is an item or ends with ``.<item>``;
+    peft matches any string suffix), trained in full beside the adapters. An item naming no module is a
+    ValueError, as is one naming a tied embedding or lm_head (PEFT would train separate copies of the two)."""
     modules = [n for n, _ in model.named_modules() if n]
     found = []
     for item in names:

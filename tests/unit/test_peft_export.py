@@ -171,7 +171,8 @@ def test_read_adapter_saved_by_peft(base, tmp_path):
     bin_tensors, bin_config = read_peft_adapter(str(tmp_path / "bin"))
     assert bin_config == pet_config and all(torch.equal(bin_tensors[k], v) for k, v in tensors.items())
     assert pet_config == {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 12, "lora_dropout": 0.0,
-                          "use_rslora": False, "use_dora": False, "target_modules": ".*wq|.*wo|.*w3", "exclude_layers": r"(?!(?:1)$)\d+$"}
+                          "use_rslora": False, "use_dora": False, "target_modules": ".*wq|.*wo|.*w3",
+                          "exclude_layers": r"(?!(?:1)$)\d+$"}
     model = mftune_model(base, pet_config)
     assert [n for n, _ in lora_layers(model)] == ["model.layers.1.attention.wq", "model.layers.1.attention.wo",
                                                   "model.layers.1.feed_forward.w3"]
