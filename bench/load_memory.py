@@ -301,44 +301,37 @@ def verify_slices(model, path: str, tp_rank: int, tp: int, vocab_emb_dp: bool) -
     return checked
 
 
+def _timed(fn, spent: list[float], clock):
+    """``fn`` wrapped to add the ``clock()`` time each call takes to ``spent[0]``."""
+    def wrapper(*args, **kwargs):
+        start = clock()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[0] += clock() - start
+    return wrapper
+
+
 def _time_reads() -> list[float]:
     """A one-element list that accumulates the CPU time (user + system) spent in ``read_block`` on
     safetensors files from now on (wrapped where the entries call it)."""
     from mftune.checkpoint import entries
 
-    spent, read_block = [0.0], entries.read_block
-
-    def timed(*args, **kwargs):
-        start = time.process_time()
-        try:
-            return read_block(*args, **kwargs)
-        finally:
-            spent[0] += time.process_time() - start
-
-    entries.read_block = timed
+    spent = [0.0]
+    entries.read_block = _timed(entries.read_block, spent, time.process_time)
     return spent
 
 
 def _time_checks() -> list[float]:
     """A one-element list that accumulates the CPU time of this thread spent checking checksums from now on:
-    hashing the bytes read (``RangeCheck``), the reads and hashes of the chunks a column block owns and of the
-    partial chunks at a block's ends (``TensorSums.check_chunks`` / ``read``)."""
+    hashing the bytes read (``RangeCheck``, with the partial chunks it reads at a block's ends) and the reads and
+    hashes of the chunks a column block owns (``TensorSums.check_chunks``)."""
     from mftune.checkpoint import checksum
 
     spent = [0.0]
-
-    def timed(fn):
-        def wrapper(*args, **kwargs):
-            start = time.thread_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[0] += time.thread_time() - start
-        return wrapper
-
     for cls, names in ((checksum.RangeCheck, ("__init__", "feed", "finish")), (checksum.TensorSums, ("check_chunks",))):
         for name in names:
-            setattr(cls, name, timed(getattr(cls, name)))
+            setattr(cls, name, _timed(getattr(cls, name), spent, time.thread_time))
     return spent
 
 
