@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from mftune.checkpoint.entries import Entry, merge_entries, safetensors_entries, tensor_entries
-from mftune.checkpoint.formats.peft_modules import mftune_module_names, peft_saved
+from mftune.checkpoint.formats.peft_modules import PEFT_PREFIX, mftune_module_names, peft_saved
 from mftune.checkpoint.keys import LORA_A, LORA_B, LORA_M
 from mftune.checkpoint.names import MFTUNE_TO_HF_LAYER, hf_to_mftune, mftune_to_hf
 from mftune.checkpoint.safetensors_io import load_tensors
@@ -38,7 +38,6 @@ from mftune.errors import CheckpointError
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM.base_model (LoraModel).model (the HF model)
 
 # mftune LoRA parameter (on the adapted module) -> PEFT parameter (on the same HF module).
 MFTUNE_TO_PEFT_PARAM: dict[str, str] = {

@@ -16,7 +16,7 @@ import torch
 from mftune.checkpoint.names import hf_to_mftune, mftune_to_hf
 from mftune.errors import CheckpointError
 
-PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM.base_model (LoraModel).model (the HF model)
 
 
 def peft_saved(raw: dict[str, torch.Tensor], config: dict[str, Any], where: str
