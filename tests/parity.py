@@ -83,6 +83,19 @@ def make_workdir(d: str) -> str:
     return path
 
 
+def with_pet_config(config: str, pet_config: dict, name: str) -> str:
+    """A copy of ``config`` (a YAML path) whose pet_config is ``pet_config``, written beside it as ``name``."""
+    import yaml
+
+    with open(config) as f:
+        cfg = yaml.safe_load(f)
+    cfg["model"]["model_config"]["pet_config"] = pet_config
+    path = os.path.join(os.path.dirname(config), name)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import nn
 
-from mftune.checkpoint.formats import peft_adapter
+from mftune.checkpoint.formats import peft_adapter, peft_prefix
 from mftune.checkpoint.formats.peft_adapter import (LINEAR_LEAVES, grid_pet_config, lora_grid, read_adapter_config,
                                                     read_peft_adapter)
 from mftune.checkpoint.keys import is_lora
@@ -61,6 +61,8 @@ def effective_pet_config(run_pet_config: dict | None, load_checkpoint: str, mode
     (``mftune.checkpoint.recorded_pet``)."""
     if not load_checkpoint:
         return run_pet_config
+    if peft_prefix.matches(load_checkpoint):
+        return peft_prefix.effective_pet_config(run_pet_config, load_checkpoint, model.args, run_mode)
     if not peft_adapter.matches(load_checkpoint):
         return checkpoint_pet_config(run_pet_config, load_checkpoint, model, run_mode)
     adapter, config, config_path = adapter_pet_config(load_checkpoint, model.config.num_layers)

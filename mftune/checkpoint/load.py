@@ -19,8 +19,8 @@ from torch import nn
 from mftune.checkpoint.checksum import content_hash
 from mftune.checkpoint.checksum import skipped as checksum_skipped
 from mftune.checkpoint.entries import Entry
-from mftune.checkpoint.formats import checkpoint_header, huggingface, open_checkpoint
-from mftune.checkpoint.keys import is_lora, is_training_state
+from mftune.checkpoint.formats import checkpoint_header, huggingface, open_checkpoint, peft_prefix
+from mftune.checkpoint.keys import LORA_MARK, is_pet, is_prefix_index, is_training_state
 from mftune.checkpoint.safetensors_io import checksummed, raw_header
 from mftune.errors import CheckpointError
 from mftune.parallel.layout import local, local_block, replica
@@ -139,7 +139,7 @@ def load_checkpoint(model: nn.Module, path: str, src_strategy: str = "", base: s
     ``pretrained_model_dir``) replaces the recorded base, or gives one to a checkpoint recording none (a
     PEFT adapter); a recorded base of other contents is named in a warning.
     """
-    entries = open_checkpoint(path, src_strategy)
+    entries = peft_prefix.in_model_positions(open_checkpoint(path, src_strategy), model)
     names = set(model.state_dict())
     if lacks_base(model, entries):
         recorded = checkpoint_header(path).get("base_checkpoint") or {}
@@ -151,9 +151,9 @@ def load_checkpoint(model: nn.Module, path: str, src_strategy: str = "", base: s
 
 
 def lacks_base(model: nn.Module, entries: dict[str, Entry]) -> bool:
-    """Whether ``entries`` miss base (non-LoRA) weights of ``model``: a checkpoint of trained tensors only, loaded
+    """Whether ``entries`` miss base (non-PET) weights of ``model``: a checkpoint of trained tensors only, loaded
     over a base."""
-    return any(not is_lora(n) and n not in entries for n in model.state_dict())
+    return any(not is_pet(n) and n not in entries for n in model.state_dict())
 
 
 def load_recorded_base(model: nn.Module, recorded: dict, origin: str, base: str = "", strict: bool = True) -> dict:
@@ -191,7 +191,7 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
         if only is None or name in only:
             groups.setdefault(_storage_key(tensor), []).append(name)
     missing = [names[0] for names in groups.values()
-               if not entries.keys() & set(names) and (only is not None or not is_lora(names[0]))]
+               if not entries.keys() & set(names) and (only is not None or not is_pet(names[0]))]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(
@@ -220,17 +220,19 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
                 dst.copy_(entry.read(local_block(target)).to(dst.dtype))
         loaded.append(source)
     unused = sorted(k for k in entries.keys() - set(state) if not is_training_state(k))
-    lost = [k for k in unused if is_lora(k)]
+    lost = [k for k in unused if is_pet(k) and not is_prefix_index(k)]
     if lost:
         raise CheckpointError(
-            f"checkpoint {path} holds LoRA adapters this model does not have (e.g. {lost[0]}, {len(lost)} in all): "
-            f"they would be dropped. Apply the pet_config they were trained with (the same "
-            f"target_modules, in any run_mode), or merge them first with scripts/transform_ckpt_lora.py.")
+            f"checkpoint {path} holds {'LoRA adapters' if LORA_MARK in lost[0] else 'prefix tensors'} this model "
+            f"does not have (e.g. {lost[0]}, {len(lost)} in all): they would be dropped. Apply the pet_config they "
+            f"were trained with (the same pet_type and target_modules, in any run_mode), or merge LoRA first with "
+            f"scripts/transform_ckpt_lora.py.")
+    unused = [k for k in unused if not is_prefix_index(k)]  # MindFormers' arange(P): checked where it is read
     if unused and only is None:
         logger.warning("Checkpoint %s has %d tensors this model does not use (e.g. %s)",
                        path, len(unused), unused[0])
     logger.info("Loaded %d tensors from %s%s", len(loaded), path,
-                f"; {len(fresh)} LoRA tensors start fresh" if fresh else "")
+                f"; {len(fresh)} PET tensors start fresh" if fresh else "")
     return {"loaded": loaded, "fresh_lora": fresh, "unused": unused}
 
 

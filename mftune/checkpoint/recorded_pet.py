@@ -19,8 +19,8 @@ from typing import Any
 from torch import nn
 
 from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
-from mftune.checkpoint.keys import is_lora
-from mftune.pet import LoraConfig, lora_targets
+from mftune.checkpoint.keys import is_lora, is_pet
+from mftune.pet import LoraConfig, PrefixConfig, is_prefix_type, lora_targets
 
 logger = logging.getLogger("mftune")
 
@@ -36,11 +36,18 @@ def checkpoint_pet_config(run_pet_config: dict | None, path: str, model: nn.Modu
     meta): its recorded LoRA values over ``run_pet_config`` (module doc). ``lora_names``: the checkpoint's
     tensor names when the caller has them (a resume point), else they are read from its headers."""
     recorded = recorded_pet_config(path)
+    if recorded and is_prefix_type(recorded.get("pet_type")):
+        names = lora_names if lora_names is not None else list(open_checkpoint(path))
+        return _prefix_pet_config(run_pet_config, recorded, names, path, run_mode)
     if not recorded or str(recorded.get("pet_type", "lora")).lower() != "lora":
         return run_pet_config
     names = lora_names if lora_names is not None else list(open_checkpoint(path))
     if not any(is_lora(n) for n in names):
         return run_pet_config
+    if run_pet_config and is_prefix_type(run_pet_config.get("pet_type")):
+        logger.warning("%s.pet_type=%s is replaced by lora, which load_checkpoint=%s was trained with (%s)",
+                       KEY_PREFIX, run_pet_config["pet_type"], path, describe(recorded))
+        run_pet_config = None
     if not run_pet_config:
         log = logger.warning if run_mode in ("train", "finetune") else logger.info
         log("%s is empty and load_checkpoint=%s holds LoRA adapters: the pet_config it records is applied (%s)%s",
@@ -62,6 +69,35 @@ def checkpoint_pet_config(run_pet_config: dict | None, path: str, model: nn.Modu
                        "instead of %d", yaml_targets(run_pet_config), source(run_pet_config, "target_modules"),
                        recorded.get("target_modules"), _excluding(recorded), path, len(theirs), first(theirs),
                        len(ours))
+    return effective
+
+
+def _prefix_pet_config(run_pet_config: dict | None, recorded: dict, names: list[str], path: str,
+                       run_mode: str) -> dict | None:
+    """A prefix method's checkpoint: its method and the keys that shape or compute its prefix win over the run's
+    (the count of tokens, the projection and its size, compute_dtype), each difference a WARNING; dropout and
+    freezing stay the run's."""
+    if not any(is_pet(n) for n in names):
+        return run_pet_config
+    mine = {k: v for k, v in recorded.items() if k in PrefixConfig.field_names(recorded["pet_type"])}
+    if not run_pet_config:
+        log = logger.warning if run_mode in ("train", "finetune") else logger.info
+        log("%s is empty and load_checkpoint=%s holds a %s prefix: the pet_config it records is applied (%s)",
+            KEY_PREFIX, path, recorded["pet_type"], mine)
+        return mine
+    if str(run_pet_config.get("pet_type", "lora")).lower() != str(recorded["pet_type"]).lower():
+        logger.warning("%s.pet_type=%s is replaced by %s, which load_checkpoint=%s was trained with (%s)", KEY_PREFIX,
+                       run_pet_config.get("pet_type", "lora"), recorded["pet_type"], path, mine)
+        return mine
+    run, theirs = PrefixConfig.from_dict(dict(run_pet_config)), PrefixConfig(**mine)
+    effective = dict(run_pet_config)
+    for key in run.field_names(run.pet_type):
+        if key in ("pet_type", "freeze_include", "freeze_exclude") or "dropout" in key:
+            continue
+        if getattr(run, key) != getattr(theirs, key):
+            logger.warning("%s.%s=%s (%s) is replaced by %s=%s, which load_checkpoint=%s was trained with", KEY_PREFIX,
+                           key, getattr(run, key), source(run_pet_config, key), key, getattr(theirs, key), path)
+            effective[key] = getattr(theirs, key)
     return effective
 
 

@@ -22,11 +22,13 @@ class KVCache:
     tensor-parallel plan, bf16 under autocast). Slots are shared by the batch: slot ``t`` of every row
     holds the ``t``-th token fed to the model, padding included; which slots a row may attend to is the
     caller's ``attention_mask``. ``length`` counts the slots filled by earlier forwards; the model
-    advances it after each forward.
+    advances it after each forward. A prefix method's keys/values take no slots: the model keeps them in
+    ``prefix`` and puts them before the slots at every step.
     """
 
     def __init__(self, num_layers: int, max_len: int) -> None:
         self.max_len, self.length = max_len, 0
+        self.prefix: Tensor | None = None  # a prefix method's keys/values, computed once per decode
         self.k: list[Tensor | None] = [None] * num_layers
         self.v: list[Tensor | None] = [None] * num_layers
 
@@ -85,6 +87,19 @@ def hide_keys(mask: Tensor | None, keep: Tensor) -> Tensor:
     mask = mask & keep[:, None, None, :]  # (bs, 1, seqlen, seqlen)
     eye = torch.eye(seqlen, dtype=torch.bool, device=keep.device)  # (seqlen, seqlen)
     return mask | (eye & ~mask.any(dim=-1, keepdim=True))
+
+
+def prefix_visible(mask: "Tensor | PackedSamples | None", num_prefix: int, seqlen: int,
+                   device: torch.device) -> "Tensor | PackedSamples":
+    """``mask`` (None: causal over ``seqlen`` keys; a boolean SDPA mask ``(bs | 1, 1, seqlen, keys)``; a
+    ``PackedSamples`` holding one) with ``num_prefix`` keys put before the others, visible to every query: the
+    keys/values of a prefix method (MindFormers' prefix columns of zeros in its additive mask)."""
+    if isinstance(mask, PackedSamples):
+        return PackedSamples(mask=prefix_visible(mask.mask, num_prefix, seqlen, device))
+    if mask is None:
+        mask = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()[None, None]
+    ones = torch.ones(*mask.shape[:-1], num_prefix, dtype=torch.bool, device=mask.device)
+    return torch.cat([ones, mask], dim=-1)  # (bs | 1, 1, seqlen, num_prefix + keys)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mftune.models.attention import (KVCache, PackedSamples, _varlen_attn, attention_mask_4d, hide_keys,
-                                     packed_samples, pad_keys_visible)
+                                     packed_samples, pad_keys_visible, prefix_visible)
 from mftune.models.config import (DtypePolicy, LlamaConfig, ModelArgs, check_model_config, dtype_policy,
                                   model_args)
 from mftune.models.rope import apply_rotary_emb, rope_cos_sin
@@ -80,10 +80,12 @@ class LLamaAttention(nn.Module):
         self.wo = nn.Linear(args.num_heads * hd, args.hidden_size, bias=False, dtype=pdt)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | PackedSamples | None = None,
-                cache: KVCache | None = None, layer_id: int = 0) -> Tensor:
+                cache: KVCache | None = None, layer_id: int = 0, prefix: Tensor | None = None) -> Tensor:
         """``mask`` None: plain causal attention over ``x``. A ``PackedSamples``: causal attention within
         each packed sample. Otherwise a boolean ``attention_mask_4d`` over the cache's past slots plus
-        ``x``; with ``cache``, this call's keys/values are appended to it first."""
+        ``x``; with ``cache``, this call's keys/values are appended to it first. ``prefix`` (bs, P, 2,
+        n_kv_heads, head_dim): keys ``[:, :, 0]`` and values ``[:, :, 1]`` put before all others, not rotated
+        (a prefix method's; ``mask`` then has their P columns first)."""
         bs, seqlen, _ = x.shape
         xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_heads, head_dim)
         xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)  # (bs, seqlen, n_kv_heads, head_dim)
@@ -100,6 +102,9 @@ class LLamaAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (xq, xk, xv))  # (bs, heads, seqlen, head_dim)
         if cache is not None:
             k, v = cache.update(layer_id, k, v)  # (bs, n_kv_heads, past + seqlen, head_dim)
+        if prefix is not None:  # MindFormers casts the prefix to compute_dtype and concatenates it in front
+            pk, pv = (prefix[:, :, i].transpose(1, 2).to(k.dtype) for i in (0, 1))  # (bs, n_kv_heads, P, head_dim)
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
         backend = nullcontext() if self.use_flash_attention else sdpa_kernel(SDPBackend.MATH)
         with backend:
             out = F.scaled_dot_product_attention(
@@ -135,9 +140,10 @@ class LLamaDecodeLayer(nn.Module):
         self.feed_forward = LlamaFeedForward(args, dtypes)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | PackedSamples | None = None,
-                cache: KVCache | None = None) -> Tensor:
-        # mask/cache by keyword: a sequence-parallel plan prepares exactly the positional (x, cos, sin).
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask=mask, cache=cache, layer_id=self.layer_id)
+                cache: KVCache | None = None, prefix: Tensor | None = None) -> Tensor:
+        # mask/cache/prefix by keyword: a sequence-parallel plan prepares exactly the positional (x, cos, sin).
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask=mask, cache=cache, layer_id=self.layer_id,
+                               prefix=prefix)
         return h + self.feed_forward(self.ffn_norm(h))  # (bs, seqlen, hidden)
 
 
@@ -157,13 +163,16 @@ class LlamaModel(nn.Module):
         self.norm_out = LlamaRMSNorm(args.hidden_size, args.rms_norm_eps, ln, pdt)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, attention_mask: Tensor | None = None,
-                cache: KVCache | None = None, *, packed: bool = False, pad_id: int | None = None) -> Tensor:
+                cache: KVCache | None = None, *, packed: bool = False, pad_id: int | None = None,
+                prefix: Tensor | None = None) -> Tensor:
         """``positions`` (bs, seqlen) default to ``past .. past + seqlen - 1``; ``attention_mask``
         (bs, past + seqlen), 1 = real token, 0 = padding; ``past`` = ``cache.length`` (0 without a cache).
         ``packed``: each row holds several samples, each starting where ``positions`` is 0; a token
         attends only to earlier tokens of its own sample. ``pad_id`` (not with a cache or
         attention_mask): no query attends to a token equal to it (MindFormers' attention mask from
-        ``pad_token_id``; ``hide_keys``)."""
+        ``pad_token_id``; ``hide_keys``). ``prefix`` (bs, P, 2 * num_layers, n_kv_heads, head_dim): every
+        layer's prefix keys/values (``[:, :, 2 i]``, ``[:, :, 2 i + 1]``), seen by every query; positions are not
+        shifted by P (MindFormers' prefix tuning)."""
         seqlen, past = tokens.shape[1], 0 if cache is None else cache.length
         if packed and (positions is None or cache is not None or attention_mask is not None):
             raise ValueError("packed=True takes positions (bs, seqlen) and no cache or attention_mask.")
@@ -172,22 +181,27 @@ class LlamaModel(nn.Module):
         if positions is None and past:
             positions = torch.arange(past, past + seqlen, device=tokens.device)  # (seqlen,)
         cos, sin = rope_cos_sin(self.args, seqlen, tokens.device, positions)  # ([bs,] seqlen, head_dim) each
-        mask = self._mask(tokens, positions, attention_mask, cache, packed, pad_id)
+        mask = self._mask(tokens, positions, attention_mask, cache, packed, pad_id, prefix is not None)
+        if prefix is not None:
+            mask = prefix_visible(mask, prefix.shape[1], seqlen, tokens.device)
         h = self.tok_embeddings(tokens).to(self.dtypes.compute_dtype)  # (bs, seqlen, hidden)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask=mask, cache=cache)
+        for i, layer in enumerate(self.layers):
+            kv = None if prefix is None else prefix[:, :, 2 * i:2 * i + 2]  # (bs, P, 2, n_kv_heads, head_dim)
+            h = layer(h, cos, sin, mask=mask, cache=cache, prefix=kv)
         if cache is not None:
             cache.length += seqlen
         return self.norm_out(h)
 
     def _mask(self, tokens: Tensor, positions: Tensor | None, attention_mask: Tensor | None,
-              cache: KVCache | None, packed: bool, pad_id: int | None) -> Tensor | PackedSamples | None:
+              cache: KVCache | None, packed: bool, pad_id: int | None,
+              prefix: bool = False) -> Tensor | PackedSamples | None:
         """What attention may see (see ``forward``); None: SDPA's own causal mask (the training path).
         Pad keys are hidden only where a pad precedes a real token (``pad_keys_visible``): elsewhere
         causal attention already keeps them from every query that is not itself a pad."""
         hide = pad_id is not None and pad_keys_visible(tokens, pad_id)
         if packed:  # the varlen kernel takes no mask: hiding pad keys needs the SDPA one
-            samples = packed_samples(positions, varlen=not hide and self._use_varlen(tokens), device=tokens.device)
+            varlen = not hide and not prefix and self._use_varlen(tokens)  # the prefix needs the mask too
+            samples = packed_samples(positions, varlen=varlen, device=tokens.device)
             if hide:
                 samples.mask = hide_keys(samples.mask, tokens != pad_id)
             return samples
@@ -242,7 +256,14 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False,
                                  dtype=self.dtypes.param_init_type)
         self.pad_mask_id = pad_mask_id(self.config)  # the trainer logs it when not None
+        self.set_prefix_encoder(None)
         self.init_weights()
+
+    def set_prefix_encoder(self, encoder: Callable[[int, bool], Tensor] | None) -> None:
+        """Give every layer's attention a prefix: ``encoder(batch_size, training)`` returns the keys/values
+        ``(bs, P, 2 * num_layers, n_kv_heads, head_dim)`` (``mftune.pet.prefix``). Kept out of the module tree
+        (``self.__dict__``): its parameters are registered on this model under MindFormers' names."""
+        self.__dict__["prefix_encoder"] = encoder
 
     def tie_weights(self) -> None:
         """With ``tie_word_embeddings``, make ``lm_head.weight`` the embedding's Parameter again
@@ -311,10 +332,11 @@ class LlamaForCausalLM(nn.Module):
             torch.autocast(device_type=input_ids.device.type, dtype=compute)
             if compute != torch.float32 else nullcontext()
         )
+        prefix = self._prefix(tokens.shape[0], cache)
         with amp:
             decoding = cache is not None or attention_mask is not None
             hidden = self.model(tokens, positions=positions, attention_mask=attention_mask, cache=cache,
-                                packed=packed, pad_id=None if decoding else self.pad_mask_id)
+                                packed=packed, pad_id=None if decoding else self.pad_mask_id, prefix=prefix)
             if last_only and labels is None:
                 hidden = hidden[:, -1:]
             logits = self.lm_head(hidden).float()  # (bs, seqlen, vocab)
@@ -327,6 +349,18 @@ class LlamaForCausalLM(nn.Module):
         if reduction == "sum":
             return loss_sum, num_tokens
         return loss_sum / num_tokens.clamp(min=1)
+
+    def _prefix(self, batch_size: int, cache: KVCache | None) -> Tensor | None:
+        """The prefix keys/values of a prefix method (None without one), computed once per ``cache``."""
+        encoder = self.__dict__["prefix_encoder"]
+        if encoder is None:
+            return None
+        if cache is not None and cache.prefix is not None:
+            return cache.prefix
+        prefix = encoder(batch_size, self.training)
+        if cache is not None:
+            cache.prefix = prefix
+        return prefix
 
     def loss_targets(self, input_ids: Tensor, labels: Tensor) -> Tensor:
         """The next-token targets of records (bs, seq_length + 1): ``labels[:, 1:]``, with

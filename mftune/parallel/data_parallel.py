@@ -23,6 +23,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from mftune.parallel.layout import is_split, local
+from mftune.pet.prefix import prefix_encoder, prefix_modules
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, compute_dtype: torch.dtype) -> None:
@@ -37,6 +38,11 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, compute_dtype: torch.dtype
                               cast_forward_inputs=False)
     for layer in model.model.layers:
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
+    prefix = prefix_modules(model)
+    if prefix:  # gathered in the prefix's own dtype (MindFormers' float16 by default), not compute_dtype
+        dtype = prefix_encoder(model).config.compute_torch_dtype
+        fully_shard(prefix, mesh=dp_mesh, mp_policy=MixedPrecisionPolicy(
+            param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False))
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
     for module in model.modules():
         if isinstance(module, FSDPModule):  # torch >= 2.8 (setup.cfg)

@@ -16,6 +16,9 @@ have one placement, so tied embeddings (``tie_word_embeddings``) stay one Parame
 the attention/FFN blocks: the norms run on sequence shards, the blocks all-gather their input and
 reduce-scatter their output. Every parameter becomes a DTensor on the ``tp`` mesh (replicated ones
 too), so FSDP2 and the optimizer see one kind of parameter.
+
+A prefix method's keys/values follow their heads: the encoder is replicated and its output cut by head
+(``_shard_prefix``).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from mftune.errors import ConfigError
 from mftune.pet.lora import LORA_A, LORA_B, LoRALinear
+from mftune.pet.prefix import prefix_encoder
 
 
 class PlaceParams(ParallelStyle):
@@ -128,6 +132,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parall
     # vocabulary, or replicated), so lm_head takes the embedding's DTensor Parameter again
     model.tie_weights()
 
+    _shard_prefix(model, tp_mesh)
     for layer in model.model.layers:
         attn, ffn = layer.attention, layer.feed_forward
         plan = {"attention_norm": norm(), "ffn_norm": norm(),
@@ -139,3 +144,22 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parall
             plan["attention"] = gather_input(2)  # forward(x, cos, sin)
             plan["feed_forward"] = gather_input(0)
         parallelize_module(layer, tp_mesh, plan)
+
+
+def _shard_prefix(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """A prefix method's encoder (``mftune.pet.prefix``): its parameters replicated (small: P x D and the MLP), its
+    output ``(bs, P, 2L, n_kv_heads, head_dim)`` cut to this rank's key/value heads, the ones its wk/wv compute.
+    Backward all-gathers the heads' gradients, so each replica gets the whole, identical gradient."""
+    encoder = prefix_encoder(model)
+    if encoder is None:
+        return
+
+    def replicate(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        for pname, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(pname, nn.Parameter(distribute_tensor(param.data, mesh, [Replicate()]),
+                                                          requires_grad=param.requires_grad))
+
+    def local_heads(module: nn.Module, out: DTensor, mesh: DeviceMesh):
+        return out.redistribute(placements=(Shard(3),)).to_local()
+
+    distribute_module(encoder, tp_mesh, replicate, output_fn=local_heads)

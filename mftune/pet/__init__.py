@@ -1,14 +1,15 @@
-"""Parameter-efficient tuning (MindFormers ``mindformers.pet``): LoRA and its variants (rsLoRA, DoRA, LoRA+).
+"""Parameter-efficient tuning (MindFormers ``mindformers.pet``): LoRA and its variants (rsLoRA, DoRA, LoRA+), prefix
+tuning and P-tuning v2.
 
 ``get_pet_model(model, pet_config)`` applies it in place between build and parallelize.
 """
-from mftune.pet.config import LoraConfig, pet_config_errors
+from mftune.pet.apply import get_pet_model, init_pet_weights
+from mftune.pet.config import LoraConfig, is_lora_config, pet_config_errors, pet_config_from_dict
 from mftune.pet.lora import (
     LORA_MARK,
     LoRALinear,
     count_parameters,
     freeze_lora,
-    get_pet_model,
     init_dora_magnitudes,
     init_lora_weights,
     lora_delta_weight,
@@ -19,9 +20,13 @@ from mftune.pet.lora import (
     trainable_summary,
     unmerge_lora,
 )
+from mftune.pet.prefix import PrefixEncoder, prefix_encoder, prefix_modules
+from mftune.pet.prefix_config import PrefixConfig, is_prefix_type
 
 __all__ = [
-    "LORA_MARK", "LoRALinear", "LoraConfig", "count_parameters", "freeze_lora", "get_pet_model",
-    "init_dora_magnitudes", "init_lora_weights", "lora_delta_weight", "lora_layers", "lora_state_dict",
-    "lora_targets", "merge_lora", "pet_config_errors", "trainable_summary", "unmerge_lora",
+    "LORA_MARK", "LoRALinear", "LoraConfig", "PrefixConfig", "PrefixEncoder", "count_parameters", "freeze_lora",
+    "get_pet_model", "init_dora_magnitudes", "init_lora_weights", "init_pet_weights", "is_lora_config",
+    "is_prefix_type", "lora_delta_weight", "lora_layers", "lora_state_dict", "lora_targets", "merge_lora",
+    "pet_config_errors", "pet_config_from_dict", "prefix_encoder", "prefix_modules", "trainable_summary",
+    "unmerge_lora",
 ]

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 from mftune.models.config import DTYPES
+from mftune.pet.prefix_config import PREFIX_TYPES, PrefixConfig, is_prefix_type, prefix_config_errors
 
 DEFAULT_KEY_PREFIX = "model.model_config.pet_config"
 
 # PET methods MindFormers knows (PetType enum, PetModel mapping) that mftune does not implement.
-UNSUPPORTED_PET_TYPES = ("prefixtuning", "ptuning2", "slora", "adapter", "low_rank_adapter")
-SUPPORTED_PET_TYPES = ("lora",)
+UNSUPPORTED_PET_TYPES = ("slora", "adapter", "low_rank_adapter")
+SUPPORTED_PET_TYPES = ("lora", *PREFIX_TYPES)
 
 # dtype strings accepted for param_init_type / compute_dtype (MindPet: fp16, fp32, bf16): the model's
 # table, so that pet_config, model_config and config validation accept the same names.
@@ -89,6 +90,21 @@ class LoraConfig:
         return None if self.compute_dtype is None else PET_DTYPES[self.compute_dtype.lower()]
 
 
+def pet_config_from_dict(d: dict[str, Any] | LoraConfig | PrefixConfig,
+                         key_prefix: str = DEFAULT_KEY_PREFIX) -> LoraConfig | PrefixConfig:
+    """The validated config of ``d``'s method: ``PrefixConfig`` for prefixtuning / ptuning2, else ``LoraConfig``."""
+    if isinstance(d, (LoraConfig, PrefixConfig)):
+        return d
+    if is_prefix_type(d.get("pet_type")):
+        return PrefixConfig.from_dict(dict(d), key_prefix)
+    return LoraConfig.from_dict(dict(d), key_prefix)
+
+
+def is_lora_config(pet_config: dict | None) -> bool:
+    """Whether a pet_config mapping is LoRA's (pet_type lora or absent)."""
+    return bool(pet_config) and str(pet_config.get("pet_type", "lora")).lower() == "lora"
+
+
 def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
     """The factor on ``B A``: ``alpha / rank``, or rsLoRA's ``alpha / sqrt(rank)`` (PEFT's ``use_rslora``)."""
     return alpha / (math.sqrt(rank) if use_rslora else rank)
@@ -123,6 +139,8 @@ def pet_config_errors(pet_config: dict, key_prefix: str = DEFAULT_KEY_PREFIX) ->
     if isinstance(pet_type, str) and pet_type.lower() in UNSUPPORTED_PET_TYPES:
         return [err("pet_type", f"the MindFormers PET method {pet_type!r} is not supported yet by mftune "
                     f"(supported: {', '.join(SUPPORTED_PET_TYPES)})", "Use pet_type: lora.")]
+    if is_prefix_type(pet_type):
+        return prefix_config_errors(pet_config, err)
     return _key_errors(pet_config, err) + _value_errors(pet_config, err) + _pattern_key_errors(pet_config, err)
 
 

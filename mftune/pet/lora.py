@@ -14,7 +14,6 @@ its name (``...attention.wq.weight``) and any checkpoint loading it are unchange
 """
 from __future__ import annotations
 
-import fnmatch
 import functools
 import logging
 import math
@@ -26,6 +25,7 @@ from torch import nn
 
 from mftune.models.llama import Fill, fill_in_place
 from mftune.pet.config import LoraConfig, lora_scaling
+from mftune.pet.freeze import freeze_params
 from mftune.pet.dora import LORA_M, dora_term, init_magnitude, merged_weight, row_norm, unmerged_weight
 
 logger = logging.getLogger("mftune")
@@ -186,10 +186,9 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def get_pet_model(model: nn.Module, pet_config: dict | LoraConfig) -> nn.Module:
-    """Apply the PET method of ``pet_config`` to ``model`` in place and return it.
+def apply_lora(model: nn.Module, pet_config: dict | LoraConfig) -> nn.Module:
+    """Apply LoRA as ``pet_config`` says to ``model`` in place and return it (``mftune.pet.get_pet_model``).
 
-    LoRA only (other MindFormers ``pet_type`` values are rejected by ``LoraConfig.from_dict``).
     Swaps matching ``nn.Linear`` children for ``LoRALinear``, then freezes everything but the
     adapters (plus ``freeze_include``/``freeze_exclude``). Works on a meta-device model; call
     ``init_lora_weights`` after ``to_empty`` to give the adapters their initial values.
@@ -280,18 +279,9 @@ def freeze_lora(model: nn.Module, freeze_include: list[str] | str | None = None,
     then a parameter whose full name matches a ``freeze_include`` pattern (fnmatch) and no ``freeze_exclude``
     pattern is frozen, one matching only ``freeze_exclude`` is made trainable, one matching both is left as it is.
     """
-    include = [freeze_include] if isinstance(freeze_include, str) else list(freeze_include or [])
-    exclude = [freeze_exclude] if isinstance(freeze_exclude, str) else list(freeze_exclude or [])
     saved = {f"{m}.{n}" for m in saved_modules(model, modules_to_save or []) for n, _ in
              model.get_submodule(m).named_parameters()}
-    for name, param in model.named_parameters():
-        param.requires_grad_(LORA_MARK in name or name in saved)
-        inc = any(fnmatch.fnmatchcase(name, p) for p in include)
-        exc = any(fnmatch.fnmatchcase(name, p) for p in exclude)
-        if inc and not exc:
-            param.requires_grad_(False)
-        elif exc and not inc:
-            param.requires_grad_(True)
+    freeze_params(model, lambda name: LORA_MARK in name or name in saved, freeze_include, freeze_exclude)
 
 
 def saved_modules(model: nn.Module, names: list[str]) -> list[str]:

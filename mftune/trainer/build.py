@@ -22,7 +22,7 @@ from mftune.models.llama import LlamaForCausalLM
 from mftune.parallel import parallelize
 from mftune.parallel.mesh import ParallelContext
 from mftune.parallel.recompute import plan as recompute_plan
-from mftune.pet import LoraConfig, get_pet_model, trainable_summary
+from mftune.pet import get_pet_model, pet_config_from_dict, trainable_summary
 from mftune.trainer.checkpointing import save_strategy
 from mftune.trainer.resume import ResumePoint
 from mftune.trainer.weights import LoadedWeights, load_weights, plan_weights
@@ -55,7 +55,7 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext,
             pet_config = effective_pet_config(model_config.pet_config, cfg.load_checkpoint, model, cfg.run_mode)
         model.config = dataclasses.replace(model.config, pet_config=pet_config)
         if pet_config:
-            get_pet_model(model, LoraConfig(**pet_config))  # validated with the config (or the adapter's)
+            get_pet_model(model, pet_config_from_dict(pet_config))  # LoRA or a prefix method
     except UserError:  # a CheckpointError naming the adapter's file
         raise
     except ValueError as exc:  # e.g. target_modules matches no layer

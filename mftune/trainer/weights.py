@@ -29,7 +29,7 @@ from mftune.fileio import human_bytes
 from mftune.parallel.gather import distributed, gather_ints, host_id
 from mftune.parallel.layout import fill_from_full
 from mftune.parallel.mesh import ParallelContext
-from mftune.pet import init_dora_magnitudes, init_lora_weights
+from mftune.pet import init_dora_magnitudes, init_pet_weights
 from mftune.trainer.resume import ResumePoint, load_base
 
 logger = logging.getLogger("mftune")
@@ -76,7 +76,7 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
                            if cfg.model.model_config.get("pet_config") else "")
         return LoadedWeights({}, None)
     model.tie_weights()
-    init_lora_weights(model, fill_from_full)  # adapters a checkpoint lacks start fresh
+    init_pet_weights(model, fill_from_full)  # PET parameters a checkpoint lacks start fresh
     if plan.source == "resume":  # frozen weights from the run's base; trained ones come with the optimizer state
         point = plan.resume
         base = load_base(model, point, cfg.pretrained_model_dir) or point.base_checkpoint
@@ -91,8 +91,9 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
               load_checkpoint(model, plan.path, src_strategy=cfg.src_strategy_path_or_dir, base=base))
     init_dora_magnitudes(model, report["loaded"])  # DoRA magnitudes not loaded: from the loaded weights
     if report["fresh_lora"] and cfg.run_mode in ("eval", "predict"):
-        logger.warning("%d LoRA tensors are not in load_checkpoint=%s: they start fresh (B = 0), so "
-                       "the %s uses the base model alone", len(report["fresh_lora"]), plan.path, cfg.run_mode)
+        logger.warning("%d PET tensors are not in load_checkpoint=%s: they start fresh (LoRA: B = 0, so the %s uses "
+                       "the base model alone; a prefix: random values)", len(report["fresh_lora"]), plan.path,
+                       cfg.run_mode)
     return LoadedWeights(report.get("base") or {"path": os.path.abspath(plan.path),
                                                 "fingerprint": fingerprint(plan.path)}, None)
 

@@ -207,6 +207,28 @@ def test_rslora_and_lora_plus_dp2_mp2_with_every_option_match_one_process(parity
     _check_parity({"finetune": (pp.losses(single), pp.losses(single, "global_norm"))}, "finetune", out, r)
 
 
+# prefix tuning and P-tuning v2 (docs/pet.md), the prefix computed in float32 (with MindFormers' float16 default the
+# layouts round the prefix gradients in float16 in different orders: gradient norms 1e-4 apart, losses 2e-7)
+PREFIX_METHODS = {"prefixtuning": {"pet_type": "prefixtuning", "prefix_token_num": 4, "mid_dim": 16, "dropout_rate": 0.0,
+                                   "compute_dtype": "float32"},
+                  "ptuning2": {"pet_type": "ptuning2", "pre_seq_len": 6, "dropout_prob": 0.0, "compute_dtype": "float32"}}
+
+
+@pytest.mark.parametrize("method", list(PREFIX_METHODS))
+def test_prefix_methods_dp2_mp2_with_every_option_match_one_process(parity, method):
+    """Prefix tuning (with its projection MLP) and P-tuning v2 (the table alone) on 4 ranks with FSDP2 (the prefix
+    its own group), tensor parallel (each rank's attention takes its heads of the prefix), sequence parallel,
+    recompute and a vocab-parallel lm_head: the one-process losses and gradient norms."""
+    d, config, refs = parity
+    config = pp.with_pet_config(config, PREFIX_METHODS[method], f"{method}.yaml")
+    single, out = os.path.join(d, f"{method}-single"), os.path.join(d, f"{method}-2x2")
+    r = pp.run_single(config, "finetune", single)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert pp.compare(refs["finetune"][0], pp.losses(single)) > 1e-4  # not LoRA's run
+    r = pp.run_layout(config, "finetune", out, 2, 2, pp.ALL_ON)
+    _check_parity({"finetune": (pp.losses(single), pp.losses(single, "global_norm"))}, "finetune", out, r)
+
+
 def test_dora_on_4_fsdp_ranks_with_recompute_matches_one_process(parity):
     """DoRA (docs/pet.md) under FSDP2: each rank initialises the magnitudes of its rows from the loaded weights;
     the losses and gradient norms are the one-process run's. Tensor parallel with DoRA is refused, naming it."""

@@ -79,6 +79,20 @@ def test_lora_variants_resume_bitwise(workdir):
     assert pp.losses(resumed, "global_norm") == pp.losses(full, "global_norm")[4:]
 
 
+def test_prefix_tuning_resumes_bitwise(workdir):
+    """P-tuning v2 with its projection, in MindFormers' float16 (docs/pet.md): the resumed run restores the prefix
+    table and MLP and their AdamW moments and continues exactly."""
+    d, config = workdir
+    config = pp.with_pet_config(config, {"pet_type": "ptuning2", "pre_seq_len": 6, "prefix_projection": True,
+                                         "projection_dim": 16, "dropout_prob": 0.0}, "ptuning2.yaml")
+    full, resumed = os.path.join(d, "ptuning2-full"), os.path.join(d, "ptuning2-resumed")
+    _run(pp._args(config, "finetune", full, 1, 1, {}))
+    _run(pp._args(config, "finetune", resumed, 1, 1, {}) +
+         ["--load_checkpoint", os.path.join(full, "checkpoint"), "--resume_training", "llama_7b_lora_rank_0-1_4"])
+    assert pp.losses(resumed) == pp.losses(full)[4:]
+    assert pp.losses(resumed, "global_norm") == pp.losses(full, "global_norm")[4:]
+
+
 @pytest.fixture(scope="module")
 def single(workdir):
     """The one-process run without dropout: the reference of multi-rank runs."""

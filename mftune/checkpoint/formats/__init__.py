@@ -17,10 +17,11 @@ from typing import Any
 from mftune.checkpoint.entries import Entry
 from mftune.checkpoint.fused import split_fused
 from mftune.checkpoint.formats import (distributed, file_dir, huggingface, mindspore_ckpt, mindspore_ranks,
-                                       peft_adapter, single_file)
+                                       peft_adapter, peft_prefix, single_file)
 from mftune.errors import CheckpointError
 
 FORMATS: tuple[ModuleType, ...] = (
+    peft_prefix,  # adapter_config.json of peft_type PREFIX_TUNING (+ complete files beside it)
     peft_adapter,  # adapter_config.json (+ complete files beside it)
     huggingface,  # config.json + transformers' weight files
     mindspore_ckpt,  # a MindSpore .ckpt file, or a directory of them (no rank_*/ folders)
