@@ -1,4 +1,5 @@
-"""mftune LoRA checkpoint -> Hugging Face PEFT adapter directory (``scripts/export_adapter.py``).
+"""mftune LoRA checkpoint -> Hugging Face PEFT adapter directory (``scripts/export_adapter.py``); a prefix-tuning or
+P-tuning v2 checkpoint is exported by ``mftune.checkpoint.export_prefix``.
 
 The adapter's format and its ``adapter_config.json`` are ``mftune.checkpoint.formats.peft_adapter``'s;
 this module checks that a checkpoint is a pure LoRA checkpoint and writes the directory atomically.
@@ -19,12 +20,14 @@ import torch
 from mftune.checkpoint.formats import MINDSPORE_FORMATS, checkpoint_header, distributed, open_checkpoint, recognise
 from mftune.checkpoint.formats.peft_adapter import (CONFIG_NAME, SAFETENSORS_NAME, lora_grid, mftune_to_peft_name,
                                                     pair_and_rank, peft_adapter_config)
+from mftune.checkpoint.export_prefix import prefix_adapter
 from mftune.checkpoint.formats.peft_modules import to_peft
 from mftune.checkpoint.hf_files import CopyReport, HFBase, complete_adapter_dir, resolve_base
 from mftune.checkpoint.keys import LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, is_lora, moment_names
 from mftune.checkpoint.safetensors_io import load_tensors, read_metadata, safetensors_header, save_safetensors
 from mftune.errors import CheckpointError
 from mftune.fileio import atomic_directory, atomic_open, check_free_space
+from mftune.pet import is_prefix_type
 
 Loader = Callable[[list[str]], dict[str, torch.Tensor]]
 
@@ -54,6 +57,14 @@ def export_adapter_dir(src_checkpoint: str, output_dir: str, *, base_model_name_
         raise CheckpointError(f"output_dir={output_dir} is invalid: it contains src_checkpoint, which writing the "
                               f"adapter there would remove. Choose a new directory.")
     meta, keys, load = _source(src_checkpoint, src_strategy)
+    recorded = meta.get("pet_config") or (meta.get("model_config") or {}).get("pet_config")
+    if isinstance(recorded, dict) and is_prefix_type(recorded.get("pet_type")):  # checkpoint/export_prefix.py
+        config, peft_tensors = prefix_adapter(meta, recorded, keys, load, src_checkpoint)
+        base = resolve_base(base_model_dir, src_checkpoint)
+        if base_model_name_or_path is None:
+            base_model_name_or_path = base.directory or (meta.get("base_checkpoint") or {}).get("path") or ""
+        config["base_model_name_or_path"] = base_model_name_or_path
+        return config, _write_adapter_dir(output_dir, config, peft_tensors, overwrite, base)
     if _is_mindspore(src_checkpoint):  # no header: the command line's LoRA settings
         meta = {"pet_config": {"pet_type": "lora"}, "model_config": {"num_layers": _num_layers(keys, fallback or {})}}
     pet_config = _lora_pet_config(meta, src_checkpoint)

@@ -41,7 +41,7 @@ from mftune.checkpoint.convert import convert_mftune_to_hf
 from mftune.checkpoint.entries import Entry
 from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
 from mftune.checkpoint.hf_files import CopyReport, HFBase, check_base_config, resolve_base
-from mftune.checkpoint.keys import LORA_A, LORA_B, LORA_M, LORA_MARK, is_lora, is_training_state
+from mftune.checkpoint.keys import LORA_A, LORA_B, LORA_M, LORA_MARK, is_lora, is_pet, is_training_state
 from mftune.checkpoint.load import fingerprint
 from mftune.checkpoint.mindspore.ckpt import write_ckpt_streaming
 from mftune.checkpoint.model_weights import check_weights, expected_weights
@@ -248,6 +248,12 @@ def _sort_tensors(source: dict[str, Entry], base: dict[str, Entry], base_path: s
         return is_training_state(name) or (tie and name == "lm_head.weight")
 
     parts = _Parts({n: e for n, e in source.items() if is_lora(n) and not dropped_kind(n)}, {}, [], [])
+    prefix = next((n for n in source if is_pet(n) and not is_lora(n)), None)
+    if prefix is not None:  # prefix tuning / P-tuning v2 (mftune.pet.prefix)
+        raise CheckpointError(f"{lora_path} holds a prefix ({prefix}): prefix tuning and P-tuning v2 have nothing to "
+                              f"merge, their prefix is extra keys/values in every layer's attention, not a change of "
+                              f"the weights. Apply the checkpoint with its pet_config as load_checkpoint, or export it "
+                              f"with scripts/export_adapter.py (a PEFT PREFIX_TUNING adapter).")
     if not parts.lora:
         raise CheckpointError(f"{lora_path} holds no LoRA tensors (*{LORA_MARK}*). Pass the LoRA checkpoint as "
                               f"--src_ckpt_path_or_dir.")

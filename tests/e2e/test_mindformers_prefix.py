@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mftune import LlamaForCausalLM
+from mftune.checkpoint.load import load_checkpoint
 from mftune.pet import get_pet_model
 from mindformers_ref import run_mindformers
 
@@ -52,6 +53,7 @@ if set(params) - {marker} != set(weights):
 for name, p in params.items():
     if name != marker:
         p.set_data(Tensor(np.asarray(weights[name], dtype=ms.dtype_to_nptype(p.dtype))))
+ms.save_checkpoint(net, out_file + ".ckpt")  # what CheckpointMonitor writes: the whole network, T_prefix too
 net.set_train(False)
 logits = net(Tensor(np.array(json.loads(sys.argv[5]), np.int32)))[0]
 net.set_train(True)
@@ -85,6 +87,7 @@ def reference(tmp_path_factory) -> dict:
         run_mindformers(SCRIPT, json.dumps(MODEL), json.dumps(pet_config), str(d / "weights.npz"), str(d / "out.json"),
                         json.dumps(EVAL_IDS), json.dumps(TRAIN_IDS), json.dumps(TRAIN_LABELS), timeout=300)
         out[case] = json.loads((d / "out.json").read_text())
+        out[case]["ckpt"] = str(d / "out.json.ckpt")
     return out
 
 
@@ -118,3 +121,18 @@ def test_trainable_parameters_are_mindformers(reference, case):
     model = _our_model(CASES[case])
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == reference[case]["trainable"]
     assert {d for n, d in reference[case]["dtypes"].items() if not n.endswith("_prefix")} == {"Float16"}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mindformers_prefix_checkpoint_loads(reference, case):
+    """Expected: MindFormers' own checkpoint of the prefix-tuned network (base, float16 prefix, the int64
+    ``_prefix`` index) loads into mftune's model with that pet_config and gives MindFormers' logits."""
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(dict(OURS)).eval()
+    get_pet_model(model, CASES[case])
+    report = load_checkpoint(model, reference[case]["ckpt"])
+    assert not report["unused"] and not report["fresh_lora"]
+    with torch.no_grad():
+        ours = model(torch.tensor(EVAL_IDS))
+    real = torch.tensor(EVAL_IDS) != MODEL["pad_token_id"]
+    assert (ours - torch.tensor(reference[case]["logits"]))[real].abs().max() < 1e-4

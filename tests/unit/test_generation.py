@@ -158,6 +158,39 @@ def test_cached_left_padded_logits_match_unpadded_forward() -> None:
         model(ids[:, :1], cache=cache)
 
 
+PREFIX = {"pet_type": "prefixtuning", "prefix_token_num": 3, "mid_dim": 8, "dropout_rate": 0.0}
+
+
+def prefixed(n_kv_heads: int = 2):
+    """The tiny model with a prefix far from its small initialisation (MindFormers' float16 prefix math)."""
+    model = mftune_from_hf(hf_model(n_kv_heads))
+    get_pet_model(model, PREFIX)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mindpet_delta" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+def test_prefix_cached_and_left_padded_decoding_match_the_full_forward() -> None:
+    """Prefix tuning (docs/pet.md): the cache holds the real tokens only and the prefix is put before them at every
+    step. Expected: the uncached forward (the cached logits), each row alone (a padded batch: the prefix positions
+    are not shifted by padding), and a prefix that changes the greedy output (so both comparisons bite)."""
+    model = prefixed()
+    x = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full, cache = model(x), KVCache(LAYERS, max_len=10)
+        pieces = [model(x[:, :4], cache=cache)] + [model(x[:, t:t + 1], cache=cache) for t in range(4, 10)]
+    assert cache.length == 10 and cache.prefix is not None and cache.k[0].shape[2] == 10
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    batch = prompts()
+    together = generate(model, batch, max_new_tokens=8, eos_token_id=None, pad_token_id=PAD)
+    assert together == [generate(model, [p], max_new_tokens=8, eos_token_id=None, pad_token_id=PAD)[0] for p in batch]
+    assert together != generate(mftune_from_hf(hf_model(2)), batch, max_new_tokens=8, eos_token_id=None,
+                                pad_token_id=PAD)
+
+
 def test_cache_and_labels_are_exclusive() -> None:
     model = mftune_from_hf(hf_model())
     x = torch.ones(1, 5, dtype=torch.long)

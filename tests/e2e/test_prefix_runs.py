@@ -1,0 +1,120 @@
+"""MindFormers' prefix-tuning and P-tuning v2 Llama2 YAMLs (v1.3.0, tests/fixtures) as a user runs them: placeholder
+paths replaced, the model shrunk, one process. finetune trains only the prefix and saves it (with its base recorded);
+eval and predict take that checkpoint as load_checkpoint, as MindFormers' predict YAML does, and apply the recorded
+prefix; the predicted tokens are the ones mftune.generation gives on the same weights. scripts/transform_ckpt_lora.py
+says there is nothing to merge."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+import yaml
+
+from mftune.checkpoint.formats.single_file import save_complete
+from mftune.checkpoint.load import load_checkpoint, unique_state_dict
+from mftune.data.sample import train_sample_tokenizer
+from mftune.data.tokenizer import LlamaTokenizer
+from mftune.generation import generate
+from mftune.models.llama import LlamaForCausalLM
+from mftune.pet import get_pet_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "mindformers", "v1.3.0", "configs", "llama2")
+SEQ, VOCAB = 32, 1000
+SIZES = {"seq_length": SEQ, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "vocab_size": VOCAB,
+         "multiple_of": 16, "compute_dtype": "float32", "param_init_type": "float32", "use_flash_attention": False,
+         "max_decode_length": 20, "do_sample": False}
+METHODS = ("prefixtuning", "ptuning2")
+
+
+def run(args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A sentencepiece tokenizer, 16 labelled records, a random tiny base."""
+    d = tmp_path_factory.mktemp("prefix_runs")
+    vocab = train_sample_tokenizer(str(d / "sp"), VOCAB)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (16, SEQ + 1), generator=g)
+    labels = ids.clone()
+    labels[:, :8] = -100
+    datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()}).save_to_disk(str(d / "data"))
+    torch.manual_seed(1)
+    base = LlamaForCausalLM(dict(SIZES))
+    save_complete(str(d / "base.safetensors"), unique_state_dict(base), model_config=base.config.to_dict())
+    return d, vocab
+
+
+def _yaml(d, vocab: str, name: str, **top) -> str:
+    with open(os.path.join(FIXTURES, name)) as f:
+        cfg = yaml.safe_load(f)
+    cfg["model"]["model_config"].update(SIZES)
+    for split in ("train_dataset", "eval_dataset"):
+        cfg[split]["data_loader"]["dataset_dir"] = str(d / "data")
+        cfg[split]["batch_size"] = 4
+    cfg["runner_config"].update({"epochs": 1, "batch_size": 4, "sink_mode": False})
+    cfg["processor"]["tokenizer"]["vocab_file"] = vocab
+    cfg.update(use_parallel=False, **top)
+    path = d / f"small_{name}"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_finetune_eval_predict_with_mindformers_yamls(workdir, method):
+    d, vocab = workdir
+    out = d / f"{method}_finetune"
+    r = run(["run_finetune.py", "--config", _yaml(d, vocab, f"finetune_llama2_7b_{method}.yaml",
+                                                  load_checkpoint=str(d / "base.safetensors")),
+             "--run_mode", "finetune", "--output_dir", str(out)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with open(out / "metrics.jsonl") as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    (ckpt,) = [f for f in os.listdir(out / "checkpoint" / "rank_0") if f.endswith(".safetensors")]
+    ckpt = str(out / "checkpoint" / "rank_0" / ckpt)
+    saved = LlamaForCausalLM(dict(SIZES))
+    pet_config = yaml.safe_load(open(os.path.join(FIXTURES, f"finetune_llama2_7b_{method}.yaml")))[
+        "model"]["model_config"]["pet_config"]
+    get_pet_model(saved, pet_config)
+    report = load_checkpoint(saved, ckpt)  # the prefix, over the base its header records
+    assert report["base"]["path"] == str(d / "base.safetensors")
+    assert sorted(n for n in report["loaded"] if "mindpet_delta" in n) == sorted(
+        n for n, p in saved.named_parameters() if p.requires_grad)
+
+    r = run(["run_finetune.py", "--config", _yaml(d, vocab, f"finetune_llama2_7b_{method}.yaml",
+                                                  load_checkpoint=ckpt, do_eval=True),
+             "--run_mode", "eval", "--output_dir", str(d / f"{method}_eval")])
+    assert r.returncode == 0 and "loss" in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+
+    predict_yaml = f"predict_llama2_7b_{method}.yaml"
+    r = run(["run_finetune.py", "--config", _yaml(d, vocab, predict_yaml, load_checkpoint=ckpt),
+             "--run_mode", "predict", "--output_dir", str(d / f"{method}_predict"), "--predict_data",
+             "Give three tips.", "--use_parallel", "False"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with open(d / f"{method}_predict" / "predict_results.jsonl") as f:
+        (result,) = [json.loads(line) for line in f]
+    tok = LlamaTokenizer(vocab)
+    expected = generate(saved.eval(), [result["input_ids"]], max_new_tokens=20 - len(result["input_ids"]),
+                        eos_token_id=tok.eos_token_id, pad_token_id=0)[0]
+    assert result["output_ids"] == expected
+
+
+def test_merge_tool_says_a_prefix_has_nothing_to_merge(workdir, tmp_path):
+    d, _ = workdir
+    model = LlamaForCausalLM(dict(SIZES))
+    get_pet_model(model, {"pet_type": "ptuning2", "pre_seq_len": 4})
+    prefix = {k: v for k, v in model.state_dict().items() if "mindpet_delta" in k}
+    save_complete(str(tmp_path / "prefix.safetensors"), prefix, model_config=model.config.to_dict())
+    r = run(["scripts/transform_ckpt_lora.py", "--src_ckpt_path_or_dir", str(tmp_path / "prefix.safetensors"),
+             "--base_checkpoint", str(d / "base.safetensors"), "--dst_ckpt_dir", str(tmp_path / "merged")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "prefix" in r.stderr and "nothing to merge" in r.stderr, r.stderr[-2000:]
