@@ -5,7 +5,9 @@ its own heads / FFN columns), wo and w2 row-parallel (weight ``Shard(1)``; the p
 all-reduced, or reduce-scattered over the sequence with sequence parallel). A LoRA layer's factors
 follow its base layer (STYLE #2): column-parallel base -> A ``[r, in]`` replicated, B ``[out, r]``
 ``Shard(0)``; row-parallel base -> A ``Shard(1)``, B replicated. Replicated factors get identical
-values on every rank (same init and same all-reduced gradients).
+values on every rank (same init and same all-reduced gradients). DoRA's magnitude follows the output rows
+(``Shard(0)`` column-parallel, replicated row-parallel, where each rank's norms are partial sums of squares,
+added over the ranks: ``mftune.pet.dora``).
 
 ``vocab_emb_dp: False`` shards the embedding and lm_head over the vocabulary; the logits stay
 sharded (a DTensor) and the loss is computed under ``loss_parallel()`` without gathering them.
@@ -29,7 +31,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                SequenceParallel, parallelize_module)
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
-from mftune.errors import ConfigError
+from mftune.pet.dora import LORA_M
 from mftune.pet.lora import LORA_A, LORA_B, LoRALinear
 from mftune.pet.prefix import prefix_encoder
 
@@ -88,28 +90,22 @@ def _dim(placement: Placement, ndim: int) -> Placement:
 def colwise(module: nn.Module) -> ParallelStyle:
     """Column parallel: replicated input, output sharded on its last dim (local)."""
     if isinstance(module, LoRALinear):
-        return PlaceParams({"weight": Shard(0), "bias": Shard(0), LORA_A: Replicate(), LORA_B: Shard(0)},
-                           output=Shard(-1))
+        return PlaceParams({"weight": Shard(0), "bias": Shard(0), LORA_A: Replicate(), LORA_B: Shard(0),
+                            LORA_M: Shard(0)}, output=Shard(-1))
     return ColwiseParallel()
 
 
 def rowwise(module: nn.Module, output: Placement) -> ParallelStyle:
     """Row parallel: input sharded on its last dim, partial sums reduced to ``output`` (local)."""
     if isinstance(module, LoRALinear):
-        return PlaceParams({"weight": Shard(1), "bias": Replicate(), LORA_A: Shard(1), LORA_B: Replicate()},
-                           input=Shard(-1), desired_input=Shard(-1), output=output)
+        return PlaceParams({"weight": Shard(1), "bias": Replicate(), LORA_A: Shard(1), LORA_B: Replicate(),
+                            LORA_M: Replicate()}, input=Shard(-1), desired_input=Shard(-1), output=output)
     return RowwiseParallel(output_layouts=output)
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parallel: bool,
                           seq_parallel: bool) -> None:
     """Shard ``model`` (a ``LlamaForCausalLM``, LoRA applied or not, on any device incl. meta) in place."""
-    dora = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) and m.use_dora]
-    if dora:  # DoRA's norm needs whole rows of W + s B A; a row-parallel weight splits them
-        raise ConfigError([f"parallel_config.model_parallel={tp_mesh.size()} is invalid with pet_config use_dora "
-                           f"(DoRA on {dora[0]} and {len(dora) - 1} more layers): DoRA under tensor parallel is not "
-                           f"supported yet. Use model_parallel 1 (data parallel with FSDP2 works), or LoRA without "
-                           f"use_dora."])
     stream = Shard(1) if seq_parallel else Replicate()  # layout of the residual stream between blocks
 
     def norm() -> ParallelStyle:

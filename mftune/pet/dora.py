@@ -9,15 +9,16 @@ terms. ``m`` starts as the norm itself, so a fresh layer is the base layer. The 
 float32 whatever the compute dtype (peft rounds them to it; equal in float32). A zero row gives NaN, as in
 peft.
 
-The norm needs each whole row of ``W + s B A``. Under FSDP2 every rank holds whole rows (the
-magnitude is sharded like the rows), so the magnitude is initialised from the local rows and all of
-A. Tensor parallelism would split a row-parallel weight's rows and is refused (``mftune.parallel``).
+The norm needs each whole row of ``W + s B A``. Under FSDP2 and a column-parallel layer every rank holds
+whole rows (the magnitude is sharded like them); a row-parallel layer splits each row over the tensor-parallel
+ranks, whose sums of squares are added (``init_magnitude``; in the forward, DTensor's norm does the same).
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 LORA_M = "mindpet_delta_lora_magnitude"  # the magnitude vector [out]
 
@@ -57,13 +58,23 @@ def unmerged_weight(merged: torch.Tensor, magnitude: torch.Tensor, norm: torch.T
 @torch.no_grad()
 def init_magnitude(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, magnitude: torch.Tensor,
                    scaling: float) -> None:
-    """``m = ||W + s B A||`` per row, in place. Sharded parameters (FSDP2 rows) use this rank's rows of W, B and
-    m and all of A (gathered: every rank holding a shard of A calls this at the same point)."""
+    """``m = ||W + s B A||`` per row, in place, without gathering W. Sharded parameters: this rank's rows of W, B and
+    m (FSDP2, a column-parallel layer) with A gathered over the ranks that split its rank dim (FSDP2); where W's
+    columns are split (a row-parallel layer) each rank has a partial sum of squares, added over those ranks. A
+    collective wherever parameters are sharded: every rank calls it for the same layers in the same order."""
     if weight.device.type == "meta":
         return
-    a = lora_a.full_tensor() if isinstance(lora_a, DTensor) else lora_a
+    a = lora_a
+    if isinstance(a, DTensor):  # the whole rank dim, A's columns as W's
+        a = a.redistribute(placements=[Replicate() if p.is_shard(0) else p for p in a.placements]).to_local()
     w, b, m = (t.to_local() if isinstance(t, DTensor) else t for t in (weight, lora_b, magnitude))
-    if not (w.shape[0] == b.shape[0] == m.shape[0]):
-        raise RuntimeError(f"DoRA magnitude of {m.shape[0]} rows over a weight block of {w.shape[0]} rows: "
-                           f"the rows must not be split (tensor parallel is not supported with use_dora)")
-    m.copy_(row_norm(w, a, b, scaling).to(m.dtype))
+    if not (w.shape[0] == b.shape[0] == m.shape[0] and w.shape[1] == a.shape[1]):
+        raise RuntimeError(f"DoRA magnitude of {m.shape[0]} rows over a weight block {list(w.shape)}, B {list(b.shape)}, "
+                           f"A {list(a.shape)}: the blocks do not line up")
+    with torch.autocast(w.device.type, enabled=False):
+        squares = torch.addmm(w.float(), b.float(), a.float(), alpha=scaling).pow(2).sum(dim=1)  # [rows]
+    if isinstance(weight, DTensor):
+        for dim, placement in enumerate(weight.placements):
+            if placement.is_shard(1):  # W's columns split over this mesh dim: partial sums
+                dist.all_reduce(squares, group=weight.device_mesh.get_group(dim))
+    m.copy_(squares.sqrt().to(m.dtype))

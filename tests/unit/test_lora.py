@@ -288,22 +288,11 @@ def test_dora_magnitudes_follow_the_weights_loaded_after_them(tmp_path):
         torch.testing.assert_close(model.eval()(tokens()), base(tokens()), rtol=1e-5, atol=1e-5)
 
 
-def test_dora_magnitude_is_trainable_and_tensor_parallel_is_refused():
-    from torch.distributed.device_mesh import DeviceMesh  # noqa: F401 - only the type is used below
-
-    from mftune.errors import ConfigError
-    from mftune.parallel.tensor_parallel import apply_tensor_parallel
-
+def test_dora_magnitude_is_trainable():
+    """(Tensor parallel DoRA: tests/distributed/test_parallel.py.)"""
     model = dora_model()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "model.layers.0.attention.wq.mindpet_delta_lora_magnitude" in trainable
-
-    class FakeMesh:
-        def size(self):
-            return 2
-
-    with pytest.raises(ConfigError, match="use_dora .* DoRA under tensor parallel is not supported yet"):
-        apply_tensor_parallel(model, FakeMesh(), vocab_parallel=False, seq_parallel=False)
 
 
 def test_modules_to_save_train_whole_modules():
