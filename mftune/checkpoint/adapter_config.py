@@ -39,6 +39,7 @@ from mftune.checkpoint.names import MFTUNE_TO_HF_TOP, mftune_to_hf
 from mftune.checkpoint.recorded_pet import KEY_PREFIX, checkpoint_pet_config, describe, first, source, yaml_targets
 from mftune.errors import CheckpointError
 from mftune.pet import LoraConfig, lora_targets
+from mftune.pet.config import init_method, is_base_init
 
 logger = logging.getLogger("mftune")
 
@@ -78,6 +79,10 @@ def effective_pet_config(run_pet_config: dict | None, load_checkpoint: str, mode
         if getattr(yaml, key) != adapter[key]:
             logger.warning("%s.%s=%s (%s) is replaced by the adapter's %s=%s (%s)", KEY_PREFIX, key,
                            getattr(yaml, key), source(run_pet_config, key), field, adapter[key], config_path)
+    if is_base_init(init_method(run_pet_config.get("init_lora_weights", True))):  # not over trained adapters
+        logger.warning("%s.init_lora_weights=%s is replaced by true: the adapter (%s) holds trained values for the "
+                       "original base", KEY_PREFIX, run_pet_config["init_lora_weights"], config_path)
+        effective["init_lora_weights"] = True
     ours, theirs = lora_targets(model, run_pet_config), lora_targets(model, adapter)
     if ours != theirs:
         effective["target_modules"], effective["exclude_layers"] = adapter["target_modules"], adapter.get(

@@ -23,11 +23,14 @@ from mftune.checkpoint.formats.peft_adapter import (CONFIG_NAME, SAFETENSORS_NAM
 from mftune.checkpoint.export_prefix import prefix_adapter
 from mftune.checkpoint.formats.peft_modules import to_peft
 from mftune.checkpoint.hf_files import CopyReport, HFBase, complete_adapter_dir, resolve_base
-from mftune.checkpoint.keys import LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, is_lora, moment_names
+from mftune.checkpoint.keys import (LORA_A, LORA_B, LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, is_lora, is_pet,
+                                   is_prefix_param, moment_names)
 from mftune.checkpoint.safetensors_io import load_tensors, read_metadata, safetensors_header, save_safetensors
 from mftune.errors import CheckpointError
 from mftune.fileio import atomic_directory, atomic_open, check_free_space
 from mftune.pet import is_prefix_type
+from mftune.pet.config import init_method, is_base_init, lora_scaling
+from mftune.pet.init import initial_factors
 
 Loader = Callable[[list[str]], dict[str, torch.Tensor]]
 
@@ -59,12 +62,13 @@ def export_adapter_dir(src_checkpoint: str, output_dir: str, *, base_model_name_
     meta, keys, load = _source(src_checkpoint, src_strategy)
     recorded = meta.get("pet_config") or (meta.get("model_config") or {}).get("pet_config")
     if isinstance(recorded, dict) and is_prefix_type(recorded.get("pet_type")):  # checkpoint/export_prefix.py
-        config, peft_tensors = prefix_adapter(meta, recorded, keys, load, src_checkpoint)
-        base = resolve_base(base_model_dir, src_checkpoint)
-        if base_model_name_or_path is None:
-            base_model_name_or_path = base.directory or (meta.get("base_checkpoint") or {}).get("path") or ""
-        config["base_model_name_or_path"] = base_model_name_or_path
-        return config, _write_adapter_dir(output_dir, config, peft_tensors, overwrite, base)
+        return _export_prefix(src_checkpoint, output_dir, meta, recorded, keys, load, overwrite=overwrite,
+                              base_model_dir=base_model_dir, base_model_name_or_path=base_model_name_or_path)
+    prefix = next((k for k in keys if is_prefix_param(k)), None)
+    if prefix and not isinstance(recorded, dict):
+        raise CheckpointError(f"src_checkpoint={src_checkpoint} holds a prefix ({prefix}) but no header with its "
+                              f"pet_config and model_config, which the export needs (the prefix's layout and RoPE). "
+                              f"Load it in a run with its pet_config and export a checkpoint that run saves.")
     if _is_mindspore(src_checkpoint):  # no header: the command line's LoRA settings
         meta = {"pet_config": {"pet_type": "lora"}, "model_config": {"num_layers": _num_layers(keys, fallback or {})}}
     pet_config = _lora_pet_config(meta, src_checkpoint)
@@ -75,6 +79,9 @@ def export_adapter_dir(src_checkpoint: str, output_dir: str, *, base_model_name_
     if rank != hparams["lora_rank"]:
         raise CheckpointError(f"pet_config.lora_rank={hparams['lora_rank']} is invalid: the LoRA tensors of "
                               f"{src_checkpoint} have rank {rank}. Check the checkpoint and its header.")
+    init = init_method(pet_config.get("init_lora_weights", True))
+    if is_base_init(init):  # PiSSA / OLoRA: the adapter over the original base, as peft converts it
+        tensors = _as_plain_lora(tensors, modules, hparams, init, meta, src_checkpoint)
     saved, hparams["modules_to_save"] = to_peft(whole, src_checkpoint)
     try:
         peft_tensors = {**{mftune_to_peft_name(k): v.contiguous() for k, v in tensors.items()}, **saved}
@@ -92,6 +99,48 @@ def export_adapter_dir(src_checkpoint: str, output_dir: str, *, base_model_name_
     config = peft_adapter_config(hparams, layers, leaves, num_layers, base_model_name_or_path)
     report = _write_adapter_dir(output_dir, config, peft_tensors, overwrite, base)
     return config, report
+
+
+def _export_prefix(src: str, output_dir: str, meta: dict[str, Any], pet_config: dict[str, Any], keys: list[str],
+                   load: Loader, *, overwrite: bool, base_model_dir: str | None,
+                   base_model_name_or_path: str | None) -> tuple[dict[str, Any], CopyReport]:
+    """``export_adapter_dir`` of a prefix-tuning / P-tuning v2 checkpoint (``mftune.checkpoint.export_prefix``)."""
+    trained = _trained_base_tensors(keys, pet_config)
+    if trained:
+        raise CheckpointError(
+            f"src_checkpoint={src} is invalid: besides its prefix it holds trained base tensors "
+            f"({', '.join(trained[:3])}{', ...' if len(trained) > 3 else ''}), which a PEFT prefix-tuning "
+            f"adapter cannot carry. Export from a run that trains only the prefix.")
+    config, peft_tensors = prefix_adapter(meta, pet_config, keys, load, src)
+    base = resolve_base(base_model_dir, src)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = base.directory or (meta.get("base_checkpoint") or {}).get("path") or ""
+    config["base_model_name_or_path"] = base_model_name_or_path
+    return config, _write_adapter_dir(output_dir, config, peft_tensors, overwrite, base)
+
+
+def _as_plain_lora(tensors: dict[str, torch.Tensor], modules: set[str], hparams: dict[str, Any], init: str,
+                   meta: dict[str, Any], src: str) -> dict[str, torch.Tensor]:
+    """PiSSA / OLoRA adapters as the plain LoRA of rank 2r that peft's ``save_pretrained(...,
+    path_initial_model_for_weight_conversion=...)`` writes: ``[A; A0]``, ``[B, -B0]`` (A0, B0 derived again from the
+    recorded base), ``lora_alpha`` x 2 (x sqrt(2) with use_rslora) so the scaling is unchanged. ``hparams`` is
+    updated."""
+    base = (meta.get("base_checkpoint") or {}).get("path") or ""
+    if not base or not os.path.exists(base):
+        raise CheckpointError(f"src_checkpoint={src} is invalid: its adapters use init_lora_weights={init}, whose "
+                              f"initial factors come from the base it records ({base or 'none recorded'}), which is "
+                              f"not found. Restore the base at that path.")
+    weights = open_checkpoint(base)
+    scaling = lora_scaling(hparams["lora_alpha"], hparams["lora_rank"], hparams["use_rslora"])
+    out = dict(tensors)
+    for module in sorted(modules):
+        a0, b0 = initial_factors(weights[f"{module}.weight"].full(), hparams["lora_rank"], scaling, init)
+        a, b = f"{module}.{LORA_A}", f"{module}.{LORA_B}"
+        out[a] = torch.cat([tensors[a].float(), a0]).to(tensors[a].dtype)
+        out[b] = torch.cat([tensors[b].float(), -b0], dim=1).to(tensors[b].dtype)
+    hparams["lora_rank"] *= 2
+    hparams["lora_alpha"] *= 2 ** 0.5 if hparams["use_rslora"] else 2
+    return out
 
 
 def _lora_pet_config(meta: dict[str, Any], src: str) -> dict[str, Any]:
@@ -215,7 +264,7 @@ def _trained_base_tensors(keys: list[str], pet_config: dict) -> list[str]:
     keyset = set(keys)
     out = []
     for k in keys:
-        if is_lora(k) or k.startswith(OPTIMIZER_PREFIXES) or k in SCALAR_KEYS:
+        if is_pet(k) or k.startswith(OPTIMIZER_PREFIXES) or k in SCALAR_KEYS:
             continue
         by_rule = (any(fnmatch.fnmatchcase(k, p) for p in exclude)
                    and not any(fnmatch.fnmatchcase(k, p) for p in include))

@@ -12,8 +12,9 @@ import re
 from mftune.pet.dora import LORA_M
 from mftune.pet.lora import LORA_A, LORA_B, LORA_MARK
 
-__all__ = ["LORA_A", "LORA_B", "LORA_M", "LORA_MARK", "OPTIMIZER_PREFIXES", "PER_RANK_KEYS", "PET_MARK", "SCALAR_KEYS",
-           "is_lora", "is_pet", "is_prefix_index", "is_training_state", "moment_names", "parameter_of"]
+__all__ = ["LORA_A", "LORA_B", "LORA_M", "LORA_MARK", "OPTIMIZER_PREFIXES", "PER_RANK_KEYS", "PET_MARK",
+           "SCALAR_KEYS", "is_lora", "is_pet", "is_prefix_index", "is_prefix_param", "is_training_state",
+           "moment_names", "parameter_of"]
 
 PET_MARK = "mindpet_delta"  # in the name of every PET parameter: LoRA factors, a prefix encoder's (MindPet's)
 
@@ -32,6 +33,12 @@ def is_pet(name: str) -> bool:
     """Whether ``name`` is a PET method's parameter (LoRA, prefix tuning, P-tuning v2) or an optimizer moment of one:
     what a checkpoint of trained tensors holds besides modules_to_save, and what a base never does."""
     return PET_MARK in name
+
+
+def is_prefix_param(name: str) -> bool:
+    """A prefix encoder's parameter (prefix tuning / P-tuning v2: ``mindpet_delta_<type>_embedding...``,
+    ``..._trans...``)."""
+    return re.match(r"mindpet_delta_(prefixtuning|ptuning2)_(embedding|trans)\.", name) is not None
 
 
 def is_prefix_index(name: str) -> bool:

@@ -20,7 +20,7 @@ from mftune.checkpoint.checksum import content_hash
 from mftune.checkpoint.checksum import skipped as checksum_skipped
 from mftune.checkpoint.entries import Entry
 from mftune.checkpoint.formats import checkpoint_header, huggingface, open_checkpoint, peft_prefix
-from mftune.checkpoint.keys import LORA_MARK, is_pet, is_prefix_index, is_training_state
+from mftune.checkpoint.keys import LORA_MARK, is_pet, is_prefix_index, is_prefix_param, is_training_state
 from mftune.checkpoint.safetensors_io import checksummed, raw_header
 from mftune.errors import CheckpointError
 from mftune.parallel.layout import local, local_block, replica
@@ -199,6 +199,13 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
             f"{shown}. Check that the checkpoint was saved from a model with the same model_config; "
             f"a LoRA-only checkpoint needs its base: put both files in one directory and pass the "
             f"directory.")
+    prefix = [n for n in state if is_prefix_param(n)]
+    partial = [n for n in prefix if n not in entries] if any(n in entries for n in prefix) else []
+    if partial:  # a trained table beside a random projection (or the reverse) means nothing
+        raise CheckpointError(
+            f"checkpoint {path} holds part of this model's prefix but not {partial[0]} ({len(partial)} tensor(s) "
+            f"missing): it was trained with another pet_config (e.g. prefix_projection). Apply the pet_config it "
+            f"was trained with.")
     loaded, fresh = [], []
     for names in groups.values():
         target = state[names[0]]
@@ -227,7 +234,7 @@ def load_entries(model: nn.Module, entries: dict[str, Entry], path: str, *,
             f"does not have (e.g. {lost[0]}, {len(lost)} in all): they would be dropped. Apply the pet_config they "
             f"were trained with (the same pet_type and target_modules, in any run_mode), or merge LoRA first with "
             f"scripts/transform_ckpt_lora.py.")
-    unused = [k for k in unused if not is_prefix_index(k)]  # MindFormers' arange(P): checked where it is read
+    unused = [k for k in unused if not is_prefix_index(k)]  # MindFormers' arange(P) index: no parameter here
     if unused and only is None:
         logger.warning("Checkpoint %s has %d tensors this model does not use (e.g. %s)",
                        path, len(unused), unused[0])

@@ -50,7 +50,9 @@ from mftune.checkpoint.safetensors_io import encode_metadata, write_safetensors_
 from mftune.errors import CheckpointError
 from mftune.fileio import check_free_space, specs_bytes
 from mftune.log import Progress, with_progress
+from mftune.pet.config import init_method, is_base_init
 from mftune.pet.config import lora_scaling as pet_scaling
+from mftune.pet.init import initial_factors
 from mftune.pet.dora import merged_weight
 from mftune.pet.lora import lora_delta_weight
 
@@ -157,6 +159,7 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
 
     names = list(expected)  # model order
     specs = [(n, parts.model[n].dtype, expected[n]) for n in names]
+    init = init_method((pet_config or {}).get("init_lora_weights", True))  # PiSSA / OLoRA: minus s B0 A0 of W
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         for name in with_progress(progress, names, len(specs)):  # the bar holds names, not tensors
@@ -164,6 +167,9 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
             if name in pairs:
                 a, b = pairs[name]
                 delta = lora_delta_weight(parts.lora[a].full(), parts.lora[b].full(), scaling)
+                if is_base_init(init):
+                    delta = delta - lora_delta_weight(*initial_factors(w, parts.lora[a].shape[0], scaling, init),
+                                                      scaling)
                 merged = (merged_weight(w, parts.lora[magnitudes[name]].full(), delta)[0] if name in magnitudes
                           else w.float() + delta)  # DoRA: m / ||W + dW|| * (W + dW)
                 w = merged.to(w.dtype)

@@ -3,7 +3,7 @@ weights: the one its header records, over the run's.
 
 LoRA factors mean what they were trained with: ``lora_rank`` (their shape), ``lora_alpha`` and ``use_rslora``
 (the scaling alpha / rank or alpha / sqrt(rank)), ``use_dora`` (a magnitude per row), ``modules_to_save`` (whole
-modules trained with them) and the layers ``target_modules`` / ``exclude_layers`` select. A run that loads them
+modules trained with them), ``init_lora_weights`` (PiSSA / OLoRA subtract factors of the base) and the layers ``target_modules`` / ``exclude_layers`` select. A run that loads them
 with another alpha gives other outputs without any error, and one that selects other layers trains fresh
 adapters beside them or leaves some out; so, as for a PEFT adapter (``mftune.checkpoint.adapter_config``), the
 checkpoint's values win over the run's pet_config, each difference a WARNING naming both, and the run's own
@@ -21,12 +21,13 @@ from torch import nn
 from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
 from mftune.checkpoint.keys import is_lora, is_pet
 from mftune.pet import LoraConfig, PrefixConfig, is_prefix_type, lora_targets
+from mftune.pet.prefix_config import training_keys
 
 logger = logging.getLogger("mftune")
 
 KEY_PREFIX = "model.model_config.pet_config"
 # besides the selected layers: what the factors were trained with
-MEANING = ("lora_rank", "lora_alpha", "use_rslora", "use_dora", "modules_to_save")
+MEANING = ("lora_rank", "lora_alpha", "use_rslora", "use_dora", "modules_to_save", "init_lora_weights")
 SELECTION = ("target_modules", "exclude_layers")
 
 
@@ -86,9 +87,11 @@ def _prefix_pet_config(run_pet_config: dict | None, recorded: dict, names: list[
             KEY_PREFIX, path, recorded["pet_type"], mine)
         return mine
     if str(run_pet_config.get("pet_type", "lora")).lower() != str(recorded["pet_type"]).lower():
-        logger.warning("%s.pet_type=%s is replaced by %s, which load_checkpoint=%s was trained with (%s)", KEY_PREFIX,
-                       run_pet_config.get("pet_type", "lora"), recorded["pet_type"], path, mine)
-        return mine
+        kept = training_keys(run_pet_config, recorded["pet_type"])
+        logger.warning("%s.pet_type=%s is replaced by %s, which load_checkpoint=%s was trained with (%s; the run's %s "
+                       "kept)", KEY_PREFIX, run_pet_config.get("pet_type", "lora"), recorded["pet_type"], path, mine,
+                       kept or "nothing")
+        return {**mine, **kept}
     run, theirs = PrefixConfig.from_dict(dict(run_pet_config)), PrefixConfig(**mine)
     effective = dict(run_pet_config)
     for key in run.field_names(run.pet_type):
@@ -127,5 +130,6 @@ def first(modules: list[str]) -> str:
 
 def describe(pet_config: dict) -> str:
     keys = ("lora_rank", "lora_alpha", "use_rslora", "use_dora", "lora_dropout", "lora_plus_lr_ratio",
-            "modules_to_save", "target_modules", "exclude_layers")
-    return ", ".join(f"{k}={pet_config[k]!r}" for k in keys if pet_config.get(k) not in (None, False))
+            "modules_to_save", "init_lora_weights", "target_modules", "exclude_layers")
+    return ", ".join(f"{k}={pet_config[k]!r}" for k in keys if pet_config.get(k) not in (None, False)
+                     and not (k == "init_lora_weights" and pet_config[k] is True))

@@ -32,6 +32,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from mftune.pet.dora import LORA_M
+from mftune.pet.init import INIT_A, INIT_B
 from mftune.pet.lora import LORA_A, LORA_B, LoRALinear
 from mftune.pet.prefix import prefix_encoder
 
@@ -91,7 +92,7 @@ def colwise(module: nn.Module) -> ParallelStyle:
     """Column parallel: replicated input, output sharded on its last dim (local)."""
     if isinstance(module, LoRALinear):
         return PlaceParams({"weight": Shard(0), "bias": Shard(0), LORA_A: Replicate(), LORA_B: Shard(0),
-                            LORA_M: Shard(0)}, output=Shard(-1))
+                            LORA_M: Shard(0), INIT_A: Replicate(), INIT_B: Shard(0)}, output=Shard(-1))
     return ColwiseParallel()
 
 
@@ -99,7 +100,8 @@ def rowwise(module: nn.Module, output: Placement) -> ParallelStyle:
     """Row parallel: input sharded on its last dim, partial sums reduced to ``output`` (local)."""
     if isinstance(module, LoRALinear):
         return PlaceParams({"weight": Shard(1), "bias": Replicate(), LORA_A: Shard(1), LORA_B: Replicate(),
-                            LORA_M: Replicate()}, input=Shard(-1), desired_input=Shard(-1), output=output)
+                            LORA_M: Replicate(), INIT_A: Shard(1), INIT_B: Replicate()},
+                           input=Shard(-1), desired_input=Shard(-1), output=output)
     return RowwiseParallel(output_layouts=output)
 
 

@@ -11,6 +11,7 @@ from mftune.pet.lora import (
     count_parameters,
     freeze_lora,
     init_dora_magnitudes,
+    init_from_weights,
     init_lora_weights,
     lora_delta_weight,
     lora_layers,
@@ -25,7 +26,7 @@ from mftune.pet.prefix_config import PrefixConfig, is_prefix_type
 
 __all__ = [
     "LORA_MARK", "LoRALinear", "LoraConfig", "PrefixConfig", "PrefixEncoder", "count_parameters", "freeze_lora",
-    "get_pet_model", "init_dora_magnitudes", "init_lora_weights", "init_pet_weights", "is_lora_config",
+    "get_pet_model", "init_dora_magnitudes", "init_from_weights", "init_lora_weights", "init_pet_weights", "is_lora_config",
     "is_prefix_type", "lora_delta_weight", "lora_layers", "lora_state_dict", "lora_targets", "merge_lora",
     "pet_config_errors", "pet_config_from_dict", "prefix_encoder", "prefix_modules", "trainable_summary",
     "unmerge_lora",

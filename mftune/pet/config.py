@@ -43,6 +43,7 @@ class LoraConfig:
     lora_dropout: float = 0.01  # dropout on the LoRA branch input only; 0 -> identity
     use_rslora: bool = False  # rank-stabilised LoRA (mftune and PEFT, not MindFormers): scaling = alpha / sqrt(rank)
     use_dora: bool = False  # DoRA (mftune and PEFT): a trained magnitude per output row (mftune.pet.dora)
+    init_lora_weights: bool | str = True  # PEFT's: true (A kaiming), gaussian, pissa, pissa_niter_N, olora (pet.init)
     modules_to_save: list[str] | None = None  # modules trained in full beside the adapters (PEFT's key), e.g. lm_head
     lora_plus_lr_ratio: float | None = None  # LoRA+ (mftune and PEFT): B learns at this multiple of the learning rate
     lora_a_init: str | None = "normal"  # accepted and ignored, as in MindFormers: A is kaiming-uniform(a=sqrt(5))
@@ -192,6 +193,7 @@ def _value_errors(pet_config: dict, err) -> list[str]:
     if v is not None and not (isinstance(v, list) and v and all(isinstance(m, str) and m for m in v)):
         errors.append(err("modules_to_save", "must be a list of module names",
                           "Use e.g. modules_to_save: [lm_head] (module names, or their last part), or remove it."))
+    errors += _init_errors(pet_config, err)
     v = pet_config.get("lora_plus_lr_ratio")
     if v is not None and (not _is_number(v) or not math.isfinite(v) or v <= 0):
         errors.append(err("lora_plus_lr_ratio", "must be a positive number (B's learning rate over A's)",
@@ -208,6 +210,41 @@ def _value_errors(pet_config: dict, err) -> list[str]:
             errors.append(err(key, "must be float32, float16 or bfloat16",
                               f"{hint}Or remove it to inherit the layer's dtype."))
     return errors
+
+
+def _init_errors(pet_config: dict, err) -> list[str]:
+    """init_lora_weights (PEFT's key and values)."""
+    if "init_lora_weights" not in pet_config:
+        return []
+    v = pet_config["init_lora_weights"]
+    if v is True or (isinstance(v, str) and init_method(v) is not None):
+        if pet_config.get("use_dora") and is_base_init(init_method(v)):
+            return [err("init_lora_weights", f"{v} with use_dora is not supported by mftune",
+                        "Use one of the two: init_lora_weights: true for DoRA, or use_dora: false for PiSSA/OLoRA.")]
+        return []
+    why = ("false leaves B random, so the adapted model is not the base model (PEFT's testing setting)" if v is False
+           else "must be true, gaussian, pissa, pissa_niter_<iterations> or olora")
+    return [err("init_lora_weights", why, "Use e.g. init_lora_weights: pissa, or remove it (A kaiming, B zeros).")]
+
+
+def init_method(value: bool | str) -> str | None:
+    """``init_lora_weights`` normalised: "default" (true), "gaussian", "pissa", "pissa_niter_<n>", "olora"; None when
+    it is not one of PEFT's values mftune implements."""
+    if value is True:
+        return "default"
+    if not isinstance(value, str):
+        return None
+    v = value.lower()
+    if v in ("gaussian", "pissa", "olora"):
+        return v
+    if v.startswith("pissa_niter_") and v[len("pissa_niter_"):].isdigit() and int(v[len("pissa_niter_"):]) > 0:
+        return v
+    return None
+
+
+def is_base_init(method: str | None) -> bool:
+    """Whether an ``init_method`` takes the adapters from the base weight (PiSSA, OLoRA: ``mftune.pet.init``)."""
+    return method is not None and method.startswith(("pissa", "olora"))
 
 
 def _pattern_key_errors(pet_config: dict, err) -> list[str]:

@@ -22,10 +22,12 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mftune.models.llama import Fill, fill_in_place
-from mftune.pet.config import LoraConfig, lora_scaling
+from mftune.pet.config import LoraConfig, init_method, is_base_init, lora_scaling
 from mftune.pet.freeze import freeze_params
+from mftune.pet.init import gaussian_, initial_factors
 from mftune.pet.dora import LORA_M, dora_term, init_magnitude, merged_weight, row_norm, unmerged_weight
 
 logger = logging.getLogger("mftune")
@@ -48,7 +50,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
                  param_init_type: torch.dtype | None = None, compute_dtype: torch.dtype | None = None,
-                 base_init_std: float | None = None, use_rslora: bool = False, use_dora: bool = False):
+                 base_init_std: float | None = None, use_rslora: bool = False, use_dora: bool = False,
+                 init: str = "default"):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps nn.Linear, got {type(base).__name__}")
@@ -71,6 +74,12 @@ class LoRALinear(nn.Module):
         if use_dora:  # DoRA's magnitude vector (mftune.pet.dora): starts as the row norms of W
             self.mindpet_delta_lora_magnitude = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype))
         self._merge_norm: torch.Tensor | None = None  # DoRA: the norm a merge divided by
+        self.init = init  # init_method(pet_config.init_lora_weights): default, gaussian, pissa[_niter_N], olora
+        if is_base_init(init):  # PiSSA / OLoRA: A0, B0 taken from W, frozen, subtracted (mftune.pet.init)
+            self.mindpet_delta_init_a = nn.Parameter(torch.empty(rank, self.in_features, device=device,
+                                                                 dtype=torch.float32), requires_grad=False)
+            self.mindpet_delta_init_b = nn.Parameter(torch.empty(self.out_features, rank, device=device,
+                                                                 dtype=torch.float32), requires_grad=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
 
@@ -78,10 +87,29 @@ class LoRALinear(nn.Module):
         """A: kaiming-uniform(a=sqrt(5)) (MindPet HeUniform(sqrt(5)), PEFT, torch Linear default); B: zeros.
         DoRA's magnitude: the row norms of the current W (``init_magnitude``; again once W is loaded)."""
         fill = fill or fill_in_place
-        fill(self.mindpet_delta_lora_a, functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)))
+        if self.init == "gaussian":
+            fill(self.mindpet_delta_lora_a, functools.partial(gaussian_, rank=self.rank))
+        else:
+            fill(self.mindpet_delta_lora_a, functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)))
         fill(self.mindpet_delta_lora_b, nn.init.zeros_)
+        if is_base_init(self.init):  # until init_from_weight: A0 = B0 = 0, a plain LoRA layer
+            fill(self.mindpet_delta_init_a, nn.init.zeros_)
+            fill(self.mindpet_delta_init_b, nn.init.zeros_)
         if self.use_dora:
             self.init_magnitude()
+
+    @torch.no_grad()
+    def init_from_weight(self, fill: Fill | None = None, keep_adapters: bool = False) -> None:
+        """PiSSA / OLoRA: derive A0, B0 from the current (whole) W; A and B start there unless ``keep_adapters``
+        (a checkpoint gave their trained values). A collective when W is sharded (it is gathered)."""
+        fill = fill or fill_in_place
+        weight = self.weight.full_tensor() if isinstance(self.weight, DTensor) else self.weight
+        a0, b0 = initial_factors(weight, self.rank, self.scaling, self.init)
+        targets = [(self.mindpet_delta_init_a, a0), (self.mindpet_delta_init_b, b0)]
+        if not keep_adapters:
+            targets += [(self.mindpet_delta_lora_a, a0), (self.mindpet_delta_lora_b, b0)]
+        for param, value in targets:
+            fill(param, lambda t, value=value: t.copy_(value.to(t.device, t.dtype)))
 
     def init_magnitude(self) -> None:
         """DoRA: ``m = ||W + s B A||`` per output row (a layer equal to its LoRA form)."""
@@ -109,8 +137,11 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters(fill)
 
     def delta_weight(self) -> torch.Tensor:
-        """``B @ A * scaling`` in float32, shape ``[out, in]``."""
-        return lora_delta_weight(self.mindpet_delta_lora_a, self.mindpet_delta_lora_b, self.scaling)
+        """``B @ A * scaling`` (PiSSA / OLoRA: ``(B A - B0 A0) * scaling``) in float32, shape ``[out, in]``."""
+        delta = lora_delta_weight(self.mindpet_delta_lora_a, self.mindpet_delta_lora_b, self.scaling)
+        if is_base_init(self.init):
+            delta = delta - lora_delta_weight(self.mindpet_delta_init_a, self.mindpet_delta_init_b, self.scaling)
+        return delta
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -163,6 +194,10 @@ class LoRALinear(nn.Module):
         if h.dtype != lora_a.dtype and not torch.is_autocast_enabled(h.device.type):
             h = h.to(lora_a.dtype)  # e.g. bf16 activations, fp32 adapters, no autocast (as PEFT does)
         delta = F.linear(F.linear(h, lora_a), lora_b)  # (..., r) -> (..., out)
+        if is_base_init(self.init):  # W_res x = W x - s B0 A0 x, on the input without dropout (as PEFT's W_res)
+            init_a, init_b = self.mindpet_delta_init_a, self.mindpet_delta_init_b
+            x0 = x if x.dtype == lora_a.dtype or torch.is_autocast_enabled(x.device.type) else x.to(lora_a.dtype)
+            delta = delta - F.linear(F.linear(x0, init_a.to(lora_a.dtype)), init_b.to(lora_b.dtype))
         if not self.use_dora:
             return out + (delta * self.scaling).to(out.dtype)
         magnitude = self.mindpet_delta_lora_magnitude
@@ -230,7 +265,7 @@ def _swap(module: nn.Module, prefix: str, config: LoraConfig,
     for parent, name, child, full in _targets(module, prefix, targets, excludes):
         setattr(parent, name, LoRALinear(child, config.lora_rank, config.lora_alpha, config.lora_dropout,
                                          config.param_dtype, config.compute_torch_dtype, init_std,
-                                         config.use_rslora, config.use_dora))
+                                         config.use_rslora, config.use_dora, init_method(config.init_lora_weights)))
         swapped.append(full)
     return swapped
 
@@ -347,6 +382,17 @@ def init_dora_magnitudes(model: nn.Module, loaded: list[str] | set[str] = ()) ->
     for name, layer in lora_layers(model):
         if layer.use_dora and f"{name}.{LORA_M}" not in keep:
             layer.init_magnitude()
+
+
+def init_from_weights(model: nn.Module, loaded: list[str] | set[str] = (), fill: Fill | None = None) -> None:
+    """Everything of the adapters that comes from the loaded base weights: DoRA magnitudes (``init_dora_magnitudes``)
+    and PiSSA / OLoRA's A0, B0, with A and B starting there unless ``loaded`` (the names a checkpoint provided) has
+    them. A collective under FSDP2 and tensor parallel (``fill``: as in ``init_weights``)."""
+    init_dora_magnitudes(model, loaded)
+    keep = set(loaded)
+    for name, layer in lora_layers(model):
+        if is_base_init(layer.init):
+            layer.init_from_weight(fill, keep_adapters=f"{name}.{LORA_A}" in keep)
 
 
 @torch.no_grad()

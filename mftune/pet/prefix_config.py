@@ -89,6 +89,17 @@ class PrefixConfig:
         return f"mindpet_delta_{self.pet_type}"
 
 
+def training_keys(run_pet_config: dict[str, Any], pet_type: str) -> dict[str, Any]:
+    """The run's training settings (its dropout, under ``pet_type``'s name, and freeze_include / freeze_exclude) to
+    keep when a checkpoint's prefix method replaces the run's pet_config."""
+    dropout = next((run_pet_config[k] for k in ("dropout_prob", "dropout_rate", "lora_dropout") if k in run_pet_config),
+                   None)
+    out = {k: run_pet_config[k] for k in ("freeze_include", "freeze_exclude") if run_pet_config.get(k) is not None}
+    if dropout is not None:
+        out[_KEYS[pet_type.lower()][2]] = dropout
+    return out
+
+
 def is_prefix_type(pet_type: Any) -> bool:
     return isinstance(pet_type, str) and pet_type.lower() in PREFIX_TYPES
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
 from mftune.checkpoint.formats.distributed import distributed_entries
+from mftune.checkpoint.keys import is_prefix_param
 from mftune.checkpoint.load import (FINGERPRINT_KIND, file_identity, fingerprint, hashed_files, lacks_base,
                                     load_checkpoint, remember_identity)
 from mftune.checkpoint.recorded_config import check_recorded_architecture
@@ -29,7 +30,7 @@ from mftune.fileio import human_bytes
 from mftune.parallel.gather import distributed, gather_ints, host_id
 from mftune.parallel.layout import fill_from_full
 from mftune.parallel.mesh import ParallelContext
-from mftune.pet import init_dora_magnitudes, init_pet_weights
+from mftune.pet import init_from_weights, init_pet_weights
 from mftune.trainer.resume import ResumePoint, load_base
 
 logger = logging.getLogger("mftune")
@@ -66,6 +67,7 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
     share_hashing(fingerprinted(model, plan, cfg))
     if plan.source == "init":
         model.init_weights(fill_from_full)
+        init_from_weights(model, (), fill_from_full)  # PiSSA / OLoRA adapters from the random base
         named = cfg.model.model_config.get("checkpoint_name_or_path")
         if named:  # MindFormers would download that model's weights; mftune reads only load_checkpoint
             logger.warning("model.model_config.checkpoint_name_or_path=%s is not loaded: mftune downloads nothing "
@@ -80,6 +82,7 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
     if plan.source == "resume":  # frozen weights from the run's base; trained ones come with the optimizer state
         point = plan.resume
         base = load_base(model, point, cfg.pretrained_model_dir) or point.base_checkpoint
+        init_from_weights(model, (), fill_from_full)  # PiSSA / OLoRA's A0, B0 (the trained A, B come next)
         if plan.transform:  # counters and RNG states still come from the saved files
             point = dataclasses.replace(point, entries=distributed_entries(*_transform(cfg, ctx, point.files)))
         return LoadedWeights(base, point)
@@ -89,7 +92,13 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
     base = cfg.pretrained_model_dir
     report = (load_checkpoint(model, _transform(cfg, ctx)[0], base=base) if plan.transform else
               load_checkpoint(model, plan.path, src_strategy=cfg.src_strategy_path_or_dir, base=base))
-    init_dora_magnitudes(model, report["loaded"])  # DoRA magnitudes not loaded: from the loaded weights
+    init_from_weights(model, report["loaded"], fill_from_full)  # DoRA magnitudes, PiSSA / OLoRA factors not loaded
+    prefix = [n for n in report["fresh_lora"] if is_prefix_param(n)]
+    if prefix and cfg.run_mode in ("eval", "predict"):  # a random prefix is not the base model, unlike B = 0
+        raise CheckpointError(f"load_checkpoint={plan.path} holds no prefix ({prefix[0]}, {len(prefix)} tensor(s)) "
+                              f"for pet_config pet_type {model.config.pet_config.get('pet_type')}: the {cfg.run_mode} "
+                              f"would use a random one. Pass the checkpoint of the prefix run (it records its base), "
+                              f"or remove pet_config to {cfg.run_mode} the base model.")
     if report["fresh_lora"] and cfg.run_mode in ("eval", "predict"):
         logger.warning("%d PET tensors are not in load_checkpoint=%s: they start fresh (LoRA: B = 0, so the %s uses "
                        "the base model alone; a prefix: random values)", len(report["fresh_lora"]), plan.path,

@@ -191,13 +191,14 @@ def test_full_parameter_training_dp2_mp2_matches_one_process(parity):
 # chaotic: the layouts' fp32 summation orders, 3e-7 apart at step 2, grow to 1e-3 in the gradient norm by step 5.)
 LORA_VARIANTS = {"model.model_config.pet_config.use_rslora": True,
                  "model.model_config.pet_config.lora_plus_lr_ratio": 2,
+                 "model.model_config.pet_config.init_lora_weights": "pissa",  # A0, B0 from the gathered weights
                  "model.model_config.pet_config.modules_to_save": '["lm_head"]'}  # vocab-parallel under ALL_ON
 
 
 def test_rslora_and_lora_plus_dp2_mp2_with_every_option_match_one_process(parity):
-    """The LoRA variants (docs/pet.md: rsLoRA, LoRA+, a trained lm_head) on 4 ranks with FSDP2, sequence parallel,
-    recompute and a vocab-parallel embedding and lm_head: the one-process losses and gradient norms of the same
-    variants (which differ from plain LoRA's)."""
+    """The LoRA variants (docs/pet.md: rsLoRA, LoRA+, PiSSA, a trained lm_head) on 4 ranks with FSDP2, sequence
+    parallel, recompute and a vocab-parallel embedding and lm_head: the one-process losses and gradient norms of the
+    same variants (which differ from plain LoRA's)."""
     d, config, refs = parity
     single, out = os.path.join(d, "variants-single"), os.path.join(d, "variants-2x2")
     r = pp.run_single(config, "finetune", single, LORA_VARIANTS)
@@ -209,9 +210,10 @@ def test_rslora_and_lora_plus_dp2_mp2_with_every_option_match_one_process(parity
 
 # prefix tuning and P-tuning v2 (docs/pet.md), the prefix computed in float32 (with MindFormers' float16 default the
 # layouts round the prefix gradients in float16 in different orders: gradient norms 1e-4 apart, losses 2e-7)
-PREFIX_METHODS = {"prefixtuning": {"pet_type": "prefixtuning", "prefix_token_num": 4, "mid_dim": 16, "dropout_rate": 0.0,
-                                   "compute_dtype": "float32"},
-                  "ptuning2": {"pet_type": "ptuning2", "pre_seq_len": 6, "dropout_prob": 0.0, "compute_dtype": "float32"}}
+PREFIX_METHODS = {"prefixtuning": {"pet_type": "prefixtuning", "prefix_token_num": 4, "mid_dim": 16,
+                                   "dropout_rate": 0.0, "compute_dtype": "float32"},
+                  "ptuning2": {"pet_type": "ptuning2", "pre_seq_len": 6, "dropout_prob": 0.0,
+                               "compute_dtype": "float32"}}
 
 
 @pytest.mark.parametrize("method", list(PREFIX_METHODS))

@@ -79,6 +79,18 @@ def test_lora_variants_resume_bitwise(workdir):
     assert pp.losses(resumed, "global_norm") == pp.losses(full, "global_norm")[4:]
 
 
+def test_olora_resumes_bitwise(workdir):
+    """OLoRA (docs/pet.md): the resumed run derives A0, B0 from the base again and continues exactly."""
+    d, config = workdir
+    olora = {**DROPOUT, "model.model_config.pet_config.init_lora_weights": "olora"}
+    full, resumed = os.path.join(d, "olora-full"), os.path.join(d, "olora-resumed")
+    _run(pp._args(config, "finetune", full, 1, 1, olora))
+    _run(pp._args(config, "finetune", resumed, 1, 1, olora) +
+         ["--load_checkpoint", os.path.join(full, "checkpoint"), "--resume_training", "llama_7b_lora_rank_0-1_4"])
+    assert pp.losses(resumed) == pp.losses(full)[4:]
+    assert pp.losses(resumed, "global_norm") == pp.losses(full, "global_norm")[4:]
+
+
 def test_prefix_tuning_resumes_bitwise(workdir):
     """P-tuning v2 with its projection, in MindFormers' float16 (docs/pet.md): the resumed run restores the prefix
     table and MLP and their AdamW moments and continues exactly."""

@@ -108,6 +108,17 @@ def test_finetune_eval_predict_with_mindformers_yamls(workdir, method):
     assert result["output_ids"] == expected
 
 
+def test_predict_without_a_prefix_is_refused(workdir, tmp_path):
+    """A prefix pet_config over a checkpoint without the prefix (the base): predict would use a random prefix, unlike
+    LoRA's fresh B = 0; exit 2 naming it."""
+    d, vocab = workdir
+    r = run(["run_finetune.py", "--config", _yaml(d, vocab, "predict_llama2_7b_prefixtuning.yaml",
+                                                  load_checkpoint=str(d / "base.safetensors")),
+             "--run_mode", "predict", "--output_dir", str(tmp_path / "out"), "--predict_data", "Hi"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "holds no prefix (mindpet_delta_prefixtuning_embedding.embedding_table" in r.stderr
+
+
 def test_merge_tool_says_a_prefix_has_nothing_to_merge(workdir, tmp_path):
     d, _ = workdir
     model = LlamaForCausalLM(dict(SIZES))

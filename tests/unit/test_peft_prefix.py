@@ -137,3 +137,27 @@ def test_adapter_of_another_model_is_refused(base, tmp_path):
     with pytest.raises(CheckpointError, match=r"num_layers=6, token_dim=8 do not fit this model \(num_layers=3, n_kv_heads \* head_dim = 16\)"):
         effective_pet_config(None, str(out), fresh, "predict")
     assert os.path.isfile(out / "adapter_model.safetensors")
+
+
+def test_prefix_with_trained_base_tensors_is_not_exported(base, tmp_path):
+    """Expected: a checkpoint that also trained norms (freeze_exclude) is refused, naming them: a PEFT prefix adapter
+    would drop them without a word."""
+    pet_config = dict(METHODS["ptuning2_table"], freeze_exclude=["*norm*"])
+    model = _prefixed(base, pet_config)
+    tensors = {k: v for k, v in model.state_dict().items() if "mindpet_delta" in k or "norm" in k}
+    save_complete(str(tmp_path / "p.safetensors"), tensors, model_config={**base.model_config, "pet_config": pet_config},
+                  extra_metadata={"pet_config": pet_config})
+    with pytest.raises(CheckpointError, match="besides its prefix it holds trained base tensors"):
+        export_adapter_dir(str(tmp_path / "p.safetensors"), str(tmp_path / "adapter"))
+    assert not os.path.exists(tmp_path / "adapter")
+
+
+def test_part_of_a_prefix_is_refused(base, tmp_path):
+    """Expected: a table trained without projection loaded into a model with one (MindFormers' ptuning2 YAML sets
+    prefix_projection) is an error naming a missing tensor, not a table beside a random MLP."""
+    table_only = _prefixed(base, METHODS["ptuning2_table"])
+    path = _checkpoint(base, table_only, METHODS["ptuning2_table"], tmp_path / "table.safetensors")
+    model = LlamaForCausalLM(dict(base.model_config))
+    get_pet_model(model, dict(METHODS["ptuning2_table"], prefix_projection=True))
+    with pytest.raises(CheckpointError, match="holds part of this model's prefix but not mindpet_delta_ptuning2_trans"):
+        load_checkpoint(model, path)

@@ -27,6 +27,7 @@ from mftune.checkpoint.entries import Entry, merge_entries, safetensors_entries,
 from mftune.checkpoint.safetensors_io import load_tensors
 from mftune.errors import CheckpointError
 from mftune.pet.prefix import prefix_encoder, rotate_prefix_keys
+from mftune.pet.prefix_config import training_keys
 
 logger = logging.getLogger("mftune")
 
@@ -118,11 +119,11 @@ def effective_pet_config(run_pet_config: dict | None, path: str, args: Any, run_
         log("%s is empty and load_checkpoint=%s is a PEFT prefix-tuning adapter: its settings are applied (%s)%s",
             KEY_PREFIX, path, adapter, ", so only the prefix trains" if run_mode in ("train", "finetune") else "")
         return adapter
-    for key, value in adapter.items():
-        if key in run_pet_config and run_pet_config[key] != value:
-            logger.warning("%s.%s=%r is replaced by %r: load_checkpoint=%s is a PEFT prefix-tuning adapter", KEY_PREFIX,
-                           key, run_pet_config[key], value, path)
-    keep = {k: run_pet_config[k] for k in ("freeze_include", "freeze_exclude", "dropout_prob") if k in run_pet_config}
+    keep = training_keys(run_pet_config, adapter["pet_type"])
+    for key, value in run_pet_config.items():
+        if key not in keep and adapter.get(key) != value and not (key == "dropout_rate" and "dropout_prob" in keep):
+            logger.warning("%s.%s=%r is %s: load_checkpoint=%s is a PEFT prefix-tuning adapter", KEY_PREFIX, key, value,
+                           f"replaced by {adapter[key]!r}" if key in adapter else "not used", path)
     logger.info("load_checkpoint=%s is a PEFT prefix-tuning adapter: pet_config %s", path, {**adapter, **keep})
     return {**adapter, **keep}
 
