@@ -39,6 +39,7 @@ from mftune.checkpoint.names import MFTUNE_TO_HF_TOP, mftune_to_hf
 from mftune.checkpoint.recorded_pet import KEY_PREFIX, checkpoint_pet_config, describe, first, source, yaml_targets
 from mftune.errors import CheckpointError
 from mftune.pet import LoraConfig, lora_targets
+from mftune.pet.lora import HEAD
 from mftune.pet.config import init_method, is_base_init
 
 logger = logging.getLogger("mftune")
@@ -50,8 +51,8 @@ ADAPTER_FIELDS: dict[str, str] = {"lora_rank": "r", "lora_alpha": "lora_alpha", 
 PEFT_LLAMA_DEFAULT_TARGETS = ["q_proj", "v_proj"]  # peft's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 ALL_LINEAR = "all-linear"  # peft's INCLUDE_LINEAR_LAYERS_SHORTHAND
 # transformers module names outside the decoder layers that a target_modules may select (PEFT would put LoRA
-# on the embedding and on lm_head); mftune's LoRA is on decoder-layer Linears only
-OUTSIDE_LAYERS = tuple(k[: -len(".weight")] for k in MFTUNE_TO_HF_TOP if not k.endswith("norm_out.weight"))
+# on the embedding and on lm_head); mftune's LoRA is on decoder-layer Linears and lm_head only
+OUTSIDE_LAYERS = tuple(v[: -len(".weight")] for k, v in MFTUNE_TO_HF_TOP.items() if not k.endswith("norm_out.weight"))
 
 
 def effective_pet_config(run_pet_config: dict | None, load_checkpoint: str, model: nn.Module,
@@ -102,14 +103,15 @@ def adapter_pet_config(adapter_dir: str, num_layers: int) -> tuple[dict[str, Any
     selected = peft_selected(config, num_layers, config_path)  # the config's own problems first
     tensors, read = read_peft_adapter(adapter_dir)
     held = {k.rpartition(".")[0] for k in tensors if is_lora(k)}
-    deeper = sorted(m for m in held if int(m.split(".")[2]) >= num_layers)
+    deeper = sorted(m for m in held - {HEAD} if int(m.split(".")[2]) >= num_layers)
     if deeper:
         raise CheckpointError(f"{adapter_dir} holds LoRA for {_hf(deeper[0])} but the model has num_layers="
                               f"{num_layers}. Use the adapter with the model it was trained on.")
     if held != selected:
         raise CheckpointError(_mismatch(config, held, selected, adapter_dir, config_path))
     layers, leaves = lora_grid(held, config_path)
-    pet_config = grid_pet_config(config, config.get("r", 8), layers, leaves, partial=layers != list(range(num_layers)))
+    pet_config = grid_pet_config(config, config.get("r", 8), layers, leaves,
+                                 partial=bool(layers) and layers != list(range(num_layers)))
     pet_config["modules_to_save"] = read.get("modules_to_save")  # trained whole beside the adapters
     return pet_config, config, config_path
 
@@ -127,12 +129,13 @@ def peft_selected(config: dict[str, Any], num_layers: int, where: str) -> set[st
     errors = _selection_errors(config, target)
     if errors:
         raise CheckpointError(f"{len(errors)} problem(s) in {where}:\n  " + "\n  ".join(errors))
-    outside = [name for name in OUTSIDE_LAYERS if _selects(config, target, name)]
+    names[HEAD] = HEAD  # LoRA on lm_head: mftune's too (not in all-linear, as in peft)
+    outside = [name for name in OUTSIDE_LAYERS if name != HEAD and _selects(config, target, name)]
     if outside:
         raise CheckpointError(
             f"{where}: target_modules={json.dumps(config.get('target_modules'))} is invalid: it puts LoRA on "
-            f"{outside[0]}, and mftune's LoRA is on the decoder layers' Linears only (q/k/v/o_proj, gate/up/"
-            f"down_proj). {peft_adapter.MERGE_FIX}")
+            f"{outside[0]}, and mftune's LoRA is on the decoder layers' Linears (q/k/v/o_proj, gate/up/down_proj) "
+            f"and lm_head only. {peft_adapter.MERGE_FIX}")
     return {module for name, module in names.items() if _selects(config, target, name)}
 
 

@@ -31,7 +31,7 @@ import torch
 from mftune.checkpoint.formats.huggingface import HFSource, file_specs, find_source, read_file
 from mftune.checkpoint.formats.mindspore_ckpt import file_entries
 from mftune.checkpoint.hf_files import HFBase, check_base_config, complete_model_dir, resolve_base
-from mftune.checkpoint.keys import LORA_MARK, OPTIMIZER_PREFIXES, PET_MARK, SCALAR_KEYS
+from mftune.checkpoint.keys import LORA_MARK, OPTIMIZER_PREFIXES, PET_MARK, SCALAR_KEYS, is_init_factor
 from mftune.checkpoint.mindspore.ckpt import is_ckpt, write_ckpt_streaming
 from mftune.checkpoint.model_weights import check_weights, expected_weights
 from mftune.checkpoint.names import (hf_config_to_model_config, hf_to_mftune, is_hf_buffer, mftune_to_hf,
@@ -187,6 +187,8 @@ def _skip_reason(name: str, tie: bool) -> str | None:
     if LORA_MARK in name:
         return (f"LoRA adapter tensors (*{LORA_MARK}*): merge it first with scripts/transform_ckpt_lora.py "
                 "or export it with scripts/export_adapter.py")
+    if is_init_factor(name):
+        return "PiSSA / OLoRA initial factors (mindpet_delta_init_*: derived from the base)"
     if PET_MARK in name:  # a prefix (prefix tuning, P-tuning v2): no Hugging Face weight holds it
         return (f"prefix tensors (*{PET_MARK}*): a prefix cannot be merged into weights; export it with "
                 "scripts/export_adapter.py (a PEFT prefix-tuning adapter)")

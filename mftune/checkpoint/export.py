@@ -22,6 +22,7 @@ from mftune.checkpoint.formats.peft_adapter import (CONFIG_NAME, SAFETENSORS_NAM
                                                     pair_and_rank, peft_adapter_config)
 from mftune.checkpoint.export_prefix import prefix_adapter
 from mftune.checkpoint.formats.peft_modules import to_peft
+from mftune.checkpoint.load import fingerprint
 from mftune.checkpoint.hf_files import CopyReport, HFBase, complete_adapter_dir, resolve_base
 from mftune.checkpoint.keys import (LORA_A, LORA_B, LORA_MARK, OPTIMIZER_PREFIXES, SCALAR_KEYS, is_lora, is_pet,
                                    is_prefix_param, moment_names)
@@ -30,7 +31,7 @@ from mftune.errors import CheckpointError
 from mftune.fileio import atomic_directory, atomic_open, check_free_space
 from mftune.pet import is_prefix_type
 from mftune.pet.config import init_method, is_base_init, lora_scaling
-from mftune.pet.init import initial_factors
+from mftune.pet.init import held_dtype, initial_factors
 
 Loader = Callable[[list[str]], dict[str, torch.Tensor]]
 
@@ -125,16 +126,23 @@ def _as_plain_lora(tensors: dict[str, torch.Tensor], modules: set[str], hparams:
     path_initial_model_for_weight_conversion=...)`` writes: ``[A; A0]``, ``[B, -B0]`` (A0, B0 derived again from the
     recorded base), ``lora_alpha`` x 2 (x sqrt(2) with use_rslora) so the scaling is unchanged. ``hparams`` is
     updated."""
-    base = (meta.get("base_checkpoint") or {}).get("path") or ""
+    recorded = meta.get("base_checkpoint") or {}
+    base = recorded.get("path") or ""
     if not base or not os.path.exists(base):
         raise CheckpointError(f"src_checkpoint={src} is invalid: its adapters use init_lora_weights={init}, whose "
                               f"initial factors come from the base it records ({base or 'none recorded'}), which is "
                               f"not found. Restore the base at that path.")
+    expected = recorded.get("fingerprint")
+    if expected and fingerprint(base, like=expected) != expected:
+        raise CheckpointError(f"src_checkpoint={src}: its base {base} holds other contents than it was trained over "
+                              f"(fingerprint {expected}), and init_lora_weights={init} takes the adapters' initial "
+                              f"factors from it. Restore the original base.")
     weights = open_checkpoint(base)
     scaling = lora_scaling(hparams["lora_alpha"], hparams["lora_rank"], hparams["use_rslora"])
+    dtype = held_dtype(meta.get("model_config"))
     out = dict(tensors)
     for module in sorted(modules):
-        a0, b0 = initial_factors(weights[f"{module}.weight"].full(), hparams["lora_rank"], scaling, init)
+        a0, b0 = initial_factors(weights[f"{module}.weight"].full(), hparams["lora_rank"], scaling, init, dtype)
         a, b = f"{module}.{LORA_A}", f"{module}.{LORA_B}"
         out[a] = torch.cat([tensors[a].float(), a0]).to(tensors[a].dtype)
         out[b] = torch.cat([tensors[b].float(), -b0], dim=1).to(tensors[b].dtype)

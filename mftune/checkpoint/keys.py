@@ -13,7 +13,7 @@ from mftune.pet.dora import LORA_M
 from mftune.pet.lora import LORA_A, LORA_B, LORA_MARK
 
 __all__ = ["LORA_A", "LORA_B", "LORA_M", "LORA_MARK", "OPTIMIZER_PREFIXES", "PER_RANK_KEYS", "PET_MARK",
-           "SCALAR_KEYS", "is_lora", "is_pet", "is_prefix_index", "is_prefix_param", "is_training_state",
+           "SCALAR_KEYS", "is_init_factor", "is_lora", "is_pet", "is_prefix_index", "is_prefix_param", "is_training_state",
            "moment_names", "parameter_of"]
 
 PET_MARK = "mindpet_delta"  # in the name of every PET parameter: LoRA factors, a prefix encoder's (MindPet's)
@@ -33,6 +33,11 @@ def is_pet(name: str) -> bool:
     """Whether ``name`` is a PET method's parameter (LoRA, prefix tuning, P-tuning v2) or an optimizer moment of one:
     what a checkpoint of trained tensors holds besides modules_to_save, and what a base never does."""
     return PET_MARK in name
+
+
+def is_init_factor(name: str) -> bool:
+    """PiSSA / OLoRA's frozen A0 / B0 (``mftune.pet.init``): derived from the base whenever it is loaded."""
+    return name.endswith((".mindpet_delta_init_a", ".mindpet_delta_init_b"))
 
 
 def is_prefix_param(name: str) -> bool:

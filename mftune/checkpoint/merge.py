@@ -41,7 +41,8 @@ from mftune.checkpoint.convert import convert_mftune_to_hf
 from mftune.checkpoint.entries import Entry
 from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
 from mftune.checkpoint.hf_files import CopyReport, HFBase, check_base_config, resolve_base
-from mftune.checkpoint.keys import LORA_A, LORA_B, LORA_M, LORA_MARK, is_lora, is_pet, is_training_state
+from mftune.checkpoint.keys import (LORA_A, LORA_B, LORA_M, LORA_MARK, is_init_factor, is_lora, is_prefix_param,
+                                   is_training_state)
 from mftune.checkpoint.load import fingerprint
 from mftune.checkpoint.mindspore.ckpt import write_ckpt_streaming
 from mftune.checkpoint.model_weights import check_weights, expected_weights
@@ -52,7 +53,7 @@ from mftune.fileio import check_free_space, specs_bytes
 from mftune.log import Progress, with_progress
 from mftune.pet.config import init_method, is_base_init
 from mftune.pet.config import lora_scaling as pet_scaling
-from mftune.pet.init import initial_factors
+from mftune.pet.init import held_dtype, initial_factors
 from mftune.pet.dora import merged_weight
 from mftune.pet.lora import lora_delta_weight
 
@@ -167,9 +168,9 @@ def merge_lora_checkpoint(lora_path: str, dst_dir: str, *, base_path: str | None
             if name in pairs:
                 a, b = pairs[name]
                 delta = lora_delta_weight(parts.lora[a].full(), parts.lora[b].full(), scaling)
-                if is_base_init(init):
-                    delta = delta - lora_delta_weight(*initial_factors(w, parts.lora[a].shape[0], scaling, init),
-                                                      scaling)
+                if is_base_init(init):  # W as the run held it (param_init_type)
+                    a0, b0 = initial_factors(w, parts.lora[a].shape[0], scaling, init, held_dtype(mc))
+                    delta = delta - lora_delta_weight(a0, b0, scaling)
                 merged = (merged_weight(w, parts.lora[magnitudes[name]].full(), delta)[0] if name in magnitudes
                           else w.float() + delta)  # DoRA: m / ||W + dW|| * (W + dW)
                 w = merged.to(w.dtype)
@@ -251,10 +252,10 @@ def _sort_tensors(source: dict[str, Entry], base: dict[str, Entry], base_path: s
     """Adapters, model tensors (the LoRA source overrides the base), dropped; every weight checked
     (``expected`` None: no model config, every tensor that is not an adapter is a weight)."""
     def dropped_kind(name: str) -> bool:  # optimizer moments (of adapters too), counters, a tied lm_head
-        return is_training_state(name) or (tie and name == "lm_head.weight")
+        return is_training_state(name) or (tie and name == "lm_head.weight") or is_init_factor(name)
 
     parts = _Parts({n: e for n, e in source.items() if is_lora(n) and not dropped_kind(n)}, {}, [], [])
-    prefix = next((n for n in source if is_pet(n) and not is_lora(n)), None)
+    prefix = next((n for n in source if is_prefix_param(n)), None)
     if prefix is not None:  # prefix tuning / P-tuning v2 (mftune.pet.prefix)
         raise CheckpointError(f"{lora_path} holds a prefix ({prefix}): prefix tuning and P-tuning v2 have nothing to "
                               f"merge, their prefix is extra keys/values in every layer's attention, not a change of "

@@ -47,6 +47,7 @@ from mftune.checkpoint.entries import Entry
 from mftune.checkpoint.formats import checkpoint_header, distributed, open_checkpoint, reads_strategy, recognise
 from mftune.checkpoint.formats.distributed import distributed_entries, file_blocks, rank_files
 from mftune.checkpoint.keys import PER_RANK_KEYS, SCALAR_KEYS, is_lora, moment_names, parameter_of
+from mftune.pet.config import init_method, is_base_init
 from mftune.checkpoint.mindspore.ckpt import is_ckpt, write_ckpt_streaming
 from mftune.checkpoint.mindspore.names import to_mindformers
 from mftune.checkpoint.mindspore.strategy import MindSporeStrategy
@@ -196,6 +197,8 @@ def _refuse_unportable_lora(pet_config: dict, entries: dict[str, Entry], src: st
     """A .ckpt has no header to say how its LoRA tensors are meant, and MindFormers scales B A by alpha / r and
     knows no DoRA magnitude: rsLoRA or DoRA adapters written there would mean something else."""
     used = [k for k in ("use_rslora", "use_dora") if pet_config.get(k)]
+    if is_base_init(init_method(pet_config.get("init_lora_weights", True))):
+        used.append(f"init_lora_weights {pet_config['init_lora_weights']} (MindFormers would not subtract B0 A0)")
     if used and any(is_lora(n) for n in entries):
         plain = pet_config.get("lora_alpha", 16) * math.sqrt(pet_config.get("lora_rank", 8))
         fix = f" (as plain LoRA these adapters have lora_alpha={plain:g})" if used == ["use_rslora"] else ""

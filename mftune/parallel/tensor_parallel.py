@@ -121,10 +121,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parall
     top = {"model.tok_embeddings": PlaceParams({"embedding_weight": Shard(0) if vocab_parallel else Replicate()},
                                                output=stream),
            "model.norm_out": norm()}
-    if vocab_parallel:  # logits stay a vocab-sharded DTensor for loss_parallel()
+    head = model.lm_head
+    if vocab_parallel and isinstance(head, LoRALinear):  # LoRA on lm_head: B and the magnitude follow the vocab
+        top["lm_head"] = PlaceParams({"weight": Shard(0), LORA_A: Replicate(), LORA_B: Shard(0), LORA_M: Shard(0),
+                                      INIT_A: Replicate(), INIT_B: Shard(0)}, input=stream,
+                                     desired_input=Replicate(), output=Shard(-1), use_local_output=False)
+    elif vocab_parallel:  # logits stay a vocab-sharded DTensor for loss_parallel()
         top["lm_head"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
     else:
-        top["lm_head"] = PlaceParams({"weight": Replicate()}, input=stream, desired_input=Replicate())
+        top["lm_head"] = PlaceParams({name: Replicate() for name in ("weight", LORA_A, LORA_B, LORA_M, INIT_A, INIT_B)},
+                                     input=stream, desired_input=Replicate())
     parallelize_module(model, tp_mesh, top)
     # tie_word_embeddings: the embedding table and lm_head's weight have the same placement (Shard(0) on the
     # vocabulary, or replicated), so lm_head takes the embedding's DTensor Parameter again

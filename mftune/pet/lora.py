@@ -2,7 +2,8 @@
 
 MindFormers/MindPet semantics (reference/mindformers.md §6.3-§6.5):
 - targets: recursion over child modules by *local* attribute name under the backbone
-  (``model.model`` for Llama, so ``lm_head`` is never a target); ``re.match(target_modules, name)``;
+  (``model.model`` for Llama; ``lm_head`` only when a pattern names it, as PEFT allows);
+  ``re.match(target_modules, name)``;
 - layer: ``y = x W^T + b + dropout(x) A^T B^T * lora_alpha / lora_rank`` (``use_rslora``, PEFT's
   rank-stabilised LoRA: ``/ sqrt(lora_rank)``), A ``[r, in]``
   kaiming-uniform(a=sqrt(5)), B ``[out, r]`` zeros, parameters ``mindpet_delta_lora_a/b``;
@@ -35,6 +36,7 @@ logger = logging.getLogger("mftune")
 LORA_MARK = "mindpet_delta_lora"  # every adapter parameter name contains it (MindPet convention)
 LORA_A, LORA_B = f"{LORA_MARK}_a", f"{LORA_MARK}_b"  # LoRALinear's factors A [r, in] and B [out, r]
 BACKBONE_ATTRS = ("backbone", "model", "transformer", "llm_model")  # MindFormers LoraModel.add_adapter order
+HEAD = "lm_head"  # outside the backbone: adapted only when target_modules names it
 
 
 class LoRALinear(nn.Module):
@@ -82,6 +84,8 @@ class LoRALinear(nn.Module):
                                                                  dtype=torch.float32), requires_grad=False)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora_parameters()
+        if is_base_init(init) and device.type != "meta":  # a model that holds its weights already (the API)
+            self.init_from_weight()
 
     def reset_lora_parameters(self, fill: Fill | None = None) -> None:
         """A: kaiming-uniform(a=sqrt(5)) (MindPet HeUniform(sqrt(5)), PEFT, torch Linear default); B: zeros.
@@ -236,9 +240,17 @@ def apply_lora(model: nn.Module, pet_config: dict | LoraConfig) -> nn.Module:
     excludes = [re.compile(p) for p in config.exclude_patterns]
     init_std = getattr(getattr(model, "config", None), "initializer_range", None)
     swapped = _swap(root, root_name, config, targets, excludes, init_std)
+    if _head_target(model, root, targets, excludes):  # LoRA on lm_head, named in target_modules (PEFT allows it)
+        if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            raise ValueError(f"pet_config.target_modules={config.target_modules!r} is invalid with "
+                             f"tie_word_embeddings: lm_head is the embedding table, which LoRA would change too. "
+                             f"Leave lm_head out of target_modules, or untie them.")
+        model.lm_head = _lora_layer(model.lm_head, config, init_std)
+        swapped.append(HEAD)
     if not swapped:
         raise ValueError(_no_match_message(root, root_name, config))
     freeze_lora(model, config.freeze_include, config.freeze_exclude, config.modules_to_save)
+    _check_base_init_frozen(model, config)
     logger.info("LoRA: replaced %d Linear layers (target_modules=%r, exclude_layers=%r, rank %d, alpha %g, "
                 "scaling %g%s%s, dropout %g%s): %s%s", len(swapped), config.target_modules, config.exclude_layers,
                 config.lora_rank, config.lora_alpha, config.scaling, " (rsLoRA: alpha / sqrt(rank))"
@@ -263,11 +275,39 @@ def _swap(module: nn.Module, prefix: str, config: LoraConfig,
     """MindFormers ``recursive_replace_dense_cell``: returns the dotted names of the swapped layers."""
     swapped = []
     for parent, name, child, full in _targets(module, prefix, targets, excludes):
-        setattr(parent, name, LoRALinear(child, config.lora_rank, config.lora_alpha, config.lora_dropout,
-                                         config.param_dtype, config.compute_torch_dtype, init_std,
-                                         config.use_rslora, config.use_dora, init_method(config.init_lora_weights)))
+        setattr(parent, name, _lora_layer(child, config, init_std))
         swapped.append(full)
     return swapped
+
+
+def _check_base_init_frozen(model: nn.Module, config: LoraConfig) -> None:
+    """PiSSA / OLoRA: A0 and B0 stay frozen whatever freeze_exclude / modules_to_save say, and the adapted weight
+    must stay frozen too (A0, B0 are derived from it whenever it is loaded: a trained W would give other ones)."""
+    for name, layer in lora_layers(model):
+        if not is_base_init(layer.init):
+            continue
+        layer.mindpet_delta_init_a.requires_grad_(False)
+        layer.mindpet_delta_init_b.requires_grad_(False)
+        if layer.weight.requires_grad:
+            raise ValueError(f"pet_config.init_lora_weights={config.init_lora_weights!r} is invalid with {name}.weight "
+                             f"trainable (freeze_exclude={config.freeze_exclude!r}, modules_to_save="
+                             f"{config.modules_to_save!r}): its adapters are taken from that weight. Keep the adapted "
+                             f"layers' weights frozen, or use init_lora_weights: true.")
+
+
+def _lora_layer(child: nn.Linear, config: LoraConfig, init_std: float | None) -> LoRALinear:
+    return LoRALinear(child, config.lora_rank, config.lora_alpha, config.lora_dropout, config.param_dtype,
+                      config.compute_torch_dtype, init_std, config.use_rslora, config.use_dora,
+                      init_method(config.init_lora_weights))
+
+
+def _head_target(model: nn.Module, root: nn.Module, targets: list[re.Pattern], excludes: list[re.Pattern]) -> bool:
+    """Whether ``target_modules`` puts LoRA on the model's ``lm_head`` (outside the backbone MindFormers searches):
+    only a pattern that names it (``'.*wq|.*wv|lm_head'``), so that MindFormers' broad patterns (``'.*'``) keep
+    meaning the backbone alone."""
+    head = getattr(model, HEAD, None)
+    return (isinstance(head, nn.Linear) and root is not model and not any(p.match(HEAD) for p in excludes)
+            and any(HEAD in p.pattern and p.match(HEAD) for p in targets))
 
 
 def _targets(module: nn.Module, prefix: str, targets: list[re.Pattern], excludes: list[re.Pattern]):
@@ -292,7 +332,8 @@ def lora_targets(model: nn.Module, pet_config: dict | LoraConfig) -> list[str]:
     root, root_name = _backbone(model)
     targets = [re.compile(p) for p in config.target_patterns]
     excludes = [re.compile(p) for p in config.exclude_patterns]
-    return [full for _, _, _, full in _targets(root, root_name, targets, excludes)]
+    head = [HEAD] if _head_target(model, root, targets, excludes) else []
+    return [full for _, _, _, full in _targets(root, root_name, targets, excludes)] + head
 
 
 def _no_match_message(root: nn.Module, root_name: str, config: LoraConfig) -> str:

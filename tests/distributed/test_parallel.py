@@ -232,11 +232,13 @@ def test_prefix_methods_dp2_mp2_with_every_option_match_one_process(parity, meth
 
 
 def test_dora_dp2_mp2_with_every_option_matches_one_process(parity):
-    """DoRA (docs/pet.md) on 4 ranks with FSDP2, tensor and sequence parallel, recompute: each rank initialises the
-    magnitudes of its rows from the loaded weights, a row-parallel layer's (wo, w2) from partial sums of squares
-    added over the tensor-parallel ranks; the losses and gradient norms are the one-process run's."""
+    """DoRA (docs/pet.md) on 4 ranks with FSDP2, tensor and sequence parallel, recompute, also on a vocab-parallel
+    lm_head (target_modules naming it): each rank initialises the magnitudes of its rows from the loaded weights, a
+    row-parallel layer's (wo) from partial sums of squares added over the tensor-parallel ranks; the losses and
+    gradient norms are the one-process run's."""
     d, config, refs = parity
-    dora = {"model.model_config.pet_config.use_dora": True}
+    dora = {"model.model_config.pet_config.use_dora": True,
+            "model.model_config.pet_config.target_modules": ".*wq|.*wk|.*wv|.*wo|lm_head"}
     single, out = os.path.join(d, "dora-single"), os.path.join(d, "dora-2x2")
     r = pp.run_single(config, "finetune", single, dora)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -408,11 +408,18 @@ def test_names_and_weight_reuse():
 
 def test_exclude_layers_and_lm_head():
     """exclude_layers is re.match'ed against local names: '1' skips the whole layer ``layers.1``.
-    lm_head is outside the backbone ``model`` and is never wrapped, even when the regex names it."""
+    lm_head is outside the backbone ``model`` (MindFormers never wraps it): mftune wraps it only when a pattern
+    names it (the issue's extension, as PEFT allows), never for a broad pattern such as '.*head'."""
     model = tiny_model()
-    get_pet_model(model, dict(target_modules=".*wq|.*lm_head|.*head", exclude_layers=["1"]))
+    get_pet_model(model, dict(target_modules=".*wq|.*lm_head", exclude_layers=["1"]))
+    assert wrapped(model) == ["model.layers.0.attention.wq", "lm_head"]
+    model = tiny_model()
+    get_pet_model(model, dict(target_modules=".*wq|.*head", exclude_layers=["1"]))
     assert wrapped(model) == ["model.layers.0.attention.wq"]
     assert isinstance(model.lm_head, nn.Linear)
+    with pytest.raises(ValueError, match="target_modules=.*lm_head.* is invalid with tie_word_embeddings"):
+        get_pet_model(LlamaForCausalLM(LlamaConfig(**{**TINY, "tie_word_embeddings": True})),
+                      dict(target_modules=".*wq|lm_head"))
     model = tiny_model()
     get_pet_model(model, dict(target_modules=ATTN, exclude_layers=["wk", "wo"]))
     assert wrapped(model) == [f"model.layers.{i}.attention.{w}" for i in range(2) for w in ("wq", "wv")]

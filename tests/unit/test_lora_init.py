@@ -71,7 +71,20 @@ def test_base_inits_equal_peft(init, rslora):
 
 def test_init_factors_are_frozen_and_the_base_is_kept():
     """Expected: the base weight is the loaded one (its checkpoint and fingerprint stay valid); A0 and B0 are frozen
-    and derived again from the weight, so a checkpoint's trained A and B are kept (keep_adapters)."""
+    and derived again from the weight, so a checkpoint's trained A and B are kept (keep_adapters); a model built
+    with its weights (the API) gets them at once; a trainable adapted weight (freeze_exclude) is refused, and
+    freeze_exclude cannot make A0 / B0 train."""
+    hf = tiny_hf.hf_model()
+    direct = tiny_hf.mftune_from_hf(hf)
+    get_pet_model(direct, dict(lora_rank=4, lora_alpha=8, target_modules=".*wq", init_lora_weights="olora"))
+    assert all(layer.mindpet_delta_init_a.any() for _, layer in lora_layers(direct))
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' is invalid with model.layers.0.attention.wq.weight "
+                                         "trainable"):
+        get_pet_model(tiny_hf.mftune_from_hf(hf), dict(target_modules=".*wq", init_lora_weights="pissa",
+                                                       freeze_exclude=["*wq*"]))
+    model = tiny_hf.mftune_from_hf(hf)
+    get_pet_model(model, dict(target_modules=".*wq", init_lora_weights="pissa", freeze_exclude=["*init_a"]))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "init_" in n)
     hf, ours, _ = _pair("pissa")
     name, layer = lora_layers(ours)[0]
     torch.testing.assert_close(layer.weight, hf.model.layers[0].self_attn.q_proj.weight, rtol=0, atol=0)

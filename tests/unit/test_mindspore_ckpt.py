@@ -351,15 +351,17 @@ def test_transform_writes_mindspore_rank_files(tmp_path):
 
 
 @pytest.mark.parametrize("variant, named", [("use_rslora", "as plain LoRA these adapters have lora_alpha=16"),
-                                            ("use_dora", "has no DoRA")])
+                                            ("use_dora", "has no DoRA"),
+                                            ("init_lora_weights", "would not subtract B0 A0")])
 def test_transform_to_ckpt_refuses_adapters_mindformers_would_misread(tmp_path, variant, named):
-    """A .ckpt records no pet_config and MindFormers scales LoRA by alpha / r without DoRA: rsLoRA or DoRA
-    adapters written there would silently mean something else."""
+    """A .ckpt records no pet_config and MindFormers scales LoRA by alpha / r without DoRA or PiSSA's subtracted
+    factors: such adapters written there would silently mean something else."""
     from mftune.checkpoint.transform import transform
 
     import lora_checkpoint
 
-    ck = lora_checkpoint.build(tmp_path, {**lora_checkpoint.PET, variant: True})
+    value = "pissa" if variant == "init_lora_weights" else True
+    ck = lora_checkpoint.build(tmp_path, {**lora_checkpoint.PET, variant: value})
     with pytest.raises(CheckpointError, match=f"output_format=ckpt is invalid .* use {variant}.*{named}"):
         transform(ck.lora_path, str(tmp_path / "out"), None, [0], output_format="ckpt")
     assert not (tmp_path / "out").exists()

@@ -169,8 +169,8 @@ def _edit_config(adapter_dir, **changes):
     ({"bias": "all"}, r'bias="all" is invalid'),
     ({"fan_in_fan_out": True}, r"fan_in_fan_out=true is invalid"),
     ({"init_lora_weights": "pissa"}, r'init_lora_weights="pissa" is invalid'),
-    ({"target_modules": ["q_proj", "v_proj", "lm_head"]},
-     r'target_modules=\["q_proj", "v_proj", "lm_head"\] is invalid: it puts LoRA on lm_head'),
+    ({"target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+     r'target_modules=\["q_proj", "v_proj", "embed_tokens"\] is invalid: it puts LoRA on model\.embed_tokens'),
     ({"target_modules": ["q_proj", "v_proj", "k_proj"]},
      r"selects model\.layers\.0\.self_attn\.k_proj \(3 such modules\), for which the adapter's weights hold no LoRA"),
     ({"target_modules": ["q_proj"]}, r"hold LoRA for model\.layers\.0\.self_attn\.v_proj \(3 such modules\), which "
@@ -178,13 +178,23 @@ def _edit_config(adapter_dir, **changes):
     ({"target_modules": "q_proj", "layers_to_transform": [0]},
      r"layers_to_transform=\[0\] is invalid: peft refuses it with a regex target_modules"),
     ({"target_modules": "(q_proj"}, r'target_modules="\(q_proj" is invalid: not a valid regular expression'),
-], ids=["rslora", "modules_to_save", "dora", "bias", "fan_in_fan_out", "pissa", "lm_head", "more_than_weights",
+], ids=["rslora", "modules_to_save", "dora", "bias", "fan_in_fan_out", "pissa", "embedding", "more_than_weights",
         "fewer_than_weights", "regex_with_layers", "bad_regex"])
 def test_what_mftune_cannot_honour_is_refused_naming_the_field(base, tmp_path, changes, expected):
     _peft_adapter(base, tmp_path / "adapter", **ADAPTER)
     _edit_config(tmp_path / "adapter", **changes)
     with pytest.raises(CheckpointError, match=expected):
         _build(base, tmp_path / "adapter", YAML_PET)
+
+
+def test_lora_on_lm_head_saved_by_peft_gives_peft_logits(base, tmp_path):
+    """An adapter peft saved with LoRA on q_proj and lm_head (target_modules naming it): applied from load_checkpoint
+    alone, mftune wraps lm_head too and gives peft's logits."""
+    peft_model = _peft_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    built = _build(base, tmp_path / "adapter", None)
+    assert built.pet_config["target_modules"] == ".*wq|lm_head"
+    assert type(built.model.lm_head).__name__ == "LoRALinear"
+    _assert_peft_logits(built, peft_model, base)
 
 
 def test_an_adapter_for_a_deeper_model_is_refused(base, tmp_path):

@@ -78,7 +78,10 @@ def _export(src, out, *extra) -> int:
     ({**SUBSET, "use_rslora": True}, [0, 2], ["q_proj", "v_proj"]),
     ({**MLP, "use_dora": True}, None, ["gate_proj", "down_proj", "up_proj"]),
     ({**SUBSET, "modules_to_save": ["lm_head", "tok_embeddings"]}, [0, 2], ["q_proj", "v_proj"]),
-], ids=["attention", "wq_wv_exclude_layer_1", "mlp", "rslora", "dora", "modules_to_save"])
+    ({**SUBSET, "target_modules": ".*wq|.*wv|lm_head"}, [0, 2], ["q_proj", "v_proj", "lm_head"]),
+    ({**MLP, "target_modules": ".*w2|lm_head"}, None, ["down_proj", "lm_head"]),
+], ids=["attention", "wq_wv_exclude_layer_1", "mlp", "rslora", "dora", "modules_to_save", "lm_head_subset",
+        "lm_head"])
 def test_exported_adapter_loads_in_peft_with_mftune_logits(base, tmp_path, caplog, pet_config, layers, targets):
     model, ckpt = lora_checkpoint(base, pet_config, f"run_{len(targets)}_{layers}")
     out = tmp_path / "adapter"
@@ -138,7 +141,8 @@ def test_missing_key_warning_is_seen(base, tmp_path, caplog):
     assert any("missing adapter keys" in m.lower() for m in messages), messages
 
 
-@pytest.mark.parametrize("pet_config", [ATTN, SUBSET], ids=["attention", "wq_wv_exclude_layer_1"])
+@pytest.mark.parametrize("pet_config", [ATTN, SUBSET, {**SUBSET, "target_modules": ".*wq|.*wv|lm_head"}],
+                         ids=["attention", "wq_wv_exclude_layer_1", "lm_head"])
 def test_read_peft_adapter_round_trip(base, tmp_path, pet_config):
     model, ckpt = lora_checkpoint(base, pet_config, f"run_rt_{pet_config['lora_alpha']}")
     assert _export(ckpt, tmp_path / "adapter") == 0
@@ -220,8 +224,8 @@ def test_read_unsupported_config_is_an_error_naming_the_field(adapter_dir, tmp_p
         read_peft_adapter(_edited(adapter_dir, tmp_path, config_changes=changes))
 
 
-def _add_lm_head_lora(t):
-    t["base_model.model.lm_head.lora_A.weight"] = torch.zeros(4, 32)
+def _add_embedding_lora(t):
+    t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 128)
 
 
 def _drop_one_b(t):
@@ -234,7 +238,8 @@ def _drop_one_module(t):
 
 
 @pytest.mark.parametrize("edit, expected", [
-    (_add_lm_head_lora, r"not LoRA A/B of a decoder-layer Linear \(e\.g\. base_model\.model\.lm_head\.lora_A\.weight\)"),
+    (_add_embedding_lora, r"not LoRA A/B of a decoder-layer Linear or lm_head \(e\.g\. "
+                          r"base_model\.model\.model\.embed_tokens\.lora_embedding_A\)"),
     (_drop_one_b, r"model\.layers\.0\.attention\.wq lacks mindpet_delta_lora_b"),
     (_drop_one_module, r"not the same in every adapted layer \(e\.g\. no adapter on model\.layers\.0\.attention\.wq\)"),
 ])

@@ -34,6 +34,7 @@ from mftune.checkpoint.keys import LORA_A, LORA_B, LORA_M
 from mftune.checkpoint.names import MFTUNE_TO_HF_LAYER, hf_to_mftune, mftune_to_hf
 from mftune.checkpoint.safetensors_io import load_tensors
 from mftune.errors import CheckpointError
+from mftune.pet.lora import HEAD
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -85,7 +86,7 @@ def mftune_to_peft_name(name: str) -> str:
     ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; KeyError if unknown."""
     module, _, param = name.rpartition(".")
     if param not in MFTUNE_TO_PEFT_PARAM or not _is_lora_module(module):
-        raise KeyError(f"mftune_to_peft: {name!r} is not an mftune LoRA tensor of a decoder-layer Linear")
+        raise KeyError(f"mftune_to_peft: {name!r} is not an mftune LoRA tensor of a decoder-layer Linear or lm_head")
     hf_module = mftune_to_hf(f"{module}.weight")[: -len(".weight")]
     return f"{PEFT_PREFIX}{hf_module}.{MFTUNE_TO_PEFT_PARAM[param]}"
 
@@ -103,20 +104,21 @@ def peft_to_mftune_name(name: str) -> str:
                 return f"{module}.{param}"
             break
     raise KeyError(f"peft_to_mftune: {name!r} is not a PEFT LoRA tensor (base_model.model.<module>.lora_A.weight / "
-                   f".lora_B.weight) of a Llama decoder-layer Linear")
+                   f".lora_B.weight) of a Llama decoder-layer Linear or lm_head")
 
 
 def _is_lora_module(module: str) -> bool:
     m = _MODULE.match(module)
-    return bool(m) and m.group(2) in LINEAR_LEAVES
+    return module == HEAD or (bool(m) and m.group(2) in LINEAR_LEAVES)
 
 
 def lora_grid(modules: set[str], where: str) -> tuple[list[int], list[str]]:
-    """mftune module paths -> (layer indices, local leaves like ``attention.wq`` in table order).
+    """mftune module paths -> (layer indices, local leaves like ``attention.wq`` in table order, then ``lm_head``
+    when it is adapted).
 
     A CheckpointError if the modules are not every combination of the two (mftune cannot express that)."""
     pairs = set()
-    for module in modules:
+    for module in modules - {HEAD}:
         m = _MODULE.match(module)
         pairs.add((int(m.group(1)), m.group(2)))
     layers = sorted({i for i, _ in pairs})
@@ -127,7 +129,7 @@ def lora_grid(modules: set[str], where: str) -> tuple[list[int], list[str]]:
             f"{where}: the LoRA modules are not the same in every adapted layer (e.g. no adapter on "
             f"{missing[0]}), which mftune's pet_config (one target_modules for all layers) cannot express. "
             f"Use an adapter whose layers all carry the same module types.")
-    return layers, leaves
+    return layers, leaves + ([HEAD] if HEAD in modules else [])
 
 
 def pair_and_rank(tensors: dict[str, torch.Tensor], where: str, dora: bool = False) -> tuple[set[str], int]:
@@ -166,8 +168,9 @@ def peft_adapter_config(hparams: dict[str, Any], layers: list[int], leaves: list
     Only fields peft has read since v0.9 (older versions reject unknown keys; newer ones fill in
     defaults for absent keys without a warning), every one at its neutral value except the LoRA ones.
     """
-    hf_leaves = [mftune_to_hf(f"model.layers.0.{leaf}.weight").split(".")[-2] for leaf in leaves]
-    partial = layers != list(range(num_layers))
+    hf_leaves = [HEAD if leaf == HEAD else mftune_to_hf(f"model.layers.0.{leaf}.weight").split(".")[-2]
+                 for leaf in leaves]
+    partial = bool(layers) and layers != list(range(num_layers))  # an exact "lm_head" ignores layers_to_transform
     return {
         "alpha_pattern": {},
         "base_model_name_or_path": base_model_name_or_path,
@@ -227,10 +230,12 @@ def read_peft_adapter(adapter_dir: str, num_layers: int | None = None) -> tuple[
     config, config_path = read_adapter_config(adapter_dir)
     raw, weights_path = _read_adapter_weights(adapter_dir)
     saved, taken = peft_saved(raw, config, weights_path)
+    # peft's save_embedding_layers="auto" saves the whole lm_head beside its LoRA: it replaces the base's, as in peft
+    head_weight = {f"{HEAD}.weight": raw[k] for k in raw if k == f"{PEFT_PREFIX}{HEAD}.base_layer.weight"}
     unknown = []
     tensors = {}
     for key, value in raw.items():
-        if key in taken:
+        if key in taken or key == f"{PEFT_PREFIX}{HEAD}.base_layer.weight":
             continue
         try:
             tensors[peft_to_mftune_name(key)] = value
@@ -238,9 +243,9 @@ def read_peft_adapter(adapter_dir: str, num_layers: int | None = None) -> tuple[
             unknown.append(key)
     if unknown:
         raise CheckpointError(
-            f"{weights_path} is invalid: {len(unknown)} tensors are not LoRA A/B of a decoder-layer Linear "
-            f"(e.g. {unknown[0]}); mftune applies LoRA to wq wk wv wo w1 w2 w3 (HF q/k/v/o_proj, gate/down/"
-            f"up_proj) only. Use an adapter without embedding/lm_head LoRA or biases.")
+            f"{weights_path} is invalid: {len(unknown)} tensors are not LoRA A/B of a decoder-layer Linear or "
+            f"lm_head (e.g. {unknown[0]}); mftune applies LoRA to wq wk wv wo w1 w2 w3 (HF q/k/v/o_proj, gate/down/"
+            f"up_proj) and lm_head only. Use an adapter without embedding LoRA or biases.")
     if not tensors:
         raise CheckpointError(f"{weights_path} is invalid: it holds no tensors. Re-save the adapter.")
     modules, rank = pair_and_rank(tensors, weights_path, dora=config.get("use_dora") is True)
@@ -255,11 +260,11 @@ def read_peft_adapter(adapter_dir: str, num_layers: int | None = None) -> tuple[
             raise CheckpointError(f"{config_path}: layers_to_transform={wanted} is invalid: {weights_path} has "
                                   f"adapters on layers {layers}. Use the adapter's own adapter_config.json.")
     every = list(range(len(layers) if num_layers is None else num_layers))
-    pet_config = grid_pet_config(config, rank, layers, leaves,
-                                 partial=layers != every or (num_layers is None and wanted is not None))
+    pet_config = grid_pet_config(config, rank, layers, leaves, partial=bool(layers) and (
+        layers != every or (num_layers is None and wanted is not None)))
     if saved:
         pet_config["modules_to_save"] = mftune_module_names(saved)
-    return {**tensors, **saved}, pet_config
+    return {**tensors, **saved, **head_weight}, pet_config
 
 
 def grid_pet_config(config: dict[str, Any], rank: int, layers: list[int], leaves: list[str],
@@ -273,7 +278,7 @@ def grid_pet_config(config: dict[str, Any], rank: int, layers: list[int], leaves
         "lora_dropout": config.get("lora_dropout", 0.0),
         "use_rslora": bool(config.get("use_rslora", False)),
         "use_dora": bool(config.get("use_dora", False)),
-        "target_modules": "|".join(f".*{leaf.split('.')[-1]}" for leaf in leaves),
+        "target_modules": "|".join(leaf if leaf == HEAD else f".*{leaf.split('.')[-1]}" for leaf in leaves),
     }
     if partial:
         pet_config["exclude_layers"] = "(?!(?:" + "|".join(map(str, layers)) + r")$)\d+$"

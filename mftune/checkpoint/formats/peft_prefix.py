@@ -121,7 +121,8 @@ def effective_pet_config(run_pet_config: dict | None, path: str, args: Any, run_
         return adapter
     keep = training_keys(run_pet_config, adapter["pet_type"])
     for key, value in run_pet_config.items():
-        if key not in keep and adapter.get(key) != value and not (key == "dropout_rate" and "dropout_prob" in keep):
+        carried = "dropout" in key and "dropout_prob" in keep  # the run's dropout, under ptuning2's name
+        if key not in keep and adapter.get(key) != value and not carried:
             logger.warning("%s.%s=%r is %s: load_checkpoint=%s is a PEFT prefix-tuning adapter", KEY_PREFIX, key, value,
                            f"replaced by {adapter[key]!r}" if key in adapter else "not used", path)
     logger.info("load_checkpoint=%s is a PEFT prefix-tuning adapter: pet_config %s", path, {**adapter, **keep})
