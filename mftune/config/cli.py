@@ -105,7 +105,8 @@ _HELP = {
     "output_dir": "output directory",
     "register_path": "accepted for compatibility, unused (mftune has no model registry)",
     "do_sample": "model.model_config.do_sample (true/false)",
-    "adapter_id": "predict: the S-LoRA adapter of each prompt (pet_type slora); accepted, not used yet by mftune",
+    "adapter_id": "predict with pet_type slora: the adapter of every prompt (one name), or of each prompt (one per "
+                  "prompt)",
     "modal_type": "predict: the modality of each input (MindFormers' multimodal models); Llama takes text",
 }
 

@@ -11,13 +11,17 @@ from mftune.pet.config import LoraConfig, pet_config_from_dict
 from mftune.pet.lora import apply_lora, init_lora_weights
 from mftune.pet.prefix import apply_prefix, init_prefix_weights
 from mftune.pet.prefix_config import PrefixConfig
+from mftune.pet.slora import SLoraConfig
 
 
-def get_pet_model(model: nn.Module, pet_config: dict[str, Any] | LoraConfig | PrefixConfig) -> nn.Module:
+def get_pet_model(model: nn.Module, pet_config: dict[str, Any] | LoraConfig | PrefixConfig | SLoraConfig) -> nn.Module:
     """Apply ``pet_config``'s method to ``model`` in place (any device, meta included) and return it: LoRA
     (``mftune.pet.lora``), or prefix tuning / P-tuning v2 (``mftune.pet.prefix``). Then call
     ``init_pet_weights`` after ``to_empty`` to give the new parameters their initial values."""
     config = pet_config_from_dict(pet_config)
+    if isinstance(config, SLoraConfig):  # its layers and ranks come from the adapters' files
+        raise ValueError("pet_type slora is applied from its adapters: mftune.checkpoint.slora_adapters.apply(model, "
+                         "adapter_path), then .load(...) after the base weights")
     if isinstance(config, PrefixConfig):
         return apply_prefix(model, config)
     return apply_lora(model, config)

@@ -19,12 +19,13 @@ import torch
 
 from mftune.models.config import DTYPES
 from mftune.pet.prefix_config import PREFIX_TYPES, PrefixConfig, is_prefix_type, prefix_config_errors
+from mftune.pet.slora import SLoraConfig, slora_config_errors
 
 DEFAULT_KEY_PREFIX = "model.model_config.pet_config"
 
 # PET methods MindFormers knows (PetType enum, PetModel mapping) that mftune does not implement.
-UNSUPPORTED_PET_TYPES = ("slora", "adapter", "low_rank_adapter")
-SUPPORTED_PET_TYPES = ("lora", *PREFIX_TYPES)
+UNSUPPORTED_PET_TYPES = ("adapter", "low_rank_adapter")
+SUPPORTED_PET_TYPES = ("lora", *PREFIX_TYPES, "slora")
 
 # dtype strings accepted for param_init_type / compute_dtype (MindPet: fp16, fp32, bf16): the model's
 # table, so that pet_config, model_config and config validation accept the same names.
@@ -91,14 +92,25 @@ class LoraConfig:
         return None if self.compute_dtype is None else PET_DTYPES[self.compute_dtype.lower()]
 
 
-def pet_config_from_dict(d: dict[str, Any] | LoraConfig | PrefixConfig,
-                         key_prefix: str = DEFAULT_KEY_PREFIX) -> LoraConfig | PrefixConfig:
-    """The validated config of ``d``'s method: ``PrefixConfig`` for prefixtuning / ptuning2, else ``LoraConfig``."""
-    if isinstance(d, (LoraConfig, PrefixConfig)):
+def pet_config_from_dict(d: dict[str, Any] | LoraConfig | PrefixConfig | SLoraConfig,
+                         key_prefix: str = DEFAULT_KEY_PREFIX) -> LoraConfig | PrefixConfig | SLoraConfig:
+    """The validated config of ``d``'s method: ``PrefixConfig`` for prefixtuning / ptuning2, ``SLoraConfig`` for
+    slora, else ``LoraConfig``."""
+    if isinstance(d, (LoraConfig, PrefixConfig, SLoraConfig)):
         return d
     if is_prefix_type(d.get("pet_type")):
         return PrefixConfig.from_dict(dict(d), key_prefix)
+    if is_slora(d):
+        errors = pet_config_errors(dict(d), key_prefix)
+        if errors:
+            raise ValueError(f"{len(errors)} problem(s) in {key_prefix}:\n  " + "\n  ".join(errors))
+        return SLoraConfig(pet_type="slora", adapter_path=d["adapter_path"])
     return LoraConfig.from_dict(dict(d), key_prefix)
+
+
+def is_slora(pet_config: dict | None) -> bool:
+    """Whether a pet_config mapping is MindFormers' multi-adapter S-LoRA (``mftune.pet.slora``)."""
+    return bool(pet_config) and str(pet_config.get("pet_type", "lora")).lower() == "slora"
 
 
 def is_lora_config(pet_config: dict | None) -> bool:
@@ -142,6 +154,8 @@ def pet_config_errors(pet_config: dict, key_prefix: str = DEFAULT_KEY_PREFIX) ->
                     f"(supported: {', '.join(SUPPORTED_PET_TYPES)})", "Use pet_type: lora.")]
     if is_prefix_type(pet_type):
         return prefix_config_errors(pet_config, err)
+    if is_slora(pet_config):
+        return slora_config_errors(pet_config, err)
     return _key_errors(pet_config, err) + _value_errors(pet_config, err) + _pattern_key_errors(pet_config, err)
 
 
@@ -154,7 +168,8 @@ def _key_errors(pet_config: dict, err) -> list[str]:
     elif pet_type.lower() not in SUPPORTED_PET_TYPES:
         close = difflib.get_close_matches(pet_type.lower(), SUPPORTED_PET_TYPES + UNSUPPORTED_PET_TYPES, n=1)
         hint = f"Did you mean {close[0]!r}? " if close else ""
-        errors.append(err("pet_type", "unknown PET method", f"{hint}Use pet_type: lora."))
+        errors.append(err("pet_type", "unknown PET method",
+                          f"{hint}Use pet_type: lora, prefixtuning, ptuning2 or slora."))
     names = LoraConfig.field_names()
     for key in pet_config:
         if key not in names:

@@ -22,7 +22,9 @@ from mftune.models.llama import LlamaForCausalLM
 from mftune.parallel import parallelize
 from mftune.parallel.mesh import ParallelContext
 from mftune.parallel.recompute import plan as recompute_plan
+from mftune.checkpoint import slora_adapters
 from mftune.pet import get_pet_model, pet_config_from_dict, trainable_summary
+from mftune.pet.config import is_slora
 from mftune.trainer.checkpointing import save_strategy
 from mftune.trainer.resume import ResumePoint
 from mftune.trainer.weights import LoadedWeights, load_weights, plan_weights
@@ -54,7 +56,10 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext,
         else:
             pet_config = effective_pet_config(model_config.pet_config, cfg.load_checkpoint, model, cfg.run_mode)
         model.config = dataclasses.replace(model.config, pet_config=pet_config)
-        if pet_config:
+        if is_slora(pet_config):  # several adapters over the base, one per prompt (predict only)
+            _check_slora(cfg, ctx)
+            slora_adapters.apply(model, pet_config["adapter_path"])
+        elif pet_config:
             get_pet_model(model, pet_config_from_dict(pet_config))  # LoRA or a prefix method
     except UserError:  # a CheckpointError naming the adapter's file
         raise
@@ -87,3 +92,14 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext,
     if not pet_config:  # get_pet_model logs it for PET runs
         logger.info(trainable_summary(model))
     return BuiltModel(model, pet_config, weights)
+
+
+def _check_slora(cfg: MFConfig, ctx: ParallelContext) -> None:
+    """S-LoRA serves adapters: predict only, without tensor parallel (each rank holds whole layers)."""
+    if cfg.run_mode != "predict":
+        raise UserError(f"model.model_config.pet_config.pet_type=slora is invalid with run_mode {cfg.run_mode}: "
+                        f"S-LoRA serves trained adapters (MindFormers' predict_llama2_7b_slora.yaml). Use run_mode "
+                        f"predict, or train one adapter with pet_type lora.")
+    if ctx.tp_size > 1:
+        raise UserError(f"parallel_config.model_parallel={ctx.tp_size} is invalid with pet_type slora: mftune serves "
+                        f"S-LoRA adapters without tensor parallel yet. Use model_parallel 1 (data parallel works).")

@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from mftune.checkpoint.slora_adapters import adapter_dirs
 from mftune.config.schema import MFConfig
 from mftune.data.templates import RAW, Template, get_template
 from mftune.data.tokenizer_kinds import Tokenizer, build_tokenizer, stop_ids_of
@@ -38,6 +39,8 @@ from mftune.errors import UserError
 from mftune.generation import GenerationConfig, check_generation, generate, max_new_tokens_for
 from mftune.models.config import LlamaConfig
 from mftune.parallel.mesh import ParallelContext
+from mftune.pet.config import is_slora
+from mftune.pet.slora import set_adapter_ids
 from mftune.fileio import atomic_open
 from mftune.trainer.build import build_model
 from mftune.trainer.outputs import PREDICT_RESULTS as RESULTS
@@ -55,21 +58,60 @@ def run_predict(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext, 
                         "(the tokenizer.model file). Set it in the YAML or with "
                         "--processor.tokenizer.vocab_file PATH.")
     try:
-        tokenizer, prompts = build_tokenizer(tok_cfg.vocab_file, tok_cfg.type), read_prompts(cfg.input_data)
+        tokenizer = build_tokenizer(tok_cfg.vocab_file, tok_cfg.type)
+        prompts, file_adapters = read_prompt_items(cfg.input_data)
         template = None if tok_cfg.chat_template in (None, RAW) else \
             get_template(tok_cfg.chat_template, tokenizer, "processor.tokenizer.chat_template")
         generation = GenerationConfig.from_model_config(model_config)
         ids, budgets = encode_prompts(tokenizer, prompts, generation, template, tok_cfg.add_bos_token)
+        adapters = adapter_slots(model_config.pet_config, cfg.adapter_id, file_adapters, len(prompts))
     except (ValueError, OSError) as exc:  # also generation settings, prompts longer than max_decode_length
         raise UserError(str(exc)) from None
     model = build_model(cfg, model_config, ctx).model
     predict(model, tokenizer, prompts, ids, budgets, generation,
             batch_size=cfg.predict_batch_size or model_config.batch_size, output_dir=output_dir, seed=cfg.seed,
-            is_main=ctx.is_main, stop_ids=stop_ids(tokenizer, template) + stop_ids_of(tokenizer))
+            is_main=ctx.is_main, stop_ids=stop_ids(tokenizer, template) + stop_ids_of(tokenizer), adapters=adapters)
+
+
+def adapter_slots(pet_config: dict | None, adapter_id: str | list[str] | None, file_adapters: list[str | None],
+                  num_prompts: int) -> list[tuple[str | None, int]] | None:
+    """pet_type slora: each prompt's ``(adapter name, slot)`` (slot 0: the base alone), from ``--adapter_id`` (one
+    name for every prompt, or one per prompt) or the prompts file's ``adapter_id`` fields (MindFormers passes one
+    id per batch); None without S-LoRA (``--adapter_id`` is then ignored with a warning). ValueError names an
+    unknown adapter, a count that does not fit, or ids given both ways."""
+    given = [adapter_id] if isinstance(adapter_id, str) else list(adapter_id or [])
+    if not is_slora(pet_config):
+        if given or any(file_adapters):
+            logger.warning("adapter_id %s is not used: it selects an S-LoRA adapter per prompt, and pet_config is not "
+                           "pet_type slora", " ".join(given) or "(prompts file)")
+        return None
+    names = list(adapter_dirs(pet_config["adapter_path"]))
+    if given and any(file_adapters):
+        raise ValueError("--adapter_id and the prompts file's adapter_id fields both choose adapters: give them one "
+                         "way.")
+    if len(given) not in (0, 1, num_prompts):
+        raise ValueError(f"--adapter_id has {len(given)} values for {num_prompts} prompts: give one (for every "
+                         f"prompt) or one per prompt.")
+    chosen = file_adapters if any(file_adapters) else (given * num_prompts if len(given) == 1 else given)
+    chosen = chosen or [None] * num_prompts
+    unknown = sorted({a for a in chosen if a is not None and a not in names})
+    if unknown:
+        raise ValueError(f"adapter_id {unknown[0]!r} is not an adapter of model.model_config.pet_config.adapter_path "
+                         f"(its adapters: {', '.join(names)}). Use one of those names.")
+    base = sum(a is None for a in chosen)
+    if base:
+        logger.warning("%d of %d prompts have no adapter_id: they use the base model alone (S-LoRA's slot 0)", base,
+                       num_prompts)
+    return [(a, 0 if a is None else names.index(a) + 1) for a in chosen]
 
 
 def read_prompts(input_data: str | list[str] | None) -> list[str]:
     """The prompts of ``input_data`` (texts, or one file of prompts); ValueError names the fix."""
+    return read_prompt_items(input_data)[0]
+
+
+def read_prompt_items(input_data: str | list[str] | None) -> tuple[list[str], list[str | None]]:
+    """``read_prompts`` and each prompt's ``adapter_id`` (S-LoRA), which a .json / .jsonl object may carry."""
     if not input_data:
         raise ValueError("run_mode predict needs prompts: pass --predict_data 'text' ['text' ...] or "
                          "--predict_data prompts.txt (one prompt per line), or set input_data in the YAML.")
@@ -79,7 +121,7 @@ def read_prompts(input_data: str | list[str] | None) -> list[str]:
     if len(texts) == 1 and _looks_like_a_file(texts[0]):
         raise ValueError(f"predict_data={texts[0]} looks like a prompts file but does not exist. Give the path of "
                          f"an existing file (one prompt per line, or .json / .jsonl), or quote the prompt text.")
-    return texts
+    return texts, [None] * len(texts)
 
 
 def _looks_like_a_file(text: str) -> bool:
@@ -88,7 +130,7 @@ def _looks_like_a_file(text: str) -> bool:
             and text.lower().endswith((".txt", ".json", ".jsonl")))
 
 
-def _prompts_file(path: str) -> list[str]:
+def _prompts_file(path: str) -> tuple[list[str], list[str | None]]:
     with open(path, encoding="utf-8") as f:
         raw = f.read()
     if path.endswith((".json", ".jsonl")):
@@ -98,15 +140,20 @@ def _prompts_file(path: str) -> list[str]:
             raise ValueError(f"predict_data={path} is not valid JSON ({exc}). Use a list of strings, or "
                              f"objects with a 'prompt' field.") from None
         prompts = [item.get("prompt") if isinstance(item, dict) else item for item in items]
+        adapters = [item.get("adapter_id") if isinstance(item, dict) else None for item in items]
         bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
         if bad:
             raise ValueError(f"predict_data={path}: item {bad[0]} is not a string or an object with a "
                              f"'prompt' string. Fix that item.")
+        bad = [i for i, a in enumerate(adapters) if a is not None and not isinstance(a, str)]
+        if bad:
+            raise ValueError(f"predict_data={path}: item {bad[0]}'s adapter_id is not a string. Fix that item.")
     else:
         prompts = [line.replace("\\n", "\n") for line in raw.splitlines() if line.strip()]
+        adapters = [None] * len(prompts)
     if not prompts:
         raise ValueError(f"predict_data={path} holds no prompts. Put one prompt per line.")
-    return prompts
+    return prompts, adapters
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: list[str], generation: GenerationConfig,
@@ -132,7 +179,8 @@ def stop_ids(tokenizer: Tokenizer, template: Template | None) -> list[int]:
 
 def predict(model, tokenizer: Tokenizer, prompts: list[str], ids: list[list[int]], budgets: list[int],
             generation: GenerationConfig, *, batch_size: int, output_dir: str, seed: int,
-            is_main: bool = True, stop_ids: list[int] = ()) -> list[dict]:
+            is_main: bool = True, stop_ids: list[int] = (),
+            adapters: list[tuple[str | None, int]] | None = None) -> list[dict]:
     """Generate for every prompt (``encode_prompts``' ids and budgets; eos and pad ids from the model's
     config, ``stop_ids`` also end a row); print each result and write ``predict_results.jsonl``
     (``is_main``: on several ranks every rank generates the same, rank 0 prints and writes)."""
@@ -142,12 +190,16 @@ def predict(model, tokenizer: Tokenizer, prompts: list[str], ids: list[list[int]
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     results, start = [], time.perf_counter()
     for i in range(0, len(ids), batch_size):
+        if adapters is not None:  # S-LoRA: each row decoded with its own adapter
+            set_adapter_ids(model, [slot for _, slot in adapters[i:i + batch_size]])
         outputs = generate(model, ids[i:i + batch_size], max_new_tokens=budgets[i:i + batch_size],
                            eos_token_id=eos, pad_token_id=mc.pad_token_id, generator=generator,
                            **generation.sampling())
-        for prompt, prompt_ids, out in zip(prompts[i:i + batch_size], ids[i:i + batch_size], outputs):
+        for j, (prompt, prompt_ids, out) in enumerate(zip(prompts[i:i + batch_size], ids[i:i + batch_size], outputs)):
             text = tokenizer.decode(out)
             results.append({"prompt": prompt, "input_ids": prompt_ids, "output_ids": out, "text": text})
+            if adapters is not None:
+                results[-1]["adapter_id"] = adapters[i + j][0]
             if is_main:
                 print(f"prompt: {prompt}\noutput: {text}\n", flush=True)
     seconds = time.perf_counter() - start

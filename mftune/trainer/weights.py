@@ -17,6 +17,7 @@ from typing import Literal
 import torch.distributed as dist
 from torch import nn
 
+from mftune.checkpoint import slora_adapters
 from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
 from mftune.checkpoint.formats.distributed import distributed_entries
 from mftune.checkpoint.keys import is_prefix_param
@@ -31,6 +32,7 @@ from mftune.parallel.gather import distributed, gather_ints, host_id
 from mftune.parallel.layout import fill_from_full
 from mftune.parallel.mesh import ParallelContext
 from mftune.pet import init_from_weights, init_pet_weights
+from mftune.pet.config import is_slora
 from mftune.trainer.resume import ResumePoint, load_base
 
 logger = logging.getLogger("mftune")
@@ -68,6 +70,7 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
     if plan.source == "init":
         model.init_weights(fill_from_full)
         init_from_weights(model, (), fill_from_full)  # PiSSA / OLoRA adapters from the random base
+        _load_slora(model, cfg)
         named = cfg.model.model_config.get("checkpoint_name_or_path")
         if named:  # MindFormers would download that model's weights; mftune reads only load_checkpoint
             logger.warning("model.model_config.checkpoint_name_or_path=%s is not loaded: mftune downloads nothing "
@@ -93,6 +96,7 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
     report = (load_checkpoint(model, _transform(cfg, ctx)[0], base=base) if plan.transform else
               load_checkpoint(model, plan.path, src_strategy=cfg.src_strategy_path_or_dir, base=base))
     init_from_weights(model, report["loaded"], fill_from_full)  # DoRA magnitudes, PiSSA / OLoRA factors not loaded
+    _load_slora(model, cfg)
     prefix = [n for n in report["fresh_lora"] if is_prefix_param(n)]
     if prefix and cfg.run_mode in ("eval", "predict"):  # a random prefix is not the base model, unlike B = 0
         raise CheckpointError(f"load_checkpoint={plan.path} holds no prefix ({prefix[0]}, {len(prefix)} tensor(s)) "
@@ -105,6 +109,13 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
                        cfg.run_mode)
     return LoadedWeights(report.get("base") or {"path": os.path.abspath(plan.path),
                                                 "fingerprint": fingerprint(plan.path)}, None)
+
+
+def _load_slora(model: nn.Module, cfg: MFConfig) -> None:
+    """pet_type slora: its adapters' factors into their slots, after the base (mftune.checkpoint.slora_adapters)."""
+    pet_config = model.config.pet_config
+    if is_slora(pet_config):
+        slora_adapters.load(model, pet_config["adapter_path"], fill_from_full)
 
 
 def _transform(cfg: MFConfig, ctx: ParallelContext, files: list[str] | None = None) -> tuple[str, list[str]]:

@@ -1,13 +1,15 @@
-"""MindFormers' prefix-tuning and P-tuning v2 Llama2 YAMLs (v1.3.0, tests/fixtures) as a user runs them: placeholder
-paths replaced, the model shrunk, one process. finetune trains only the prefix and saves it (with its base recorded);
-eval and predict take that checkpoint as load_checkpoint, as MindFormers' predict YAML does, and apply the recorded
-prefix; the predicted tokens are the ones mftune.generation gives on the same weights. scripts/transform_ckpt_lora.py
-says there is nothing to merge."""
+"""MindFormers' prefix-tuning, P-tuning v2 and S-LoRA Llama2 YAMLs (v1.3.0, tests/fixtures) as a user runs them:
+placeholder paths replaced, the model shrunk, one process. finetune trains only the prefix and saves it (with its base
+recorded); eval and predict take that checkpoint as load_checkpoint, as MindFormers' predict YAML does, and apply the
+recorded prefix; the predicted tokens are the ones mftune.generation gives on the same weights.
+scripts/transform_ckpt_lora.py says there is nothing to merge. S-LoRA predicts with one adapter per prompt
+(--adapter_id, or a prompts file's adapter_id fields), each prompt's output the one its adapter gives alone."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -117,6 +119,64 @@ def test_predict_without_a_prefix_is_refused(workdir, tmp_path):
              "--run_mode", "predict", "--output_dir", str(tmp_path / "out"), "--predict_data", "Hi"])
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "holds no prefix (mindpet_delta_prefixtuning_embedding.embedding_table" in r.stderr
+
+
+def _peft_adapter(directory, r: int, alpha: float, seed: int) -> None:
+    """A PEFT LoRA adapter on q_proj / v_proj of the tiny model, written as peft saves one."""
+    from mftune.checkpoint.safetensors_io import save_safetensors
+
+    g = torch.Generator().manual_seed(seed)
+    hidden, layers = SIZES["hidden_size"], SIZES["num_layers"]
+    tensors = {f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{x}.weight":
+               torch.randn(shape, generator=g) * 0.3
+               for i in range(layers) for m in ("q_proj", "v_proj") for x, shape in (("A", (r, hidden)),
+                                                                                       ("B", (hidden, r)))}
+    os.makedirs(directory)
+    save_safetensors(tensors, os.path.join(directory, "adapter_model.safetensors"), {"format": "pt"})
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj"],
+                   "lora_dropout": 0.0, "task_type": "CAUSAL_LM"}, f)
+
+
+def test_slora_yaml_predicts_one_adapter_per_prompt(workdir, tmp_path):
+    """predict_llama2_7b_slora.yaml with two adapters: a prompts file's adapter_id per line (one line without: the
+    base), then --adapter_id for every prompt; each output equals that adapter's single-LoRA predict."""
+    d, vocab = workdir
+    for name, r, alpha, seed in (("a", 4, 8, 1), ("b", 2, 16, 2)):
+        _peft_adapter(str(tmp_path / name), r, alpha, seed)
+    (tmp_path / "adapters.json").write_text(json.dumps({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")}))
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "Give three tips.", "adapter_id": "b"}, {"prompt": "Give three tips.", "adapter_id": "a"},
+            {"prompt": "Give three tips."}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = _yaml(d, vocab, "predict_llama2_7b_slora.yaml", load_checkpoint=str(d / "base.safetensors"))
+    slora = ["--model.model_config.pet_config.adapter_path", str(tmp_path / "adapters.json")]
+    r = run(["run_finetune.py", "--config", config, "--run_mode", "predict", "--output_dir", str(tmp_path / "mixed"),
+             "--predict_data", str(prompts), *slora])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "1 of 3 prompts have no adapter_id: they use the base model alone" in r.stdout + r.stderr
+    with open(tmp_path / "mixed" / "predict_results.jsonl") as f:
+        mixed = [json.loads(line) for line in f]
+    assert [m["adapter_id"] for m in mixed] == ["b", "a", None]
+    alone = {}
+    for name in ("a", "b"):  # the adapter with its base beside it (docs/checkpoints.md), its settings applied
+        out, both = tmp_path / f"alone_{name}", tmp_path / f"{name}_with_base"
+        shutil.copytree(tmp_path / name, both)
+        shutil.copy(d / "base.safetensors", both / "base.safetensors")
+        r = run(["run_finetune.py", "--config", _yaml(d, vocab, "predict_llama2_7b_prefixtuning.yaml",
+                                                      load_checkpoint=str(both)),
+                 "--run_mode", "predict", "--output_dir", str(out), "--predict_data", "Give three tips.",
+                 "--model.model_config.pet_config", "null"])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        alone[name] = json.loads((out / "predict_results.jsonl").read_text())["output_ids"]
+    assert [m["output_ids"] for m in mixed[:2]] == [alone["b"], alone["a"]] and alone["a"] != alone["b"]
+    r = run(["run_finetune.py", "--config", config, "--run_mode", "predict", "--output_dir", str(tmp_path / "cli"),
+             "--predict_data", "Give three tips.", "--adapter_id", "b", *slora])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((tmp_path / "cli" / "predict_results.jsonl").read_text())["output_ids"] == alone["b"]
+    r = run(["run_finetune.py", "--config", config, "--run_mode", "predict", "--output_dir", str(tmp_path / "bad"),
+             "--predict_data", "Hi", "--adapter_id", "c", *slora])
+    assert r.returncode == 2 and "adapter_id 'c' is not an adapter" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_merge_tool_says_a_prefix_has_nothing_to_merge(workdir, tmp_path):

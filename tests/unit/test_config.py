@@ -641,9 +641,13 @@ def test_empty_yaml_is_an_error_not_the_7b_defaults(tmp_path):
 
 
 def test_adapter_id_warns_and_modal_type_must_be_text(caplog):
+    """--adapter_id without pet_type slora: predict warns that it is not used (tests/unit/test_slora.py has S-LoRA)."""
+    from mftune.trainer.predict import adapter_slots
+
+    cfg = parse(["--config", LORA_7B, "--run_mode", "predict", "--adapter_id", "a"])
     with caplog.at_level(logging.WARNING, logger="mftune"):
-        parse(["--config", LORA_7B, "--run_mode", "predict", "--adapter_id", "a"])
-    assert "--adapter_id a is not used: it selects an S-LoRA adapter" in caplog.text
+        assert adapter_slots(cfg.model.model_config["pet_config"], cfg.adapter_id, [None], 1) is None
+    assert "adapter_id a is not used: it selects an S-LoRA adapter per prompt" in caplog.text
     errors = errors_of(parse, ["--config", LORA_7B, "--modal_type", "image"])
     assert errors == ["modal_type=['image'] is invalid: Llama is a text model. Remove --modal_type (or pass text)."]
 

@@ -457,8 +457,8 @@ def test_apply_twice_and_unsupported_type():
     get_pet_model(model, dict(target_modules=ATTN))
     with pytest.raises(ValueError, match="already applied"):
         get_pet_model(model, dict(target_modules=ATTN))
-    with pytest.raises(ValueError, match="'slora' is not supported yet"):
-        get_pet_model(tiny_model(), dict(pet_type="slora", target_modules=ATTN))
+    with pytest.raises(ValueError, match="'adapter' is not supported yet"):
+        get_pet_model(tiny_model(), dict(pet_type="adapter"))
 
 
 # (g) dropout --------------------------------------------------------------------------------------

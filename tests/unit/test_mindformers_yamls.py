@@ -21,8 +21,6 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mindformers"
 YAMLS = sorted(str(p.relative_to(FIXTURES / "v1.3.0")) for p in (FIXTURES / "v1.3.0").rglob("*.yaml"))
 QUANTIZED = {"predict_llama2_13b_ptq.yaml", "predict_llama2_13b_rtn.yaml", "predict_llama2_13b_smooth_quant.yaml",
              "predict_llama2_70b_rtn.yaml", "predict_llama2_70b_smooth_quant.yaml"}
-# PET methods mftune does not run yet (multi-adapter S-LoRA): refused, one message each
-REFUSED_METHODS = {"predict_llama2_7b_slora.yaml": "slora"}
 # MindFormers' own typo `use_parallel: Flase` (a string, which MindFormers reads as True)
 FLASE = ["use_parallel='Flase' is invalid: expected a bool (True or False), got a string. Set use_parallel to a bool "
          "(True or False)."]
@@ -60,13 +58,12 @@ def test_mindformers_yaml_validates(name, tmp_path, caplog):
         assert message.startswith("model.model_config.quantization_config=") and "quantized inference" in message
         assert "Remove quantization_config and use model.arch.type: LlamaForCausalLM" in message
         return
-    if base in REFUSED_METHODS:
+    if base == "predict_llama2_7b_slora.yaml":  # its placeholder adapter_path "" names the key to fill
         with pytest.raises(ConfigError) as info:
             load_config(str(path), overrides)
-        errors = info.value.errors
-        (pet,) = [e for e in errors if f"pet_type='{REFUSED_METHODS[base]}' is invalid" in e]
-        assert [e for e in errors if e != pet] == []
-        return
+        assert [e.split(" is invalid")[0] for e in info.value.errors] == [
+            "model.model_config.pet_config.adapter_path=''"]
+        overrides["model.model_config.pet_config.adapter_path"] = str(tmp_path / "adapters.json")
     if base == "predict_llama2_7b_ptuning2.yaml":  # valid but for MindFormers' typo
         with pytest.raises(ConfigError) as info:
             load_config(str(path), overrides)
