@@ -35,6 +35,7 @@ from mftune.pet.dora import LORA_M
 from mftune.pet.init import INIT_A, INIT_B
 from mftune.pet.lora import LORA_A, LORA_B, LoRALinear
 from mftune.pet.prefix import prefix_encoder
+from mftune.pet.slora import SLORA_A, SLORA_B, SLoRALinear
 
 
 class PlaceParams(ParallelStyle):
@@ -90,6 +91,8 @@ def _dim(placement: Placement, ndim: int) -> Placement:
 
 def colwise(module: nn.Module) -> ParallelStyle:
     """Column parallel: replicated input, output sharded on its last dim (local)."""
+    if isinstance(module, SLoRALinear):  # stacks [n + 1, r, in] / [n + 1, out, r]
+        return PlaceParams({"weight": Shard(0), SLORA_A: Replicate(), SLORA_B: Shard(1)}, output=Shard(-1))
     if isinstance(module, LoRALinear):
         return PlaceParams({"weight": Shard(0), "bias": Shard(0), LORA_A: Replicate(), LORA_B: Shard(0),
                             LORA_M: Shard(0), INIT_A: Replicate(), INIT_B: Shard(0)}, output=Shard(-1))
@@ -98,6 +101,9 @@ def colwise(module: nn.Module) -> ParallelStyle:
 
 def rowwise(module: nn.Module, output: Placement) -> ParallelStyle:
     """Row parallel: input sharded on its last dim, partial sums reduced to ``output`` (local)."""
+    if isinstance(module, SLoRALinear):
+        return PlaceParams({"weight": Shard(1), SLORA_A: Shard(2), SLORA_B: Replicate()},
+                           input=Shard(-1), desired_input=Shard(-1), output=output)
     if isinstance(module, LoRALinear):
         return PlaceParams({"weight": Shard(1), "bias": Replicate(), LORA_A: Shard(1), LORA_B: Replicate(),
                             LORA_M: Replicate(), INIT_A: Shard(1), INIT_B: Replicate()},
@@ -122,7 +128,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, vocab_parall
                                                output=stream),
            "model.norm_out": norm()}
     head = model.lm_head
-    if vocab_parallel and isinstance(head, LoRALinear):  # LoRA on lm_head: B and the magnitude follow the vocab
+    if isinstance(head, SLoRALinear):  # S-LoRA on lm_head: replicated or split over the vocabulary
+        top["lm_head"] = PlaceParams({"weight": Shard(0), SLORA_A: Replicate(), SLORA_B: Shard(1)}, input=stream,
+                                     desired_input=Replicate(), output=Shard(-1), use_local_output=False) \
+            if vocab_parallel else PlaceParams({"weight": Replicate(), SLORA_A: Replicate(), SLORA_B: Replicate()},
+                                               input=stream, desired_input=Replicate())
+    elif vocab_parallel and isinstance(head, LoRALinear):  # LoRA on lm_head: B and the magnitude follow the vocab
         top["lm_head"] = PlaceParams({"weight": Shard(0), LORA_A: Replicate(), LORA_B: Shard(0), LORA_M: Shard(0),
                                       INIT_A: Replicate(), INIT_B: Shard(0)}, input=stream,
                                      desired_input=Replicate(), output=Shard(-1), use_local_output=False)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from mftune.models.llama import Fill, fill_in_place
 
@@ -77,15 +78,35 @@ class SLoRALinear(nn.Module):
         self.__dict__["ids"] = ids  # shared, not a module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)  # (bs, seqlen, out)
         ids = self.ids.ids
         if ids is None or ids.shape[0] != x.shape[0]:
             raise RuntimeError(f"S-LoRA: set_adapter_ids(model, ids) with one id per row before the forward (got "
                                f"{None if ids is None else ids.shape[0]} ids for {x.shape[0]} rows)")
-        a = self.mindpet_delta_slora_a[ids].to(x.dtype)  # (bs, r, in)
-        b = self.mindpet_delta_slora_b[ids].to(x.dtype)  # (bs, out, r)
+        if isinstance(self.weight, DTensor):  # tensor parallel: this rank's block, as the layout says
+            return self._forward_sharded(x, ids)
+        return self._forward(x, self.weight, self.bias, self.mindpet_delta_slora_a, self.mindpet_delta_slora_b, ids)
+
+    @staticmethod
+    def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stack_a: torch.Tensor,
+                 stack_b: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, weight, bias)  # (bs, seqlen, out)
+        a = stack_a[ids].to(x.dtype)  # (bs, r, in)
+        b = stack_b[ids].to(x.dtype)  # (bs, out, r)
         delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))  # (bs, seqlen, out)
         return out + delta.to(out.dtype)
+
+    def _forward_sharded(self, x: torch.Tensor, ids: torch.Tensor) -> DTensor:
+        """Column-parallel (W, B split over out): this rank's output columns. Row-parallel (W, A split over in):
+        partial sums, which the layout's output step adds; the product stays linear in each part."""
+        weight = self.weight
+        if self.bias is not None:
+            raise NotImplementedError("S-LoRA under tensor parallel supports Linear layers without bias (Llama's)")
+        local = [t.to_local() if isinstance(t, DTensor) else t
+                 for t in (x, weight, self.mindpet_delta_slora_a, self.mindpet_delta_slora_b)]
+        out = self._forward(local[0], local[1], None, local[2], local[3], ids)
+        placement = Shard(out.ndim - 1) if weight.placements[-1].is_shard(0) else \
+            (Partial() if weight.placements[-1].is_shard(1) else Replicate())
+        return DTensor.from_local(out, weight.device_mesh, (placement,), run_check=False)
 
     @torch.no_grad()
     def init_weights(self, fill: Fill | None = None) -> None:

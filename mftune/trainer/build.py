@@ -57,7 +57,7 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext,
             pet_config = effective_pet_config(model_config.pet_config, cfg.load_checkpoint, model, cfg.run_mode)
         model.config = dataclasses.replace(model.config, pet_config=pet_config)
         if is_slora(pet_config):  # several adapters over the base, one per prompt (predict only)
-            _check_slora(cfg, ctx)
+            _check_slora(cfg)
             slora_adapters.apply(model, pet_config["adapter_path"])
         elif pet_config:
             get_pet_model(model, pet_config_from_dict(pet_config))  # LoRA or a prefix method
@@ -94,12 +94,9 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext,
     return BuiltModel(model, pet_config, weights)
 
 
-def _check_slora(cfg: MFConfig, ctx: ParallelContext) -> None:
-    """S-LoRA serves adapters: predict only, without tensor parallel (each rank holds whole layers)."""
+def _check_slora(cfg: MFConfig) -> None:
+    """S-LoRA serves adapters: predict only."""
     if cfg.run_mode != "predict":
         raise UserError(f"model.model_config.pet_config.pet_type=slora is invalid with run_mode {cfg.run_mode}: "
                         f"S-LoRA serves trained adapters (MindFormers' predict_llama2_7b_slora.yaml). Use run_mode "
                         f"predict, or train one adapter with pet_type lora.")
-    if ctx.tp_size > 1:
-        raise UserError(f"parallel_config.model_parallel={ctx.tp_size} is invalid with pet_type slora: mftune serves "
-                        f"S-LoRA adapters without tensor parallel yet. Use model_parallel 1 (data parallel works).")

@@ -117,3 +117,45 @@ def test_predict_on_4_ranks_equals_one_process(setup, tmp_path):
         assert "use_seq_parallel is off" in f.read()
     workers = [(tmp_path / "msrun_log" / f"worker_{r}.log").read_text() for r in range(4)]
     assert "output: " in workers[0] and not any("output: " in w for w in workers[1:])  # rank 0 reports
+
+
+def test_slora_predict_on_4_ranks_equals_one_process(setup, tmp_path):
+    """S-LoRA (pet_type slora, docs/pet.md) under (dp 2 x mp 2) with a vocabulary-parallel lm_head: two adapters
+    peft saved (column- and row-parallel layers, one on lm_head too), one per prompt: the one-process tokens."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    import parity as pp
+
+    d, config, hf, _ = setup
+    adapters = {}
+    for i, targets in enumerate((["q_proj", "o_proj", "down_proj"], ["v_proj", "up_proj", "lm_head"])):
+        peft_model = get_peft_model(transformers.LlamaForCausalLM.from_pretrained(d / "hf"),
+                                    PeftLoraConfig(r=2 + 2 * i, lora_alpha=8, target_modules=targets))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        peft_model.save_pretrained(tmp_path / f"adapter{i}")
+        adapters[f"task{i}"] = str(tmp_path / f"adapter{i}")
+    (tmp_path / "adapters.json").write_text(json.dumps(adapters))
+    slora = ["--adapter_id", "task1", "task0", "--predict_batch_size", "2"]
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["model_config"]["pet_config"] = {"pet_type": "slora", "adapter_path": str(tmp_path / "adapters.json")}
+    (tmp_path / "slora.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    r = _predict(tmp_path / "slora.yaml", tmp_path / "one", "--predict_data", *PROMPTS, *slora)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    args = ["run_finetune.py", "--config", str(tmp_path / "slora.yaml"), "--run_mode", "predict", "--use_parallel",
+            "True", "--output_dir", str(tmp_path / "four"), "--predict_data", *[f"'{p}'" for p in PROMPTS], *slora,
+            "--parallel_config.data_parallel", "2",
+            "--parallel_config.model_parallel", "2", "--parallel.enable_parallel_optimizer", "True",
+            "--parallel_config.vocab_emb_dp", "False"]
+    r = subprocess.run(["bash", "scripts/launcher.sh", " ".join(args), "4", str(pp.free_port()),
+                        str(tmp_path / "msrun_log"), "True", "600"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one, four = ([json.loads(line) for line in (tmp_path / out / "predict_results.jsonl").read_text().splitlines()]
+                 for out in ("one", "four"))
+    assert [x["adapter_id"] for x in four] == ["task1", "task0"]
+    assert [x["output_ids"] for x in four] == [x["output_ids"] for x in one]
+    assert [x["prompt"] for x in four] == PROMPTS and len(four[0]["output_ids"]) > 3
