@@ -39,7 +39,7 @@ from mftune.checkpoint.names import MFTUNE_TO_HF_TOP, mftune_to_hf
 from mftune.checkpoint.recorded_pet import KEY_PREFIX, checkpoint_pet_config, describe, first, source, yaml_targets
 from mftune.errors import CheckpointError
 from mftune.pet import LoraConfig, lora_targets
-from mftune.pet.lora import HEAD
+from mftune.pet.targets import HEAD
 from mftune.pet.config import init_method, is_base_init
 
 logger = logging.getLogger("mftune")

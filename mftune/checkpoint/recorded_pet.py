@@ -1,15 +1,17 @@
-"""The pet_config of a run whose ``load_checkpoint`` (or resume point) is an mftune checkpoint holding LoRA
-weights: the one its header records, over the run's.
+"""The pet_config of a run whose ``load_checkpoint`` (or resume point) is an mftune checkpoint holding PET weights
+(LoRA, or a prefix method's): the one its header records, over the run's.
 
 LoRA factors mean what they were trained with: ``lora_rank`` (their shape), ``lora_alpha`` and ``use_rslora``
 (the scaling alpha / rank or alpha / sqrt(rank)), ``use_dora`` (a magnitude per row), ``modules_to_save`` (whole
-modules trained with them), ``init_lora_weights`` (PiSSA / OLoRA subtract factors of the base) and the layers ``target_modules`` / ``exclude_layers`` select. A run that loads them
-with another alpha gives other outputs without any error, and one that selects other layers trains fresh
-adapters beside them or leaves some out; so, as for a PEFT adapter (``mftune.checkpoint.adapter_config``), the
-checkpoint's values win over the run's pet_config, each difference a WARNING naming both, and the run's own
-checkpoints record what was applied. Training settings (``lora_dropout``, dtypes, ``freeze_include`` /
-``freeze_exclude``, ``lora_plus_lr_ratio``) stay the run's: a run may continue an adapter with another dropout. A checkpoint without LoRA tensors (a base,
-a merged model) or without a recorded pet_config leaves the run's pet_config as it is.
+modules trained with them), ``init_lora_weights`` (PiSSA / OLoRA subtract factors of the base) and the layers
+``target_modules`` / ``exclude_layers`` select. A run that loads them with another alpha gives other outputs
+without any error, and one that selects other layers trains fresh adapters beside them or leaves some out; so, as
+for a PEFT adapter (``mftune.checkpoint.adapter_config``), the checkpoint's values win over the run's pet_config,
+each difference a WARNING naming both, and the run's own checkpoints record what was applied. Training settings
+(``lora_dropout``, dtypes, ``freeze_include`` / ``freeze_exclude``, ``lora_plus_lr_ratio``) stay the run's: a run
+may continue an adapter with another dropout. A prefix checkpoint brings its method and the keys that shape its
+prefix (``_prefix_pet_config``). A checkpoint without PET tensors (a base, a merged model) or without a recorded
+pet_config leaves the run's pet_config as it is.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Parameter-efficient tuning (MindFormers ``mindformers.pet``): LoRA and its variants (rsLoRA, DoRA, LoRA+), prefix
-tuning and P-tuning v2.
+"""Parameter-efficient tuning (MindFormers ``mindformers.pet``): LoRA and its variants (rsLoRA, DoRA, LoRA+, PiSSA,
+OLoRA), prefix tuning and P-tuning v2, and multi-adapter S-LoRA serving.
 
 ``get_pet_model(model, pet_config)`` applies it in place between build and parallelize.
 """
@@ -8,26 +8,25 @@ from mftune.pet.config import LoraConfig, is_lora_config, pet_config_errors, pet
 from mftune.pet.lora import (
     LORA_MARK,
     LoRALinear,
-    count_parameters,
     freeze_lora,
     init_dora_magnitudes,
     init_from_weights,
     init_lora_weights,
     lora_delta_weight,
     lora_layers,
-    lora_targets,
     lora_state_dict,
     merge_lora,
-    trainable_summary,
     unmerge_lora,
 )
+from mftune.pet.freeze import count_parameters, trainable_summary
 from mftune.pet.prefix import PrefixEncoder, prefix_encoder, prefix_modules
 from mftune.pet.prefix_config import PrefixConfig, is_prefix_type
+from mftune.pet.targets import lora_targets
 
 __all__ = [
     "LORA_MARK", "LoRALinear", "LoraConfig", "PrefixConfig", "PrefixEncoder", "count_parameters", "freeze_lora",
-    "get_pet_model", "init_dora_magnitudes", "init_from_weights", "init_lora_weights", "init_pet_weights", "is_lora_config",
-    "is_prefix_type", "lora_delta_weight", "lora_layers", "lora_state_dict", "lora_targets", "merge_lora",
-    "pet_config_errors", "pet_config_from_dict", "prefix_encoder", "prefix_modules", "trainable_summary",
+    "get_pet_model", "init_dora_magnitudes", "init_from_weights", "init_lora_weights", "init_pet_weights",
+    "is_lora_config", "is_prefix_type", "lora_delta_weight", "lora_layers", "lora_state_dict", "lora_targets",
+    "merge_lora", "pet_config_errors", "pet_config_from_dict", "prefix_encoder", "prefix_modules", "trainable_summary",
     "unmerge_lora",
 ]

@@ -69,8 +69,8 @@ def init_magnitude(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Ten
         a = a.redistribute(placements=[Replicate() if p.is_shard(0) else p for p in a.placements]).to_local()
     w, b, m = (t.to_local() if isinstance(t, DTensor) else t for t in (weight, lora_b, magnitude))
     if not (w.shape[0] == b.shape[0] == m.shape[0] and w.shape[1] == a.shape[1]):
-        raise RuntimeError(f"DoRA magnitude of {m.shape[0]} rows over a weight block {list(w.shape)}, B {list(b.shape)}, "
-                           f"A {list(a.shape)}: the blocks do not line up")
+        raise RuntimeError(f"DoRA magnitude of {m.shape[0]} rows over a weight block {list(w.shape)}, B "
+                           f"{list(b.shape)}, A {list(a.shape)}: the blocks do not line up")
     with torch.autocast(w.device.type, enabled=False):
         squares = torch.addmm(w.float(), b.float(), a.float(), alpha=scaling).pow(2).sum(dim=1)  # [rows]
     if isinstance(weight, DTensor):

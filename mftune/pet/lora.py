@@ -27,16 +27,15 @@ from torch.distributed.tensor import DTensor
 
 from mftune.models.llama import Fill, fill_in_place
 from mftune.pet.config import LoraConfig, init_method, is_base_init, lora_scaling
-from mftune.pet.freeze import freeze_params
+from mftune.pet.freeze import freeze_params, saved_modules, trainable_summary
 from mftune.pet.init import gaussian_, initial_factors
+from mftune.pet.targets import HEAD, backbone, find_targets, head_target, no_match_message
 from mftune.pet.dora import LORA_M, dora_term, init_magnitude, merged_weight, row_norm, unmerged_weight
 
 logger = logging.getLogger("mftune")
 
 LORA_MARK = "mindpet_delta_lora"  # every adapter parameter name contains it (MindPet convention)
 LORA_A, LORA_B = f"{LORA_MARK}_a", f"{LORA_MARK}_b"  # LoRALinear's factors A [r, in] and B [out, r]
-BACKBONE_ATTRS = ("backbone", "model", "transformer", "llm_model")  # MindFormers LoraModel.add_adapter order
-HEAD = "lm_head"  # outside the backbone: adapted only when target_modules names it
 
 
 class LoRALinear(nn.Module):
@@ -235,12 +234,12 @@ def apply_lora(model: nn.Module, pet_config: dict | LoraConfig) -> nn.Module:
     config = pet_config if isinstance(pet_config, LoraConfig) else LoraConfig.from_dict(dict(pet_config))
     if lora_layers(model):
         raise ValueError("LoRA is already applied to this model (it has LoRALinear layers); apply get_pet_model once")
-    root, root_name = _backbone(model)
+    root, root_name = backbone(model)
     targets = [re.compile(p) for p in config.target_patterns]
     excludes = [re.compile(p) for p in config.exclude_patterns]
     init_std = getattr(getattr(model, "config", None), "initializer_range", None)
     swapped = _swap(root, root_name, config, targets, excludes, init_std)
-    if _head_target(model, root, targets, excludes):  # LoRA on lm_head, named in target_modules (PEFT allows it)
+    if head_target(model, root, targets, excludes):  # LoRA on lm_head, named in target_modules (PEFT allows it)
         if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
             raise ValueError(f"pet_config.target_modules={config.target_modules!r} is invalid with "
                              f"tie_word_embeddings: lm_head is the embedding table, which LoRA would change too. "
@@ -248,7 +247,7 @@ def apply_lora(model: nn.Module, pet_config: dict | LoraConfig) -> nn.Module:
         model.lm_head = _lora_layer(model.lm_head, config, init_std)
         swapped.append(HEAD)
     if not swapped:
-        raise ValueError(_no_match_message(root, root_name, config))
+        raise ValueError(no_match_message(root, root_name, config))
     freeze_lora(model, config.freeze_include, config.freeze_exclude, config.modules_to_save)
     _check_base_init_frozen(model, config)
     logger.info("LoRA: replaced %d Linear layers (target_modules=%r, exclude_layers=%r, rank %d, alpha %g, "
@@ -261,20 +260,11 @@ def apply_lora(model: nn.Module, pet_config: dict | LoraConfig) -> nn.Module:
     return model
 
 
-def _backbone(model: nn.Module) -> tuple[nn.Module, str]:
-    """The first of backbone/model/transformer/llm_model (MindFormers' order); the model itself if none."""
-    for attr in BACKBONE_ATTRS:
-        child = getattr(model, attr, None)
-        if isinstance(child, nn.Module):
-            return child, attr
-    return model, ""
-
-
 def _swap(module: nn.Module, prefix: str, config: LoraConfig,
           targets: list[re.Pattern], excludes: list[re.Pattern], init_std: float | None) -> list[str]:
     """MindFormers ``recursive_replace_dense_cell``: returns the dotted names of the swapped layers."""
     swapped = []
-    for parent, name, child, full in _targets(module, prefix, targets, excludes):
+    for parent, name, child, full in find_targets(module, prefix, targets, excludes):
         setattr(parent, name, _lora_layer(child, config, init_std))
         swapped.append(full)
     return swapped
@@ -301,52 +291,6 @@ def _lora_layer(child: nn.Linear, config: LoraConfig, init_std: float | None) ->
                       init_method(config.init_lora_weights))
 
 
-def _head_target(model: nn.Module, root: nn.Module, targets: list[re.Pattern], excludes: list[re.Pattern]) -> bool:
-    """Whether ``target_modules`` puts LoRA on the model's ``lm_head`` (outside the backbone MindFormers searches):
-    only a pattern that names it (``'.*wq|.*wv|lm_head'``), so that MindFormers' broad patterns (``'.*'``) keep
-    meaning the backbone alone."""
-    head = getattr(model, HEAD, None)
-    return (isinstance(head, nn.Linear) and root is not model and not any(p.match(HEAD) for p in excludes)
-            and any(HEAD in p.pattern and p.match(HEAD) for p in targets))
-
-
-def _targets(module: nn.Module, prefix: str, targets: list[re.Pattern], excludes: list[re.Pattern]):
-    """``(parent, local name, nn.Linear, dotted name)`` of every layer LoRA replaces, in module order: a child
-    whose local name matches an exclude is not visited, one matching a target is taken if it is an
-    ``nn.Linear`` (and never recursed into), any other child is searched the same way."""
-    for name, child in list(module.named_children()):
-        full = f"{prefix}.{name}" if prefix else name
-        if child is None or any(p.match(name) for p in excludes):
-            continue
-        if any(p.match(name) for p in targets):
-            if isinstance(child, nn.Linear):  # a matching non-Linear is skipped and not recursed into
-                yield module, name, child, full
-        else:
-            yield from _targets(child, full, targets, excludes)
-
-
-def lora_targets(model: nn.Module, pet_config: dict | LoraConfig) -> list[str]:
-    """The dotted names of the ``nn.Linear`` layers ``get_pet_model(model, pet_config)`` would replace,
-    nothing changed (e.g. ``model.layers.0.attention.wq``); works on a meta-device model."""
-    config = pet_config if isinstance(pet_config, LoraConfig) else LoraConfig.from_dict(dict(pet_config))
-    root, root_name = _backbone(model)
-    targets = [re.compile(p) for p in config.target_patterns]
-    excludes = [re.compile(p) for p in config.exclude_patterns]
-    head = [HEAD] if _head_target(model, root, targets, excludes) else []
-    return [full for _, _, _, full in _targets(root, root_name, targets, excludes)] + head
-
-
-def _no_match_message(root: nn.Module, root_name: str, config: LoraConfig) -> str:
-    linears = [n for n, m in root.named_modules() if isinstance(m, nn.Linear)]
-    local = sorted({n.rsplit(".", 1)[-1] for n in linears})
-    where = f"under '{root_name}'" if root_name else "in the model"
-    example = f" (e.g. {root_name + '.' if root_name else ''}{linears[0]})" if linears else ""
-    return (f"pet_config.target_modules={config.target_modules!r} (exclude_layers={config.exclude_layers!r}) "
-            f"matched no nn.Linear {where}. Patterns are re.match'ed against each module's local attribute "
-            f"name{example}; the Linear layers there are named: {', '.join(local) or 'none'} "
-            f"({len(linears)} layers). Use e.g. '.*wq|.*wk|.*wv|.*wo'.")
-
-
 def freeze_lora(model: nn.Module, freeze_include: list[str] | str | None = None,
                 freeze_exclude: list[str] | str | None = None, modules_to_save: list[str] | None = None) -> None:
     """MindPet ``freeze_delta(model, 'lora', include, exclude)``.
@@ -358,44 +302,6 @@ def freeze_lora(model: nn.Module, freeze_include: list[str] | str | None = None,
     saved = {f"{m}.{n}" for m in saved_modules(model, modules_to_save or []) for n, _ in
              model.get_submodule(m).named_parameters()}
     freeze_params(model, lambda name: LORA_MARK in name or name in saved, freeze_include, freeze_exclude)
-
-
-def saved_modules(model: nn.Module, names: list[str]) -> list[str]:
-    """The modules ``modules_to_save`` names (a module whose dotted name is an item or ends with ``.<item>``;
-    peft matches any string suffix), trained in full beside the adapters. An item naming no module is a
-    ValueError, as is one naming a tied embedding or lm_head (PEFT would train separate copies of the two)."""
-    modules = [n for n, _ in model.named_modules() if n]
-    found = []
-    for item in names:
-        hits = [n for n in modules if n == item or n.endswith(f".{item}")]
-        if not hits:
-            leaves = sorted({n.rsplit(".", 1)[-1] for n in modules if not n.split(".")[-1].isdigit()})
-            raise ValueError(f"pet_config.modules_to_save={names!r} is invalid: {item!r} names no module of the "
-                             f"model. Use module names or their last part: {', '.join(leaves)}.")
-        found += [h for h in hits if h not in found]
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if tied and any(h in ("lm_head", "model.tok_embeddings") for h in found):
-        raise ValueError(f"pet_config.modules_to_save={names!r} is invalid with tie_word_embeddings: the embedding "
-                         f"and lm_head are one tensor. Train it with freeze_exclude instead, or untie them.")
-    return found
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, all)`` as PEFT's ``get_nb_trainable_parameters`` (shared parameters counted once)."""
-    trainable = total = 0
-    for p in model.parameters():
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
-    return trainable, total
-
-
-def trainable_summary(model: nn.Module) -> str:
-    """PEFT's ``print_trainable_parameters`` line, e.g.
-    ``trainable params: 16,777,216 || all params: 6,755,192,832 || trainable%: 0.2484``."""
-    trainable, total = count_parameters(model)
-    percent = 100 * trainable / total if total else 0.0
-    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}"
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -34,7 +34,7 @@ from mftune.checkpoint.keys import LORA_A, LORA_B, LORA_M
 from mftune.checkpoint.names import MFTUNE_TO_HF_LAYER, hf_to_mftune, mftune_to_hf
 from mftune.checkpoint.safetensors_io import load_tensors
 from mftune.errors import CheckpointError
-from mftune.pet.lora import HEAD
+from mftune.pet.targets import HEAD
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
