@@ -206,8 +206,21 @@ class LoRALinear(nn.Module):
         magnitude = self.mindpet_delta_lora_magnitude
         no_dropout = isinstance(self.lora_dropout, nn.Identity) or not self.training
         base = (out if bias is None else out - bias) if no_dropout else None
-        norm = row_norm(weight, lora_a, lora_b, self.scaling)
+        norm = self._row_norm(weight, lora_a, lora_b)
         return out + dora_term(h, weight, magnitude, norm, delta, self.scaling, base).to(out.dtype)
+
+    def _row_norm(self, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+        """DoRA's ``||W + s B A||``; without autograd (decoding, eval) kept until W, A or B change, so that each
+        generated token does not recompute an ``[out, in]`` product per layer."""
+        tensors = (weight, lora_a, lora_b)
+        if torch.is_grad_enabled() or any(isinstance(t, DTensor) for t in tensors):
+            return row_norm(weight, lora_a, lora_b, self.scaling)
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        cached = self.__dict__.get("_norm_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, row_norm(weight, lora_a, lora_b, self.scaling))
+            self.__dict__["_norm_cache"] = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -299,8 +312,14 @@ def freeze_lora(model: nn.Module, freeze_include: list[str] | str | None = None,
     then a parameter whose full name matches a ``freeze_include`` pattern (fnmatch) and no ``freeze_exclude``
     pattern is frozen, one matching only ``freeze_exclude`` is made trainable, one matching both is left as it is.
     """
-    saved = {f"{m}.{n}" for m in saved_modules(model, modules_to_save or []) for n, _ in
-             model.get_submodule(m).named_parameters()}
+    modules = saved_modules(model, modules_to_save or [])
+    adapted = [m for m in modules if isinstance(model.get_submodule(m), LoRALinear)
+               or any(isinstance(sub, LoRALinear) for sub in model.get_submodule(m).modules())]
+    if adapted:  # the module would train in full and carry an adapter: one of the two is a mistake
+        raise ValueError(f"pet_config.modules_to_save={modules_to_save!r} is invalid: {adapted[0]} holds LoRA layers "
+                         f"(target_modules), and a module trains either in full or through its adapter. Leave it out "
+                         f"of one of the two.")
+    saved = {f"{m}.{n}" for m in modules for n, _ in model.get_submodule(m).named_parameters()}
     freeze_params(model, lambda name: LORA_MARK in name or name in saved, freeze_include, freeze_exclude)
 
 

@@ -1,6 +1,7 @@
 """Optimizer, learning-rate schedules and loss scaling with MindFormers' semantics (reference §1.5)."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -9,6 +10,8 @@ from torch import nn
 
 from mftune.config.schema import LRScheduleConfig, OptimizerConfig, RunnerWrapperConfig
 from mftune.pet.lora import LORA_B
+
+logger = logging.getLogger("mftune")
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,
@@ -30,6 +33,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,
         groups.setdefault((not decay, scale), []).append(param)
     if not groups:
         raise ValueError("no trainable parameters: check pet_config.target_modules / freeze_exclude")
+    boosted = sum(len(p) for (_, scale), p in groups.items() if scale != 1.0)
+    if boosted:  # the log lines show the scheduled rate (A's): say what B gets
+        logger.info("LoRA+: %d B factors learn at %g x the scheduled learning rate (the logged lr is the scheduled "
+                    "one, which A and every other trained parameter use)", boosted, float(lora_plus_lr_ratio))
     betas = tuple(cfg.betas) if cfg.betas else (cfg.beta1, cfg.beta2)
     return torch.optim.AdamW([{"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
                                "lr": lr * scale, "lr_scale": scale}

@@ -295,6 +295,22 @@ def test_dora_magnitude_is_trainable():
     assert "model.layers.0.attention.wq.mindpet_delta_lora_magnitude" in trainable
 
 
+def test_dora_norm_is_kept_between_no_grad_forwards_until_a_factor_changes():
+    """Decoding computes DoRA's row norm once; an in-place change of A (an optimizer step, a load) recomputes it.
+    Expected: the freshly computed outputs."""
+    model = dora_model().eval()
+    layer = lora_layers(model)[0][1]
+    with torch.no_grad():
+        first = model(tokens())
+        assert "_norm_cache" in layer.__dict__
+        layer.mindpet_delta_lora_a.mul_(1.5)
+        changed = model(tokens())
+        layer.__dict__.pop("_norm_cache")
+        fresh = model(tokens())
+    assert not torch.equal(first, changed)
+    torch.testing.assert_close(changed, fresh, rtol=0, atol=0)
+
+
 def test_modules_to_save_train_whole_modules():
     """pet_config modules_to_save (PEFT's rule: a module named so, or ending with .<name>): its parameters train
     with the adapters; a name of no module, or a tied lm_head, is refused naming the key."""
@@ -303,6 +319,8 @@ def test_modules_to_save_train_whole_modules():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"lm_head.weight", "model.norm_out.weight"} <= trainable
     assert not any("tok_embeddings" in n or "attention_norm" in n for n in trainable)
+    with pytest.raises(ValueError, match="modules_to_save=\\['wq'\\] is invalid: model.layers.0.attention.wq holds LoRA"):
+        get_pet_model(tiny_model(), dict(lora_rank=4, target_modules=ATTN, modules_to_save=["wq"]))
     with pytest.raises(ValueError, match="modules_to_save=\\['lmhead'\\] is invalid: 'lmhead' names no module"):
         get_pet_model(tiny_model(), dict(lora_rank=4, target_modules=ATTN, modules_to_save=["lmhead"]))
     tied = LlamaForCausalLM(LlamaConfig(**{**TINY, "tie_word_embeddings": True}))
