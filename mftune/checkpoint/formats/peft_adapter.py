@@ -217,7 +217,26 @@ def header(path: str) -> dict[str, Any]:
     return {"pet_config": read_peft_adapter(path)[1]}
 
 
-def read_peft_adapter(adapter_dir: str, num_layers: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+_READ: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}  # read_peft_adapter's last results
+
+
+def read_peft_adapter(adapter_dir: str,
+                      num_layers: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``_read_peft_adapter``, read once while its files stay the same (a run asks for an adapter's config, header
+    and tensors at several points: one read of the weights). The tensors are shared; callers do not change them."""
+    files = [os.path.join(adapter_dir, n) for n in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)]
+    key = (os.path.abspath(adapter_dir), num_layers,
+           tuple((os.stat(f).st_mtime_ns, os.stat(f).st_size) if os.path.isfile(f) else None for f in files))
+    if key not in _READ:
+        if len(_READ) >= 4:
+            _READ.pop(next(iter(_READ)))
+        _READ[key] = _read_peft_adapter(adapter_dir, num_layers)
+    tensors, pet_config = _READ[key]
+    return dict(tensors), json.loads(json.dumps(pet_config))
+
+
+def _read_peft_adapter(adapter_dir: str,
+                       num_layers: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a PEFT LoRA adapter directory: its tensors under mftune names
     (``model.layers.{i}.attention.wq.mindpet_delta_lora_a``) and an equivalent mftune pet_config.
 
