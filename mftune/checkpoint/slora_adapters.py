@@ -11,7 +11,9 @@ import logging
 import os
 from collections.abc import Callable
 
+import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mftune.checkpoint.adapter_config import adapter_pet_config
 from mftune.checkpoint.formats.peft_adapter import read_peft_adapter
@@ -19,6 +21,7 @@ from mftune.errors import CheckpointError
 from mftune.pet import lora_targets
 from mftune.pet.config import lora_scaling
 from mftune.pet.slora import apply_slora, fill_adapters
+from mftune.pet.targets import HEAD
 
 logger = logging.getLogger("mftune")
 
@@ -71,12 +74,26 @@ def apply(model: nn.Module, adapter_path: str) -> list[str]:
     return list(dirs)
 
 
+def _check_own_head(model: nn.Module, head: torch.Tensor | None, name: str, directory: str) -> None:
+    """peft saves the whole lm_head beside LoRA on it (save_embedding_layers); a single adapter brings it in place of
+    the base's, but S-LoRA has one head for every row: it must be the base's. A collective when sharded."""
+    if head is None:
+        return
+    weight = model.lm_head.weight
+    ours = weight.full_tensor() if isinstance(weight, DTensor) else weight
+    if tuple(head.shape) != tuple(ours.shape) or not torch.equal(head.to(ours.device, ours.dtype), ours.detach()):
+        raise CheckpointError(f"{directory} (S-LoRA adapter {name!r}) carries its own lm_head weights (peft's "
+                              f"save_embedding_layers), which differ from the base's: S-LoRA has one head for every "
+                              f"prompt. Predict with that adapter alone (pet_type lora), or save it without them.")
+
+
 def load(model: nn.Module, adapter_path: str, fill: Callable | None = None) -> None:
     """Read every adapter of ``adapter_path`` into its slot of ``model`` (``apply`` done), each with its own
     scaling."""
     adapters = []
     for name, directory in adapter_dirs(adapter_path).items():
         tensors, pet_config = read_peft_adapter(directory, model.config.num_layers)
+        _check_own_head(model, tensors.pop(f"{HEAD}.weight", None), name, directory)
         scaling = lora_scaling(pet_config["lora_alpha"], pet_config["lora_rank"], pet_config["use_rslora"])
         adapters.append((tensors, scaling))
     adapted = fill_adapters(model, adapters, fill)

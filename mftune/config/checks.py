@@ -366,6 +366,9 @@ def finalize(cfg: MFConfig) -> None:
         pc.data_parallel = pc.model_parallel = pc.pipeline_stage = pc.context_parallel = 1
     if pc.pipeline_stage > 1:
         fold_pipeline(cfg)
+    if cfg.adapter_id and cfg.run_mode != "predict":  # predict maps it to S-LoRA slots (trainer/predict.py)
+        logger.warning("--adapter_id %s is not used: it selects an S-LoRA adapter per prompt in run_mode predict",
+                       " ".join([cfg.adapter_id] if isinstance(cfg.adapter_id, str) else cfg.adapter_id))
     if cfg.optimizer.epsilon is not None:
         cfg.optimizer.eps = cfg.optimizer.epsilon
 

@@ -212,10 +212,10 @@ class LoRALinear(nn.Module):
     def _row_norm(self, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
         """DoRA's ``||W + s B A||``; without autograd (decoding, eval) kept until W, A or B change, so that each
         generated token does not recompute an ``[out, in]`` product per layer."""
-        tensors = (weight, lora_a, lora_b)
-        if torch.is_grad_enabled() or any(isinstance(t, DTensor) for t in tensors):
+        params = (self.weight, self.mindpet_delta_lora_a, self.mindpet_delta_lora_b)  # not the compute-dtype copies
+        if torch.is_grad_enabled() or any(isinstance(t, DTensor) for t in params):
             return row_norm(weight, lora_a, lora_b, self.scaling)
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        key = tuple((t.data_ptr(), t._version) for t in params) + (weight.dtype,)
         cached = self.__dict__.get("_norm_cache")
         if cached is None or cached[0] != key:
             cached = (key, row_norm(weight, lora_a, lora_b, self.scaling))

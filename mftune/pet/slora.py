@@ -70,11 +70,11 @@ class SLoRALinear(nn.Module):
         self.base_init_std = base_init_std
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
-        device = base.weight.device
-        self.mindpet_delta_slora_a = nn.Parameter(torch.zeros(num_adapters + 1, rank, self.in_features, device=device),
-                                                  requires_grad=False)
+        device, dtype = base.weight.device, base.weight.dtype  # the base's dtype: many adapters, small memory
+        self.mindpet_delta_slora_a = nn.Parameter(torch.zeros(num_adapters + 1, rank, self.in_features, device=device,
+                                                              dtype=dtype), requires_grad=False)
         self.mindpet_delta_slora_b = nn.Parameter(torch.zeros(num_adapters + 1, self.out_features, rank,
-                                                              device=device), requires_grad=False)
+                                                              device=device, dtype=dtype), requires_grad=False)
         self.__dict__["ids"] = ids  # shared, not a module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

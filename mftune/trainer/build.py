@@ -23,6 +23,8 @@ from mftune.parallel import parallelize
 from mftune.parallel.mesh import ParallelContext
 from mftune.parallel.recompute import plan as recompute_plan
 from mftune.checkpoint import slora_adapters
+from mftune.checkpoint.formats import peft_adapter, peft_prefix
+from mftune.checkpoint.formats.peft_adapter import forget_reads
 from mftune.pet import get_pet_model, pet_config_from_dict, trainable_summary
 from mftune.pet.config import is_slora
 from mftune.trainer.checkpointing import save_strategy
@@ -50,6 +52,11 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext,
     try:
         with torch.device("meta"):
             model = LlamaForCausalLM(model_config)
+        if is_slora(model_config.pet_config) and cfg.load_checkpoint and (
+                peft_adapter.matches(cfg.load_checkpoint) or peft_prefix.matches(cfg.load_checkpoint)):
+            raise UserError(f"load_checkpoint={cfg.load_checkpoint} is a PEFT adapter, and pet_type slora takes its "
+                            f"adapters from adapter_path. Give the base model as load_checkpoint and name the "
+                            f"adapter in the adapter_path JSON.")
         if point is not None:  # what the resumed adapters were trained with (the run's own checkpoints)
             pet_config = checkpoint_pet_config(model_config.pet_config, point.files[0], model, cfg.run_mode,
                                                list(point.entries))
@@ -89,6 +96,7 @@ def build_model(cfg: MFConfig, model_config: LlamaConfig, ctx: ParallelContext,
         return BuiltModel(model, pet_config, LoadedWeights({}, None))
     model.to_empty(device=ctx.device)
     weights = load_weights(model, plan_weights(cfg, point), cfg, ctx)
+    forget_reads()  # the PEFT adapter tensors read along the way
     if not pet_config:  # get_pet_model logs it for PET runs
         logger.info(trainable_summary(model))
     return BuiltModel(model, pet_config, weights)

@@ -20,7 +20,7 @@ from torch import nn
 from mftune.checkpoint import slora_adapters
 from mftune.checkpoint.formats import checkpoint_header, open_checkpoint
 from mftune.checkpoint.formats.distributed import distributed_entries
-from mftune.checkpoint.keys import is_prefix_param
+from mftune.checkpoint.keys import LORA_B, is_prefix_param
 from mftune.checkpoint.load import (FINGERPRINT_KIND, file_identity, fingerprint, hashed_files, lacks_base,
                                     load_checkpoint, remember_identity)
 from mftune.checkpoint.recorded_config import check_recorded_architecture
@@ -103,10 +103,10 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
                               f"for pet_config pet_type {model.config.pet_config.get('pet_type')}: the {cfg.run_mode} "
                               f"would use a random one. Pass the checkpoint of the prefix run (it records its base), "
                               f"or remove pet_config to {cfg.run_mode} the base model.")
-    if report["fresh_lora"] and cfg.run_mode in ("eval", "predict"):
-        logger.warning("%d PET tensors are not in load_checkpoint=%s: they start fresh (LoRA: B = 0, so the %s uses "
-                       "the base model alone; a prefix: random values)", len(report["fresh_lora"]), plan.path,
-                       cfg.run_mode)
+    fresh = [n for n in report["fresh_lora"] if n.endswith(LORA_B)]  # A0/B0, S-LoRA stacks: filled from elsewhere
+    if fresh and cfg.run_mode in ("eval", "predict"):
+        logger.warning("%d LoRA B factors are not in load_checkpoint=%s: they start at 0, so the %s uses the base "
+                       "model alone there", len(fresh), plan.path, cfg.run_mode)
     return LoadedWeights(report.get("base") or {"path": os.path.abspath(plan.path),
                                                 "fingerprint": fingerprint(plan.path)}, None)
 

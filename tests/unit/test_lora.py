@@ -295,10 +295,13 @@ def test_dora_magnitude_is_trainable():
     assert "model.layers.0.attention.wq.mindpet_delta_lora_magnitude" in trainable
 
 
-def test_dora_norm_is_kept_between_no_grad_forwards_until_a_factor_changes():
-    """Decoding computes DoRA's row norm once; an in-place change of A (an optimizer step, a load) recomputes it.
-    Expected: the freshly computed outputs."""
+@pytest.mark.parametrize("compute_dtype", [None, "bfloat16"])
+def test_dora_norm_is_kept_between_no_grad_forwards_until_a_factor_changes(compute_dtype):
+    """Decoding computes DoRA's row norm once; an in-place change of A (an optimizer step, a load) recomputes it,
+    also when pet_config.compute_dtype makes the forward use copies. Expected: the freshly computed outputs."""
     model = dora_model().eval()
+    for _, layer in lora_layers(model):
+        layer.compute_dtype = None if compute_dtype is None else torch.bfloat16
     layer = lora_layers(model)[0][1]
     with torch.no_grad():
         first = model(tokens())
@@ -319,7 +322,7 @@ def test_modules_to_save_train_whole_modules():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"lm_head.weight", "model.norm_out.weight"} <= trainable
     assert not any("tok_embeddings" in n or "attention_norm" in n for n in trainable)
-    with pytest.raises(ValueError, match="modules_to_save=\\['wq'\\] is invalid: model.layers.0.attention.wq holds LoRA"):
+    with pytest.raises(ValueError, match=r"modules_to_save=\['wq'\] is invalid: model.layers.0.attention.wq holds"):
         get_pet_model(tiny_model(), dict(lora_rank=4, target_modules=ATTN, modules_to_save=["wq"]))
     with pytest.raises(ValueError, match="modules_to_save=\\['lmhead'\\] is invalid: 'lmhead' names no module"):
         get_pet_model(tiny_model(), dict(lora_rank=4, target_modules=ATTN, modules_to_save=["lmhead"]))

@@ -103,7 +103,7 @@ def test_adapter_ids_from_the_command_line_or_the_prompts_file(adapters, caplog)
     assert adapter_slots(pet, ["qv", "wide"], [None, None], 2) == [("qv", 1), ("wide", 3)]
     assert adapter_slots(pet, None, ["mlp_rslora", None], 2) == [("mlp_rslora", 2), (None, 0)]
     assert "1 of 2 prompts have no adapter_id: they use the base model alone" in caplog.text
-    with pytest.raises(ValueError, match=r"adapter_id 'code' is not an adapter .*\(its adapters: qv, mlp_rslora, wide\)"):
+    with pytest.raises(ValueError, match=r"'code' is not an adapter .*\(its adapters: qv, mlp_rslora, wide\)"):
         adapter_slots(pet, "code", [None], 1)
     with pytest.raises(ValueError, match="--adapter_id has 2 values for 3 prompts"):
         adapter_slots(pet, ["qv", "wide"], [None] * 3, 3)
@@ -122,3 +122,29 @@ def test_bad_adapter_path_is_named(adapters, tmp_path):
     (tmp_path / "nodir.json").write_text(json.dumps({"a": "nowhere"}))
     with pytest.raises(CheckpointError, match="adapter 'a' is nowhere, which is not a directory"):
         slora_adapters.apply(model, str(tmp_path / "nodir.json"))
+
+
+def test_an_adapter_with_its_own_head_is_refused(adapters, tmp_path):
+    """peft's save_embedding_layers copy of lm_head: one S-LoRA head serves every row, so a copy that differs from
+    the base's is an error naming the adapter (equal copies load)."""
+    import shutil
+
+    from mftune.checkpoint.safetensors_io import save_safetensors
+
+    base, adapter_path, _ = adapters
+    shutil.copytree(slora_adapters.adapter_dirs(adapter_path)["qv"], tmp_path / "qv")
+    weights = tmp_path / "qv" / "adapter_model.safetensors"
+    tensors = load_tensors(str(weights))
+    head = load_tensors(base.path)["lm_head.weight"]
+    for value, fails in ((head.clone(), False), (head + 1, True)):
+        save_safetensors({**tensors, "base_model.model.lm_head.base_layer.weight": value}, str(weights),
+                         {"format": "pt"})
+        (tmp_path / "one.json").write_text(json.dumps({"qv": str(tmp_path / "qv")}))
+        model = LlamaForCausalLM(dict(base.model_config))
+        slora_adapters.apply(model, str(tmp_path / "one.json"))
+        model.load_state_dict(load_tensors(base.path), strict=False)
+        if fails:
+            with pytest.raises(CheckpointError, match="adapter 'qv'\\) carries its own lm_head weights"):
+                slora_adapters.load(model, str(tmp_path / "one.json"))
+        else:
+            slora_adapters.load(model, str(tmp_path / "one.json"))

@@ -223,16 +223,23 @@ _READ: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}  # read_
 def read_peft_adapter(adapter_dir: str,
                       num_layers: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``_read_peft_adapter``, read once while its files stay the same (a run asks for an adapter's config, header
-    and tensors at several points: one read of the weights). The tensors are shared; callers do not change them."""
+    and tensors at several points: one read of the weights). The tensors are shared; callers do not change them.
+    ``forget_reads`` frees them once the weights are loaded."""
     files = [os.path.join(adapter_dir, n) for n in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)]
+    stats = [os.stat(f) if os.path.isfile(f) else None for f in files]
     key = (os.path.abspath(adapter_dir), num_layers,
-           tuple((os.stat(f).st_mtime_ns, os.stat(f).st_size) if os.path.isfile(f) else None for f in files))
+           tuple(None if st is None else (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size) for st in stats))
     if key not in _READ:
-        if len(_READ) >= 4:
+        if len(_READ) >= 2:
             _READ.pop(next(iter(_READ)))
         _READ[key] = _read_peft_adapter(adapter_dir, num_layers)
     tensors, pet_config = _READ[key]
     return dict(tensors), json.loads(json.dumps(pet_config))
+
+
+def forget_reads() -> None:
+    """Drop ``read_peft_adapter``'s kept results (after a run's weights are loaded: they may be GBs)."""
+    _READ.clear()
 
 
 def _read_peft_adapter(adapter_dir: str,
