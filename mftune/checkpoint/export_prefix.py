@@ -8,6 +8,7 @@ mftune's attention sees), rotates the keys to PEFT's positions, and writes them 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from mftune.models.config import LlamaConfig, model_args
 from mftune.pet.prefix import PrefixEncoder, rotate_prefix_keys
 from mftune.pet.prefix_config import PrefixConfig
 
-Loader = Any  # export.Loader: load(names) -> {name: full tensor}
+Loader = Callable[[list[str]], dict[str, torch.Tensor]]  # load(names) -> {name: full tensor}, as export's
 
 
 def prefix_adapter(meta: dict[str, Any], pet_config: dict[str, Any], keys: list[str], load: Loader,

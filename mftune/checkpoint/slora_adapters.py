@@ -90,12 +90,12 @@ def _check_own_head(model: nn.Module, head: torch.Tensor | None, name: str, dire
 def load(model: nn.Module, adapter_path: str, fill: Callable | None = None) -> None:
     """Read every adapter of ``adapter_path`` into its slot of ``model`` (``apply`` done), each with its own
     scaling."""
-    adapters = []
-    for name, directory in adapter_dirs(adapter_path).items():
-        tensors, pet_config = read_peft_adapter(directory, model.config.num_layers)
+    dirs, adapters = adapter_dirs(adapter_path), []
+    for name, directory in dirs.items():
+        tensors, pet_config = read_peft_adapter(directory)  # as apply's adapter_pet_config read it
         _check_own_head(model, tensors.pop(f"{HEAD}.weight", None), name, directory)
         scaling = lora_scaling(pet_config["lora_alpha"], pet_config["lora_rank"], pet_config["use_rslora"])
         adapters.append((tensors, scaling))
     adapted = fill_adapters(model, adapters, fill)
-    for name, modules in zip(adapter_dirs(adapter_path), adapted):
+    for name, modules in zip(dirs, adapted):
         logger.info("S-LoRA adapter %r: %d layers", name, len(modules))

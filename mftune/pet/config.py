@@ -63,9 +63,7 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], key_prefix: str = DEFAULT_KEY_PREFIX) -> "LoraConfig":
         """Validate and build; a ValueError lists every problem found (see ``pet_config_errors``)."""
-        errors = pet_config_errors(d, key_prefix)
-        if errors:
-            raise ValueError(f"{len(errors)} problem(s) in {key_prefix}:\n  " + "\n  ".join(errors))
+        check_pet_config(d, key_prefix)
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,24 +96,24 @@ def pet_config_from_dict(d: dict[str, Any] | LoraConfig | PrefixConfig | SLoraCo
     slora, else ``LoraConfig``."""
     if isinstance(d, (LoraConfig, PrefixConfig, SLoraConfig)):
         return d
+    check_pet_config(d, key_prefix)
     if is_prefix_type(d.get("pet_type")):
-        return PrefixConfig.from_dict(dict(d), key_prefix)
+        return PrefixConfig(**{**d, "pet_type": d["pet_type"].lower()})
     if is_slora(d):
-        errors = pet_config_errors(dict(d), key_prefix)
-        if errors:
-            raise ValueError(f"{len(errors)} problem(s) in {key_prefix}:\n  " + "\n  ".join(errors))
-        return SLoraConfig(pet_type="slora", adapter_path=d["adapter_path"])
-    return LoraConfig.from_dict(dict(d), key_prefix)
+        return SLoraConfig(**{**d, "pet_type": "slora"})
+    return LoraConfig(**d)
+
+
+def check_pet_config(d: dict[str, Any], key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
+    """A ValueError listing every problem of ``d`` (``pet_config_errors``), if it has any."""
+    errors = pet_config_errors(dict(d), key_prefix)
+    if errors:
+        raise ValueError(f"{len(errors)} problem(s) in {key_prefix}:\n  " + "\n  ".join(errors))
 
 
 def is_slora(pet_config: dict | None) -> bool:
     """Whether a pet_config mapping is MindFormers' multi-adapter S-LoRA (``mftune.pet.slora``)."""
     return bool(pet_config) and str(pet_config.get("pet_type", "lora")).lower() == "slora"
-
-
-def is_lora_config(pet_config: dict | None) -> bool:
-    """Whether a pet_config mapping is LoRA's (pet_type lora or absent)."""
-    return bool(pet_config) and str(pet_config.get("pet_type", "lora")).lower() == "lora"
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:

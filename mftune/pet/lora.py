@@ -355,6 +355,12 @@ def init_from_weights(model: nn.Module, loaded: list[str] | set[str] = (), fill:
     and PiSSA / OLoRA's A0, B0, with A and B starting there unless ``loaded`` (the names a checkpoint provided) has
     them. A collective under FSDP2 and tensor parallel (``fill``: as in ``init_weights``)."""
     init_dora_magnitudes(model, loaded)
+    init_base_factors(model, loaded, fill)
+
+
+def init_base_factors(model: nn.Module, loaded: list[str] | set[str] = (), fill: Fill | None = None) -> None:
+    """PiSSA / OLoRA's A0, B0 from the current weights, A and B starting there unless ``loaded`` has them. A
+    collective under FSDP2 and tensor parallel."""
     keep = set(loaded)
     for name, layer in lora_layers(model):
         if is_base_init(layer.init):

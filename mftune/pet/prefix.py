@@ -35,7 +35,6 @@ from mftune.pet.prefix_config import PrefixConfig
 
 logger = logging.getLogger("mftune")
 
-PREFIX_MARK_START = "mindpet_delta_"  # + prefixtuning / ptuning2
 EMBEDDING_STD = 0.01  # MindPet's PrefixEmbedding: normal(sigma=0.01)
 
 

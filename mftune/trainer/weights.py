@@ -31,7 +31,7 @@ from mftune.fileio import human_bytes
 from mftune.parallel.gather import distributed, gather_ints, host_id
 from mftune.parallel.layout import fill_from_full
 from mftune.parallel.mesh import ParallelContext
-from mftune.pet import init_from_weights, init_pet_weights
+from mftune.pet import init_base_factors, init_from_weights, init_pet_weights
 from mftune.pet.config import is_slora
 from mftune.trainer.resume import ResumePoint, load_base
 
@@ -69,7 +69,7 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
     share_hashing(fingerprinted(model, plan, cfg))
     if plan.source == "init":
         model.init_weights(fill_from_full)
-        init_from_weights(model, (), fill_from_full)  # PiSSA / OLoRA adapters from the random base
+        init_base_factors(model, (), fill_from_full)  # PiSSA / OLoRA adapters from the random base (DoRA: drawn)
         _load_slora(model, cfg)
         named = cfg.model.model_config.get("checkpoint_name_or_path")
         if named:  # MindFormers would download that model's weights; mftune reads only load_checkpoint
@@ -85,7 +85,7 @@ def load_weights(model: nn.Module, plan: WeightsPlan, cfg: MFConfig, ctx: Parall
     if plan.source == "resume":  # frozen weights from the run's base; trained ones come with the optimizer state
         point = plan.resume
         base = load_base(model, point, cfg.pretrained_model_dir) or point.base_checkpoint
-        init_from_weights(model, (), fill_from_full)  # PiSSA / OLoRA's A0, B0 (the trained A, B come next)
+        init_base_factors(model, (), fill_from_full)  # PiSSA / OLoRA's A0, B0 (the trained A, B come next)
         if plan.transform:  # counters and RNG states still come from the saved files
             point = dataclasses.replace(point, entries=distributed_entries(*_transform(cfg, ctx, point.files)))
         return LoadedWeights(base, point)

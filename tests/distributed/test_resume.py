@@ -64,6 +64,17 @@ def test_one_process_resume_is_bitwise(workdir, full):
     assert pp.losses(again) == []
 
 
+def _assert_resumes_bitwise(d, config, name: str, options: dict) -> None:
+    """Six steps in one process, then a run resumed from its step-4 checkpoint: steps 5-6 give the same losses and
+    gradient norms, bit for bit."""
+    full, resumed = os.path.join(d, f"{name}-full"), os.path.join(d, f"{name}-resumed")
+    _run(pp._args(config, "finetune", full, 1, 1, options))
+    _run(pp._args(config, "finetune", resumed, 1, 1, options) +
+         ["--load_checkpoint", os.path.join(full, "checkpoint"), "--resume_training", "llama_7b_lora_rank_0-1_4"])
+    assert pp.losses(resumed) == pp.losses(full)[4:]
+    assert pp.losses(resumed, "global_norm") == pp.losses(full, "global_norm")[4:]
+
+
 def test_lora_variants_resume_bitwise(workdir):
     """rsLoRA, DoRA, LoRA+ and a trained lm_head (docs/pet.md): the resumed run restores the DoRA magnitudes and
     lm_head, rebuilds B's learning-rate groups and continues exactly."""
@@ -71,24 +82,14 @@ def test_lora_variants_resume_bitwise(workdir):
     variants = {**DROPOUT, "model.model_config.pet_config.use_rslora": True,
                 "model.model_config.pet_config.use_dora": True, "model.model_config.pet_config.lora_plus_lr_ratio": 16,
                 "model.model_config.pet_config.modules_to_save": '["lm_head"]'}
-    full, resumed = os.path.join(d, "variants-full"), os.path.join(d, "variants-resumed")
-    _run(pp._args(config, "finetune", full, 1, 1, variants))
-    _run(pp._args(config, "finetune", resumed, 1, 1, variants) +
-         ["--load_checkpoint", os.path.join(full, "checkpoint"), "--resume_training", "llama_7b_lora_rank_0-1_4"])
-    assert pp.losses(resumed) == pp.losses(full)[4:]
-    assert pp.losses(resumed, "global_norm") == pp.losses(full, "global_norm")[4:]
+    _assert_resumes_bitwise(d, config, "variants", variants)
 
 
 def test_olora_resumes_bitwise(workdir):
     """OLoRA (docs/pet.md): the resumed run derives A0, B0 from the base again and continues exactly."""
     d, config = workdir
     olora = {**DROPOUT, "model.model_config.pet_config.init_lora_weights": "olora"}
-    full, resumed = os.path.join(d, "olora-full"), os.path.join(d, "olora-resumed")
-    _run(pp._args(config, "finetune", full, 1, 1, olora))
-    _run(pp._args(config, "finetune", resumed, 1, 1, olora) +
-         ["--load_checkpoint", os.path.join(full, "checkpoint"), "--resume_training", "llama_7b_lora_rank_0-1_4"])
-    assert pp.losses(resumed) == pp.losses(full)[4:]
-    assert pp.losses(resumed, "global_norm") == pp.losses(full, "global_norm")[4:]
+    _assert_resumes_bitwise(d, config, "olora", olora)
 
 
 def test_prefix_tuning_resumes_bitwise(workdir):
@@ -97,12 +98,7 @@ def test_prefix_tuning_resumes_bitwise(workdir):
     d, config = workdir
     config = pp.with_pet_config(config, {"pet_type": "ptuning2", "pre_seq_len": 6, "prefix_projection": True,
                                          "projection_dim": 16, "dropout_prob": 0.0}, "ptuning2.yaml")
-    full, resumed = os.path.join(d, "ptuning2-full"), os.path.join(d, "ptuning2-resumed")
-    _run(pp._args(config, "finetune", full, 1, 1, {}))
-    _run(pp._args(config, "finetune", resumed, 1, 1, {}) +
-         ["--load_checkpoint", os.path.join(full, "checkpoint"), "--resume_training", "llama_7b_lora_rank_0-1_4"])
-    assert pp.losses(resumed) == pp.losses(full)[4:]
-    assert pp.losses(resumed, "global_norm") == pp.losses(full, "global_norm")[4:]
+    _assert_resumes_bitwise(d, config, "ptuning2", {})
 
 
 @pytest.fixture(scope="module")
